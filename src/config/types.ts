@@ -1,0 +1,32 @@
+// Typed, validated instance definitions: what config/ hands to vm/.
+// Types only; loading and validation live in instances.ts.
+
+export type MachineType = "pc" | "q35" | "microvm";
+export type JsonValue = string | number | boolean | null | JsonValue[] | { [k: string]: JsonValue };
+
+export interface InstanceSpec {
+  name: string;
+  /** Absolute path of the base disk image (relative paths resolve against the instances file's folder). */
+  image: string;
+  /** cpu-cores (default 2). */
+  cpus: number;
+  /** ram in bytes (default 2 GiB). */
+  ramBytes: number;
+  /** root-disk in bytes; undefined = the base image's own virtual size. */
+  rootDiskBytes: number | undefined;
+  /** timeout-seconds (default 3600). */
+  timeoutSeconds: number;
+  /** ssh-port on the host forwarded to guest port 22; undefined = no forward. */
+  sshPort: number | undefined;
+  /** Arbitrary config, copied into instance.json after pre-processing. */
+  config: JsonValue;
+  /** Direct kernel boot (absolute paths). */
+  kernel: string | undefined;
+  initrd: string | undefined;
+  cmdline: string | undefined;
+  machine: MachineType;
+  /** Extra QEMU arguments, appended last. */
+  qemuArgs: string[];
+  /** Where it came from, for error messages. */
+  source: { file: string; index: number };
+}

@@ -1,0 +1,136 @@
+// The one helper through which civm runs external programs (qemu-img, xorriso, ...).
+// A failure becomes a CivmError naming the program, its arguments and what it printed.
+import { spawn } from "node:child_process";
+import { CivmError, HostError, type ErrorCode } from "../errors/index.js";
+
+/** Debian package that provides each program civm calls; used in hints. */
+export const PACKAGE_OF: Record<string, string> = {
+  "qemu-system-x86_64": "qemu-system-x86",
+  "qemu-img": "qemu-utils",
+  xorriso: "xorriso",
+  genisoimage: "genisoimage",
+  mmdebstrap: "mmdebstrap",
+  mke2fs: "e2fsprogs",
+  "ssh-keygen": "openssh-client",
+  ssh: "openssh-client",
+  zstd: "zstd",
+  "apt-get": "apt",
+  "dpkg-deb": "dpkg",
+  sfdisk: "fdisk",
+};
+
+export interface RunOptions {
+  /** Data written to stdin, then closed. */
+  input?: string | Buffer;
+  cwd?: string;
+  env?: NodeJS.ProcessEnv;
+  /** Error code when the program exits non-zero (default "internal"). */
+  failCode?: ErrorCode;
+  /** Kill the program after this many ms. */
+  timeoutMs?: number;
+  /** Called with each chunk of stderr as it arrives (progress). */
+  onStderr?: (chunk: string) => void;
+  onStdout?: (chunk: string) => void;
+}
+
+export interface RunResult {
+  stdout: string;
+  stderr: string;
+  code: number;
+}
+
+function tail(text: string, lines = 15): string {
+  const all = text.trimEnd().split("\n");
+  return all.slice(-lines).join("\n");
+}
+
+export function describeCommand(program: string, args: readonly string[]): string {
+  return [program, ...args].map((a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : JSON.stringify(a))).join(" ");
+}
+
+export class ToolError extends CivmError {
+  readonly program: string;
+  readonly exitStatus: number | null;
+  readonly stderr: string;
+  constructor(code: ErrorCode, program: string, args: readonly string[], status: number | null, stderr: string, why: string) {
+    super(code, `${program} ${why}: ${describeCommand(program, args)}`, {
+      details: stderr.trim() ? tail(stderr) : undefined,
+    });
+    this.name = "ToolError";
+    this.program = program;
+    this.exitStatus = status;
+    this.stderr = stderr;
+  }
+}
+
+export function missingProgram(program: string): HostError {
+  const pkg = PACKAGE_OF[program];
+  return new HostError(
+    `${program} is not installed or not on PATH.` + (pkg ? ` Install it with: apt-get install -y ${pkg}` : ""),
+  );
+}
+
+/** Runs a program to completion; rejects with a ToolError on a non-zero exit. */
+export function run(program: string, args: readonly string[], opts: RunOptions = {}): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(program, args, {
+      cwd: opts.cwd,
+      env: opts.env ?? process.env,
+      stdio: ["pipe", "pipe", "pipe"],
+    });
+    let stdout = "";
+    let stderr = "";
+    let timedOut = false;
+    const timer =
+      opts.timeoutMs === undefined
+        ? undefined
+        : setTimeout(() => {
+            timedOut = true;
+            child.kill("SIGKILL");
+          }, opts.timeoutMs);
+    child.stdout.setEncoding("utf8").on("data", (d: string) => {
+      stdout += d;
+      opts.onStdout?.(d);
+    });
+    child.stderr.setEncoding("utf8").on("data", (d: string) => {
+      stderr += d;
+      opts.onStderr?.(d);
+    });
+    child.on("error", (err: NodeJS.ErrnoException) => {
+      if (timer) clearTimeout(timer);
+      reject(err.code === "ENOENT" ? missingProgram(program) : err);
+    });
+    child.on("close", (code, signal) => {
+      if (timer) clearTimeout(timer);
+      if (timedOut) {
+        reject(new ToolError(opts.failCode ?? "internal", program, args, null, stderr, `timed out after ${opts.timeoutMs} ms`));
+      } else if (code === 0) {
+        resolve({ stdout, stderr, code });
+      } else {
+        const why = signal ? `was killed by ${signal}` : `failed (exit ${code})`;
+        reject(new ToolError(opts.failCode ?? "internal", program, args, code, stderr, why));
+      }
+    });
+    child.stdin.on("error", () => {
+      /* the program may exit before reading its input */
+    });
+    child.stdin.end(opts.input ?? "");
+  });
+}
+
+/** Finds a program on PATH; undefined when absent. */
+export async function which(program: string): Promise<string | undefined> {
+  const { access, constants } = await import("node:fs/promises");
+  const { delimiter, join } = await import("node:path");
+  for (const dir of (process.env.PATH ?? "").split(delimiter)) {
+    if (!dir) continue;
+    const p = join(dir, program);
+    try {
+      await access(p, constants.X_OK);
+      return p;
+    } catch {
+      /* keep looking */
+    }
+  }
+  return undefined;
+}
