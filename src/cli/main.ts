@@ -1,0 +1,39 @@
+// civm's command line: thin commands over the modules; no logic of their own.
+import { Command, CommanderError, Option } from "commander";
+import { reportError } from "./output.js";
+import { EXIT_CODES } from "../errors/index.js";
+import { registerRun } from "./commands/run.js";
+import { registerLs } from "./commands/ls.js";
+import { registerDoctor } from "./commands/doctor.js";
+
+const program = new Command();
+program
+  .name("civm")
+  .description("Throw-away QEMU virtual machines for CI: one ephemeral VM per job, built from a base image and deleted afterwards.")
+  .version("0.1.0")
+  .addOption(new Option("--state-dir <dir>", "where civm keeps VM work dirs, images and its registry").env("CIVM_STATE_DIR"))
+  .addOption(new Option("--logs-dir <dir>", "where console logs are written").env("CIVM_LOGS_DIR"))
+  .showHelpAfterError("(run with --help for usage)")
+  .exitOverride()
+  .addHelpText(
+    "after",
+    `
+Exit codes: 0 guest powered off, 1 internal error, 2 configuration error, 3 timeout,
+4 QEMU failed, 5 stopped by a signal, 6 guest rebooted, 7 GitHub (or another service) failed,
+8 host problem (missing tool, port in use). See docs/exit-codes.md.`,
+  );
+
+registerRun(program);
+registerLs(program);
+registerDoctor(program);
+
+try {
+  await program.parseAsync(process.argv);
+} catch (e) {
+  if (e instanceof CommanderError) {
+    // Commander already printed the message (or help/version).
+    process.exitCode = e.exitCode === 0 ? 0 : EXIT_CODES.config;
+  } else {
+    process.exitCode = reportError(e);
+  }
+}

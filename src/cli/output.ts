@@ -1,0 +1,38 @@
+// How the CLI talks to people: one prefix, errors as one paragraph, exit codes from the
+// error's code. Stack traces only with CIVM_DEBUG=1 (a user's mistake never shows one).
+import { CivmError, EXIT_CODES } from "../errors/index.js";
+
+export function say(line: string): void {
+  process.stderr.write(`civm: ${line}\n`);
+}
+
+export function warn(line: string): void {
+  process.stderr.write(`civm: warning: ${line}\n`);
+}
+
+/** Prints an error and returns the exit code for it. */
+export function reportError(e: unknown): number {
+  if (e instanceof CivmError) {
+    process.stderr.write(`civm: error: ${e.message}\n`);
+    if (e.details) process.stderr.write(e.details.replace(/^/gm, "  ") + "\n");
+    if (process.env.CIVM_DEBUG === "1" && e.stack) process.stderr.write(e.stack + "\n");
+    return e.exitCode;
+  }
+  const err = e as Error;
+  process.stderr.write(`civm: internal error: ${err?.message ?? String(e)}\n`);
+  process.stderr.write(process.env.CIVM_DEBUG === "1" && err?.stack ? err.stack + "\n" : "civm: (set CIVM_DEBUG=1 for a stack trace, and please report this)\n");
+  return EXIT_CODES.internal;
+}
+
+export function table(rows: string[][]): string {
+  const widths: number[] = [];
+  for (const r of rows) r.forEach((c, i) => (widths[i] = Math.max(widths[i] ?? 0, c.length)));
+  return rows.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join("  ")).join("\n") + "\n";
+}
+
+export function formatAge(ms: number): string {
+  const s = Math.floor(ms / 1000);
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m${s % 60}s`;
+  return `${Math.floor(s / 3600)}h${Math.floor((s % 3600) / 60)}m`;
+}

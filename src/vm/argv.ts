@@ -1,0 +1,134 @@
+// Builds QEMU's command line as data, section by section. Pure: no I/O, table-tested.
+import type { MachineType } from "../config/types.js";
+
+/** Names of the devices civm refers to over QMP. */
+export const DEVICE_IDS = {
+  configCd: "cfgcd",
+  configDrive: "cfgdrive",
+  rootDrive: "root",
+  net: "net0",
+} as const;
+
+export interface PortForward {
+  proto: "tcp" | "udp";
+  hostAddr: string;
+  hostPort: number;
+  guestPort: number;
+}
+
+export interface HostMount {
+  path: string;
+  tag: string;
+  readOnly: boolean;
+}
+
+export interface QemuPlan {
+  binary: string;
+  name: string;
+  accel: "kvm" | "tcg";
+  machine: MachineType;
+  cpus: number;
+  ramBytes: number;
+  overlay: string;
+  configIso: string | undefined;
+  qmpSocket: string;
+  consoleLog: string;
+  forwards: PortForward[];
+  mounts: HostMount[];
+  kernel: { path: string; initrd: string | undefined; cmdline: string } | undefined;
+  extraArgs: string[];
+}
+
+/** Kernel command line used for direct kernel boot when the instance sets none. */
+export const DEFAULT_CMDLINE = "console=ttyS0 root=/dev/vda1 rw panic=-1";
+
+/** Escapes a value for QEMU's comma-separated option syntax (a comma is doubled). */
+export function qemuOptValue(v: string): string {
+  return v.replace(/,/g, ",,");
+}
+
+function bus(machine: MachineType): { pci: boolean; suffix: string } {
+  return machine === "microvm" ? { pci: false, suffix: "device" } : { pci: true, suffix: "pci" };
+}
+
+export function machineSection(p: QemuPlan): string[] {
+  const machineOpts = p.machine === "microvm" ? "microvm,rtc=on" : p.machine;
+  const args = ["-machine", `${machineOpts},accel=${p.accel}`, "-cpu", p.accel === "kvm" ? "host" : "max"];
+  args.push("-smp", String(p.cpus), "-m", `${Math.max(1, Math.floor(p.ramBytes / (1024 * 1024)))}M`);
+  return args;
+}
+
+export function baseSection(p: QemuPlan): string[] {
+  // -S: start paused so that civm is connected to QMP before the guest runs a single
+  // instruction and no event (tray, shutdown) can be missed.
+  return ["-name", qemuOptValue(p.name), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-S"];
+}
+
+export function controlSection(p: QemuPlan): string[] {
+  return [
+    "-qmp", `unix:${qemuOptValue(p.qmpSocket)},server=on,wait=off`,
+    "-chardev", `file,id=console0,path=${qemuOptValue(p.consoleLog)}`,
+    "-serial", "chardev:console0",
+  ];
+}
+
+export function diskSection(p: QemuPlan): string[] {
+  const b = bus(p.machine);
+  const args = [
+    "-drive", `file=${qemuOptValue(p.overlay)},if=none,id=${DEVICE_IDS.rootDrive},format=qcow2,discard=unmap,cache=writeback`,
+    "-device", `virtio-blk-${b.suffix},drive=${DEVICE_IDS.rootDrive}${b.pci ? ",bootindex=0" : ""}`,
+  ];
+  if (p.configIso) {
+    args.push("-drive", `file=${qemuOptValue(p.configIso)},if=none,id=${DEVICE_IDS.configDrive},media=cdrom,readonly=on,format=raw`);
+    if (p.machine === "microvm") {
+      // microvm has no IDE/AHCI; a SCSI CD-ROM also has a tray the guest can open.
+      args.push("-device", "virtio-scsi-device,id=scsi0", "-device", `scsi-cd,drive=${DEVICE_IDS.configDrive},id=${DEVICE_IDS.configCd}`);
+    } else {
+      args.push("-device", `ide-cd,drive=${DEVICE_IDS.configDrive},id=${DEVICE_IDS.configCd},bus=ide.1`);
+    }
+  }
+  return args;
+}
+
+export function hostfwd(f: PortForward): string {
+  return `hostfwd=${f.proto}:${f.hostAddr}:${f.hostPort}-:${f.guestPort}`;
+}
+
+export function networkSection(p: QemuPlan): string[] {
+  const b = bus(p.machine);
+  const netdev = ["user", `id=${DEVICE_IDS.net}`, ...p.forwards.map(hostfwd)].join(",");
+  const args = ["-netdev", netdev, "-device", `virtio-net-${b.suffix},netdev=${DEVICE_IDS.net}`];
+  // Entropy for the guest: sshd host key generation at boot would otherwise wait on it.
+  args.push("-device", `virtio-rng-${b.suffix}`);
+  return args;
+}
+
+export function mountSection(p: QemuPlan): string[] {
+  const b = bus(p.machine);
+  return p.mounts.flatMap((m, i) => [
+    "-fsdev", `local,id=fsdev${i},path=${qemuOptValue(m.path)},security_model=none${m.readOnly ? ",readonly=on" : ""}`,
+    "-device", `virtio-9p-${b.suffix},fsdev=fsdev${i},mount_tag=${qemuOptValue(m.tag)}`,
+  ]);
+}
+
+export function kernelSection(p: QemuPlan): string[] {
+  if (!p.kernel) return [];
+  const args = ["-kernel", p.kernel.path];
+  if (p.kernel.initrd) args.push("-initrd", p.kernel.initrd);
+  args.push("-append", p.kernel.cmdline);
+  return args;
+}
+
+/** The whole argv (without the binary). */
+export function buildQemuArgs(p: QemuPlan): string[] {
+  return [
+    ...baseSection(p),
+    ...machineSection(p),
+    ...controlSection(p),
+    ...diskSection(p),
+    ...networkSection(p),
+    ...mountSection(p),
+    ...kernelSection(p),
+    ...p.extraArgs,
+  ];
+}

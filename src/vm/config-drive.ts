@@ -1,0 +1,36 @@
+// The config drive: an ISO 9660 image labelled "instance-configuration" (Joliet + Rock
+// Ridge) holding one file, instance.json = {"name", "config"}. The content is rendered as
+// data first; only then written. It may hold secrets: every file is 0600 and lives in the
+// VM's private work dir, which is deleted with the VM.
+import { mkdir, writeFile, rm, chmod } from "node:fs/promises";
+import { join } from "node:path";
+import { run, which } from "../exec/index.js";
+import { HostError } from "../errors/index.js";
+import type { JsonValue } from "../config/types.js";
+
+export const CONFIG_DRIVE_LABEL = "instance-configuration";
+export const INSTANCE_FILE = "instance.json";
+
+export interface ConfigDriveEntry {
+  path: string;
+  content: string;
+}
+
+export function renderConfigDrive(name: string, config: JsonValue): ConfigDriveEntry[] {
+  return [{ path: INSTANCE_FILE, content: JSON.stringify({ name, config }, null, 2) + "\n" }];
+}
+
+/** Writes the entries as an ISO at `isoPath`, staging them in `stagingDir` (removed after). */
+export async function writeConfigDrive(entries: ConfigDriveEntry[], isoPath: string, stagingDir: string): Promise<void> {
+  await mkdir(stagingDir, { mode: 0o700 });
+  try {
+    for (const e of entries) await writeFile(join(stagingDir, e.path), e.content, { mode: 0o600 });
+    const tool = (await which("xorriso")) ? "xorriso" : (await which("genisoimage")) ? "genisoimage" : undefined;
+    if (!tool) throw new HostError("Neither xorriso nor genisoimage is installed; civm needs one to write the config drive. Install it with: apt-get install -y xorriso");
+    const mkisofs = ["-V", CONFIG_DRIVE_LABEL, "-J", "-R", "-quiet", "-o", isoPath, stagingDir];
+    await run(tool, tool === "xorriso" ? ["-as", "mkisofs", ...mkisofs] : mkisofs, { failCode: "host" });
+    await chmod(isoPath, 0o600);
+  } finally {
+    await rm(stagingDir, { recursive: true, force: true });
+  }
+}
