@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the Debian packages civm and its test suite call (as root, Debian 12).
+# Idempotent: a package already installed is left alone, and apt-get update runs only
+# when something is missing.
+set -euo pipefail
+PACKAGES=(
+  qemu-system-x86 qemu-utils   # the VMM and qemu-img
+  xorriso                      # config drive ISO
+  mmdebstrap e2fsprogs fdisk   # image builder: root tree, ext4 without mounting, partitions
+  busybox-static cpio          # the tiny test guest's initramfs
+  openssh-client               # civm exec/ssh, per-VM keys
+  zstd jq shellcheck ovmf      # compressed images, guest agent tests, lint
+)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) != 0 ]]; then
+    echo "install-deps: missing packages: ${missing[*]}; run this script as root (sudo $0)" >&2
+    exit 1
+  fi
+  echo "install-deps: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+echo "install-deps: all system packages present" >&2
