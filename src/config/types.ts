@@ -27,6 +27,10 @@ export interface InstanceSpec {
   machine: MachineType;
   /** Extra QEMU arguments, appended last. */
   qemuArgs: string[];
-  /** Where it came from, for error messages. */
-  source: { file: string; index: number };
+  /**
+   * Where it came from, for error messages: the file as named by the caller, the 0-based
+   * position in its list (messages show it as #index+1), and the file's absolute folder,
+   * against which relative paths in the instance (and `${{ file:... }}`) resolve.
+   */
+  source: { file: string; index: number; baseDir?: string };
 }
