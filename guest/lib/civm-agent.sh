@@ -1,0 +1,301 @@
+# shellcheck shell=bash
+# civm guest agent: functions only (sourced by bin/civm-agent, no side effects).
+#
+# Each boot: read instance.json from the `instance-configuration` CD-ROM, eject
+# it, set up SSH keys and 9p mounts, run exactly one workload (GitHub Actions
+# runner or a command), then power off whatever happened. Every external
+# command is called by name through PATH and every fixed path can be moved with
+# an env var, so tests can run this in a temp dir with stub commands.
+
+log() { printf 'civm-agent: %s\n' "$*"; }
+
+# Exit; the EXIT trap powers off, so a broken VM never idles holding a host slot.
+fail() {
+  log "error: $*"
+  exit 1
+}
+
+# A guest path as seen from here: CIVM_ROOT is empty in a VM, a temp dir in tests.
+gpath() { printf '%s%s' "$CIVM_ROOT" "$1"; }
+
+civm_init() {
+  CIVM_ROOT=${CIVM_ROOT:-}
+  CIVM_LABEL=${CIVM_LABEL:-instance-configuration}
+  CIVM_WAIT_SECONDS=${CIVM_WAIT_SECONDS:-60}
+  CIVM_RUN_DIR=${CIVM_RUN_DIR:-$CIVM_ROOT/run/civm}
+  CIVM_BY_LABEL_DIR=${CIVM_BY_LABEL_DIR:-$CIVM_ROOT/dev/disk/by-label}
+  CIVM_RUNNER_USER=${CIVM_RUNNER_USER:-runner}
+  CIVM_LIB_DIR=${CIVM_LIB_DIR:-/usr/local/lib/civm}
+  CONFIG=$CIVM_RUN_DIR/instance.json
+  case $CIVM_WAIT_SECONDS in
+    '' | *[!0-9]*) fail "CIVM_WAIT_SECONDS must be a whole number of seconds" ;;
+  esac
+}
+
+# EXIT trap. Not run when systemd kills the agent at shutdown (no double poweroff).
+on_exit() {
+  log "powering off"
+  poweroff || log "poweroff failed (status $?)"
+}
+
+# VERSION sits next to the library once installed, one level up in the repo.
+guest_version() {
+  cat "$CIVM_LIB_DIR/VERSION" 2>/dev/null || cat "$CIVM_LIB_DIR/../VERSION" 2>/dev/null || echo unknown
+}
+
+# --- instance configuration CD-ROM --------------------------------------------
+
+# Sets DEVICE. blkid first; the udev by-label link covers a stale blkid cache.
+find_config_device() {
+  local link=$CIVM_BY_LABEL_DIR/$CIVM_LABEL
+  if DEVICE=$(blkid -L "$CIVM_LABEL" 2>/dev/null) && [ -n "$DEVICE" ]; then
+    return 0
+  fi
+  if [ -e "$link" ]; then
+    DEVICE=$(readlink -f "$link")
+    return 0
+  fi
+  return 1
+}
+
+# The CD-ROM can appear after the agent starts (udev still probing), so poll.
+wait_for_config_device() {
+  local waited=0
+  until find_config_device; do
+    if [ "$waited" -ge "$CIVM_WAIT_SECONDS" ]; then
+      return 1
+    fi
+    if [ "$waited" -eq 0 ]; then
+      log "waiting up to ${CIVM_WAIT_SECONDS}s for the CD-ROM labelled $CIVM_LABEL"
+    fi
+    sleep 1
+    waited=$((waited + 1))
+  done
+}
+
+# A failed eject only means the host keeps the ISO attached; the job can still run.
+eject_config_device() {
+  local status
+  eject "$DEVICE"
+  status=$?
+  if [ "$status" -ne 0 ]; then
+    log "warning: eject $DEVICE failed (status $status); continuing"
+  fi
+}
+
+# Copy instance.json to a root-only file on /run (tmpfs), then unmount and
+# eject so later, untrusted processes cannot read the secrets on the CD-ROM.
+read_config() {
+  local mnt=$CIVM_RUN_DIR/cdrom copied=0
+  if ! { mkdir -p "$mnt" && chmod 700 "$CIVM_RUN_DIR" "$mnt"; }; then
+    fail "cannot create $mnt"
+  fi
+  mount -o ro "$DEVICE" "$mnt" || fail "cannot mount $DEVICE on $mnt"
+  if (umask 077 && cp "$mnt/instance.json" "$CONFIG.tmp"); then
+    copied=1
+  fi
+  umount "$mnt" || log "warning: umount $mnt failed"
+  rmdir "$mnt" 2>/dev/null
+  eject_config_device
+  [ "$copied" -eq 1 ] || fail "no instance.json on $DEVICE"
+  if ! { chmod 600 "$CONFIG.tmp" && mv -f "$CONFIG.tmp" "$CONFIG"; }; then
+    fail "cannot write $CONFIG"
+  fi
+  jq -e 'type == "object" and ((.config // {}) | type == "object")' "$CONFIG" >/dev/null 2>&1 ||
+    fail "instance.json is not a JSON object with an object \"config\""
+}
+
+# config[KEY] as text; empty when absent or null. Secrets reach variables
+# through command substitution only, never through anyone's argv.
+cfg() {
+  jq -r --arg k "$1" '.config[$k] // empty | if type == "string" then . else tojson end' "$CONFIG"
+}
+
+# Sets USER_HOME (CIVM_ROOT-prefixed) for an existing user; fails otherwise.
+user_home() {
+  local entry
+  entry=$(getent passwd "$1") || return 1
+  USER_HOME=$(gpath "$(printf '%s\n' "$entry" | cut -d: -f6)")
+}
+
+# --- SSH keys (dev VMs) ----------------------------------------------------------
+
+# Append keys not already there: keeps any key baked into the image.
+add_authorized_keys() {
+  local user=$1 keys=$2 dir=$3/.ssh key count=0
+  local file=$dir/authorized_keys
+  mkdir -p "$dir" && chmod 700 "$dir" && (umask 077 && : >>"$file") || return 1
+  while IFS= read -r key; do
+    [ -n "$key" ] || continue
+    grep -qxF -- "$key" "$file" || printf '%s\n' "$key" >>"$file" || return 1
+    count=$((count + 1))
+  done <<<"$keys"
+  chmod 600 "$file" && chown "$user:" "$dir" "$file" || return 1
+  log "installed $count authorized key(s) for $user"
+}
+
+install_authorized_keys() {
+  local keys user
+  keys=$(jq -r '.config.ssh_authorized_keys // empty
+    | (if type == "array" then .[] else . end)
+    | if type == "string" then . else error("not a string") end' "$CONFIG" 2>/dev/null) ||
+    fail "config.ssh_authorized_keys must be a string or a list of strings"
+  [ -n "$keys" ] || return 0
+  for user in root "$CIVM_RUNNER_USER"; do
+    if ! user_home "$user"; then
+      log "no user $user in the image; not installing keys for it"
+      continue
+    fi
+    add_authorized_keys "$user" "$keys" "$USER_HOME" || fail "cannot install authorized keys for $user"
+  done
+}
+
+# --- 9p host mounts ----------------------------------------------------------------
+
+mount_share() {
+  local tag=$1 path=$2 ro=$3 target opts=trans=virtio,version=9p2000.L
+  target=$(gpath "$path")
+  if [ "$ro" = true ]; then
+    opts=$opts,ro
+  fi
+  mkdir -p "$target" || fail "cannot create mount point $path"
+  mount -t 9p -o "$opts" "$tag" "$target" || fail "cannot mount 9p tag $tag on $path"
+  log "mounted 9p tag $tag on $path ($opts)"
+}
+
+# A requested mount that fails is fatal: the job would otherwise run without it.
+mount_shares() {
+  local n i tag path ro
+  n=$(jq -e '(.config.mounts // []) as $m
+    | if ($m | type) == "array" and all($m[]; type == "object"
+          and (.tag | type) == "string" and .tag != ""
+          and (.path | type) == "string" and (.path | startswith("/")))
+      then $m | length else error("bad mounts") end' "$CONFIG" 2>/dev/null) ||
+    fail "config.mounts must be a list of {tag, path, ro} with a non-empty tag and an absolute path"
+  for ((i = 0; i < n; i++)); do
+    tag=$(jq -r ".config.mounts[$i].tag" "$CONFIG")
+    path=$(jq -r ".config.mounts[$i].path" "$CONFIG")
+    ro=$(jq -r ".config.mounts[$i].ro == true" "$CONFIG")
+    mount_share "$tag" "$path" "$ro"
+  done
+}
+
+# --- choosing and running the workload ----------------------------------------------
+
+# Runner names must be unique per registration; instance names repeat across boots.
+random_suffix() { od -An -N4 -tx1 /dev/urandom | tr -d ' \n'; }
+
+# config.repo is OWNER/REPO or ORG (seed shape); a full URL is taken as-is.
+registration_url() {
+  local repo=$1 base
+  case $repo in
+    http://* | https://*) printf '%s' "$repo" ;;
+    *)
+      base=$(cfg github_url)
+      base=${base:-https://github.com}
+      printf '%s/%s' "${base%/}" "${repo#/}"
+      ;;
+  esac
+}
+
+# The workload gets a clean environment: nothing of the agent's leaks into jobs.
+build_runner_env() {
+  local event
+  RUNNER_ENV=(env -i "HOME=$USER_HOME" "USER=$RUN_USER" "LOGNAME=$RUN_USER" "PATH=$PATH" "LANG=C.UTF-8")
+  event=$(cfg whitelisted-event)
+  if [ -n "$event" ]; then
+    RUNNER_ENV+=("RUST_WHITELISTED_EVENT_NAME=$event")
+  fi
+}
+
+plan_runner_dir() {
+  local dir
+  dir=$(cfg runner_dir)
+  RUNNER_DIR=$(gpath "${dir:-/home/runner/actions-runner}")
+  [ -f "$RUNNER_DIR/run.sh" ] || fail "no run.sh in $RUNNER_DIR: is the actions runner installed in the image?"
+}
+
+plan_registration() {
+  local repo name
+  repo=$(cfg repo)
+  [ -n "$repo" ] || fail "config.token needs config.repo (OWNER/REPO or ORG)"
+  [ -f "$RUNNER_DIR/config.sh" ] || fail "no config.sh in $RUNNER_DIR"
+  name=$(jq -r '.name // empty' "$CONFIG")
+  REG_LABELS=$(jq -r '.config.labels // empty | if type == "array" then join(",") else tostring end' "$CONFIG" 2>/dev/null) ||
+    fail "config.labels must be a string or a list of strings"
+  REG_URL=$(registration_url "$repo")
+  REG_NAME=${name:-civm}-$(random_suffix)
+  REG_GROUP=$(cfg runnergroup)
+}
+
+# Sets MODE (jit, register, command or none) and everything run_* needs. All
+# checks happen here, so `ready` means the workload is about to start.
+plan_workload() {
+  SECRET=$(cfg jitconfig)
+  COMMAND=$(cfg command)
+  if [ -n "$SECRET" ]; then
+    MODE=jit
+  elif SECRET=$(cfg token) && [ -n "$SECRET" ]; then
+    MODE=register
+  elif [ -n "$COMMAND" ]; then
+    MODE="command"
+  else
+    MODE=none
+    return 0
+  fi
+  RUN_USER=$(cfg user)
+  RUN_USER=${RUN_USER:-$CIVM_RUNNER_USER}
+  user_home "$RUN_USER" || fail "user $RUN_USER does not exist in the image"
+  case $MODE in
+    jit) plan_runner_dir ;;
+    register) plan_runner_dir && plan_registration ;;
+    command) [ -d "$USER_HOME" ] || fail "home of $RUN_USER ($USER_HOME) does not exist" ;;
+  esac
+  build_runner_env
+}
+
+# The secret goes to the wrapper on stdin, so it is in no argv of runuser, env
+# or the wrapper; run.sh/config.sh only accept it as an argument (see README).
+run_wrapper() {
+  printf '%s\n' "$SECRET" | runuser -u "$RUN_USER" -- "${RUNNER_ENV[@]}" bash "$CIVM_LIB_DIR/civm-runner.sh" "$@"
+  return "${PIPESTATUS[1]}"
+}
+
+run_jit() {
+  log "starting the GitHub Actions runner (JIT config) in $RUNNER_DIR as $RUN_USER"
+  run_wrapper jit "$RUNNER_DIR"
+}
+
+run_register() {
+  log "registering ephemeral runner $REG_NAME at $REG_URL (labels: ${REG_LABELS:-runner defaults}${REG_GROUP:+, group: $REG_GROUP}) as $RUN_USER"
+  run_wrapper register "$RUNNER_DIR" "$REG_URL" "$REG_NAME" "$REG_LABELS" "$REG_GROUP"
+}
+
+run_command() {
+  log "running config.command as $RUN_USER in $USER_HOME"
+  (cd "$USER_HOME" && runuser -u "$RUN_USER" -- "${RUNNER_ENV[@]}" sh -c "$COMMAND" </dev/null)
+}
+
+civm_agent_main() {
+  local status
+  civm_init
+  trap on_exit EXIT
+  log "starting (guest runtime version $(guest_version))"
+  command -v jq >/dev/null || fail "jq is not installed in the image"
+  wait_for_config_device ||
+    fail "no CD-ROM labelled $CIVM_LABEL appeared within ${CIVM_WAIT_SECONDS}s; was the VM started with an instance configuration ISO?"
+  log "reading instance configuration from $DEVICE"
+  read_config
+  install_authorized_keys
+  mount_shares
+  plan_workload
+  log "ready"
+  if [ "$MODE" = none ]; then
+    log "nothing to run: instance.json has no config.jitconfig, config.token (with config.repo) or config.command"
+    exit 0
+  fi
+  "run_$MODE"
+  status=$?
+  log "runner exited with status $status"
+  exit "$status"
+}

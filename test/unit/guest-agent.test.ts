@@ -1,0 +1,436 @@
+// Tests for guest/bin/civm-agent, run in a temp dir ("container-less harness"):
+// CIVM_ROOT points the agent's fixed paths into the temp dir, and PATH holds
+// only stub commands (which log their argv) plus a short list of harmless real
+// tools, so a command without a stub fails instead of touching the host.
+import { after, test } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync, spawnSync } from "node:child_process";
+import { chmodSync, rmSync, existsSync, mkdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { repoRoot, tempDir } from "../support/paths.js";
+
+const AGENT = join(repoRoot, "guest", "bin", "civm-agent");
+const RUNNER_DIR = "/home/runner/actions-runner";
+
+const SAFE_TOOLS = [
+  "bash", "sh", "cat", "cp", "mv", "rm", "rmdir", "mkdir", "chmod", "readlink", "dirname",
+  "cut", "tr", "od", "grep", "env", "jq",
+];
+
+const STUBS: Record<string, string> = {
+  blkid: `if [ -n "\${STUB_DEVICE:-}" ]; then echo "$STUB_DEVICE"; else exit 2; fi`,
+  // The CD-ROM mount ("-o ro DEV DIR") puts the fixture where the agent expects it.
+  mount: `if [ "$1" = -o ] && [ "$2" = ro ]; then
+  [ ! -f "$STUB_FIXTURE" ] || cp "$STUB_FIXTURE" "$4/instance.json"
+  exit 0
+fi
+exit "\${STUB_9P_STATUS:-0}"`,
+  umount: `rm -f "$1/instance.json"`,
+  eject: `exit "\${STUB_EJECT_STATUS:-0}"`,
+  // Runs the command as the current user; insists on the form the agent must use.
+  runuser: `[ "$1" = -u ] && [ "$3" = -- ] || { echo "stub runuser: bad usage" >&2; exit 99; }
+shift 3
+exec "$@"`,
+  poweroff: `exit 0`,
+  getent: `[ "$1" = passwd ] || exit 2
+grep "^$2:" "$STUB_PASSWD" || exit 2`,
+  chown: `exit 0`,
+  sleep: `exit 0`,
+};
+
+interface Harness {
+  dir: string;
+  root: string;
+  path: string;
+  calls: string;
+  runnerCalls: string;
+}
+
+const made: string[] = [];
+after(() => {
+  for (const dir of made) rmSync(dir, { recursive: true, force: true });
+});
+
+function writeExecutable(path: string, body: string): void {
+  writeFileSync(path, body);
+  chmodSync(path, 0o755);
+}
+
+function realTool(name: string): string {
+  return execFileSync("sh", ["-c", `command -v ${name}`], { encoding: "utf8" }).trim();
+}
+
+/** Fake runner scripts record their argv, cwd and environment, then exit with `status`. */
+function fakeRunner(h: Harness, runStatus: number, configStatus: number): void {
+  const dir = join(h.root, RUNNER_DIR);
+  mkdirSync(dir, { recursive: true });
+  for (const [script, status] of [["config.sh", configStatus], ["run.sh", runStatus]] as const) {
+    writeExecutable(
+      join(dir, script),
+      `#!/bin/sh
+{ printf '%s' ${script}; for a in "$@"; do printf '\\t%s' "$a"; done; printf '\\n'; } >>'${h.runnerCalls}'
+{ echo "cwd=$(pwd)"; echo "stdin=$(cat)"; env; } >'${h.dir}/${script}.env'
+echo "fake ${script} output"
+exit ${status}
+`,
+    );
+  }
+}
+
+function makeHarness(opts: { runnerUser?: boolean; runStatus?: number; configStatus?: number } = {}): Harness {
+  const dir = tempDir("civm-guest-agent-");
+  made.push(dir);
+  const safe = join(dir, "safe-bin");
+  const stubs = join(dir, "stubs");
+  const root = join(dir, "root");
+  mkdirSync(safe);
+  mkdirSync(stubs);
+  for (const d of ["root", "home/runner", "run", "etc"]) mkdirSync(join(root, d), { recursive: true });
+  for (const tool of SAFE_TOOLS) symlinkSync(realTool(tool), join(safe, tool));
+  const h: Harness = {
+    dir,
+    root,
+    path: `${stubs}:${safe}`,
+    calls: join(dir, "calls.log"),
+    runnerCalls: join(dir, "runner-calls.log"),
+  };
+  for (const [name, body] of Object.entries(STUBS)) {
+    writeExecutable(
+      join(stubs, name),
+      `#!/bin/sh\n{ printf '%s' "\${0##*/}"; for a in "$@"; do printf '\\t%s' "$a"; done; printf '\\n'; } >>"$STUB_CALLS"\n${body}\n`,
+    );
+  }
+  const passwd = ["root:x:0:0:root:/root:/bin/bash"];
+  if (opts.runnerUser !== false) passwd.push("runner:x:1000:1000::/home/runner:/bin/bash");
+  writeFileSync(join(dir, "passwd"), passwd.join("\n") + "\n");
+  fakeRunner(h, opts.runStatus ?? 0, opts.configStatus ?? 0);
+  return h;
+}
+
+interface AgentRun {
+  status: number | null;
+  out: string;
+  stdout: string;
+  calls: string[][];
+  runnerCalls: string[][];
+}
+
+function parseCalls(file: string): string[][] {
+  if (!existsSync(file)) return [];
+  return readFileSync(file, "utf8").split("\n").filter(Boolean).map((l) => l.split("\t"));
+}
+
+function runAgent(h: Harness, instance: unknown, env: Record<string, string> = {}): AgentRun {
+  const fixture = join(h.dir, "instance.json");
+  writeFileSync(fixture, typeof instance === "string" ? instance : JSON.stringify(instance));
+  const r = spawnSync(AGENT, [], {
+    encoding: "utf8",
+    timeout: 30_000,
+    env: {
+      PATH: h.path,
+      CIVM_ROOT: h.root,
+      CIVM_WAIT_SECONDS: "3",
+      STUB_CALLS: h.calls,
+      STUB_PASSWD: join(h.dir, "passwd"),
+      STUB_FIXTURE: fixture,
+      STUB_DEVICE: "/dev/sr0",
+      ...env,
+    },
+  });
+  return {
+    status: r.status,
+    stdout: r.stdout,
+    out: r.stdout + r.stderr,
+    calls: parseCalls(h.calls),
+    runnerCalls: parseCalls(h.runnerCalls),
+  };
+}
+
+const named = (calls: string[][], name: string) => calls.filter((c) => c[0] === name);
+
+function assertPoweredOffLast(r: AgentRun): void {
+  assert.equal(named(r.calls, "poweroff").length, 1, `poweroff once; output:\n${r.out}`);
+  assert.deepEqual(r.calls.at(-1), ["poweroff"], "poweroff is the last thing the agent does");
+  assert.match(r.stdout, /^civm-agent: powering off$/m);
+}
+
+function lineIndex(out: string, re: RegExp): number {
+  return out.split("\n").findIndex((l) => re.test(l));
+}
+
+test("command config: runs the command as runner in its home, after ready, then powers off", () => {
+  const h = makeHarness();
+  const r = runAgent(h, { name: "vm-1", config: { command: 'echo "hello from $USER in $(pwd)"' } });
+  assert.equal(r.status, 0, r.out);
+  const home = join(h.root, "home/runner");
+  assert.match(r.stdout, new RegExp(`^hello from runner in ${home}$`, "m"));
+  const ready = lineIndex(r.stdout, /^civm-agent: ready$/);
+  assert.ok(ready >= 0, "ready marker printed");
+  assert.ok(ready < lineIndex(r.stdout, /^hello from/), "ready printed before the workload starts");
+  const runuser = named(r.calls, "runuser");
+  assert.equal(runuser.length, 1);
+  assert.deepEqual(runuser[0]!.slice(0, 4), ["runuser", "-u", "runner", "--"]);
+  assert.deepEqual(runuser[0]!.slice(-3), ["sh", "-c", 'echo "hello from $USER in $(pwd)"']);
+  assert.match(r.stdout, /runner exited with status 0/);
+  assertPoweredOffLast(r);
+});
+
+test("command config: config.user picks the user", () => {
+  const h = makeHarness();
+  const r = runAgent(h, { name: "vm-1", config: { command: "true", user: "root" } });
+  assert.equal(r.status, 0, r.out);
+  assert.deepEqual(named(r.calls, "runuser")[0]!.slice(1, 3), ["-u", "root"]);
+  assertPoweredOffLast(r);
+});
+
+test("a failing command still powers off and its status is logged", () => {
+  const h = makeHarness();
+  const r = runAgent(h, { name: "vm-1", config: { command: "echo failing; exit 7" } });
+  assert.match(r.stdout, /^failing$/m, "the command ran");
+  assert.match(r.stdout, /^civm-agent: runner exited with status 7$/m);
+  assert.equal(r.status, 7);
+  assertPoweredOffLast(r);
+});
+
+test("jitconfig: run.sh --jitconfig as runner in the runner dir; JIT never logged nor in other argv", () => {
+  const h = makeHarness();
+  const jit = "eyJKSVQtU0VDUkVULXZhbHVlIjoxfQ==";
+  const r = runAgent(h, {
+    name: "vm-1",
+    config: { jitconfig: jit, "whitelisted-event": "push", command: "echo should-not-run" },
+  });
+  assert.equal(r.status, 0, r.out);
+  assert.deepEqual(r.runnerCalls, [["run.sh", "--jitconfig", jit]], "run.sh got the JIT config");
+  assert.doesNotMatch(r.out, /should-not-run/, "jitconfig wins over command");
+  assert.ok(!r.out.includes(jit), "JIT config must not appear in the agent's output");
+  for (const call of r.calls) assert.ok(!call.join(" ").includes(jit), `JIT in argv of ${call[0]}`);
+  const runuser = named(r.calls, "runuser");
+  assert.deepEqual(runuser[0]!.slice(0, 4), ["runuser", "-u", "runner", "--"]);
+  const env = readFileSync(join(h.dir, "run.sh.env"), "utf8");
+  assert.match(env, new RegExp(`^cwd=${join(h.root, RUNNER_DIR)}$`, "m"));
+  assert.match(env, /^stdin=$/m, "run.sh does not inherit the secret pipe");
+  assert.match(env, /^RUST_WHITELISTED_EVENT_NAME=push$/m);
+  assert.match(env, /^USER=runner$/m);
+  assert.ok(!env.includes(jit), "JIT config must not be in run.sh's environment");
+  assert.ok(!env.includes("STUB_CALLS"), "the agent's environment does not leak into the runner");
+  assert.ok(r.stdout.indexOf("civm-agent: ready") < r.stdout.indexOf("fake run.sh output"));
+  assertPoweredOffLast(r);
+});
+
+test("token+repo: config.sh --unattended --ephemeral with url, name+suffix, labels, group; then run.sh", () => {
+  const h = makeHarness();
+  const token = "AABBREGISTRATIONTOKEN123";
+  const instance = {
+    name: "vm-1",
+    config: {
+      repo: "rust-lang-ci/rust",
+      token,
+      labels: ["self-hosted", "linux", "x64"],
+      runnergroup: "ci",
+      "whitelisted-event": "push",
+    },
+  };
+  const r = runAgent(h, instance);
+  assert.equal(r.status, 0, r.out);
+  assert.equal(r.runnerCalls.length, 2, r.out);
+  const [config, run] = r.runnerCalls as [string[], string[]];
+  assert.deepEqual(run, ["run.sh"], "run.sh after config.sh, without arguments");
+  assert.equal(config[0], "config.sh");
+  const args = config.slice(1);
+  const name = args[args.indexOf("--name") + 1]!;
+  assert.match(name, /^vm-1-[0-9a-f]{8}$/, "instance name plus random suffix");
+  assert.deepEqual(args, [
+    "--unattended", "--ephemeral",
+    "--url", "https://github.com/rust-lang-ci/rust",
+    "--token", token,
+    "--name", name,
+    "--labels", "self-hosted,linux,x64",
+    "--runnergroup", "ci",
+  ]);
+  assert.match(readFileSync(join(h.dir, "run.sh.env"), "utf8"), /^RUST_WHITELISTED_EVENT_NAME=push$/m);
+  assert.ok(!r.out.includes(token), "token must not appear in the agent's output");
+  for (const call of r.calls) assert.ok(!call.join(" ").includes(token), `token in argv of ${call[0]}`);
+  assert.match(r.stdout, new RegExp(`registering ephemeral runner ${name} at https://github.com/rust-lang-ci/rust`));
+
+  const again = runAgent(makeHarness(), instance);
+  const name2 = again.runnerCalls[0]!.at(again.runnerCalls[0]!.indexOf("--name") + 1);
+  assert.notEqual(name2, name, "suffix is random per boot");
+  assertPoweredOffLast(r);
+});
+
+test("token+repo: github_url for GHES, org repo, labels as a string, no group", () => {
+  const h = makeHarness();
+  const r = runAgent(h, {
+    name: "pool-a",
+    config: { repo: "my-org", token: "T0K", labels: "gpu,big", github_url: "https://ghe.example.com/" },
+  });
+  assert.equal(r.status, 0, r.out);
+  const args = r.runnerCalls[0]!.slice(1);
+  assert.deepEqual(args.slice(0, 4), ["--unattended", "--ephemeral", "--url", "https://ghe.example.com/my-org"]);
+  assert.deepEqual(args.slice(-2), ["--labels", "gpu,big"]);
+  assert.ok(!args.includes("--runnergroup"));
+});
+
+test("token+repo: a failing config.sh skips run.sh, logs the status and powers off", () => {
+  const h = makeHarness({ configStatus: 3 });
+  const r = runAgent(h, { name: "vm-1", config: { repo: "o/r", token: "t" } });
+  assert.deepEqual(r.runnerCalls.map((c) => c[0]), ["config.sh"]);
+  assert.match(r.stdout, /^civm-agent: runner exited with status 3$/m);
+  assertPoweredOffLast(r);
+});
+
+test("token without repo: clear error, nothing runs, powers off", () => {
+  const h = makeHarness();
+  const r = runAgent(h, { name: "vm-1", config: { token: "t" } });
+  assert.notEqual(r.status, 0);
+  assert.match(r.stdout, /error: config\.token needs config\.repo/);
+  assert.deepEqual(r.runnerCalls, []);
+  assertPoweredOffLast(r);
+});
+
+test("reads the CD-ROM: mounted read-only, copied to a 0600 file in a 0700 run dir, unmounted, ejected", () => {
+  const h = makeHarness();
+  const instance = { name: "vm-1", config: { command: "true" } };
+  const r = runAgent(h, instance);
+  assert.equal(r.status, 0, r.out);
+  assert.deepEqual(named(r.calls, "blkid")[0], ["blkid", "-L", "instance-configuration"]);
+  const mnt = join(h.root, "run/civm/cdrom");
+  assert.deepEqual(named(r.calls, "mount")[0], ["mount", "-o", "ro", "/dev/sr0", mnt]);
+  assert.deepEqual(named(r.calls, "umount"), [["umount", mnt]]);
+  assert.deepEqual(named(r.calls, "eject"), [["eject", "/dev/sr0"]]);
+  const order = r.calls.map((c) => c[0]);
+  assert.ok(order.indexOf("eject") < order.indexOf("runuser"), "ejected before the workload starts");
+  const copy = join(h.root, "run/civm/instance.json");
+  assert.deepEqual(JSON.parse(readFileSync(copy, "utf8")), instance);
+  assert.equal(statSync(copy).mode & 0o777, 0o600);
+  assert.equal(statSync(join(h.root, "run/civm")).mode & 0o777, 0o700);
+});
+
+test("eject failure is logged and not fatal", () => {
+  const h = makeHarness();
+  const r = runAgent(h, { name: "vm-1", config: { command: "echo still-ran" } }, { STUB_EJECT_STATUS: "1" });
+  assert.equal(r.status, 0, r.out);
+  assert.match(r.stdout, /^civm-agent: warning: eject \/dev\/sr0 failed \(status 1\); continuing$/m);
+  assert.match(r.stdout, /^still-ran$/m);
+  assertPoweredOffLast(r);
+});
+
+test("CD-ROM never appearing: waits CIVM_WAIT_SECONDS, clear log, powers off, runs nothing", () => {
+  const h = makeHarness();
+  const r = runAgent(h, { name: "vm-1", config: { command: "echo nope" } }, { STUB_DEVICE: "" });
+  assert.notEqual(r.status, 0);
+  assert.match(r.stdout, /error: no CD-ROM labelled instance-configuration appeared within 3s/);
+  assert.equal(named(r.calls, "blkid").length, 4, "one look per second plus a last one");
+  assert.equal(named(r.calls, "sleep").length, 3);
+  assert.deepEqual(named(r.calls, "mount"), []);
+  assert.deepEqual(named(r.calls, "runuser"), []);
+  assertPoweredOffLast(r);
+});
+
+test("CD-ROM found through /dev/disk/by-label when blkid does not know it", () => {
+  const h = makeHarness();
+  const dev = join(h.dir, "sr0");
+  writeFileSync(dev, "");
+  mkdirSync(join(h.root, "dev/disk/by-label"), { recursive: true });
+  symlinkSync(dev, join(h.root, "dev/disk/by-label/instance-configuration"));
+  const r = runAgent(h, { name: "vm-1", config: { command: "echo via-label" } }, { STUB_DEVICE: "" });
+  assert.equal(r.status, 0, r.out);
+  assert.equal(named(r.calls, "mount")[0]![3], dev);
+  assert.match(r.stdout, /^via-label$/m);
+});
+
+test("no instance.json on the CD-ROM or invalid JSON: clear error and poweroff", () => {
+  const h = makeHarness();
+  const missing = runAgent(h, {}, { STUB_FIXTURE: join(h.dir, "absent.json") });
+  assert.notEqual(missing.status, 0);
+  assert.match(missing.stdout, /error: no instance\.json on \/dev\/sr0/);
+  assertPoweredOffLast(missing);
+
+  const h2 = makeHarness();
+  const bad = runAgent(h2, "{not json");
+  assert.notEqual(bad.status, 0);
+  assert.match(bad.stdout, /error: instance\.json is not a JSON object/);
+  assert.deepEqual(named(bad.calls, "runuser"), []);
+  assertPoweredOffLast(bad);
+});
+
+test("nothing to run: clear message, ready, powers off", () => {
+  const h = makeHarness();
+  const r = runAgent(h, { name: "vm-1", config: {} });
+  assert.equal(r.status, 0, r.out);
+  assert.match(r.stdout, /^civm-agent: ready$/m);
+  assert.match(r.stdout, /nothing to run: instance\.json has no config\.jitconfig, config\.token .* or config\.command/);
+  assert.deepEqual(named(r.calls, "runuser"), []);
+  assertPoweredOffLast(r);
+});
+
+test("ssh_authorized_keys (list) installed for root and runner with 0700/0600 modes and ownership", () => {
+  const h = makeHarness();
+  const keys = ["ssh-ed25519 AAAAC3Nza one@host", "ssh-rsa AAAAB3Nza two@host"];
+  mkdirSync(join(h.root, "root/.ssh"), { recursive: true });
+  writeFileSync(join(h.root, "root/.ssh/authorized_keys"), `${keys[0]}\nssh-ed25519 BAKED image@key\n`);
+  const r = runAgent(h, { name: "vm-1", config: { ssh_authorized_keys: keys } });
+  assert.equal(r.status, 0, r.out);
+  for (const [user, home] of [["root", "root"], ["runner", "home/runner"]] as const) {
+    const dir = join(h.root, home, ".ssh");
+    const file = join(dir, "authorized_keys");
+    const lines = readFileSync(file, "utf8").split("\n").filter(Boolean);
+    for (const k of keys) assert.equal(lines.filter((l) => l === k).length, 1, `${user} has ${k} once`);
+    assert.equal(statSync(file).mode & 0o777, 0o600, `${user} authorized_keys mode`);
+    assert.equal(statSync(dir).mode & 0o777, 0o700, `${user} .ssh mode`);
+    assert.ok(
+      named(r.calls, "chown").some((c) => c[1] === `${user}:` && c.includes(file) && c.includes(dir)),
+      `${user} owns its key file`,
+    );
+  }
+  assert.ok(
+    readFileSync(join(h.root, "root/.ssh/authorized_keys"), "utf8").includes("BAKED image@key"),
+    "keys already in the image are kept",
+  );
+  const order = r.stdout.split("\n");
+  assert.ok(lineIndex(r.stdout, /installed 2 authorized key\(s\) for runner/) < order.indexOf("civm-agent: ready"));
+});
+
+test("ssh_authorized_keys (string) installed for root only when there is no runner user", () => {
+  const h = makeHarness({ runnerUser: false });
+  const key = "ssh-ed25519 AAAAC3Nza dev@laptop";
+  const r = runAgent(h, { name: "dev", config: { ssh_authorized_keys: key } });
+  assert.equal(r.status, 0, r.out);
+  assert.equal(readFileSync(join(h.root, "root/.ssh/authorized_keys"), "utf8"), `${key}\n`);
+  assert.equal(existsSync(join(h.root, "home/runner/.ssh/authorized_keys")), false);
+  assert.match(r.stdout, /no user runner in the image/);
+});
+
+test("config.mounts: 9p mounts with ro honoured; a failing mount is fatal", () => {
+  const h = makeHarness();
+  const mounts = [
+    { tag: "src", path: "/mnt/src", ro: true },
+    { tag: "out", path: "/mnt/out" },
+  ];
+  const r = runAgent(h, { name: "vm-1", config: { mounts, command: "true" } });
+  assert.equal(r.status, 0, r.out);
+  assert.deepEqual(named(r.calls, "mount").slice(1), [
+    ["mount", "-t", "9p", "-o", "trans=virtio,version=9p2000.L,ro", "src", join(h.root, "mnt/src")],
+    ["mount", "-t", "9p", "-o", "trans=virtio,version=9p2000.L", "out", join(h.root, "mnt/out")],
+  ]);
+  assert.ok(statSync(join(h.root, "mnt/out")).isDirectory(), "mount point created");
+
+  const failing = runAgent(makeHarness(), { name: "vm-1", config: { mounts, command: "echo ran" } }, { STUB_9P_STATUS: "32" });
+  assert.notEqual(failing.status, 0);
+  assert.match(failing.stdout, /error: cannot mount 9p tag src on \/mnt\/src/);
+  assert.doesNotMatch(failing.stdout, /^ran$/m);
+  assertPoweredOffLast(failing);
+
+  const bad = runAgent(makeHarness(), { name: "vm-1", config: { mounts: [{ tag: "x", path: "relative" }] } });
+  assert.match(bad.stdout, /error: config\.mounts must be a list/);
+  assertPoweredOffLast(bad);
+});
+
+test("runner dir without run.sh: clear error, poweroff", () => {
+  const h = makeHarness();
+  const r = runAgent(h, { name: "vm-1", config: { jitconfig: "J", runner_dir: "/opt/none" } });
+  assert.notEqual(r.status, 0);
+  assert.match(r.stdout, /error: no run\.sh in .*\/opt\/none/);
+  assert.doesNotMatch(r.stdout, /^civm-agent: ready$/m);
+  assertPoweredOffLast(r);
+});

@@ -1,0 +1,265 @@
+// Tests for the guest boot scripts other than the agent (civm-growfs,
+// civm-hostkeys, install.sh), the systemd units, and shellcheck over every
+// guest script. Like guest-agent.test.ts: temp dir, CIVM_ROOT, and a PATH of
+// stubs plus a few harmless real tools.
+import { after, test } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync, spawnSync } from "node:child_process";
+import {
+  chmodSync, rmSync, existsSync, mkdirSync, readFileSync, readdirSync, readlinkSync, statSync, symlinkSync, writeFileSync,
+} from "node:fs";
+import { join } from "node:path";
+import { repoRoot, tempDir } from "../support/paths.js";
+
+const GUEST = join(repoRoot, "guest");
+const SAFE_TOOLS = ["bash", "sh", "cat", "rm", "readlink", "basename", "dirname", "install", "sed", "ln", "mkdir", "cp", "chmod", "jq"];
+
+interface Sandbox {
+  dir: string;
+  root: string;
+  calls: string;
+  env: Record<string, string>;
+}
+
+const made: string[] = [];
+after(() => {
+  for (const dir of made) rmSync(dir, { recursive: true, force: true });
+});
+
+function writeExecutable(path: string, body: string): void {
+  writeFileSync(path, body);
+  chmodSync(path, 0o755);
+}
+
+/** Temp dir with CIVM_ROOT and a PATH of the given stubs (which log argv) plus SAFE_TOOLS. */
+function sandbox(stubs: Record<string, string>): Sandbox {
+  const dir = tempDir("civm-guest-scripts-");
+  made.push(dir);
+  const root = join(dir, "root");
+  const safe = join(dir, "safe-bin");
+  const stubDir = join(dir, "stubs");
+  for (const d of [root, safe, stubDir]) mkdirSync(d, { recursive: true });
+  for (const tool of SAFE_TOOLS) {
+    const real = execFileSync("sh", ["-c", `command -v ${tool}`], { encoding: "utf8" }).trim();
+    symlinkSync(real, join(safe, tool));
+  }
+  const calls = join(dir, "calls.log");
+  for (const [name, body] of Object.entries(stubs)) {
+    writeExecutable(
+      join(stubDir, name),
+      `#!/bin/sh\n{ printf '%s' "\${0##*/}"; for a in "$@"; do printf '\\t%s' "$a"; done; printf '\\n'; } >>"$STUB_CALLS"\n${body}\n`,
+    );
+  }
+  return { dir, root, calls, env: { PATH: `${stubDir}:${safe}`, CIVM_ROOT: root, STUB_CALLS: calls } };
+}
+
+function run(sb: Sandbox, script: string, args: string[] = [], env: Record<string, string> = {}) {
+  const r = spawnSync(script, args, { encoding: "utf8", timeout: 30_000, env: { ...sb.env, ...env } });
+  const calls = existsSync(sb.calls)
+    ? readFileSync(sb.calls, "utf8").split("\n").filter(Boolean).map((l) => l.split("\t"))
+    : [];
+  return { status: r.status, out: r.stdout + r.stderr, stdout: r.stdout, calls };
+}
+
+// --- shellcheck ------------------------------------------------------------------
+
+function guestScripts(): string[] {
+  const files = ["install.sh"];
+  for (const sub of ["bin", "lib"]) for (const f of readdirSync(join(GUEST, sub))) files.push(`${sub}/${f}`);
+  return files.sort();
+}
+
+test("every guest script is shellcheck-clean (with -x, and as `npm run lint` calls it)", () => {
+  const scripts = guestScripts();
+  for (const expected of ["bin/civm-agent", "bin/civm-growfs", "bin/civm-hostkeys", "lib/civm-agent.sh", "lib/civm-runner.sh", "install.sh"]) {
+    assert.ok(scripts.includes(expected), `${expected} is checked`);
+  }
+  for (const args of [["-x", ...scripts], scripts]) {
+    const r = spawnSync("shellcheck", args, { cwd: GUEST, encoding: "utf8" });
+    assert.equal(r.error, undefined, "shellcheck must be installed (apt-get install -y shellcheck)");
+    assert.equal(r.status, 0, `shellcheck ${args.join(" ")}:\n${r.stdout}${r.stderr}`);
+  }
+  const lint = spawnSync("shellcheck", ["guest/install.sh", ...scripts.filter((s) => s !== "install.sh").map((s) => `guest/${s}`)], {
+    cwd: repoRoot,
+    encoding: "utf8",
+  });
+  assert.equal(lint.status, 0, `from the repo root:\n${lint.stdout}`);
+});
+
+// --- civm-growfs -------------------------------------------------------------------
+
+const GROWFS = join(GUEST, "bin", "civm-growfs");
+const GROWFS_STUBS = {
+  findmnt: `[ "$*" = "-n -r -o SOURCE,FSTYPE /" ] || exit 1\necho "$STUB_FINDMNT"`,
+  growpart: `if [ "\${STUB_GROWPART_STATUS:-0}" = 1 ]; then echo "NOCHANGE: partition $2 is size 1. it cannot be grown"; fi
+exit "\${STUB_GROWPART_STATUS:-0}"`,
+  resize2fs: `exit 0`,
+};
+
+/** sysfs as the kernel lays it out: class/block/<part> links into the disk's directory. */
+function fakeSysfsPartition(sb: Sandbox, disk: string, part: string, num: number): void {
+  const real = join(sb.root, "sys/devices/pci0000:00/virtio2/block", disk, part);
+  mkdirSync(real, { recursive: true });
+  writeFileSync(join(real, "partition"), `${num}\n`);
+  mkdirSync(join(sb.root, "sys/class/block"), { recursive: true });
+  symlinkSync(real, join(sb.root, "sys/class/block", part));
+}
+
+test("growfs: growpart on the disk and partition of the root device from findmnt, then resize2fs", () => {
+  const sb = sandbox(GROWFS_STUBS);
+  fakeSysfsPartition(sb, "vda", "vda1", 1);
+  const r = run(sb, GROWFS, [], { STUB_FINDMNT: "/dev/vda1 ext4" });
+  assert.equal(r.status, 0, r.out);
+  assert.deepEqual(r.calls, [
+    ["findmnt", "-n", "-r", "-o", "SOURCE,FSTYPE", "/"],
+    ["growpart", "/dev/vda", "1"],
+    ["resize2fs", "/dev/vda1"],
+  ]);
+  assert.match(r.stdout, /civm-growfs: grew partition 1 of \/dev\/vda/);
+});
+
+test("growfs: nvme naming (nvme0n1p2 -> nvme0n1 2)", () => {
+  const sb = sandbox(GROWFS_STUBS);
+  fakeSysfsPartition(sb, "nvme0n1", "nvme0n1p2", 2);
+  const r = run(sb, GROWFS, [], { STUB_FINDMNT: "/dev/nvme0n1p2 ext4" });
+  assert.equal(r.status, 0, r.out);
+  assert.deepEqual(r.calls.slice(1), [["growpart", "/dev/nvme0n1", "2"], ["resize2fs", "/dev/nvme0n1p2"]]);
+});
+
+test("growfs: an already full-size disk (growpart NOCHANGE) is fine and idempotent", () => {
+  const sb = sandbox(GROWFS_STUBS);
+  fakeSysfsPartition(sb, "vda", "vda1", 1);
+  for (let i = 0; i < 2; i++) {
+    const r = run(sb, GROWFS, [], { STUB_FINDMNT: "/dev/vda1 ext4", STUB_GROWPART_STATUS: "1" });
+    assert.equal(r.status, 0, r.out);
+    assert.match(r.stdout, /already fills the disk/);
+  }
+  const calls = run(sb, GROWFS, [], { STUB_FINDMNT: "/dev/vda1 ext4", STUB_GROWPART_STATUS: "1" }).calls;
+  assert.equal(calls.filter((c) => c[0] === "resize2fs").length, 3, "fs resize still attempted every time");
+});
+
+test("growfs: a growpart error fails the unit and skips resize2fs", () => {
+  const sb = sandbox(GROWFS_STUBS);
+  fakeSysfsPartition(sb, "vda", "vda1", 1);
+  const r = run(sb, GROWFS, [], { STUB_FINDMNT: "/dev/vda1 ext4", STUB_GROWPART_STATUS: "2" });
+  assert.notEqual(r.status, 0);
+  assert.match(r.stdout, /error: growpart \/dev\/vda 1 failed \(status 2\)/);
+  assert.equal(r.calls.some((c) => c[0] === "resize2fs"), false);
+});
+
+test("growfs: whole-disk root skips growpart; non-ext filesystems are not resized", () => {
+  const sb = sandbox(GROWFS_STUBS);
+  const whole = run(sb, GROWFS, [], { STUB_FINDMNT: "/dev/vdb ext4" });
+  assert.equal(whole.status, 0, whole.out);
+  assert.deepEqual(whole.calls.slice(1), [["resize2fs", "/dev/vdb"]]);
+
+  const sb2 = sandbox(GROWFS_STUBS);
+  fakeSysfsPartition(sb2, "vda", "vda1", 1);
+  const xfs = run(sb2, GROWFS, [], { STUB_FINDMNT: "/dev/vda1 xfs" });
+  assert.equal(xfs.status, 0, xfs.out);
+  assert.deepEqual(xfs.calls.slice(1), [["growpart", "/dev/vda", "1"]]);
+});
+
+// --- civm-hostkeys -------------------------------------------------------------------
+
+const HOSTKEYS = join(GUEST, "bin", "civm-hostkeys");
+const HOSTKEYS_STUBS = {
+  // -A records which old keys were still there, then creates a new key pair.
+  "ssh-keygen": `case "$1" in
+-A)
+  ssh=$3/etc/ssh
+  for f in "$ssh"/ssh_host_*; do [ ! -e "$f" ] || echo "left over: \${f##*/}"; done >>"$STUB_CALLS.leftover"
+  echo new >"$ssh/ssh_host_ed25519_key"
+  echo new >"$ssh/ssh_host_ed25519_key.pub"
+  ;;
+-l) echo "256 SHA256:fakefingerprint root@vm (ED25519)" ;;
+esac`,
+};
+
+test("hostkeys: removes the old host keys, then ssh-keygen -A, and prints fingerprints", () => {
+  const sb = sandbox(HOSTKEYS_STUBS);
+  const ssh = join(sb.root, "etc/ssh");
+  mkdirSync(ssh, { recursive: true });
+  for (const f of ["ssh_host_rsa_key", "ssh_host_rsa_key.pub", "ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"]) {
+    writeFileSync(join(ssh, f), "baked into the image\n");
+  }
+  writeFileSync(join(ssh, "sshd_config"), "keep me\n");
+  const r = run(sb, HOSTKEYS);
+  assert.equal(r.status, 0, r.out);
+  assert.deepEqual(r.calls[0], ["ssh-keygen", "-A", "-f", sb.root]);
+  assert.equal(existsSync(`${sb.calls}.leftover`) ? readFileSync(`${sb.calls}.leftover`, "utf8") : "", "", "old keys gone before -A");
+  assert.deepEqual(readdirSync(ssh).sort(), ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub", "sshd_config"]);
+  assert.equal(readFileSync(join(ssh, "ssh_host_ed25519_key"), "utf8"), "new\n");
+  assert.equal(readFileSync(join(ssh, "sshd_config"), "utf8"), "keep me\n");
+  assert.deepEqual(r.calls[1], ["ssh-keygen", "-l", "-f", join(ssh, "ssh_host_ed25519_key.pub")]);
+  assert.match(r.stdout, /civm-hostkeys: host key 256 SHA256:fakefingerprint/);
+});
+
+test("hostkeys: a failing ssh-keygen fails the unit", () => {
+  const sb = sandbox({ "ssh-keygen": "exit 1" });
+  mkdirSync(join(sb.root, "etc/ssh"), { recursive: true });
+  const r = run(sb, HOSTKEYS);
+  assert.notEqual(r.status, 0);
+  assert.match(r.stdout, /error: ssh-keygen -A failed/);
+});
+
+// --- install.sh and units -------------------------------------------------------------
+
+const UNITS = ["civm-agent.service", "civm-growfs.service", "civm-hostkeys.service"];
+
+test("install.sh lays out files with modes and enables units via wants symlinks", () => {
+  const sb = sandbox({});
+  const r = run(sb, join(GUEST, "install.sh"), [sb.root]);
+  assert.equal(r.status, 0, r.out);
+  const mode = (p: string) => statSync(join(sb.root, p)).mode & 0o777;
+  for (const bin of ["civm-agent", "civm-growfs", "civm-hostkeys"]) {
+    assert.equal(mode(`usr/local/sbin/${bin}`), 0o755, bin);
+    assert.equal(readFileSync(join(sb.root, "usr/local/sbin", bin), "utf8"), readFileSync(join(GUEST, "bin", bin), "utf8"));
+  }
+  assert.equal(mode("usr/local/lib/civm/civm-agent.sh"), 0o644);
+  assert.equal(mode("usr/local/lib/civm/civm-runner.sh"), 0o755);
+  assert.equal(readFileSync(join(sb.root, "usr/local/lib/civm/VERSION"), "utf8"), readFileSync(join(GUEST, "VERSION"), "utf8"));
+  for (const unit of UNITS) {
+    assert.equal(mode(`etc/systemd/system/${unit}`), 0o644, unit);
+    const link = join(sb.root, "etc/systemd/system/multi-user.target.wants", unit);
+    assert.equal(readlinkSync(link), `/etc/systemd/system/${unit}`, `${unit} enabled`);
+  }
+  // Re-running (image rebuilds) must work too.
+  assert.equal(run(sb, join(GUEST, "install.sh"), [sb.root]).status, 0);
+  assert.notEqual(run(sb, join(GUEST, "install.sh"), []).status, 0, "refuses to run without a root");
+});
+
+test("the installed civm-agent finds its library and powers off when there is no CD-ROM", () => {
+  const sb = sandbox({ blkid: "exit 2", sleep: "exit 0", poweroff: "exit 0" });
+  assert.equal(run(sb, join(GUEST, "install.sh"), [sb.root]).status, 0);
+  const r = run(sb, join(sb.root, "usr/local/sbin/civm-agent"), [], { CIVM_WAIT_SECONDS: "1" });
+  assert.match(r.stdout, /civm-agent: starting \(guest runtime version 1\)/);
+  assert.match(r.stdout, /error: no CD-ROM labelled instance-configuration appeared within 1s/);
+  assert.deepEqual(r.calls.at(-1), ["poweroff"]);
+});
+
+function unit(name: string): string {
+  return readFileSync(join(GUEST, "systemd", name), "utf8");
+}
+
+test("units: ordering, commands and console output", () => {
+  const hostkeys = unit("civm-hostkeys.service");
+  assert.match(hostkeys, /^Before=.*\bssh\.service\b/m);
+  assert.match(hostkeys, /^ExecStart=\/usr\/local\/sbin\/civm-hostkeys$/m);
+  assert.match(hostkeys, /^Type=oneshot$/m);
+
+  const growfs = unit("civm-growfs.service");
+  assert.match(growfs, /^ExecStart=\/usr\/local\/sbin\/civm-growfs$/m);
+  assert.match(growfs, /^Type=oneshot$/m);
+
+  const agent = unit("civm-agent.service");
+  const after = (agent.match(/^After=(.*)$/m)?.[1] ?? "").split(/\s+/);
+  for (const dep of ["network-online.target", "civm-hostkeys.service", "ssh.service", "civm-growfs.service"]) {
+    assert.ok(after.includes(dep), `agent After=${dep}`);
+  }
+  assert.match(agent, /^Wants=network-online\.target$/m);
+  assert.match(agent, /^ExecStart=\/usr\/local\/sbin\/civm-agent$/m);
+  assert.match(agent, /^StandardOutput=journal\+console$/m);
+  assert.match(agent, /^Restart=no$/m);
+  for (const name of UNITS) assert.match(unit(name), /^WantedBy=multi-user\.target$/m, name);
+});
