@@ -76,7 +76,9 @@ export function diskSection(p: QemuPlan): string[] {
   const b = bus(p.machine);
   const args = [
     "-drive", `file=${qemuOptValue(p.overlay)},if=none,id=${DEVICE_IDS.rootDrive},format=qcow2,discard=unmap,cache=writeback`,
-    "-device", `virtio-blk-${b.suffix},drive=${DEVICE_IDS.rootDrive}${b.pci ? ",bootindex=0" : ""}`,
+    // Firmware boot must pick the disk, never the config CD; with -kernel, QEMU's
+    // linuxboot ROM holds bootindex 0 itself.
+    "-device", `virtio-blk-${b.suffix},drive=${DEVICE_IDS.rootDrive}${b.pci && !p.kernel ? ",bootindex=0" : ""}`,
   ];
   if (p.configIso) {
     args.push("-drive", `file=${qemuOptValue(p.configIso)},if=none,id=${DEVICE_IDS.configDrive},media=cdrom,readonly=on,format=raw`);

@@ -3,7 +3,7 @@ import { existsSync } from "node:fs";
 import { writeFileSync } from "node:fs";
 import { pathsFrom } from "../global.js";
 import { say, warn } from "../output.js";
-import { loadInstances, selectInstance, preprocessConfig } from "../../config/index.js";
+import { loadInstances, selectInstance, preprocessConfig, checkInstanceFiles } from "../../config/index.js";
 import { detectAccel } from "../../host/kvm.js";
 import { VmRun, Registry, reconcile } from "../../vm/index.js";
 import { ConfigError, EXIT_CODES } from "../../errors/index.js";
@@ -71,8 +71,11 @@ Exit code 0 only when the guest powered itself off; see "civm --help" for the ot
       process.on("SIGTERM", onSignal);
 
       const file = flags.file ?? defaultInstancesFile();
-      const loaded = await loadInstances(file);
+      // Only the chosen instance's files must exist: others may be for another host.
+      const loaded = await loadInstances(file, { checkFiles: false });
       const spec = selectInstance(loaded, name);
+      const missing = await checkInstanceFiles(spec);
+      if (missing.length) throw new ConfigError(missing.join("\n"));
       await reconcile(new Registry(paths.stateDir), say);
       const { value: config, secrets } = await preprocessConfig(spec.config, {
         env: process.env,

@@ -1,0 +1,151 @@
+// The image spec after validation: what `civm image build` works from.
+
+export type ImageFormat = "qcow2" | "raw" | "vhd";
+export const IMAGE_FORMATS: readonly ImageFormat[] = ["qcow2", "raw", "vhd"];
+
+/** Where an image came from, for messages and for resolving relative paths. */
+export interface ImageSource {
+  /** The spec file as the caller named it. */
+  file: string;
+  /** Absolute folder of the spec file: relative `copy`/`provision` paths start here. */
+  baseDir: string;
+  /** 0-based position in the file. */
+  index: number;
+  /** The file was in lvh's images.json form and has been translated. */
+  lvh: boolean;
+  /** The spec ships with civm (images/ in the repo). */
+  builtin: boolean;
+}
+
+interface ActionBase {
+  /** Free text; cosmetic (not part of the cache key). lvh's "comment" lands here. */
+  comment?: string;
+}
+
+/** Shell command run with `sh -e -c` inside the image (chroot for root images). */
+export interface RunAction extends ActionBase {
+  kind: "run";
+  command: string;
+}
+
+/**
+ * Host file or folder copied into the image, as `cp -R` does: `dest` is the new path, or,
+ * when it ends with "/" or names an existing folder in the image, the folder to copy into.
+ * Copies are owned by root and keep the source's permission bits unless `mode` is set
+ * (applied to the copied file, or to the top folder of a copied folder).
+ */
+export interface CopyAction extends ActionBase {
+  kind: "copy";
+  /** As written in the spec. */
+  src: string;
+  /** Absolute host path (src resolved against the spec file's folder). */
+  srcPath: string;
+  dest: string;
+  mode?: number;
+}
+
+/** Inline content written to a file (parents created; a symlink at `path` is replaced). */
+export interface WriteAction extends ActionBase {
+  kind: "write";
+  path: string;
+  content: string;
+  mode?: number;
+}
+
+export interface MkdirAction extends ActionBase {
+  kind: "mkdir";
+  path: string;
+  mode?: number;
+}
+
+export interface SymlinkAction extends ActionBase {
+  kind: "symlink";
+  target: string;
+  path: string;
+}
+
+/** Appends one line (a newline is added first if the file does not end with one; the file is created if missing). */
+export interface AppendLineAction extends ActionBase {
+  kind: "append-line";
+  file: string;
+  line: string;
+}
+
+/** Writes /etc/hostname and the 127.0.1.1 line of /etc/hosts. */
+export interface SetHostnameAction extends ActionBase {
+  kind: "set-hostname";
+  hostname: string;
+}
+
+/** `systemctl enable UNIT` (offline, in the image). */
+export interface EnableServiceAction extends ActionBase {
+  kind: "enable-service";
+  unit: string;
+}
+
+/**
+ * A script run inside the booted image (the VM stage), not in the chroot.
+ * Either a host script (`src`/`srcPath`) or inline shell text.
+ */
+export interface ProvisionAction extends ActionBase {
+  kind: "provision";
+  script?: { src: string; srcPath: string };
+  inline?: string;
+}
+
+export type ImageAction =
+  | RunAction
+  | CopyAction
+  | WriteAction
+  | MkdirAction
+  | SymlinkAction
+  | AppendLineAction
+  | SetHostnameAction
+  | EnableServiceAction
+  | ProvisionAction;
+
+export type ActionKind = ImageAction["kind"];
+
+export const ACTION_KINDS: readonly ActionKind[] = [
+  "run",
+  "copy",
+  "write",
+  "mkdir",
+  "symlink",
+  "append-line",
+  "set-hostname",
+  "enable-service",
+  "provision",
+];
+
+export interface ImageSpec {
+  name: string;
+  description?: string;
+  /** Name of the parent image; absent for root images (built with mmdebstrap). */
+  parent?: string;
+  /** Debian suite; children inherit their parent's. */
+  suite: string;
+  /** Debian mirror URL; children inherit their parent's. */
+  mirror: string;
+  /** Extra packages, as written (deduplicated, order kept). */
+  packages: string[];
+  /** Virtual disk size in bytes (a whole number of MiB). */
+  sizeBytes: number;
+  format: ImageFormat;
+  compress?: "zstd";
+  /** Kernel package; root images only (children use their parent's kernel). */
+  kernel?: string;
+  /** Child images: true = a standalone copy, false = a qcow2 backing chain on the parent. */
+  flatten: boolean;
+  actions: ImageAction[];
+  source: ImageSource;
+}
+
+export interface LoadedImageSpecs {
+  /** The spec file as the caller named it. */
+  file: string;
+  /** Absolute folder of the spec file. */
+  baseDir: string;
+  /** Every image of the file plus the built-in images they descend from; parents first. */
+  images: ImageSpec[];
+}

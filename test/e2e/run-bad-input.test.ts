@@ -1,0 +1,67 @@
+// Every bad input to `civm run` is one clear error, exit 2, and nothing is started.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { writeFileSync, cpSync, mkdirSync } from "node:fs";
+import { join } from "node:path";
+import { civmEnv, runCivm, qemuStarts, leftovers } from "../support/civm-cli.js";
+import { repoRoot } from "../support/paths.js";
+
+interface Case {
+  what: string;
+  file: string;
+  content: string;
+  name?: string;
+  message: RegExp;
+}
+
+const base = { name: "vm-1", image: "base.qcow2", "timeout-seconds": 60, config: {} };
+const json = (v: unknown) => JSON.stringify(v, null, 2);
+
+const cases: Case[] = [
+  { what: "duplicate names", file: "instances.json", content: json([base, { ...base }]), message: /instances #1 and #2 are both named "vm-1"; names must be unique/ },
+  { what: "name not in the file", file: "instances.json", content: json([base]), name: "vm-9", message: /instances\.json: no instance named "vm-9"; the file defines "vm-1"/ },
+  { what: "unknown key with a suggestion", file: "instances.json", content: json([{ ...base, "cpu-core": 2 }]), message: /unknown key "cpu-core"; did you mean "cpu-cores"\?/ },
+  { what: "missing image", file: "instances.json", content: json([{ ...base, image: "nope.qcow2" }]), message: /"image" .*nope\.qcow2 does not exist/ },
+  { what: "image that is a directory", file: "instances.json", content: json([{ ...base, image: "." }]), message: /"image" .* is a directory/ },
+  { what: "bad size", file: "instances.json", content: json([{ ...base, ram: "4 gigs" }]), message: /"ram".*"4 gigs"/ },
+  { what: "non-positive number", file: "instances.json", content: json([{ ...base, "cpu-cores": 0 }]), message: /"cpu-cores"/ },
+  { what: "port out of range", file: "instances.json", content: json([{ ...base, "ssh-port": 70000 }]), message: /"ssh-port".*70000/ },
+  { what: "malformed JSON with line and column", file: "instances.json", content: '[\n  {"name": "vm-1",\n   "image": "base.qcow2" "ram": "1G"}\n]\n', message: /instances\.json:3:\d+/ },
+  { what: "malformed YAML with line and column", file: "instances.yaml", content: "- name: vm-1\n  image: base.qcow2\n   ram: [1G\n", message: /instances\.yaml:\d+:\d+/ },
+  { what: "wrong top-level type", file: "instances.json", content: json({ name: "vm-1" }), message: /list/i },
+  { what: "unknown pre-processor function", file: "instances.json", content: json([{ ...base, config: { t: "${{ vault:x }}" } }]), message: /unknown function "vault"[\s\S]*env/i },
+  { what: "missing environment variable", file: "instances.json", content: json([{ ...base, config: { t: "${{ env:CIVM_NOPE_NOT_SET }}" } }]), message: /CIVM_NOPE_NOT_SET/ },
+  { what: "missing file for file:", file: "instances.json", content: json([{ ...base, config: { t: "${{ file:secret.txt }}" } }]), message: /config\.t.*secret\.txt|secret\.txt.*config\.t/s },
+];
+
+for (const c of cases) {
+  test(`bad input: ${c.what} → exit 2, clear message, nothing started`, async () => {
+    const e = civmEnv();
+    writeFileSync(join(e.root, "base.qcow2"), "");
+    writeFileSync(join(e.root, c.file), c.content);
+    const r = await runCivm(["run", c.name ?? "vm-1", ...(c.file === "instances.json" ? [] : ["-f", c.file])], e);
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr, /^civm: error: /m);
+    assert.match(r.stderr, c.message);
+    assert.doesNotMatch(r.stderr, /\n\s+at .+:\d+:\d+\)?\n/, "a stack trace was printed");
+    assert.equal(qemuStarts(e), 0, "QEMU was started");
+    assert.deepEqual(leftovers(e), []);
+  });
+}
+
+test("the seed examples load: seed 001 (duplicate fixed) and seed 002 through the CLI", async () => {
+  const e = civmEnv();
+  const fixtures = join(repoRoot, "test", "fixtures", "instances");
+  const dir = join(e.root, "executor");
+  mkdirSync(join(e.root, "images", "ubuntu", "build"), { recursive: true });
+  writeFileSync(join(e.root, "images", "ubuntu", "build", "ubuntu-amd64.qcow2"), "");
+  cpSync(fixtures, dir, { recursive: true });
+  // A name that is not in the file gets the list of names back: proof that the file loaded.
+  for (const f of ["seed-001-fixed.json", "seed-002-fixed.json"]) {
+    const r = await runCivm(["run", "no-such-vm", "-f", f], e, { cwd: dir });
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr, /no-such-vm/);
+    assert.match(r.stderr, /vm-1/);
+    assert.doesNotMatch(r.stderr, /unknown key|duplicate/i);
+  }
+});

@@ -1,0 +1,94 @@
+// Runs the real civm CLI (bin/civm) as a child process with its own state and logs dirs.
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdirSync, readdirSync, readFileSync, existsSync, writeFileSync, chmodSync } from "node:fs";
+import { join } from "node:path";
+import { civmBin, tempDir } from "./paths.js";
+
+export interface CivmEnv {
+  root: string;
+  stateDir: string;
+  logsDir: string;
+  /** A PATH entry holding a qemu-system-x86_64 wrapper that records each start. */
+  shimDir: string;
+  qemuStartsFile: string;
+  env: NodeJS.ProcessEnv;
+}
+
+export function civmEnv(extra: NodeJS.ProcessEnv = {}): CivmEnv {
+  const root = tempDir("civm-e2e-");
+  const stateDir = join(root, "state");
+  const logsDir = join(root, "logs");
+  const shimDir = join(root, "shim");
+  const qemuStartsFile = join(root, "qemu-starts");
+  mkdirSync(shimDir);
+  // Records that QEMU was started, then becomes the real QEMU (same pid).
+  writeFileSync(join(shimDir, "qemu-system-x86_64"), `#!/bin/sh\necho "$*" >> ${qemuStartsFile}\nexec /usr/bin/qemu-system-x86_64 "$@"\n`);
+  chmodSync(join(shimDir, "qemu-system-x86_64"), 0o755);
+  return {
+    root, stateDir, logsDir, shimDir, qemuStartsFile,
+    env: { ...process.env, CIVM_STATE_DIR: stateDir, CIVM_LOGS_DIR: logsDir, CIVM_ACCEL: "tcg", PATH: `${shimDir}:${process.env.PATH}`, ...extra },
+  };
+}
+
+export interface CivmResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+export function startCivm(args: string[], e: CivmEnv, opts: { cwd?: string } = {}): { child: ChildProcess; done: Promise<CivmResult>; stderrSoFar: () => string } {
+  const child = spawn(process.execPath, [civmBin, ...args], { cwd: opts.cwd ?? e.root, env: e.env, stdio: ["ignore", "pipe", "pipe"] });
+  let stdout = "";
+  let stderr = "";
+  child.stdout!.on("data", (d) => (stdout += d));
+  child.stderr!.on("data", (d) => (stderr += d));
+  const done = new Promise<CivmResult>((resolve) => child.on("close", (code) => resolve({ code, stdout, stderr })));
+  return { child, done, stderrSoFar: () => stderr };
+}
+
+export function runCivm(args: string[], e: CivmEnv, opts: { cwd?: string } = {}): Promise<CivmResult> {
+  return startCivm(args, e, opts).done;
+}
+
+export async function waitFor(cond: () => boolean, timeoutMs: number, what: string): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+export function qemuStarts(e: CivmEnv): number {
+  return existsSync(e.qemuStartsFile) ? readFileSync(e.qemuStartsFile, "utf8").trim().split("\n").filter(Boolean).length : 0;
+}
+
+/** Work dirs and registry entries left in the state dir. */
+export function leftovers(e: CivmEnv): string[] {
+  const out: string[] = [];
+  for (const sub of ["vms", "registry"]) {
+    const d = join(e.stateDir, sub);
+    if (existsSync(d)) out.push(...readdirSync(d).map((n) => `${sub}/${n}`));
+  }
+  return out;
+}
+
+/** QEMU processes whose command line mentions this test's state dir. */
+export function qemuProcessesOf(e: CivmEnv): number[] {
+  const pids: number[] = [];
+  for (const p of readdirSync("/proc")) {
+    if (!/^\d+$/.test(p)) continue;
+    try {
+      const cmd = readFileSync(`/proc/${p}/cmdline`, "utf8");
+      if (cmd.includes("qemu-system") && cmd.includes(e.stateDir)) pids.push(Number(p));
+    } catch {
+      /* gone */
+    }
+  }
+  return pids;
+}
+
+export function consoleLogOf(stderr: string): string {
+  const m = /console(?: log)?: (\S+\.log)/.exec(stderr);
+  if (!m) throw new Error(`no console log path in civm's output:\n${stderr}`);
+  return readFileSync(m[1]!, "utf8");
+}
