@@ -2,7 +2,7 @@
 // each problem as "FILE:LINE:COL: what is wrong" (no file contents: they may hold secrets).
 import { readFile } from "node:fs/promises";
 import { extname } from "node:path";
-import YAML from "yaml";
+import { createRequire } from "node:module";
 import { ConfigError } from "../errors/index.js";
 
 type Format = "json" | "yaml";
@@ -63,8 +63,15 @@ function osReason(e: unknown): string {
   return (err.code && reasons[err.code]) ?? err.message ?? String(e);
 }
 
+// Loaded on first use: most instances files are JSON, and civm's start-up time counts.
+let yamlModule: typeof import("yaml") | undefined;
+function yaml(): typeof import("yaml") {
+  yamlModule ??= createRequire(import.meta.url)("yaml") as typeof import("yaml");
+  return yamlModule;
+}
+
 function parseYaml(text: string): Parsed {
-  const doc = YAML.parseDocument(text, { prettyErrors: true });
+  const doc = yaml().parseDocument(text, { prettyErrors: true });
   // Later errors are mostly fallout of the first; report that one.
   const e = doc.errors[0];
   if (!e) return { value: doc.toJS() as unknown };

@@ -81,6 +81,13 @@ export function redactAll(text: string, secrets: readonly string[]): string {
   return out;
 }
 
+/** Waits for every promise (so none still writes into a dir being cleaned up), then throws the first failure. */
+async function allSettledOrThrow(ps: Promise<unknown>[]): Promise<void> {
+  const results = await Promise.allSettled(ps);
+  const failed = results.find((r): r is PromiseRejectedResult => r.status === "rejected");
+  if (failed) throw failed.reason;
+}
+
 export class VmRun {
   readonly id: string;
   readonly workDir: string;
@@ -162,8 +169,11 @@ export class VmRun {
         if (!keep) await rm(this.workDir, { recursive: true, force: true });
       });
 
-      await createOverlay({ base: spec.image, overlay: plan.overlay, sizeBytes: spec.rootDiskBytes, where: `${spec.source.file}: instance "${spec.name}"` });
-      await writeConfigDrive(req.configDrive ?? renderConfigDrive(spec.name, spec.config), plan.configIso!, join(this.workDir, WORKDIR_LAYOUT.configStaging));
+      // Independent: overlay and config drive are made at the same time.
+      await allSettledOrThrow([
+        createOverlay({ base: spec.image, overlay: plan.overlay, sizeBytes: spec.rootDiskBytes, where: `${spec.source.file}: instance "${spec.name}"` }),
+        writeConfigDrive(req.configDrive ?? renderConfigDrive(spec.name, spec.config), plan.configIso!, join(this.workDir, WORKDIR_LAYOUT.configStaging)),
+      ]);
 
       const sup = new Supervisor({ binary: plan.binary, args: buildQemuArgs(plan), timeoutSeconds: spec.timeoutSeconds, graceSeconds: req.graceSeconds, log });
       this.supervisor = sup;
