@@ -1,0 +1,167 @@
+#!/bin/sh
+# /init of the tiny test guest (busybox sh, runs as PID 1 from the initramfs that
+# test/support/tiny-guest.ts builds). It plays the part of a real civm guest just far enough
+# for tests: read instance.json from the config CD (label instance-configuration), eject the
+# CD, then act on config.tiny:
+#   poweroff (default)  print "tiny-guest: powering off", power off via ACPI (QEMU exits)
+#   hang                print "tiny-guest: hanging", sleep forever, ignore the power button
+#   reboot              print "tiny-guest: rebooting", reboot -f (with -no-reboot QEMU exits)
+#   acpi                print "tiny-guest: waiting for acpi power button", power off when the
+#                       ACPI power button is pressed (QMP system_powerdown)
+#   fail                print "tiny-guest: failing", exit this init so the kernel panics.
+#                       With panic=-1 on the kernel command line the kernel reboots at once and
+#                       -no-reboot makes QEMU exit; without panic=... the guest hangs after the
+#                       panic (the default panic timeout is 0 = wait forever).
+#   network             bring eth0 up with udhcpc, print "tiny-guest: network eth0 <ip>
+#                       gateway <gw>", then behave like acpi.
+# Every line goes to /dev/console (console=ttyS0 on the kernel command line).
+
+/bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
+# The initramfs has no /dev/console node (built without root), so the kernel could not give
+# us one: attach stdio to the console ourselves.
+exec </dev/console >/dev/console 2>&1
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin
+mkdir -p /tmp /mnt/cfg /run
+mount -t tmpfs tmpfs /tmp
+
+say() { echo "tiny-guest: $*"; }
+
+# Modules, in dependency order (written by the builder, one path per line).
+while read -r ko; do
+  [ -n "$ko" ] || continue
+  out=$(insmod "/$ko" 2>&1) || say "insmod $ko failed: $out"
+done </etc/tiny-guest/modules
+
+say "booted (kernel $(uname -r))"
+
+# --- config CD -------------------------------------------------------------------------
+dev=""
+i=0
+while [ $i -lt 100 ]; do # 100 x 0.2 s = 20 s
+  dev=$(findfs LABEL=instance-configuration 2>/dev/null)
+  [ -n "$dev" ] && break
+  i=$((i + 1))
+  usleep 200000
+done
+if [ -z "$dev" ] && [ -b /dev/sr0 ]; then
+  say "no device labelled instance-configuration, trying /dev/sr0"
+  dev=/dev/sr0
+fi
+
+if [ -z "$dev" ]; then
+  say "no config CD found"
+  : >/tmp/instance.json
+elif mount -t iso9660 -o ro "$dev" /mnt/cfg; then
+  if [ -f /mnt/cfg/instance.json ]; then
+    say "instance.json: $(tr -d '\n' </mnt/cfg/instance.json)"
+    cp /mnt/cfg/instance.json /tmp/instance.json
+  else
+    say "config CD $dev has no instance.json"
+    : >/tmp/instance.json
+  fi
+  umount /mnt/cfg
+  # busybox (Debian) has no eject applet: /bin/eject is a tiny static program from the
+  # builder that issues the CDROMEJECT ioctl; its exit status is the errno (0 = ejected).
+  if eject "$dev"; then
+    say "eject $dev: ok"
+  else
+    say "eject $dev: failed (errno $?)"
+  fi
+else
+  say "cannot mount config CD $dev"
+  : >/tmp/instance.json
+fi
+
+# --- act on config.tiny -----------------------------------------------------------------
+mode=$(tr -d '\n' </tmp/instance.json | sed -n 's/.*"tiny"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p')
+[ -n "$mode" ] || mode=poweroff
+say "mode $mode"
+
+power_off() {
+  say "powering off"
+  sync
+  poweroff -f
+  sleep 5
+  say "poweroff -f returned"
+}
+
+wait_power_button() {
+  found=""
+  for d in /sys/class/input/event*; do
+    [ -e "$d/device/name" ] || continue
+    case "$(cat "$d/device/name")" in
+      "Power Button")
+        found="$found /dev/input/${d##*/}"
+        ;;
+    esac
+  done
+  if [ -z "$found" ]; then
+    say "no power button input device (button.ko, evdev.ko loaded?)"
+    sleep 2147483647
+  fi
+  rm -f /tmp/pressed
+  # Open every device here, before announcing that we wait: a press that comes before a
+  # background reader has started is then queued on the open descriptor, not lost.
+  fd=3
+  for ev in $found; do
+    [ $fd -le 9 ] || break
+    eval "exec $fd<$ev"
+    # One input_event (24 bytes) arrives when the button is pressed.
+    (
+      if eval "dd of=/dev/null bs=24 count=1 <&$fd" 2>/dev/null; then
+        : >/tmp/pressed
+      else
+        say "cannot read $ev"
+      fi
+    ) &
+    fd=$((fd + 1))
+  done
+  say "waiting for acpi power button"
+  while [ ! -e /tmp/pressed ]; do usleep 100000; done
+  say "acpi power button pressed"
+  power_off
+}
+
+case "$mode" in
+  poweroff)
+    power_off
+    ;;
+  hang)
+    say "hanging"
+    trap '' HUP INT TERM USR1 USR2
+    while :; do sleep 3600; done
+    ;;
+  reboot)
+    say "rebooting"
+    sync
+    reboot -f
+    ;;
+  acpi)
+    wait_power_button
+    ;;
+  fail)
+    say "failing (init exits, the kernel panics)"
+    exit 1
+    ;;
+  network)
+    ip link set lo up
+    ip link set eth0 up || say "no eth0"
+    if udhcpc -i eth0 -s /etc/udhcpc.script -q -n -t 10 -T 1 >/tmp/udhcpc.log 2>&1; then
+      ip=$(ip -4 -o addr show dev eth0 | sed -n 's/.* inet \([0-9.]*\).*/\1/p')
+      gw=$(ip route | sed -n 's/^default via \([0-9.]*\).*/\1/p')
+      say "network eth0 $ip gateway $gw"
+    else
+      say "network: udhcpc failed: $(tr '\n' ' ' </tmp/udhcpc.log)"
+    fi
+    wait_power_button
+    ;;
+  *)
+    say "unknown mode $mode, powering off"
+    power_off
+    ;;
+esac
+# Falling off the end would also panic the kernel; stay put instead.
+while :; do sleep 3600; done

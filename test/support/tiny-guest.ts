@@ -1,0 +1,452 @@
+// A tiny Linux guest for tests that need a real boot but not a real distribution: the
+// current Debian kernel (linux-image-amd64) plus an initramfs holding busybox-static, a few
+// kernel modules and /init = tiny-guest-init.sh. It reads instance.json from the config CD,
+// ejects the CD and then powers off / hangs / reboots / panics / waits for the ACPI power
+// button, as config.tiny says (see the init script). Boots in a few seconds under TCG.
+//
+// Built once per set of inputs (kernel package version, busybox version, init script,
+// module list, ...) into testCacheDir/tiny-guest/<sha256 of the inputs>; later calls only
+// ask apt/dpkg for the versions (< 1 s). Several processes may build at once: each builds
+// into its own temp dir and renames it into place; the loser uses the winner's copy.
+import { createHash, randomBytes } from "node:crypto";
+import { createReadStream, createWriteStream, existsSync } from "node:fs";
+import { chmod, copyFile, mkdir, mkdtemp, readFile, readdir, rename, rm, stat, symlink, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { basename, dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { pipeline } from "node:stream/promises";
+import { createGzip } from "node:zlib";
+import { run } from "../../src/exec/index.js";
+import { repoRoot, testCacheDir } from "./paths.js";
+
+export interface TinyGuest {
+  /** bzImage of the Debian kernel. */
+  kernel: string;
+  /** gzip'd newc initramfs (busybox, modules, /init). */
+  initrd: string;
+  /** 64 MiB empty qcow2: the instance's "image". Shared: use it as a backing file, don't write it. */
+  disk: string;
+  /** uname -r of the kernel, e.g. 6.1.0-56-amd64. */
+  kernelVersion: string;
+  /** The cache folder holding the files above (and manifest.json). */
+  dir: string;
+}
+
+export interface BuildTinyGuestOptions {
+  /** Parent cache dir (default testCacheDir); the guest goes to <cacheDir>/tiny-guest/<hash>. */
+  cacheDir?: string;
+  /** Progress lines (default: stderr). */
+  log?: (line: string) => void;
+}
+
+/** Kernel modules the init loads (with their dependencies, resolved from modules.dep). */
+export const TINY_GUEST_MODULES = [
+  // config CD on the pc machine (IDE) and q35 (AHCI)
+  "cdrom",
+  "sr_mod",
+  "isofs",
+  "ata_piix",
+  "ahci",
+  "libata",
+  "scsi_mod",
+  "sd_mod",
+  // virtio devices
+  "virtio_pci",
+  "virtio_blk",
+  "virtio_net",
+  "virtio_scsi",
+  "9p",
+  "9pnet_virtio",
+  // ACPI power button -> /dev/input/event*
+  "button",
+  "evdev",
+] as const;
+
+/** Bump when the recipe changes in a way the other inputs don't capture. */
+const RECIPE = 1;
+
+export const TINY_GUEST_INIT = join(repoRoot, "test", "support", "tiny-guest-init.sh");
+
+const UDHCPC_SCRIPT = `#!/bin/sh
+# udhcpc event script for the tiny guest: configure the interface, route and DNS.
+case "$1" in
+  deconfig) ip -4 addr flush dev "$interface"; ip link set "$interface" up ;;
+  bound|renew)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$ip/\${mask:-24}" dev "$interface"
+    for r in $router; do ip route replace default via "$r" dev "$interface"; break; done
+    : >/etc/resolv.conf
+    for d in $dns; do echo "nameserver $d" >>/etc/resolv.conf; done
+    ;;
+esac
+exit 0
+`;
+
+/**
+ * A static x86-64 ELF (Debian's busybox has no eject applet): `eject DEVICE` opens DEVICE
+ * with O_RDONLY|O_NONBLOCK and issues ioctl(CDROMEJECT). Exit status: 0 ejected, errno on
+ * failure, 255 without an argument.
+ */
+export function ejectProgram(): Buffer {
+  const base = 0x400000;
+  const codeOffset = 64 + 56;
+  // prettier-ignore
+  const code = Buffer.from([
+    0x48, 0x8b, 0x7c, 0x24, 0x10, //  0: mov rdi, [rsp+16]   ; argv[1]
+    0x48, 0x85, 0xff,             //  5: test rdi, rdi
+    0x74, 0x2e,                   //  8: jz usage (56)
+    0xbe, 0x00, 0x08, 0x00, 0x00, // 10: mov esi, O_RDONLY|O_NONBLOCK
+    0xb8, 0x02, 0x00, 0x00, 0x00, // 15: mov eax, 2           ; open
+    0x0f, 0x05,                   // 20: syscall
+    0x85, 0xc0,                   // 22: test eax, eax
+    0x78, 0x18,                   // 24: js fail (50)
+    0x89, 0xc7,                   // 26: mov edi, eax
+    0xbe, 0x09, 0x53, 0x00, 0x00, // 28: mov esi, 0x5309      ; CDROMEJECT
+    0x31, 0xd2,                   // 33: xor edx, edx
+    0xb8, 0x10, 0x00, 0x00, 0x00, // 35: mov eax, 16          ; ioctl
+    0x0f, 0x05,                   // 40: syscall
+    0x85, 0xc0,                   // 42: test eax, eax
+    0x78, 0x04,                   // 44: js fail (50)
+    0x31, 0xff,                   // 46: xor edi, edi
+    0xeb, 0x0b,                   // 48: jmp exit (61)
+    0xf7, 0xd8,                   // 50: fail: neg eax
+    0x89, 0xc7,                   // 52: mov edi, eax
+    0xeb, 0x05,                   // 54: jmp exit (61)
+    0xbf, 0xff, 0x00, 0x00, 0x00, // 56: usage: mov edi, 255
+    0xb8, 0x3c, 0x00, 0x00, 0x00, // 61: exit: mov eax, 60  ; exit
+    0x0f, 0x05,                   // 66: syscall
+  ]);
+  const total = codeOffset + code.length;
+  const elf = Buffer.alloc(total);
+  // ELF header
+  Buffer.from([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1, 0]).copy(elf, 0);
+  elf.writeUInt16LE(2, 16); // ET_EXEC
+  elf.writeUInt16LE(0x3e, 18); // x86-64
+  elf.writeUInt32LE(1, 20);
+  elf.writeBigUInt64LE(BigInt(base + codeOffset), 24); // entry
+  elf.writeBigUInt64LE(64n, 32); // phoff
+  elf.writeBigUInt64LE(0n, 40); // shoff
+  elf.writeUInt32LE(0, 48);
+  elf.writeUInt16LE(64, 52); // ehsize
+  elf.writeUInt16LE(56, 54); // phentsize
+  elf.writeUInt16LE(1, 56); // phnum
+  // program header: one PT_LOAD R+X of the whole file
+  elf.writeUInt32LE(1, 64);
+  elf.writeUInt32LE(5, 68);
+  elf.writeBigUInt64LE(0n, 72);
+  elf.writeBigUInt64LE(BigInt(base), 80);
+  elf.writeBigUInt64LE(BigInt(base), 88);
+  elf.writeBigUInt64LE(BigInt(total), 96);
+  elf.writeBigUInt64LE(BigInt(total), 104);
+  elf.writeBigUInt64LE(0x1000n, 112);
+  code.copy(elf, codeOffset);
+  return elf;
+}
+
+interface Manifest {
+  hash: string;
+  kernelPackage: string;
+  kernelPackageVersion: string;
+  kernelVersion: string;
+  busyboxVersion: string;
+  modules: string[];
+  builtAt: string;
+  buildSeconds: number;
+}
+
+function defaultLog(line: string): void {
+  process.stderr.write(`tiny-guest: ${line}\n`);
+}
+
+/** Name of the package linux-image-amd64 currently depends on, e.g. linux-image-6.1.0-56-amd64. */
+async function kernelPackage(log: (l: string) => void): Promise<string> {
+  const find = async (): Promise<string | undefined> => {
+    const { stdout } = await run("apt-cache", ["depends", "linux-image-amd64"]).catch(() => ({ stdout: "" }));
+    for (const line of stdout.split("\n")) {
+      const m = /^\s*Depends:\s*(linux-image-[^\s<>]+)/.exec(line);
+      if (m?.[1]) return m[1];
+    }
+    return undefined;
+  };
+  let pkg = await find();
+  if (!pkg) {
+    log("apt-cache knows no linux-image-amd64; running apt-get update");
+    await run("apt-get", ["update"], { timeoutMs: 300_000, failCode: "host" });
+    pkg = await find();
+  }
+  if (!pkg) throw new Error("apt-cache depends linux-image-amd64 names no kernel package (is this Debian/amd64?)");
+  return pkg;
+}
+
+async function packageVersion(pkg: string): Promise<string> {
+  const { stdout } = await run("apt-cache", ["show", "--no-all-versions", pkg]);
+  const m = /^Version:\s*(\S+)/m.exec(stdout);
+  if (!m?.[1]) throw new Error(`apt-cache show ${pkg} gave no Version`);
+  return m[1];
+}
+
+/** Installed busybox-static version, or undefined when it is not installed. */
+async function installedBusybox(): Promise<string | undefined> {
+  try {
+    const { stdout } = await run("dpkg-query", ["-W", "-f=${Status}\t${Version}", "busybox-static"]);
+    const [status, version] = stdout.split("\t");
+    return status?.endsWith(" installed") && version ? version : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+interface Resolution {
+  kernelPackage: string;
+  kernelPackageVersion: string;
+  busyboxVersion: string;
+  busyboxInstalled: boolean;
+}
+
+/** Changes whenever apt's package lists change (apt-get update) or busybox-static does. */
+async function aptStateKey(): Promise<string> {
+  const parts: string[] = [];
+  const add = async (p: string): Promise<void> => {
+    try {
+      const s = await stat(p);
+      parts.push(`${p}:${s.size}:${s.mtimeMs}`);
+    } catch {
+      parts.push(`${p}:-`);
+    }
+  };
+  const lists = "/var/lib/apt/lists";
+  const names = await readdir(lists).catch(() => [] as string[]);
+  for (const n of names.sort()) if (n !== "lock" && n !== "partial" && n !== "auxfiles") await add(join(lists, n));
+  await add("/bin/busybox"); // busybox-static installed, removed or upgraded
+  await add("/etc/apt/sources.list");
+  await add("/etc/apt/sources.list.d");
+  return createHash("sha256").update(parts.join("\n")).digest("hex");
+}
+
+/**
+ * Kernel package (via apt-cache depends linux-image-amd64) and busybox-static versions.
+ * apt-cache takes ~0.5 s a call here, so the answer is memoised next to the guests, keyed
+ * by the state of apt's lists and of /bin/busybox.
+ */
+async function resolvePackages(root: string, log: (l: string) => void): Promise<Resolution> {
+  const memoFile = join(root, "apt-resolution.json");
+  const key = await aptStateKey();
+  try {
+    const memo = JSON.parse(await readFile(memoFile, "utf8")) as { key: string; resolution: Resolution };
+    if (memo.key === key) return memo.resolution;
+  } catch {
+    /* absent or corrupt: resolve again */
+  }
+  const kernelPkg = await kernelPackage(log);
+  const [kernelPackageVersion, bbInstalled] = await Promise.all([packageVersion(kernelPkg), installedBusybox()]);
+  const resolution: Resolution = {
+    kernelPackage: kernelPkg,
+    kernelPackageVersion,
+    busyboxVersion: bbInstalled ?? (await packageVersion("busybox-static")),
+    busyboxInstalled: bbInstalled !== undefined,
+  };
+  // apt-get update may have run meanwhile (kernelPackage does so when needed): key afresh.
+  const memo = { key: await aptStateKey(), resolution };
+  await mkdir(root, { recursive: true });
+  const tmp = `${memoFile}.${process.pid}.${randomBytes(6).toString("hex")}.tmp`;
+  await writeFile(tmp, JSON.stringify(memo, null, 2) + "\n");
+  await rename(tmp, memoFile);
+  return resolution;
+}
+
+async function aptDownload(pkg: string, dir: string): Promise<string> {
+  // _apt must be able to write into the download dir or apt warns and downloads as root.
+  await chmod(dir, 0o777);
+  await run("apt-get", ["download", pkg], { cwd: dir, timeoutMs: 600_000, failCode: "host" });
+  const deb = (await readdir(dir)).find((f) => f.startsWith(`${pkg}_`) && f.endsWith(".deb"));
+  if (!deb) throw new Error(`apt-get download ${pkg} left no .deb in ${dir}`);
+  return join(dir, deb);
+}
+
+const moduleName = (path: string): string => basename(path).replace(/\.ko(\.(xz|gz|zst))?$/, "").replace(/-/g, "_");
+
+/** Module paths (relative to lib/modules/<kver>) in load order: dependencies first. */
+export function resolveModules(modulesDep: string, builtin: string, wanted: readonly string[]): string[] {
+  const deps = new Map<string, { path: string; deps: string[] }>();
+  for (const line of modulesDep.split("\n")) {
+    const colon = line.indexOf(":");
+    if (colon < 0) continue;
+    const path = line.slice(0, colon).trim();
+    const rest = line.slice(colon + 1).trim();
+    deps.set(moduleName(path), { path, deps: rest ? rest.split(/\s+/).map(moduleName) : [] });
+  }
+  const builtins = new Set(builtin.split("\n").filter(Boolean).map(moduleName));
+  const order: string[] = [];
+  const done = new Set<string>();
+  const visiting = new Set<string>();
+  const visit = (name: string, from: string | undefined): void => {
+    if (done.has(name) || builtins.has(name)) return;
+    const entry = deps.get(name);
+    if (!entry) throw new Error(`kernel module ${name}${from ? ` (needed by ${from})` : ""} is not in modules.dep`);
+    if (visiting.has(name)) throw new Error(`kernel module dependency cycle at ${name}`);
+    visiting.add(name);
+    for (const d of entry.deps) visit(d, name);
+    visiting.delete(name);
+    done.add(name);
+    order.push(entry.path);
+  };
+  for (const w of wanted) visit(w.replace(/-/g, "_"), undefined);
+  return order;
+}
+
+async function gzipFile(src: string, dst: string): Promise<void> {
+  await pipeline(createReadStream(src), createGzip({ level: 6 }), createWriteStream(dst));
+}
+
+async function readManifest(dir: string): Promise<Manifest | undefined> {
+  try {
+    return JSON.parse(await readFile(join(dir, "manifest.json"), "utf8")) as Manifest;
+  } catch {
+    return undefined;
+  }
+}
+
+function result(dir: string, m: Manifest): TinyGuest {
+  return {
+    kernel: join(dir, "vmlinuz"),
+    initrd: join(dir, "initrd.img"),
+    disk: join(dir, "disk.qcow2"),
+    kernelVersion: m.kernelVersion,
+    dir,
+  };
+}
+
+export async function buildTinyGuest(opts: BuildTinyGuestOptions = {}): Promise<TinyGuest> {
+  const log = opts.log ?? defaultLog;
+  const root = join(opts.cacheDir ?? testCacheDir, "tiny-guest");
+  const initScript = await readFile(TINY_GUEST_INIT, "utf8");
+  const { kernelPackage: kpkg, kernelPackageVersion: kver, busyboxVersion: bbVersion, busyboxInstalled: bbInstalled } =
+    await resolvePackages(root, log);
+  const inputs = {
+    recipe: RECIPE,
+    kernelPackage: kpkg,
+    kernelPackageVersion: kver,
+    busyboxVersion: bbVersion,
+    init: initScript,
+    modules: TINY_GUEST_MODULES,
+    udhcpc: UDHCPC_SCRIPT,
+    eject: ejectProgram().toString("hex"),
+  };
+  const hash = createHash("sha256").update(JSON.stringify(inputs)).digest("hex").slice(0, 16);
+  const final = join(root, hash);
+  const cached = await readManifest(final);
+  if (cached) return result(final, cached);
+
+  const t0 = Date.now();
+  log(`building ${final} (${kpkg} ${kver}, busybox-static ${bbVersion})`);
+  await mkdir(root, { recursive: true });
+  const build = await mkdtemp(join(root, `.build-${hash}-`));
+  const scratch = await mkdtemp(join(tmpdir(), "civm-tiny-guest-"));
+  try {
+    // Kernel package -> vmlinuz + modules.
+    const dl = join(scratch, "dl");
+    await mkdir(dl);
+    log(`apt-get download ${kpkg}`);
+    const deb = await aptDownload(kpkg, dl);
+    const kroot = join(scratch, "kernel");
+    log(`dpkg-deb -x ${basename(deb)}`);
+    await run("dpkg-deb", ["-x", deb, kroot]);
+    const modVersions = await readdir(join(kroot, "lib", "modules"));
+    const kernelVersion = modVersions[0];
+    if (modVersions.length !== 1 || !kernelVersion) throw new Error(`expected one lib/modules/* in ${kpkg}, got ${modVersions.join(", ")}`);
+    const modDir = join(kroot, "lib", "modules", kernelVersion);
+
+    // busybox
+    let busybox = "/bin/busybox";
+    if (!bbInstalled) {
+      const bbdl = join(scratch, "bbdl");
+      await mkdir(bbdl);
+      log("busybox-static is not installed; apt-get download busybox-static");
+      const bbdeb = await aptDownload("busybox-static", bbdl);
+      await run("dpkg-deb", ["-x", bbdeb, join(scratch, "bb")]);
+      busybox = join(scratch, "bb", "bin", "busybox");
+    }
+
+    // Debian ships no modules.dep (postinst runs depmod): make one with busybox depmod.
+    if (!existsSync(join(modDir, "modules.dep"))) {
+      log("busybox depmod");
+      await run(busybox, ["depmod", "-b", kroot, kernelVersion]);
+    }
+    const [dep, builtin] = await Promise.all([
+      readFile(join(modDir, "modules.dep"), "utf8"),
+      readFile(join(modDir, "modules.builtin"), "utf8").catch(() => ""),
+    ]);
+    const modules = resolveModules(dep, builtin, TINY_GUEST_MODULES);
+    const compressed = modules.filter((m) => !m.endsWith(".ko"));
+    if (compressed.length) throw new Error(`compressed kernel modules are not supported: ${compressed.join(", ")}`);
+
+    // initramfs tree
+    const tree = join(scratch, "initramfs");
+    for (const d of ["bin", "sbin", "dev", "proc", "sys", "tmp", "mnt", "run", "root", "etc/tiny-guest"]) {
+      await mkdir(join(tree, d), { recursive: true });
+    }
+    await copyFile(busybox, join(tree, "bin", "busybox"));
+    await chmod(join(tree, "bin", "busybox"), 0o755);
+    await symlink("busybox", join(tree, "bin", "sh"));
+    await writeFile(join(tree, "bin", "eject"), ejectProgram(), { mode: 0o755 });
+    await writeFile(join(tree, "init"), initScript, { mode: 0o755 });
+    await writeFile(join(tree, "etc", "udhcpc.script"), UDHCPC_SCRIPT, { mode: 0o755 });
+    const inGuest: string[] = [];
+    for (const m of modules) {
+      const rel = join("lib", "modules", kernelVersion, m);
+      await mkdir(join(tree, dirname(rel)), { recursive: true });
+      await copyFile(join(modDir, m), join(tree, rel));
+      inGuest.push(rel);
+    }
+    await writeFile(join(tree, "etc", "tiny-guest", "modules"), inGuest.join("\n") + "\n");
+
+    // cpio (newc) + gzip
+    log(`initramfs: busybox + ${modules.length} modules`);
+    const { stdout: list } = await run("find", [".", "-mindepth", "1"], { cwd: tree });
+    const sorted = list.split("\n").filter(Boolean).sort().join("\n") + "\n";
+    const cpioFile = join(scratch, "initrd.cpio");
+    await run("cpio", ["-o", "-H", "newc", "--owner=0:0", "--reproducible", "--quiet", "-O", cpioFile], { cwd: tree, input: sorted });
+    await gzipFile(cpioFile, join(build, "initrd.img"));
+    await copyFile(join(kroot, "boot", `vmlinuz-${kernelVersion}`), join(build, "vmlinuz"));
+    await run("qemu-img", ["create", "-q", "-f", "qcow2", join(build, "disk.qcow2"), "64M"]);
+
+    const manifest: Manifest = {
+      hash,
+      kernelPackage: kpkg,
+      kernelPackageVersion: kver,
+      kernelVersion,
+      busyboxVersion: bbVersion,
+      modules: modules.map(moduleName),
+      builtAt: new Date().toISOString(),
+      buildSeconds: (Date.now() - t0) / 1000,
+    };
+    await writeFile(join(build, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n");
+    await chmod(build, 0o755);
+    try {
+      await rename(build, final);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      const theirs = await readManifest(final);
+      if ((code === "ENOTEMPTY" || code === "EEXIST") && theirs) {
+        log("another process built the same guest first; using theirs");
+        await rm(build, { recursive: true, force: true });
+        return result(final, theirs);
+      }
+      throw e;
+    }
+    log(`built in ${manifest.buildSeconds.toFixed(1)} s`);
+    return result(final, manifest);
+  } catch (e) {
+    await rm(build, { recursive: true, force: true });
+    throw e;
+  } finally {
+    await rm(scratch, { recursive: true, force: true });
+  }
+}
+
+/** For ad-hoc use: `node dist/test/support/tiny-guest.js` prints the built guest as JSON. */
+if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  const g = await buildTinyGuest();
+  const s = await stat(g.initrd);
+  process.stdout.write(JSON.stringify({ ...g, initrdBytes: s.size }, null, 2) + "\n");
+}
