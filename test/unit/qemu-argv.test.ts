@@ -81,6 +81,7 @@ test("direct kernel boot, default and custom command lines", () => {
   assert.deepEqual(optAfter(a, "-kernel"), ["/k/vmlinuz"]);
   assert.deepEqual(optAfter(a, "-initrd"), ["/k/initrd"]);
   assert.deepEqual(optAfter(a, "-append"), [DEFAULT_CMDLINE]);
+  assert.ok(optAfter(a, "-device").includes("virtio-blk-pci,drive=root"), "bootindex 0 belongs to the linuxboot ROM");
   assert.deepEqual(optAfter(buildQemuArgs(plan()), "-kernel"), []);
 });
 
