@@ -30,6 +30,8 @@ export interface QemuPlan {
   cpus: number;
   ramBytes: number;
   overlay: string;
+  /** Format of `overlay` (qcow2 unless an image build boots a raw disk directly). */
+  overlayFormat?: "qcow2" | "raw";
   configIso: string | undefined;
   qmpSocket: string;
   consoleLog: string;
@@ -75,7 +77,7 @@ export function controlSection(p: QemuPlan): string[] {
 export function diskSection(p: QemuPlan): string[] {
   const b = bus(p.machine);
   const args = [
-    "-drive", `file=${qemuOptValue(p.overlay)},if=none,id=${DEVICE_IDS.rootDrive},format=qcow2,discard=unmap,cache=writeback`,
+    "-drive", `file=${qemuOptValue(p.overlay)},if=none,id=${DEVICE_IDS.rootDrive},format=${p.overlayFormat ?? "qcow2"},discard=unmap,cache=writeback`,
     // Firmware boot must pick the disk, never the config CD; with -kernel, QEMU's
     // linuxboot ROM holds bootindex 0 itself.
     "-device", `virtio-blk-${b.suffix},drive=${DEVICE_IDS.rootDrive}${b.pci && !p.kernel ? ",bootindex=0" : ""}`,

@@ -3,7 +3,7 @@
 // data first; only then written. It may hold secrets: every file is 0600 and lives in the
 // VM's private work dir, which is deleted with the VM.
 import { mkdir, writeFile, rm, chmod } from "node:fs/promises";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { run, which } from "../exec/index.js";
 import { HostError } from "../errors/index.js";
 import type { JsonValue } from "../config/types.js";
@@ -12,8 +12,9 @@ export const CONFIG_DRIVE_LABEL = "instance-configuration";
 export const INSTANCE_FILE = "instance.json";
 
 export interface ConfigDriveEntry {
+  /** Relative path inside the ISO (folders are created). */
   path: string;
-  content: string;
+  content: string | Buffer;
 }
 
 export function renderConfigDrive(name: string, config: JsonValue): ConfigDriveEntry[] {
@@ -24,7 +25,11 @@ export function renderConfigDrive(name: string, config: JsonValue): ConfigDriveE
 export async function writeConfigDrive(entries: ConfigDriveEntry[], isoPath: string, stagingDir: string): Promise<void> {
   await mkdir(stagingDir, { mode: 0o700 });
   try {
-    for (const e of entries) await writeFile(join(stagingDir, e.path), e.content, { mode: 0o600 });
+    for (const e of entries) {
+      const dest = join(stagingDir, e.path);
+      await mkdir(dirname(dest), { recursive: true, mode: 0o700 });
+      await writeFile(dest, e.content, { mode: 0o600 });
+    }
     // genisoimage starts in a few ms, xorriso in ~100 ms: prefer it when both are there.
     const tool = (await which("genisoimage")) ? "genisoimage" : (await which("xorriso")) ? "xorriso" : undefined;
     if (!tool) throw new HostError("Neither xorriso nor genisoimage is installed; civm needs one to write the config drive. Install it with: apt-get install -y xorriso");

@@ -37,6 +37,11 @@ export interface RunVmRequest {
   graceSeconds: number;
   keep?: boolean;
   qemuBinary?: string;
+  /**
+   * Boot this disk itself, writable, instead of a throw-away overlay on spec.image (image
+   * builds: what the guest writes is the product).
+   */
+  directDisk?: { path: string; format: "qcow2" | "raw" };
   /** Replaces the default config drive content ({name, config}). */
   configDrive?: ConfigDriveEntry[];
   /** Resolved secrets: redacted from anything civm prints. */
@@ -127,7 +132,8 @@ export class VmRun {
       machine: spec.machine,
       cpus: spec.cpus,
       ramBytes: spec.ramBytes,
-      overlay: join(this.workDir, WORKDIR_LAYOUT.overlay),
+      overlay: this.req.directDisk?.path ?? join(this.workDir, WORKDIR_LAYOUT.overlay),
+      overlayFormat: this.req.directDisk?.format ?? "qcow2",
       configIso: join(this.workDir, WORKDIR_LAYOUT.configIso),
       qmpSocket: join(this.workDir, WORKDIR_LAYOUT.qmpSocket),
       consoleLog: this.consoleLog,
@@ -171,7 +177,9 @@ export class VmRun {
 
       // Independent: overlay and config drive are made at the same time.
       await allSettledOrThrow([
-        createOverlay({ base: spec.image, overlay: plan.overlay, sizeBytes: spec.rootDiskBytes, where: `${spec.source.file}: instance "${spec.name}"` }),
+        req.directDisk
+          ? Promise.resolve()
+          : createOverlay({ base: spec.image, overlay: plan.overlay, sizeBytes: spec.rootDiskBytes, where: `${spec.source.file}: instance "${spec.name}"` }),
         writeConfigDrive(req.configDrive ?? renderConfigDrive(spec.name, spec.config), plan.configIso!, join(this.workDir, WORKDIR_LAYOUT.configStaging)),
       ]);
 
