@@ -95,7 +95,7 @@ export async function assembleDisk(opts: AssembleDiskOptions): Promise<Assembled
   const converted = `${opts.output}.partial`;
   try {
     await createSparseFile(raw, sizeBytes);
-    progress("partition", `MBR, partition 1 (bootable, Linux) from 1 MiB, ${formatSize(partSize)}`);
+    progress("partition", `MBR, partition 1 (bootable, Linux) from 1 MiB to the end: ${partSize / MiB} MiB`);
     await writePartitionTable(raw, sizeBytes, opts.uuid);
     progress("filesystem", `ext4 "${DISK_LAYOUT.label}" from ${opts.tree}`);
     await makeFilesystem({ file: raw, tree: opts.tree, offsetBytes: DISK_LAYOUT.partitionStartBytes, sizeBytes: partSize, label: DISK_LAYOUT.label, ...(opts.uuid ? { uuid: opts.uuid } : {}), sizeLabel: label });

@@ -54,3 +54,4 @@ export {
   type DiskProgress,
 } from "./disk.js";
 export { repoRoot, builtinImagesDir } from "./paths.js";
+export { buildImage, type BuildOptions, type BuildOutcome, type BuildEvent } from "./build.js";

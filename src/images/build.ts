@@ -1,0 +1,312 @@
+// civm image build: stage 1 (root tree with mmdebstrap, disk assembled without mounts) and
+// stage 2 (a VM civm boots with its own executor, by direct kernel boot, that installs the
+// bootloader, applies a child's packages and actions, and runs provision scripts). The
+// result goes to the image store only when every step succeeded.
+import { cp, mkdir, readFile, rm, writeFile } from "node:fs/promises";
+import { availableParallelism } from "node:os";
+import { basename, join } from "node:path";
+import { CivmError, ConfigError } from "../errors/index.js";
+import { run } from "../exec/index.js";
+import type { Paths } from "../host/paths.js";
+import type { InstanceSpec } from "../config/types.js";
+import { VmRun, type HostMount } from "../vm/index.js";
+import { cacheKeysFor } from "./cache-key.js";
+import { assembleDisk, convertRaw, compressArtifact } from "./disk.js";
+import { buildRootTree, actionHook, describeAction, removeTree } from "./rootfs.js";
+import { resolveBuildOrder, describeImage } from "./spec.js";
+import { shq } from "./shell.js";
+import { repoRoot } from "./paths.js";
+import type { ImageSpec, LoadedImageSpecs } from "./types.js";
+import type { ImageStore, StoredImage } from "./store.js";
+
+export interface BuildEvent {
+  image: string;
+  step: "cached" | "rootfs" | "disk" | "vm" | "finish" | "done";
+  message: string;
+  elapsedMs: number;
+}
+
+export interface BuildOptions {
+  name: string;
+  specs: LoadedImageSpecs | readonly ImageSpec[];
+  store: ImageStore;
+  paths: Paths;
+  /** Rebuild the named image even when its key is unchanged (its ancestors stay cached). */
+  force?: boolean;
+  accel: "kvm" | "tcg";
+  /** Every line of the build (mmdebstrap, hooks, the build VM's console). */
+  log: (line: string) => void;
+  onEvent?: (e: BuildEvent) => void;
+  /** Keep downloaded .deb files here across builds. */
+  aptCacheDir?: string;
+}
+
+export interface BuildOutcome {
+  image: string;
+  status: "cached" | "built";
+  key: string;
+  seconds: number;
+  stored: StoredImage;
+}
+
+/** Mount points of the build shares inside the build VM. */
+const GUEST_SHARE = "/run/civm-build";
+const GUEST_OUT = "/run/civm-out";
+const BUILD_OK = "civm-build-ok";
+const BUILD_VM_TIMEOUT_S = 3600;
+
+export async function buildImage(o: BuildOptions): Promise<BuildOutcome[]> {
+  const chain = resolveBuildOrder(o.specs as LoadedImageSpecs, o.name);
+  const keys = await cacheKeysFor(chain);
+  const outcomes: BuildOutcome[] = [];
+  for (const spec of chain) {
+    const started = Date.now();
+    const key = keys.get(spec.name)!;
+    const existing = await o.store.get(spec.name);
+    const forced = o.force && spec.name === o.name;
+    if (existing && existing.manifest.key === key && !forced) {
+      o.onEvent?.({ image: spec.name, step: "cached", message: `${spec.name} is up to date (key ${key.slice(0, 12)})`, elapsedMs: Date.now() - started });
+      outcomes.push({ image: spec.name, status: "cached", key, seconds: (Date.now() - started) / 1000, stored: existing });
+      continue;
+    }
+    const parentKey = spec.parent ? keys.get(spec.parent) : undefined;
+    const stored = await buildOne(o, spec, key, parentKey, started);
+    outcomes.push({ image: spec.name, status: "built", key, seconds: (Date.now() - started) / 1000, stored });
+  }
+  return outcomes;
+}
+
+async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey: string | undefined, started: number): Promise<StoredImage> {
+  const ev = (step: BuildEvent["step"], message: string) => o.onEvent?.({ image: spec.name, step, message, elapsedMs: Date.now() - started });
+  const pending = await o.store.begin(spec.name);
+  try {
+    const work = join(pending.dir, "work");
+    const share = join(work, "share");
+    const out = join(work, "out");
+    await mkdir(share, { recursive: true });
+    await mkdir(out, { recursive: true });
+    // Stage 2 boots the disk in its working format (qcow2 or raw); vhd is converted after.
+    const bootFormat = spec.format === "qcow2" ? "qcow2" : "raw";
+    const disk = join(pending.dir, `disk.${bootFormat}`);
+    let kernel = join(pending.dir, "vmlinuz");
+    let initrd = join(pending.dir, "initrd.img");
+    let packages: Record<string, string> = {};
+    let parent: StoredImage | undefined;
+
+    if (!spec.parent) {
+      ev("rootfs", `mmdebstrap ${spec.suite} (${spec.packages.length} extra packages)`);
+      const tree = await buildRootTree({
+        spec: withGuestAgent(spec), workDir: work, log: o.log,
+        onProgress: (p) => ev("rootfs", p.message),
+        ...(o.aptCacheDir ? { aptCacheDir: o.aptCacheDir } : {}),
+      });
+      try {
+        ev("disk", `assembling ${bootFormat} disk`);
+        const asm = await assembleDisk({ tree: tree.tree, output: disk, sizeBytes: spec.sizeBytes, format: bootFormat, log: o.log, onProgress: (p) => ev("disk", p.message), kernelPath: kernel, initrdPath: initrd, label: describeImage(spec) });
+        packages = asm.packages;
+      } finally {
+        await removeTree(tree.tree);
+      }
+    } else {
+      parent = await o.store.require(spec.parent);
+      if (!parent.kernelPath || !parent.initrdPath) {
+        throw new ConfigError(`${describeImage(spec)}: parent image "${spec.parent}" has no kernel and initrd beside its disk (was it pulled?); a child is built by booting its parent's kernel. Build the parent with civm image build.`);
+      }
+      kernel = parent.kernelPath;
+      initrd = parent.initrdPath;
+      await childDisk(spec, parent, disk, bootFormat, ev);
+    }
+
+    const script = await stage2Script(spec, share, parent !== undefined);
+    ev("vm", `booting the build VM (${o.accel}) to ${parent ? "apply packages and actions" : "install the bootloader"}${spec.actions.some((a) => a.kind === "provision") ? " and run provision scripts" : ""}`);
+    await bootBuildVm(o, spec, { disk, format: bootFormat, kernel, initrd, share, out, script });
+
+    // The VM wrote its kernel, initrd and package list to the out share.
+    const status = await readFile(join(out, "status"), "utf8").catch(() => "");
+    if (status.trim() !== BUILD_OK) throw new CivmError("internal", `${describeImage(spec)}: the build VM powered off without finishing its script (see the build log above)`);
+    const finalKernel = join(pending.dir, "vmlinuz");
+    const finalInitrd = join(pending.dir, "initrd.img");
+    await cp(join(out, "vmlinuz"), finalKernel);
+    await cp(join(out, "initrd.img"), finalInitrd);
+    packages = parsePackages(await readFile(join(out, "packages.tsv"), "utf8"));
+
+    ev("finish", `finishing ${spec.format} image`);
+    let finalDisk = disk;
+    if (spec.format === "vhd") {
+      finalDisk = join(pending.dir, "disk.vhd");
+      await convertRaw(disk, finalDisk, "vhd");
+      await rm(disk, { force: true });
+    }
+    let compressed: string | undefined;
+    if (spec.compress === "zstd") compressed = basename(await compressArtifact(finalDisk));
+    await rm(work, { recursive: true, force: true });
+    const stored = await pending.commit({
+      name: spec.name, key, format: spec.format, disk: basename(finalDisk),
+      kernel: "vmlinuz", initrd: "initrd.img",
+      ...(spec.parent ? { parent: spec.parent, ...(parentKey ? { parentKey } : {}) } : {}),
+      packages, buildSeconds: (Date.now() - started) / 1000, createdAt: new Date().toISOString(), source: "build",
+      ...(compressed ? { compressed } : {}),
+    });
+    ev("done", `${spec.name} built in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+    return stored;
+  } catch (e) {
+    await pending.abort();
+    throw e;
+  }
+}
+
+/** Packages the guest agent calls (besides what every Debian system has). */
+const AGENT_PACKAGES = ["jq", "eject", "cloud-guest-utils", "openssh-client"];
+
+/**
+ * Every civm root image carries the guest agent (guest/): the build VM itself runs its
+ * script through it, and the image's VMs read their instance.json with it. Its version is
+ * part of every cache key (guest/VERSION).
+ */
+function withGuestAgent(spec: ImageSpec): ImageSpec {
+  const guestDir = join(repoRoot, "guest");
+  return {
+    ...spec,
+    packages: [...new Set([...spec.packages, ...AGENT_PACKAGES])],
+    actions: [
+      { kind: "copy", src: guestDir, srcPath: guestDir, dest: "/tmp/civm-guest" },
+      { kind: "run", command: "sh /tmp/civm-guest/install.sh / && rm -rf /tmp/civm-guest" },
+      ...spec.actions,
+    ],
+  };
+}
+
+/** A child's disk: a qcow2 on its parent (backing chain) or a standalone copy. */
+async function childDisk(spec: ImageSpec, parent: StoredImage, disk: string, bootFormat: "qcow2" | "raw", ev: (s: BuildEvent["step"], m: string) => void): Promise<void> {
+  const size = Math.max(spec.sizeBytes, parent.manifest.virtualSize);
+  if (!spec.flatten && bootFormat === "qcow2") {
+    ev("disk", `qcow2 on ${parent.name} (backing chain)`);
+    // The parent's path is final (<images>/<parent>/...): the store renames only its own dirs.
+    await run("qemu-img", ["create", "-q", "-f", "qcow2", "-F", parent.manifest.format === "vhd" ? "vpc" : parent.manifest.format, "-b", parent.diskPath, disk, String(size)]);
+  } else {
+    ev("disk", `copy of ${parent.name} (flattened)`);
+    await run("qemu-img", ["convert", "-O", bootFormat, parent.diskPath, disk]);
+    await run("qemu-img", ["resize", "-q", "-f", bootFormat, disk, String(size)]);
+  }
+}
+
+function parsePackages(tsv: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const line of tsv.split("\n")) {
+    const [name, version] = line.split("\t");
+    if (name && version) out[name] = version;
+  }
+  return out;
+}
+
+/**
+ * The script the build VM runs as root (through the guest agent's `command`). Files it
+ * needs (action hooks, copy sources, provision scripts) are staged in `share`, which the VM
+ * sees read-only at /run/civm-build.
+ */
+async function stage2Script(spec: ImageSpec, share: string, isChild: boolean): Promise<string> {
+  const lines = ["set -eu", "export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8", `echo "civm-build: stage 2 of ${spec.name}"`];
+  if (!isChild) {
+    lines.push('echo "civm-build: installing GRUB on /dev/vda"', "grub-install --target=i386-pc /dev/vda", "update-grub");
+  }
+  if (isChild && spec.packages.length) {
+    lines.push(`echo "civm-build: installing ${spec.packages.length} packages"`, "apt-get update -q", `apt-get install -y -q --no-install-recommends ${spec.packages.map(shq).join(" ")}`, "apt-get clean");
+  }
+  const hooksDir = join(share, "hooks");
+  await mkdir(hooksDir, { recursive: true });
+  const total = spec.actions.length;
+  for (const [i, action] of spec.actions.entries()) {
+    const n = String(i + 1).padStart(3, "0");
+    if (action.kind === "provision") {
+      const file = `provision-${n}.sh`;
+      if (action.script) await cp(action.script.srcPath, join(share, file));
+      else await writeFile(join(share, file), action.inline ?? "");
+      lines.push(`echo ${shq(`civm-build: action ${i + 1}/${total}: ${describeAction(action)}`)}`, `(cd / && sh -e ${GUEST_SHARE}/${file})`);
+      continue;
+    }
+    if (!isChild) continue; // root images applied these in the chroot already
+    let a = action;
+    if (a.kind === "copy") {
+      // Stage the source in the share and point the hook at its path inside the VM.
+      const staged = join(share, `copy-${n}`);
+      await mkdir(staged, { recursive: true });
+      await cp(a.srcPath, join(staged, basename(a.srcPath)), { recursive: true, preserveTimestamps: true });
+      a = { ...a, srcPath: `${GUEST_SHARE}/copy-${n}/${basename(a.srcPath)}` };
+    }
+    const hook = actionHook(a, i, total, `${GUEST_SHARE}/hooks`);
+    if (!hook) continue;
+    await writeFile(join(hooksDir, hook.name), hook.text);
+    for (const [name, content] of Object.entries(hook.data ?? {})) await writeFile(join(hooksDir, name), content);
+    lines.push(`sh ${GUEST_SHARE}/hooks/${hook.name} /`);
+  }
+  if (isChild) lines.push("if [ -d /boot/grub ]; then update-grub; fi");
+  lines.push(
+    'echo "civm-build: exporting kernel, initrd and package list"',
+    'k=$(ls -1 /boot/vmlinuz-* | sort -V | tail -n 1)',
+    `cp "$k" ${GUEST_OUT}/vmlinuz`,
+    `cp "/boot/initrd.img-\${k#/boot/vmlinuz-}" ${GUEST_OUT}/initrd.img`,
+    `dpkg-query -W -f '\${Package}\\t\${Version}\\n' > ${GUEST_OUT}/packages.tsv`,
+    "# Forget this boot: every VM of the image makes its own identity.",
+    "rm -f /etc/ssh/ssh_host_* /var/lib/dbus/machine-id",
+    ": > /etc/machine-id",
+    "rm -rf /var/lib/apt/lists/* /var/log/journal/* /tmp/* /var/tmp/*",
+    "fstrim -a >/dev/null 2>&1 || true",
+    "sync",
+    `echo ${BUILD_OK} > ${GUEST_OUT}/status`,
+    'echo "civm-build: stage 2 done"',
+  );
+  const file = join(share, "stage2.sh");
+  await writeFile(file, lines.join("\n") + "\n");
+  return `sh -e ${GUEST_SHARE}/stage2.sh`;
+}
+
+async function bootBuildVm(
+  o: BuildOptions,
+  spec: ImageSpec,
+  b: { disk: string; format: "qcow2" | "raw"; kernel: string; initrd: string; share: string; out: string; script: string },
+): Promise<void> {
+  const instance: InstanceSpec = {
+    name: `build-${spec.name}`,
+    image: b.disk,
+    cpus: Math.min(2, availableParallelism()),
+    ramBytes: 2 * 1024 ** 3,
+    rootDiskBytes: undefined,
+    timeoutSeconds: BUILD_VM_TIMEOUT_S,
+    sshPort: undefined,
+    config: {
+      command: b.script,
+      user: "root",
+      mounts: [
+        { tag: "civmbuild", path: GUEST_SHARE, ro: true },
+        { tag: "civmout", path: GUEST_OUT, ro: false },
+      ],
+    },
+    kernel: b.kernel,
+    initrd: b.initrd,
+    cmdline: "console=ttyS0 root=LABEL=civm-root rw panic=-1",
+    machine: "pc",
+    qemuArgs: [],
+    source: { file: spec.source.file, index: spec.source.index },
+  };
+  const mounts: HostMount[] = [
+    { path: b.share, tag: "civmbuild", readOnly: true },
+    { path: b.out, tag: "civmout", readOnly: false },
+  ];
+  let partial = "";
+  const vm = new VmRun({
+    spec: instance, paths: o.paths, accel: o.accel, graceSeconds: 30, mounts,
+    directDisk: { path: b.disk, format: b.format },
+    log: (l) => o.log(`build vm: ${l}`),
+    onConsole: (text) => {
+      partial += text.replace(/\r/g, "");
+      const lines = partial.split("\n");
+      partial = lines.pop() ?? "";
+      for (const l of lines) o.log(`console: ${l}`);
+    },
+  });
+  const r = await vm.run();
+  if (partial) o.log(`console: ${partial}`);
+  if (r.reason !== "poweroff") {
+    throw new CivmError(r.reason === "timeout" ? "timeout" : "qemu", `${describeImage(spec)}: the build VM ended with ${r.reason} (console log: ${r.consoleLog})`, { ...(r.detail ? { details: r.detail } : {}) });
+  }
+}
