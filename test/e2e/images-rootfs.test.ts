@@ -76,6 +76,7 @@ test("a small root image: MBR + bootable ext4 partition at 1 MiB holding the tre
   else t.diagnostic(`root tree from the cache: ${tree}`);
   assert.deepEqual(provision.map((p) => p.index), [3], "provision actions are handed back, not run");
   const out = tempDir("civm-img-e2e-");
+  t.after(() => rmSync(out, { recursive: true, force: true }));
   const disk = join(out, "small.raw");
   const started = Date.now();
   const r = await assembleDisk({ tree, output: disk, sizeBytes: spec.sizeBytes, format: "raw" });
@@ -115,11 +116,11 @@ test("a small root image: MBR + bootable ext4 partition at 1 MiB holding the tre
   assert.match(debugfs(disk, "cat /etc/initramfs-tools/conf.d/civm.conf"), /MODULES=list/);
   assert.equal(debugfs(disk, "stat /etc/resolv.conf").trim(), "", "the host's resolv.conf is not left in the image");
   assert.doesNotMatch(debugfs(disk, "ls /etc/dpkg/dpkg.cfg.d"), /civm-build/, "the build-only dpkg setting is gone");
-  rmSync(out, { recursive: true, force: true });
 });
 
 test("qcow2 and fixed VHD outputs have the right format and virtual size", { skip }, async (t) => {
   const out = tempDir("civm-img-e2e-");
+  t.after(() => rmSync(out, { recursive: true, force: true }));
   for (const format of ["qcow2", "vhd"] as const) {
     const disk = join(out, `small.${format}`);
     const started = Date.now();
@@ -144,23 +145,26 @@ test("qcow2 and fixed VHD outputs have the right format and virtual size", { ski
     }
   }
   assert.deepEqual(readdirSync(out).sort(), ["i", "k", "small.qcow2", "small.vhd"]);
-  rmSync(out, { recursive: true, force: true });
 });
 
-test("a disk too small for the tree is a ConfigError naming the size, and leaves nothing", { skip }, async () => {
+test("a disk too small for the tree is a ConfigError naming the size, and leaves nothing", { skip }, async (t) => {
   const out = tempDir("civm-img-e2e-");
+  t.after(() => rmSync(out, { recursive: true, force: true }));
   await assert.rejects(
     assembleDisk({ tree, output: join(out, "x.qcow2"), sizeBytes: 256 * 1024 ** 2, format: "qcow2", label: "images.yaml: image \"small\" (#1)" }),
     (e: unknown) => e instanceof ConfigError && /^images\.yaml: image "small" \(#1\): field "size": 256M is too small: the root tree needs about/.test(e.message),
   );
   assert.deepEqual(readdirSync(out), []);
-  rmSync(out, { recursive: true, force: true });
 });
 
 test("an unknown package fails with mmdebstrap's complaint as a ConfigError, and leaves no tree", { skip }, async (t) => {
   const { images } = await loadImageSpecs(join(fixtures, "rootfs-bad-package.yaml"));
   const bad = images[0] as ImageSpec;
   const workDir = tempDir("civm-img-e2e-");
+  t.after(async () => {
+    await removeTree(join(workDir, "rootfs"));
+    rmSync(workDir, { recursive: true, force: true });
+  });
   mkdirSync(aptCacheDir, { recursive: true });
   const started = Date.now();
   await assert.rejects(buildRootTree({ spec: bad, workDir, aptCacheDir }), (e: unknown) => {
@@ -171,6 +175,4 @@ test("an unknown package fails with mmdebstrap's complaint as a ConfigError, and
   });
   t.diagnostic(`failed after ${((Date.now() - started) / 1000).toFixed(1)} s`);
   assert.equal(existsSync(join(workDir, "rootfs")), false);
-  await removeTree(join(workDir, "rootfs"));
-  rmSync(workDir, { recursive: true, force: true });
 });
