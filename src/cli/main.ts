@@ -5,6 +5,7 @@ import { EXIT_CODES } from "../errors/index.js";
 import { registerRun } from "./commands/run.js";
 import { registerLs } from "./commands/ls.js";
 import { registerDoctor } from "./commands/doctor.js";
+import { registerImage } from "./commands/image.js";
 
 const program = new Command();
 program
@@ -26,6 +27,7 @@ Exit codes: 0 guest powered off, 1 internal error, 2 configuration error, 3 time
 registerRun(program);
 registerLs(program);
 registerDoctor(program);
+registerImage(program);
 
 try {
   await program.parseAsync(process.argv);

@@ -52,6 +52,7 @@ const instanceSchema = z
     cmdline: z.string().optional(),
     machine: z.enum(["pc", "q35", "microvm"]).default("pc"),
     "qemu-args": z.array(z.string()).default([]),
+    "firmware-boot": z.boolean().default(false),
   })
   .superRefine((v, ctx) => {
     if (v.kernel !== undefined) return;
@@ -99,6 +100,7 @@ const HINTS: Record<string, string> = {
   cmdline: "must be the kernel command line, as a string",
   machine: 'must be one of "pc", "q35" or "microvm"',
   "qemu-args": 'must be a list of strings, e.g. ["-device", "virtio-rng-pci"]',
+  "firmware-boot": "must be true or false: true boots a stored image through its bootloader instead of its kernel",
 };
 
 const MISSING: Record<string, string> = {
@@ -181,6 +183,8 @@ function toSpec(v: ParsedInstance, index: number, file: string, dir: string): In
   return {
     name: v.name,
     image: resolve(dir, v.image),
+    imageRef: v.image,
+    firmwareBoot: v["firmware-boot"],
     cpus: v["cpu-cores"],
     ramBytes: v.ram,
     rootDiskBytes: v["root-disk"],

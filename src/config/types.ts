@@ -8,6 +8,10 @@ export interface InstanceSpec {
   name: string;
   /** Absolute path of the base disk image (relative paths resolve against the instances file's folder). */
   image: string;
+  /** `image` as written: a path, or the name of an image in civm's store. */
+  imageRef?: string;
+  /** firmware-boot: boot a stored image through its bootloader, not its kernel (default false). */
+  firmwareBoot?: boolean;
   /** cpu-cores (default 2). */
   cpus: number;
   /** ram in bytes (default 2 GiB). */

@@ -6,7 +6,7 @@
 import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
 import { lstat, readFile, readdir, readlink, stat } from "node:fs/promises";
-import { basename, join } from "node:path";
+import { basename, dirname, join } from "node:path";
 import { guestVersionFile } from "./paths.js";
 import type { ImageAction, ImageSpec } from "./types.js";
 
@@ -135,14 +135,19 @@ async function hashDir(path: string): Promise<string> {
   return h.digest("hex");
 }
 
-/** guest/VERSION at the repo root, trimmed; "0" when there is none. */
+/**
+ * The guest agent's identity: guest/VERSION plus a hash of the whole guest/ folder, so an
+ * edit to the agent rebuilds every image (the builder installs it into each root image)
+ * even when nobody bumped VERSION.
+ */
 export async function readAgentVersion(file = guestVersionFile): Promise<string> {
+  let v = "0";
   try {
-    const v = (await readFile(file, "utf8")).trim();
-    return v === "" ? "0" : v;
+    v = (await readFile(file, "utf8")).trim() || "0";
   } catch {
-    return "0";
+    return v;
   }
+  return `${v}+${(await hashPath(dirname(file))).slice(0, 16)}`;
 }
 
 /** Reads the files the image's actions use, then computes its key. */

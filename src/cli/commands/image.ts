@@ -1,0 +1,124 @@
+import { Command } from "commander";
+import { createWriteStream, existsSync } from "node:fs";
+import { join } from "node:path";
+import { pathsFrom } from "../global.js";
+import { say } from "../output.js";
+import { ensureDir } from "../../host/paths.js";
+import { formatBytes } from "../../vm/format.js";
+
+interface BuildFlags {
+  file?: string;
+  force?: boolean;
+  quiet?: boolean;
+  json?: boolean;
+}
+
+/** -f FILE, else ./images.json or ./images.yaml when present, else only the built-in images. */
+function specFile(flag: string | undefined): string | undefined {
+  if (flag) return flag;
+  return ["images.json", "images.yaml", "images.yml"].find((f) => existsSync(f));
+}
+
+function stamp(): string {
+  return new Date().toISOString().replace(/[-:]/g, "").replace(/\..*/, "").replace("T", "-");
+}
+
+export function registerImage(program: Command): void {
+  const image = program.command("image").description("Build, list, fetch and remove VM images in the image store (state dir).");
+
+  image
+    .command("build")
+    .description("Build an image (and its parents) from a spec: mmdebstrap root tree, ext4 partition without mounts, then a VM boot for the bootloader and provision scripts. Unchanged images are cached by key.")
+    .argument("<name>", "image name (civm-runner is built in)")
+    .option("-f, --file <file>", "images spec, JSON or YAML, civm or lvh form (default: ./images.json or ./images.yaml, plus the built-in images)")
+    .option("--force", "rebuild the image even if its key is unchanged (parents stay cached)")
+    .option("--quiet", "print only the result")
+    .option("--json", "print progress and the result as JSON lines on stdout")
+    .action(async (name: string, flags: BuildFlags, cmd: Command) => {
+      const paths = pathsFrom(cmd);
+      const { loadImageSpecs, loadBuiltinImageSpecs, buildImage } = await import("../../images/index.js");
+      const { ImageStore, sweepStale } = await import("../../images/store.js");
+      const { detectAccel } = await import("../../host/kvm.js");
+      const file = specFile(flags.file);
+      const specs = file ? await loadImageSpecs(file) : await loadBuiltinImageSpecs();
+      const store = new ImageStore(paths.stateDir);
+      await sweepStale(store);
+      const accel = await detectAccel({ stateDir: paths.stateDir });
+      ensureDir(paths.logsDir);
+      const logFile = join(paths.logsDir, `image-build-${name}-${stamp()}.log`);
+      const logStream = createWriteStream(logFile, { mode: 0o600 });
+      const emit = (obj: Record<string, unknown>) => process.stdout.write(JSON.stringify(obj) + "\n");
+      if (!flags.quiet && !flags.json) say(`building ${name}; full log: ${logFile}${accel.accel === "tcg" ? " (TCG: the VM stage is slow)" : ""}`);
+      try {
+        const outcomes = await buildImage({
+          name, specs, store, paths, accel: accel.accel, force: !!flags.force,
+          aptCacheDir: join(paths.stateDir, "apt-cache"),
+          log: (l) => logStream.write(l + "\n"),
+          onEvent: (e) => {
+            logStream.write(`== ${e.image}: ${e.step}: ${e.message}\n`);
+            if (flags.json) emit({ type: "progress", ...e });
+            else if (!flags.quiet) process.stderr.write(`[${(e.elapsedMs / 1000).toFixed(1).padStart(6)} s] ${e.image}: ${e.message}\n`);
+          },
+        });
+        for (const o of outcomes) {
+          if (flags.json) emit({ type: "result", image: o.image, status: o.status, key: o.key, seconds: o.seconds, disk: o.stored.diskPath });
+          else say(`${o.image}: ${o.status} in ${o.seconds.toFixed(1)} s (key ${o.key.slice(0, 12)}): ${o.stored.diskPath}`);
+        }
+      } catch (e) {
+        if (!flags.json) say(`build failed; full log: ${logFile}`);
+        throw e;
+      } finally {
+        await new Promise((r) => logStream.end(r));
+      }
+    });
+
+  image
+    .command("ls")
+    .description("List stored images: name, key, format, size, age.")
+    .option("--json", "print JSON")
+    .action(async (flags: { json?: boolean }, cmd: Command) => {
+      const { ImageStore, formatImageTable } = await import("../../images/store.js");
+      const images = await new ImageStore(pathsFrom(cmd).stateDir).list();
+      if (flags.json) process.stdout.write(JSON.stringify(images.map((i) => ({ ...i.manifest, diskPath: i.diskPath })), null, 2) + "\n");
+      else process.stdout.write(formatImageTable(images));
+    });
+
+  image
+    .command("path")
+    .description("Print the disk path of a stored image (for scripts).")
+    .argument("<name>")
+    .action(async (name: string, _f: unknown, cmd: Command) => {
+      const { ImageStore } = await import("../../images/store.js");
+      const img = await new ImageStore(pathsFrom(cmd).stateDir).require(name);
+      process.stdout.write(img.diskPath + "\n");
+    });
+
+  image
+    .command("rm")
+    .description("Remove a stored image (refused while a child image is built on it).")
+    .argument("<name>")
+    .action(async (name: string, _f: unknown, cmd: Command) => {
+      const { ImageStore } = await import("../../images/store.js");
+      await new ImageStore(pathsFrom(cmd).stateDir).remove(name);
+      say(`removed image ${name}`);
+    });
+
+  image
+    .command("pull")
+    .description("Fetch a .qcow2 or .qcow2.zst over HTTP(S) with its .sha256 (of the uncompressed image), verify it and store it.")
+    .argument("<url>")
+    .option("--name <name>", "store it under this name (default: the file name without .qcow2[.zst])")
+    .option("--quiet", "no progress")
+    .action(async (url: string, flags: { name?: string; quiet?: boolean }, cmd: Command) => {
+      const { ImageStore } = await import("../../images/store.js");
+      const { pullImage } = await import("../../images/pull.js");
+      const store = new ImageStore(pathsFrom(cmd).stateDir);
+      const img = await pullImage({
+        url, store, log: flags.quiet ? () => {} : say,
+        ...(flags.name ? { name: flags.name } : {}),
+        ...(flags.quiet ? {} : { onProgress: (p: { bytes: number; total?: number }) => process.stderr.write(`\rcivm: ${formatBytes(p.bytes)}${p.total ? ` of ${formatBytes(p.total)}` : ""}   `) }),
+      });
+      if (!flags.quiet) process.stderr.write("\n");
+      say(`stored ${img.name}: ${img.diskPath} (sha256 ${img.manifest.sha256.slice(0, 16)}…)`);
+    });
+}
