@@ -8,6 +8,7 @@ import { detectAccel } from "../../host/kvm.js";
 import { VmRun, Registry, reconcile } from "../../vm/index.js";
 import { ConfigError, EXIT_CODES } from "../../errors/index.js";
 import { formatSeconds } from "../../vm/format.js";
+import { looksLikeImageName, resolveStoredImage } from "../../images/resolve.js";
 
 interface RunFlags {
   file?: string;
@@ -73,9 +74,15 @@ Exit code 0 only when the guest powered itself off; see "civm --help" for the ot
       const file = flags.file ?? defaultInstancesFile();
       // Only the chosen instance's files must exist: others may be for another host.
       const loaded = await loadInstances(file, { checkFiles: false });
-      const spec = selectInstance(loaded, name);
+      let spec = selectInstance(loaded, name);
+      if (looksLikeImageName(spec.imageRef)) spec = await resolveStoredImage(spec, paths.stateDir);
       const missing = await checkInstanceFiles(spec);
-      if (missing.length) throw new ConfigError(missing.join("\n"));
+      if (missing.length) {
+        const hint = looksLikeImageName(spec.imageRef) && spec.image !== undefined && !missing.every((m) => !m.includes('"image"'))
+          ? `\n"${spec.imageRef}" is not a stored image either (civm image ls lists them; civm image build ${spec.imageRef} builds one).`
+          : "";
+        throw new ConfigError(missing.join("\n") + hint);
+      }
       await reconcile(new Registry(paths.stateDir), say);
       const { value: config, secrets } = await preprocessConfig(spec.config, {
         env: process.env,
