@@ -6,6 +6,7 @@ import { registerRun } from "./commands/run.js";
 import { registerLs } from "./commands/ls.js";
 import { registerDoctor } from "./commands/doctor.js";
 import { registerImage } from "./commands/image.js";
+import { registerDemo } from "./commands/demo.js";
 
 const program = new Command();
 program
@@ -28,6 +29,7 @@ registerRun(program);
 registerLs(program);
 registerDoctor(program);
 registerImage(program);
+registerDemo(program);
 
 try {
   await program.parseAsync(process.argv);

@@ -6,6 +6,8 @@ import { say, warn } from "../output.js";
 import { loadInstances, selectInstance, preprocessConfig, checkInstanceFiles } from "../../config/index.js";
 import { detectAccel } from "../../host/kvm.js";
 import { VmRun, Registry, reconcile } from "../../vm/index.js";
+import type { InstanceSpec } from "../../config/types.js";
+import type { Paths } from "../../host/paths.js";
 import { ConfigError, EXIT_CODES } from "../../errors/index.js";
 import { formatSeconds } from "../../vm/format.js";
 import { looksLikeImageName, resolveStoredImage } from "../../images/resolve.js";
@@ -59,18 +61,7 @@ Exit code 0 only when the guest powered itself off; see "civm --help" for the ot
     .action(async (name: string, flags: RunFlags, cmd: Command) => {
       const paths = pathsFrom(cmd);
       const graceSeconds = positiveInt(flags.grace, "--grace");
-      let interrupted = 0;
-      let vm: VmRun | undefined;
-      const onSignal = (sig: NodeJS.Signals) => {
-        interrupted++;
-        if (vm) {
-          if (interrupted === 1) say(`${sig}: stopping ${name} (again to force)`);
-          vm.stop("signal", interrupted > 1);
-        }
-      };
-      process.on("SIGINT", onSignal);
-      process.on("SIGTERM", onSignal);
-
+      const stop = trapSignals(name);
       const file = flags.file ?? defaultInstancesFile();
       // Only the chosen instance's files must exist: others may be for another host.
       const loaded = await loadInstances(file, { checkFiles: false });
@@ -78,43 +69,88 @@ Exit code 0 only when the guest powered itself off; see "civm --help" for the ot
       if (looksLikeImageName(spec.imageRef)) spec = await resolveStoredImage(spec, paths.stateDir);
       const missing = await checkInstanceFiles(spec);
       if (missing.length) {
-        const hint = looksLikeImageName(spec.imageRef) && spec.image !== undefined && !missing.every((m) => !m.includes('"image"'))
+        const hint = looksLikeImageName(spec.imageRef) && missing.some((m) => m.includes('"image"'))
           ? `\n"${spec.imageRef}" is not a stored image either (civm image ls lists them; civm image build ${spec.imageRef} builds one).`
           : "";
         throw new ConfigError(missing.join("\n") + hint);
       }
-      await reconcile(new Registry(paths.stateDir), say);
-      const { value: config, secrets } = await preprocessConfig(spec.config, {
-        env: process.env,
-        where: `${file}: instance "${spec.name}"`,
-        baseDir: loaded.baseDir,
-      });
-      if (interrupted) {
-        say(`${name}: interrupted before boot; nothing was started`);
-        process.exit(EXIT_CODES.signal);
-      }
-      const accel = await detectAccel({ stateDir: paths.stateDir, ...(flags.accel ? { env: { ...process.env, CIVM_ACCEL: flags.accel } } : {}) });
-      if (accel.accel === "tcg" && !flags.accel && !process.env.CIVM_ACCEL) warn(`KVM is not usable (${accel.reason}); using TCG software emulation, guests run several times slower.`);
-
-      vm = new VmRun({
-        spec: { ...spec, config },
-        paths,
-        accel: accel.accel,
-        sshBind: flags.sshBind,
-        graceSeconds,
-        keep: !!flags.keep,
-        secrets,
-        log: say,
-        ...(flags.console ? { onConsole: (t: string) => process.stdout.write(t) } : {}),
-      });
-      if (interrupted) vm.stop("signal", interrupted > 1);
-      const r = await vm.run();
-      if (r.detail) process.stderr.write(r.detail.replace(/^/gm, "  ") + "\n");
-      if (r.workDirKept) say(`work dir kept: ${r.workDir}`);
-      say(`${r.name}: ${r.reason} after ${formatSeconds(r.durationMs)} (exit ${r.exitCode}); console log: ${r.consoleLog}`);
-      if (flags.timingsFile) {
-        writeFileSync(flags.timingsFile, JSON.stringify({ ...r.timings, exitAt: performance.now(), reason: r.reason }));
-      }
-      process.exit(r.exitCode);
+      const code = await bootInstance({ spec, file, baseDir: loaded.baseDir, paths, graceSeconds, stop, flags });
+      process.exit(code);
     });
+}
+
+export interface StopControl {
+  /** Number of SIGINT/SIGTERM received so far. */
+  count(): number;
+  /** From now on, signals stop this VM (ACPI, then forced on the second). */
+  attach(vm: VmRun): void;
+}
+
+/** SIGINT/SIGTERM: the first asks the VM to power off, the second forces it. */
+export function trapSignals(name: string): StopControl {
+  let n = 0;
+  let vm: VmRun | undefined;
+  const onSignal = (sig: NodeJS.Signals) => {
+    n++;
+    if (!vm) return;
+    if (n === 1) say(`${sig}: stopping ${name} (again to force)`);
+    vm.stop("signal", n > 1);
+  };
+  process.on("SIGINT", onSignal);
+  process.on("SIGTERM", onSignal);
+  return {
+    count: () => n,
+    attach: (v) => {
+      vm = v;
+      if (n > 0) v.stop("signal", n > 1);
+    },
+  };
+}
+
+export interface BootRequest {
+  spec: InstanceSpec;
+  file: string;
+  baseDir: string;
+  paths: Paths;
+  graceSeconds: number;
+  stop: StopControl;
+  flags: Partial<Pick<RunFlags, "console" | "keep" | "sshBind" | "accel" | "timingsFile">>;
+}
+
+/** Pre-processes the config, boots the VM, waits for it; returns civm's exit code. */
+export async function bootInstance(b: BootRequest): Promise<number> {
+  const { spec, paths, flags } = b;
+  await reconcile(new Registry(paths.stateDir), say);
+  const { value: config, secrets } = await preprocessConfig(spec.config, {
+    env: process.env,
+    where: `${b.file}: instance "${spec.name}"`,
+    baseDir: b.baseDir,
+  });
+  if (b.stop.count()) {
+    say(`${spec.name}: interrupted before boot; nothing was started`);
+    return EXIT_CODES.signal;
+  }
+  const accel = await detectAccel({ stateDir: paths.stateDir, ...(flags.accel ? { env: { ...process.env, CIVM_ACCEL: flags.accel } } : {}) });
+  if (accel.accel === "tcg" && !flags.accel && !process.env.CIVM_ACCEL) warn(`KVM is not usable (${accel.reason}); using TCG software emulation, guests run several times slower.`);
+
+  const vm = new VmRun({
+    spec: { ...spec, config },
+    paths,
+    accel: accel.accel,
+    sshBind: flags.sshBind ?? "127.0.0.1",
+    graceSeconds: b.graceSeconds,
+    keep: !!flags.keep,
+    secrets,
+    log: say,
+    ...(flags.console ? { onConsole: (t: string) => process.stdout.write(t) } : {}),
+  });
+  b.stop.attach(vm);
+  const r = await vm.run();
+  if (r.detail) process.stderr.write(r.detail.replace(/^/gm, "  ") + "\n");
+  if (r.workDirKept) say(`work dir kept: ${r.workDir}`);
+  say(`${r.name}: ${r.reason} after ${formatSeconds(r.durationMs)} (exit ${r.exitCode}); console log: ${r.consoleLog}`);
+  if (flags.timingsFile) {
+    writeFileSync(flags.timingsFile, JSON.stringify({ ...r.timings, exitAt: performance.now(), reason: r.reason }));
+  }
+  return r.exitCode;
 }
