@@ -164,19 +164,20 @@ test("growfs: whole-disk root skips growpart; non-ext filesystems are not resize
 
 const HOSTKEYS = join(GUEST, "bin", "civm-hostkeys");
 const HOSTKEYS_STUBS = {
-  // -A records which old keys were still there, then creates a new key pair.
+  // -t TYPE ... -f PATH records which old keys were still there, then creates that key pair.
   "ssh-keygen": `case "$1" in
--A)
-  ssh=$3/etc/ssh
+-q)
+  while [ $# -gt 1 ]; do [ "$1" = -f ] && key=$2; shift; done
+  ssh=\${key%/*}
   for f in "$ssh"/ssh_host_*; do [ ! -e "$f" ] || echo "left over: \${f##*/}"; done >>"$STUB_CALLS.leftover"
-  echo new >"$ssh/ssh_host_ed25519_key"
-  echo new >"$ssh/ssh_host_ed25519_key.pub"
+  echo new >"$key"
+  echo new >"$key.pub"
   ;;
 -l) echo "256 SHA256:fakefingerprint root@vm (ED25519)" ;;
 esac`,
 };
 
-test("hostkeys: removes the old host keys, then ssh-keygen -A, and prints fingerprints", () => {
+test("hostkeys: removes the old host keys, makes new ed25519 and ECDSA keys (no slow RSA), prints fingerprints", () => {
   const sb = sandbox(HOSTKEYS_STUBS);
   const ssh = join(sb.root, "etc/ssh");
   mkdirSync(ssh, { recursive: true });
@@ -186,12 +187,16 @@ test("hostkeys: removes the old host keys, then ssh-keygen -A, and prints finger
   writeFileSync(join(ssh, "sshd_config"), "keep me\n");
   const r = run(sb, HOSTKEYS);
   assert.equal(r.status, 0, r.out);
-  assert.deepEqual(r.calls[0], ["ssh-keygen", "-A", "-f", sb.root]);
-  assert.equal(existsSync(`${sb.calls}.leftover`) ? readFileSync(`${sb.calls}.leftover`, "utf8") : "", "", "old keys gone before -A");
-  assert.deepEqual(readdirSync(ssh).sort(), ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub", "sshd_config"]);
+  const keygens = r.calls.filter((c) => c[0] === "ssh-keygen" && c.includes("-t"));
+  assert.deepEqual(keygens.map((c) => c[c.indexOf("-t") + 1]), ["ed25519", "ecdsa"]);
+  assert.deepEqual(keygens.map((c) => c[c.indexOf("-f") + 1]), [join(ssh, "ssh_host_ed25519_key"), join(ssh, "ssh_host_ecdsa_key")]);
+  for (const c of keygens) assert.equal(c[c.indexOf("-N") + 1], "", "host keys have no passphrase");
+  const leftover = existsSync(`${sb.calls}.leftover`) ? readFileSync(`${sb.calls}.leftover`, "utf8") : "";
+  assert.doesNotMatch(leftover, /rsa|baked/, "old keys gone before new ones are made");
+  assert.deepEqual(readdirSync(ssh).sort(), ["ssh_host_ecdsa_key", "ssh_host_ecdsa_key.pub", "ssh_host_ed25519_key", "ssh_host_ed25519_key.pub", "sshd_config"]);
   assert.equal(readFileSync(join(ssh, "ssh_host_ed25519_key"), "utf8"), "new\n");
   assert.equal(readFileSync(join(ssh, "sshd_config"), "utf8"), "keep me\n");
-  assert.deepEqual(r.calls[1], ["ssh-keygen", "-l", "-f", join(ssh, "ssh_host_ed25519_key.pub")]);
+  assert.ok(r.calls.some((c) => c[0] === "ssh-keygen" && c[1] === "-l" && c[3] === join(ssh, "ssh_host_ed25519_key.pub")));
   assert.match(r.stdout, /civm-hostkeys: host key 256 SHA256:fakefingerprint/);
 });
 
@@ -200,7 +205,7 @@ test("hostkeys: a failing ssh-keygen fails the unit", () => {
   mkdirSync(join(sb.root, "etc/ssh"), { recursive: true });
   const r = run(sb, HOSTKEYS);
   assert.notEqual(r.status, 0);
-  assert.match(r.stdout, /error: ssh-keygen -A failed/);
+  assert.match(r.stdout, /error: ssh-keygen -t ed25519 failed/);
 });
 
 // --- install.sh and units -------------------------------------------------------------
@@ -254,8 +259,12 @@ test("units: ordering, commands and console output", () => {
 
   const agent = unit("civm-agent.service");
   const after = (agent.match(/^After=(.*)$/m)?.[1] ?? "").split(/\s+/);
-  for (const dep of ["network-online.target", "civm-hostkeys.service", "ssh.service", "civm-growfs.service"]) {
+  for (const dep of ["network-online.target", "civm-growfs.service"]) {
     assert.ok(after.includes(dep), `agent After=${dep}`);
+  }
+  // A CI job does not need sshd: waiting for host keys and ssh cost ~7 s of boot.
+  for (const dep of ["civm-hostkeys.service", "ssh.service"]) {
+    assert.ok(!after.includes(dep), `agent must not wait for ${dep}`);
   }
   assert.match(agent, /^Wants=network-online\.target$/m);
   assert.match(agent, /^ExecStart=\/usr\/local\/sbin\/civm-agent$/m);
