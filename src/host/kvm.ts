@@ -285,8 +285,10 @@ export async function detectAccel(opts: DetectAccelOptions): Promise<AccelDecisi
   }
 
   const qemuPath = qemu.includes("/") ? qemu : ((await which(qemu)) ?? qemu);
-  const version = await qemuVersion(qemuPath);
-  const key = JSON.stringify({ qemu: qemuPath, version: version.text, kernel: release(), kvmCtime: kvmStat.ctimeMs });
+  // Keyed by the QEMU binary's identity (path, size, mtime: an upgrade changes them) rather
+  // than `qemu --version`, whose extra process would cost every `civm run` ~15 ms.
+  const bin = await stat(qemuPath).catch(() => undefined);
+  const key = JSON.stringify({ qemu: qemuPath, size: bin?.size ?? 0, mtime: bin?.mtimeMs ?? 0, kernel: release(), kvmCtime: kvmStat.ctimeMs });
   const cacheFile = join(opts.stateDir, STATE_LAYOUT.hostCache);
   const cache = await readHostCache(cacheFile);
   const entry = cache.accel;

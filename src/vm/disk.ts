@@ -1,6 +1,7 @@
 // The VM's disk: a qcow2 overlay on the base image, never a copy. The backing format is
 // always given (QEMU 6.1+ refuses to guess it), so creation costs the same for any base size.
 import { resolve } from "node:path";
+import { open } from "node:fs/promises";
 import { ConfigError } from "../errors/index.js";
 import { run } from "../exec/index.js";
 import { formatBytes } from "./format.js";
@@ -10,7 +11,32 @@ export interface ImageInfo {
   virtualSize: number;
 }
 
+const QCOW2_MAGIC = 0x514649fb; // "QFI\xfb"
+
+/**
+ * Format and virtual size from a qcow2 header (magic at 0, virtual size at 24, both
+ * big-endian): the common case, without starting qemu-img (~15 ms of every VM start).
+ * Anything else is left to qemu-img.
+ */
+async function qcow2Header(path: string): Promise<ImageInfo | undefined> {
+  let fh;
+  try {
+    fh = await open(path, "r");
+    const buf = Buffer.alloc(32);
+    const { bytesRead } = await fh.read(buf, 0, 32, 0);
+    if (bytesRead < 32 || buf.readUInt32BE(0) !== QCOW2_MAGIC) return undefined;
+    const size = Number(buf.readBigUInt64BE(24));
+    return Number.isSafeInteger(size) && size > 0 ? { format: "qcow2", virtualSize: size } : undefined;
+  } catch {
+    return undefined; // qemu-img gives the real error
+  } finally {
+    await fh?.close();
+  }
+}
+
 export async function imageInfo(path: string): Promise<ImageInfo> {
+  const fast = await qcow2Header(path);
+  if (fast) return fast;
   // -U: the base may be open read-only by other running VMs.
   const { stdout } = await run("qemu-img", ["info", "-U", "--output=json", path], { failCode: "config" });
   const info = JSON.parse(stdout) as { format?: string; "virtual-size"?: number };

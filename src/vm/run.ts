@@ -8,6 +8,7 @@ import type { InstanceSpec } from "../config/types.js";
 import type { Paths } from "../host/paths.js";
 import { STATE_LAYOUT, ensureDir } from "../host/paths.js";
 import { CivmError, HostError } from "../errors/index.js";
+import { trace } from "../errors/trace.js";
 import { buildQemuArgs, DEFAULT_CMDLINE, type HostMount, type PortForward, type QemuPlan } from "./argv.js";
 import { createOverlay } from "./disk.js";
 import { renderConfigDrive, writeConfigDrive, type ConfigDriveEntry } from "./config-drive.js";
@@ -154,6 +155,7 @@ export class VmRun {
     let keep = req.keep ?? false;
     let follower: FileFollower | undefined;
     try {
+      trace("vm: start");
       for (const f of this.forwards()) await checkPortFree(f.hostAddr, f.hostPort, f.proto, `port forward for ${spec.name}`);
       const plan = this.plan();
       if (Buffer.byteLength(plan.qmpSocket) > 107) {
@@ -169,6 +171,7 @@ export class VmRun {
         startedAt: new Date().toISOString(), workDir: this.workDir, consoleLog: this.consoleLog, keep, meta: req.meta,
       };
       await registry.put(entry);
+      trace("vm: registry entry written");
       cleanup.push("registry entry", () => registry.remove(this.id));
       await mkdir(this.workDir, { mode: 0o700 });
       cleanup.push("work dir", async () => {
@@ -183,6 +186,7 @@ export class VmRun {
         writeConfigDrive(req.configDrive ?? renderConfigDrive(spec.name, spec.config), plan.configIso!, join(this.workDir, WORKDIR_LAYOUT.configStaging)),
       ]);
 
+      trace("vm: overlay and config drive ready");
       const sup = new Supervisor({ binary: plan.binary, args: buildQemuArgs(plan), timeoutSeconds: spec.timeoutSeconds, graceSeconds: req.graceSeconds, log });
       this.supervisor = sup;
       cleanup.push("QEMU", () => sup.kill());

@@ -5,6 +5,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { EventEmitter } from "node:events";
 import { QmpClient, type QmpEvent } from "./qmp.js";
 import { DEVICE_IDS } from "./argv.js";
+import { trace } from "../errors/trace.js";
 
 export type ExitReason = "poweroff" | "timeout" | "signal" | "reboot" | "qemu-failed" | "stopped";
 
@@ -74,6 +75,7 @@ export class Supervisor extends EventEmitter {
   async start(qmpSocket: string): Promise<void> {
     this.spawnedAt = performance.now();
     const child = spawn(this.o.binary, this.o.args, { stdio: ["ignore", "ignore", "pipe"] });
+    trace("vm: QEMU spawned");
     this.child = child;
     child.stderr!.setEncoding("utf8").on("data", (d: string) => {
       this.stderr = (this.stderr + d).slice(-STDERR_KEEP);

@@ -155,12 +155,13 @@ test("probe exits 33: KVM, cached for the next call, other cache entries kept", 
   assert.equal(cache.accel.accel, "kvm");
   const key = JSON.parse(cache.accel.key);
   assert.equal(key.qemu, f.bin);
-  assert.equal(key.version, "QEMU emulator version 8.2.2 (fake)");
+  assert.equal(typeof key.size, "number", "keyed by the binary's size");
+  assert.equal(typeof key.mtime, "number", "and mtime, not by running qemu --version");
   assert.equal(typeof key.kernel, "string");
   assert.equal(typeof key.kvmCtime, "number");
 });
 
-test("cache: expires after 24 h; a new QEMU version, /dev/kvm ctime or corrupt file means a new probe", async () => {
+test("cache: expires after 24 h; a new QEMU binary, /dev/kvm ctime or corrupt file means a new probe", async () => {
   const f = fakeQemu();
   const dev = fakeKvmDevice();
   const stateDir = tempDir();
@@ -172,7 +173,9 @@ test("cache: expires after 24 h; a new QEMU version, /dev/kvm ctime or corrupt f
   assert.equal((await detectAccel({ stateDir, qemuBinary: f.bin, env: {}, kvmDevice: dev, now: at(25 * 3600_000) })).cached, false);
   assert.equal(f.calls().length, 2);
 
-  writeFileSync(join(f.dir, "version"), "QEMU emulator version 9.0.0 (fake)\n");
+  // An upgraded QEMU: a different binary (size and mtime) at the same path.
+  await new Promise((r) => setTimeout(r, 20));
+  writeFileSync(f.bin, readFileSync(f.bin, "utf8") + "# upgraded\n");
   assert.equal((await detectAccel({ stateDir, qemuBinary: f.bin, env: {}, kvmDevice: dev, now: at(25 * 3600_000) })).cached, false);
   assert.equal(f.calls().length, 3);
 

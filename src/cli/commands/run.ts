@@ -10,6 +10,7 @@ import type { InstanceSpec } from "../../config/types.js";
 import type { Paths } from "../../host/paths.js";
 import { ConfigError, EXIT_CODES } from "../../errors/index.js";
 import { formatSeconds } from "../../vm/format.js";
+import { trace } from "../../errors/trace.js";
 import { looksLikeImageName, resolveStoredImage } from "../../images/resolve.js";
 
 interface RunFlags {
@@ -59,6 +60,7 @@ instance-configuration; when it ejects the disc civm removes the medium.
 Exit code 0 only when the guest powered itself off; see "civm --help" for the others.`,
     )
     .action(async (name: string, flags: RunFlags, cmd: Command) => {
+      trace("cli: modules loaded");
       const paths = pathsFrom(cmd);
       const graceSeconds = positiveInt(flags.grace, "--grace");
       const stop = trapSignals(name);
@@ -120,12 +122,15 @@ export interface BootRequest {
 /** Pre-processes the config, boots the VM, waits for it; returns civm's exit code. */
 export async function bootInstance(b: BootRequest): Promise<number> {
   const { spec, paths, flags } = b;
+  trace("cli: instance loaded");
   await reconcile(new Registry(paths.stateDir), say);
+  trace("cli: registry reconciled");
   const { value: config, secrets } = await preprocessConfig(spec.config, {
     env: process.env,
     where: `${b.file}: instance "${spec.name}"`,
     baseDir: b.baseDir,
   });
+  trace("cli: config pre-processed");
   if (b.stop.count()) {
     say(`${spec.name}: interrupted before boot; nothing was started`);
     return EXIT_CODES.signal;
@@ -133,6 +138,7 @@ export async function bootInstance(b: BootRequest): Promise<number> {
   const accel = await detectAccel({ stateDir: paths.stateDir, ...(flags.accel ? { env: { ...process.env, CIVM_ACCEL: flags.accel } } : {}) });
   if (accel.accel === "tcg" && !flags.accel && !process.env.CIVM_ACCEL) warn(`KVM is not usable (${accel.reason}); using TCG software emulation, guests run several times slower.`);
 
+  trace("cli: accelerator chosen");
   const vm = new VmRun({
     spec: { ...spec, config },
     paths,
