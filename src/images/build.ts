@@ -163,7 +163,7 @@ const AGENT_PACKAGES = ["jq", "eject", "cloud-guest-utils", "openssh-client"];
  * script through it, and the image's VMs read their instance.json with it. Its version is
  * part of every cache key (guest/VERSION).
  */
-function withGuestAgent(spec: ImageSpec): ImageSpec {
+export function withGuestAgent(spec: ImageSpec): ImageSpec {
   const guestDir = join(repoRoot, "guest");
   return {
     ...spec,

@@ -69,6 +69,8 @@ test("seed 001 fixed loads with the file's values and absolute paths", async () 
   assert.deepEqual(vm1, {
     name: "vm-1",
     image,
+    imageRef: "../images/ubuntu/build/ubuntu-amd64.qcow2",
+    firmwareBoot: false,
     cpus: 4,
     ramBytes: 4 * G,
     rootDiskBytes: 80 * G,
@@ -170,7 +172,7 @@ test("unknown keys get a suggestion", async () => {
     `${file}: instance "vm-2" (#2): unknown key "cpu-core"; did you mean "cpu-cores"?`,
     `${file}: instance "vm-2" (#2): unknown key "timeout"; did you mean "timeout-seconds"?`,
     `${file}: instance "vm-2" (#2): unknown key "sshport"; did you mean "ssh-port"?`,
-    `${file}: instance "vm-2" (#2): unknown key "frobnicate"; the known keys are name, image, cpu-cores, ram, root-disk, timeout-seconds, ssh-port, config, kernel, initrd, cmdline, machine, qemu-args.`,
+    `${file}: instance "vm-2" (#2): unknown key "frobnicate"; the known keys are name, image, cpu-cores, ram, root-disk, timeout-seconds, ssh-port, config, kernel, initrd, cmdline, machine, qemu-args, firmware-boot.`,
   ]);
 });
 

@@ -238,7 +238,8 @@ test("the installed civm-agent finds its library and powers off when there is no
   const sb = sandbox({ blkid: "exit 2", sleep: "exit 0", poweroff: "exit 0" });
   assert.equal(run(sb, join(GUEST, "install.sh"), [sb.root]).status, 0);
   const r = run(sb, join(sb.root, "usr/local/sbin/civm-agent"), [], { CIVM_WAIT_SECONDS: "1" });
-  assert.match(r.stdout, /civm-agent: starting \(guest runtime version 1\)/);
+  const version = readFileSync(join(GUEST, "VERSION"), "utf8").trim();
+  assert.match(r.stdout, new RegExp(`civm-agent: starting \\(guest runtime version ${version}\\)`));
   assert.match(r.stdout, /error: no CD-ROM labelled instance-configuration appeared within 1s/);
   assert.deepEqual(r.calls.at(-1), ["poweroff"]);
 });

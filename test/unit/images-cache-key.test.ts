@@ -159,12 +159,15 @@ test("cacheKeyFor reads the copied files: editing one rebuilds the image and its
 test("the agent version comes from guest/VERSION, or 0 without it", async () => {
   const dir = tempDir("civm-ver-");
   writeFileSync(join(dir, "VERSION"), "7\n");
-  assert.equal(await readAgentVersion(join(dir, "VERSION")), "7");
+  const v1 = await readAgentVersion(join(dir, "VERSION"));
+  assert.match(v1, /^7\+[0-9a-f]{16}$/, "VERSION plus a hash of the agent's folder");
+  // An edit to the agent changes its identity even without a VERSION bump.
+  writeFileSync(join(dir, "civm-agent"), "echo changed\n");
+  const v2 = await readAgentVersion(join(dir, "VERSION"));
+  assert.match(v2, /^7\+/);
+  assert.notEqual(v2, v1);
   assert.equal(await readAgentVersion(join(dir, "missing")), "0");
-  const real = await readAgentVersion();
-  const { existsSync, readFileSync } = await import("node:fs");
-  const path = join(repoRoot, "guest", "VERSION");
-  assert.equal(real, existsSync(path) ? readFileSync(path, "utf8").trim() || "0" : "0");
+  assert.match(await readAgentVersion(), /^\d+\+[0-9a-f]{16}$/);
 });
 
 test("canonicalJson sorts keys at every level; uuidFromKey is a stable v4-shaped UUID", () => {

@@ -1,3 +1,4 @@
+import { withGuestAgent } from "../../src/images/build.js";
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { mkdirSync, writeFileSync } from "node:fs";
@@ -271,9 +272,14 @@ test("the built-in civm-runner spec loads", async () => {
   assert.equal(runner.parent, undefined);
   assert.equal(runner.suite, "bookworm");
   for (const p of ["openssh-server", "jq", "cloud-guest-utils", "eject", "sudo", "systemd-resolved", "dbus"]) assert.ok(runner.packages.includes(p), p);
-  const copy = runner.actions.find((a) => a.kind === "copy");
+  // The guest agent is not in the spec: the builder puts it into every root image.
+  const agent = withGuestAgent(runner);
+  const copy = agent.actions[0];
   assert.ok(copy && copy.kind === "copy");
   assert.equal(copy.srcPath, join(repoRoot, "guest"));
+  assert.ok(agent.actions[1]?.kind === "run" && /install\.sh \//.test(agent.actions[1].command));
+  assert.deepEqual(agent.actions.slice(2), runner.actions);
+  for (const p of ["jq", "eject", "cloud-guest-utils"]) assert.ok(agent.packages.includes(p), p);
 });
 
 test("the examples load: the Rust-CI-like runner (child of civm-runner)", async () => {
