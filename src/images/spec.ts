@@ -430,7 +430,7 @@ async function validateAction(
   const unknown = keys.filter((k) => !(ACTION_KINDS as readonly string[]).includes(k));
   for (const k of unknown) {
     const hint = closestMatch(k, ACTION_KINDS, { aliases: ACTION_ALIASES });
-    fieldProblem(at, `unknown action ${JSON.stringify(k)}` + (hint ? `; did you mean ${JSON.stringify(hint)}? ` : "; ") + `The actions are ${kinds}.`);
+    fieldProblem(at, `unknown action ${JSON.stringify(k)}` + (hint ? `; did you mean ${JSON.stringify(hint)}? The actions are ${kinds}.` : `; the actions are ${kinds}.`));
   }
   if (unknown.length > 0) return undefined;
   if (keys.length === 0) {
