@@ -1,0 +1,577 @@
+// Loads and validates the `civm serve` config (YAML or JSON) and its pools (inline or a
+// separate pools.json in fireactions' format). Steps, in order: read → resolve
+// ${{ fn:arg }} (the "civm run" pre-processor) → validate and fill defaults → check the
+// environment (key file, images). Every problem is collected and reported at once, each
+// naming the file, the pool and the field. Messages never show the value of a string field
+// (it may be a secret); numbers, names and labels are shown.
+import { readFile, stat } from "node:fs/promises";
+import { dirname, isAbsolute, resolve } from "node:path";
+import { ConfigError, messageOf } from "../errors/index.js";
+import { loadStructuredFile } from "../config/load-file.js";
+import { preprocessConfig } from "../config/preprocess.js";
+import { parseSize, SIZE_FORMS } from "../config/sizes.js";
+import { closestMatch } from "../config/suggest.js";
+import type { JsonValue } from "../config/types.js";
+import { parseRunnerTarget, type RunnerTarget } from "../github/registration-token.js";
+import { resolvePaths } from "../host/paths.js";
+import { looksLikeImageName } from "../images/resolve.js";
+import { labelKey, normalizeLabels } from "./labels.js";
+import type { GitHubAuthConfig, ImagePullPolicy, PoolImage, PoolSpec, RegistrationMode, ServeConfig } from "./types.js";
+
+export const SERVE_DEFAULTS = {
+  listen: "127.0.0.1:8080",
+  apiUrl: "https://api.github.com",
+  pollIntervalSeconds: 60,
+  shutdownTimeoutSeconds: 3600,
+  maxWebhookBytes: 1024 * 1024,
+  minRunners: 0,
+  cpus: 2,
+  memSizeMib: 2048,
+  /** GitHub ends a job after 6 h; a runner VM gets that plus a margin for boot and teardown. */
+  timeoutSeconds: 6 * 3600 + 600,
+  idleTimeoutSeconds: 300,
+  groupId: 1,
+  imagePullPolicy: "IfNotPresent" as ImagePullPolicy,
+  registration: "jit" as RegistrationMode,
+  workFolder: "_work",
+} as const;
+
+export const SERVE_KEYS = ["listen", "stateDir", "github", "webhookSecret", "apiToken", "pools", "pollInterval", "shutdownTimeout", "maxWebhookBytes"] as const;
+export const GITHUB_KEYS = ["apiUrl", "appId", "privateKeyFile", "privateKey", "installationId", "token"] as const;
+export const POOL_KEYS = ["name", "maxRunners", "minRunners", "runner", "firecracker", "cpus", "ram", "disk", "timeout-seconds", "idleTimeout", "runnerGroup", "cmdline"] as const;
+export const RUNNER_KEYS = ["name", "image", "imagePullPolicy", "organization", "repository", "labels", "groupId", "registration", "workFolder"] as const;
+export const FIRECRACKER_KEYS = ["vcpuCount", "memSizeMib", "kernelArgs"] as const;
+const PULL_POLICIES: readonly ImagePullPolicy[] = ["IfNotPresent", "Always", "Never"];
+const REGISTRATION_MODES: readonly RegistrationMode[] = ["jit", "token"];
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
+const MIN_RAM = 64 * 1024 ** 2;
+
+export interface LoadServeOptions {
+  env?: NodeJS.ProcessEnv;
+  /** Check that each pool's image exists (a stored image or a disk file); default true. */
+  checkImages?: boolean;
+  /** State dir whose image store names resolve in; default the config's stateDir, then civm's default. */
+  stateDir?: string;
+}
+
+type Obj = Record<string, unknown>;
+
+/** Collects problems for one object; `where` prefixes each, `prefix` qualifies field names. */
+class Fields {
+  constructor(
+    readonly o: Obj,
+    readonly where: string,
+    readonly problems: string[],
+    readonly prefix = "",
+  ) {}
+
+  field(key: string): string {
+    return `"${this.prefix}${key}"`;
+  }
+
+  add(message: string): void {
+    this.problems.push(`${this.where}: ${message}`);
+  }
+
+  has(key: string): boolean {
+    return this.o[key] !== undefined && this.o[key] !== null;
+  }
+
+  unknownKeys(known: readonly string[]): void {
+    for (const k of Object.keys(this.o)) {
+      if (known.includes(k)) continue;
+      const hint = closestMatch(k, known);
+      const fix = hint ? `did you mean "${this.prefix}${hint}"?` : `the known keys here are ${known.join(", ")}.`;
+      this.add(`unknown key "${this.prefix}${k}"; ${fix}`);
+    }
+  }
+
+  /** A whole number ≥ min; numeric strings (from ${{ env:... }}) are accepted. */
+  int(key: string, opts: { min: number; def?: number; hint?: string }): number | undefined {
+    const v = this.o[key];
+    if (v === undefined || v === null) return opts.def;
+    const n = typeof v === "string" && /^-?\d+$/.test(v.trim()) ? Number(v) : v;
+    if (typeof n !== "number" || !Number.isInteger(n)) {
+      this.add(`${this.field(key)} must be a whole number${opts.hint ? `, ${opts.hint}` : ""} (got ${kindOf(v)}).`);
+      return undefined;
+    }
+    if (n < 0 && opts.min >= 0) {
+      this.add(`${this.field(key)} must not be negative (got ${n}).`);
+      return undefined;
+    }
+    if (n < opts.min) {
+      this.add(`${this.field(key)} must be at least ${opts.min} (got ${n}).`);
+      return undefined;
+    }
+    return n;
+  }
+
+  str(key: string, opts: { required?: string; quote?: boolean } = {}): string | undefined {
+    const v = this.o[key];
+    if (v === undefined || v === null) {
+      if (opts.required) this.add(`missing ${this.field(key)}: ${opts.required}.`);
+      return undefined;
+    }
+    if (typeof v !== "string" || v.trim() === "") {
+      this.add(`${this.field(key)} must be a non-empty string (got ${typeof v === "string" ? "an empty string" : kindOf(v)}).`);
+      return undefined;
+    }
+    return v;
+  }
+
+  oneOf<T extends string>(key: string, allowed: readonly T[], def: T): T {
+    const v = this.o[key];
+    if (v === undefined || v === null) return def;
+    if (typeof v === "string" && (allowed as readonly string[]).includes(v)) return v as T;
+    const shown = typeof v === "string" ? JSON.stringify(v) : kindOf(v);
+    this.add(`${this.field(key)} must be one of ${allowed.map((a) => JSON.stringify(a)).join(", ")} (got ${shown}).`);
+    return def;
+  }
+
+  seconds(key: string, def: number, min = 1): number {
+    const v = this.o[key];
+    if (v === undefined || v === null) return def;
+    const s = parseDuration(v);
+    if (s === undefined) {
+      this.add(`${this.field(key)} must be a number of seconds or a duration such as "90s", "5m", "1h30m" (got ${typeof v === "string" ? JSON.stringify(v) : kindOf(v)}).`);
+      return def;
+    }
+    if (s < min) {
+      this.add(`${this.field(key)} must be at least ${min} s (got ${s}).`);
+      return def;
+    }
+    return s;
+  }
+
+  size(key: string): number | undefined {
+    const v = this.o[key];
+    if (v === undefined || v === null) return undefined;
+    if (typeof v !== "string" && typeof v !== "number") {
+      this.add(`${this.field(key)} must be a size: ${SIZE_FORMS} (got ${kindOf(v)}).`);
+      return undefined;
+    }
+    try {
+      return parseSize(v);
+    } catch (e) {
+      this.add(`${this.field(key)}: ${messageOf(e)}.`);
+      return undefined;
+    }
+  }
+
+  object(key: string, required?: string): Obj | undefined {
+    const v = this.o[key];
+    if (v === undefined || v === null) {
+      if (required) this.add(`missing ${this.field(key)}: ${required}.`);
+      return undefined;
+    }
+    if (!isObj(v)) {
+      this.add(`${this.field(key)} must be an object (got ${kindOf(v)}).`);
+      return undefined;
+    }
+    return v;
+  }
+}
+
+/** Seconds in 90, "90", "90s", "5m", "1h30m"; undefined when it is none of those. */
+export function parseDuration(v: unknown): number | undefined {
+  if (typeof v === "number") return Number.isInteger(v) && v >= 0 ? v : undefined;
+  if (typeof v !== "string") return undefined;
+  const t = v.trim();
+  if (/^\d+$/.test(t)) return Number(t);
+  const m = /^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$/.exec(t);
+  if (!m || t === "") return undefined;
+  return Number(m[1] ?? 0) * 3600 + Number(m[2] ?? 0) * 60 + Number(m[3] ?? 0);
+}
+
+/** "host:port", ":port", "[v6]:port" or a port number. */
+export function parseListen(v: unknown): { host: string; port: number } | undefined {
+  const text = typeof v === "number" ? `:${v}` : typeof v === "string" ? v.trim() : undefined;
+  if (text === undefined) return undefined;
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:\s[\]]*)):(\d{1,5})$/.exec(text);
+  if (!m) return undefined;
+  const port = Number(m[3]);
+  if (port > 65535) return undefined;
+  return { host: m[1] ?? (m[2] || "127.0.0.1"), port };
+}
+
+/** Reads, resolves and validates `file`; throws one ConfigError listing every problem. */
+export async function loadServeConfig(file: string, opts: LoadServeOptions = {}): Promise<ServeConfig> {
+  const env = opts.env ?? process.env;
+  const baseDir = dirname(resolve(file));
+  const raw = await loadStructuredFile(file);
+  if (!isObj(raw)) {
+    throw new ConfigError(`${file}: the file must contain an object with "github", "pools" and other keys, but it contains ${raw == null ? "nothing" : kindOf(raw)}.`);
+  }
+  const problems: string[] = [];
+  const secrets: string[] = [];
+  const top = await resolveSecrets(raw, file, baseDir, env, problems, secrets);
+  const f = new Fields(top, file, problems);
+  f.unknownKeys(SERVE_KEYS);
+
+  const listen = parseListen(top.listen ?? SERVE_DEFAULTS.listen);
+  if (!listen) f.add(`"listen" must be HOST:PORT (e.g. "127.0.0.1:8080") or a port number from 0 to 65535.`);
+  const stateDirRaw = f.str("stateDir");
+  const stateDir = stateDirRaw === undefined ? undefined : resolve(baseDir, stateDirRaw);
+  const github = await loadGitHub(f, baseDir, secrets);
+  const webhookSecret = f.str("webhookSecret");
+  const apiToken = f.str("apiToken");
+  if (webhookSecret === undefined && !f.has("webhookSecret")) {
+    // Allowed (poll-only operation), but POST /webhook then answers 401 to everything.
+  }
+  const pollIntervalSeconds = f.seconds("pollInterval", SERVE_DEFAULTS.pollIntervalSeconds, 5);
+  const shutdownTimeoutSeconds = f.seconds("shutdownTimeout", SERVE_DEFAULTS.shutdownTimeoutSeconds, 0);
+  const maxWebhookBytes = f.size("maxWebhookBytes") ?? SERVE_DEFAULTS.maxWebhookBytes;
+
+  const { poolsFile, poolsBaseDir, entries } = await loadPoolEntries(top, file, baseDir, env, problems, secrets);
+  const pools: PoolSpec[] = [];
+  entries.forEach((entry, index) => {
+    const p = validatePool(entry, index, poolsFile, poolsBaseDir, problems);
+    if (p) pools.push(p);
+  });
+  problems.push(...crossPoolProblems(entries, pools, poolsFile));
+  if (opts.checkImages !== false) {
+    const store = opts.stateDir ?? stateDir ?? resolvePaths({}, env).stateDir;
+    for (const p of pools) {
+      const problem = await checkImage(p.runner.image, store);
+      if (problem) problems.push(`${poolsFile}: ${poolLabel(p.name, p.index)}: "runner.image" ${problem}`);
+    }
+  }
+  if (problems.length > 0) throw new ConfigError(problems.join("\n"));
+  return {
+    file,
+    baseDir,
+    listen: listen ?? { host: "127.0.0.1", port: 8080 },
+    stateDir,
+    github: github ?? { apiUrl: SERVE_DEFAULTS.apiUrl, auth: { kind: "token", token: "" } },
+    webhookSecret,
+    apiToken,
+    pollIntervalSeconds,
+    shutdownTimeoutSeconds,
+    maxWebhookBytes,
+    poolsFile,
+    pools,
+    secrets: [...new Set(secrets)],
+  };
+}
+
+/** Runs the pre-processor; its problems join the list (the raw data is validated anyway). */
+async function resolveSecrets(data: Obj, where: string, baseDir: string, env: NodeJS.ProcessEnv, problems: string[], secrets: string[]): Promise<Obj> {
+  try {
+    const r = await preprocessConfig(data as JsonValue, { env, where, baseDir });
+    secrets.push(...r.secrets);
+    return r.value as Obj;
+  } catch (e) {
+    if (!(e instanceof ConfigError)) throw e;
+    // The pre-processor names paths from a root called "config"; here the root is the file.
+    problems.push(...e.message.split("\n").map((l) => l.replace(`${where}: config.`, `${where}: `).replace(`${where}: config[`, `${where}: [`)));
+    return data;
+  }
+}
+
+async function loadGitHub(top: Fields, baseDir: string, secrets: string[]): Promise<ServeConfig["github"] | undefined> {
+  const o = top.object("github", 'add "github" with "appId" and "privateKeyFile" (a GitHub App) or "token"');
+  if (!o) return undefined;
+  const f = new Fields(o, top.where, top.problems, "github.");
+  f.unknownKeys(GITHUB_KEYS);
+  let apiUrl: string = SERVE_DEFAULTS.apiUrl;
+  const urlText = f.str("apiUrl");
+  if (urlText !== undefined) {
+    try {
+      const u = new URL(urlText);
+      if (u.protocol !== "http:" && u.protocol !== "https:") throw new Error("not http");
+      apiUrl = urlText.replace(/\/+$/, "");
+    } catch {
+      f.add(`"github.apiUrl" must be an http(s) URL such as https://api.github.com or https://HOST/api/v3 for GitHub Enterprise Server.`);
+    }
+  }
+  const hasApp = f.has("appId") || f.has("privateKeyFile") || f.has("privateKey");
+  if (f.has("token") && hasApp) {
+    f.add(`"github" sets both "token" and a GitHub App ("appId", "privateKeyFile"); keep one of them.`);
+    return undefined;
+  }
+  if (f.has("token")) {
+    const token = f.str("token");
+    if (token === undefined) return undefined;
+    secrets.push(token);
+    return { apiUrl, auth: { kind: "token", token: token.trim() } };
+  }
+  if (!hasApp) {
+    f.add(`"github" needs credentials: "appId" and "privateKeyFile" of a GitHub App, or "token" (e.g. token: \${{ env:GITHUB_TOKEN }}).`);
+    return undefined;
+  }
+  const appId = f.int("appId", { min: 1, hint: "the GitHub App's id" });
+  if (!f.has("appId")) f.add(`missing "github.appId": the GitHub App's id (its settings page shows it).`);
+  const installationId = f.int("installationId", { min: 1 });
+  let privateKey: string | undefined;
+  let privateKeyFile: string | undefined;
+  if (f.has("privateKeyFile") && f.has("privateKey")) {
+    f.add(`"github" sets both "privateKeyFile" and "privateKey"; keep one of them.`);
+  } else if (f.has("privateKey")) {
+    privateKey = f.str("privateKey");
+  } else if (f.has("privateKeyFile")) {
+    const rel = f.str("privateKeyFile");
+    if (rel !== undefined) {
+      privateKeyFile = resolve(baseDir, rel);
+      privateKey = await readKeyFile(privateKeyFile, f);
+    }
+  } else {
+    f.add(`missing "github.privateKeyFile": the path of the GitHub App's private key (.pem).`);
+  }
+  if (privateKey !== undefined) {
+    secrets.push(privateKey);
+    if (!/-----BEGIN [A-Z ]*PRIVATE KEY-----/.test(privateKey)) {
+      f.add(`${privateKeyFile ? `"github.privateKeyFile" (${privateKeyFile})` : `"github.privateKey"`} is not a PEM private key (no "-----BEGIN ... PRIVATE KEY-----" line); use the .pem file GitHub generated for the App.`);
+      privateKey = undefined;
+    }
+  }
+  if (appId === undefined || privateKey === undefined) return undefined;
+  const auth: GitHubAuthConfig = { kind: "app", appId, privateKey, privateKeyFile, installationId };
+  return { apiUrl, auth };
+}
+
+async function readKeyFile(path: string, f: Fields): Promise<string | undefined> {
+  try {
+    return await readFile(path, "utf8");
+  } catch (e) {
+    f.add(`"github.privateKeyFile": cannot read ${path} (${osReason(e)}); relative paths start from the config file's folder.`);
+    return undefined;
+  }
+}
+
+async function loadPoolEntries(
+  top: Obj,
+  file: string,
+  baseDir: string,
+  env: NodeJS.ProcessEnv,
+  problems: string[],
+  secrets: string[],
+): Promise<{ poolsFile: string; poolsBaseDir: string; entries: unknown[] }> {
+  const v = top.pools;
+  if (v === undefined || v === null) {
+    problems.push(`${file}: missing "pools": the path of a pools.json file, or the list of pools inline.`);
+    return { poolsFile: file, poolsBaseDir: baseDir, entries: [] };
+  }
+  if (Array.isArray(v)) return { poolsFile: file, poolsBaseDir: baseDir, entries: v };
+  if (typeof v !== "string" || v.trim() === "") {
+    problems.push(`${file}: "pools" must be the path of a pools file or a list of pools (got ${kindOf(v)}).`);
+    return { poolsFile: file, poolsBaseDir: baseDir, entries: [] };
+  }
+  const path = isAbsolute(v) ? v : resolve(baseDir, v);
+  let data: unknown;
+  try {
+    data = await loadStructuredFile(path);
+  } catch (e) {
+    problems.push(`${file}: "pools": ${messageOf(e)}`);
+    return { poolsFile: path, poolsBaseDir: dirname(path), entries: [] };
+  }
+  if (!Array.isArray(data)) {
+    problems.push(`${path}: the pools file must contain a list of pools ([{"name": ..., "maxRunners": ..., "runner": {...}}, ...]), but it contains ${data == null ? "nothing" : kindOf(data)}.`);
+    return { poolsFile: path, poolsBaseDir: dirname(path), entries: [] };
+  }
+  const resolved = await resolveSecrets({ pools: data }, path, dirname(path), env, problems, secrets);
+  const entries = Array.isArray(resolved.pools) ? resolved.pools : data;
+  return { poolsFile: path, poolsBaseDir: dirname(path), entries };
+}
+
+export function poolLabel(name: unknown, index: number): string {
+  return typeof name === "string" && name !== "" ? `pool ${JSON.stringify(name)} (#${index + 1})` : `pool #${index + 1}`;
+}
+
+function validatePool(entry: unknown, index: number, file: string, baseDir: string, problems: string[]): PoolSpec | undefined {
+  const start = problems.length;
+  const where = `${file}: ${poolLabel(isObj(entry) ? entry.name : undefined, index)}`;
+  if (!isObj(entry)) {
+    problems.push(`${where}: must be an object with "name", "maxRunners", "runner" and other keys, but it is ${kindOf(entry)}.`);
+    return undefined;
+  }
+  const f = new Fields(entry, where, problems);
+  f.unknownKeys(POOL_KEYS);
+  const name = f.str("name", { required: 'a unique pool name, e.g. "default"' });
+  if (name !== undefined && !NAME_RE.test(name)) f.add(`"name" must be made of letters, digits, ".", "_" and "-", starting with a letter or digit (got ${JSON.stringify(name)}).`);
+  const maxRunners = f.int("maxRunners", { min: 0 });
+  if (!f.has("maxRunners")) f.add(`missing "maxRunners": the most runner VMs this pool may run at once.`);
+  const minRunners = f.int("minRunners", { min: 0, def: SERVE_DEFAULTS.minRunners });
+  if (maxRunners !== undefined && minRunners !== undefined && minRunners > maxRunners) {
+    f.add(`"minRunners" (${minRunners}) is greater than "maxRunners" (${maxRunners}); raise maxRunners or lower minRunners.`);
+  }
+  const runner = validateRunner(f, name, baseDir);
+  const vm = validateVm(f);
+  const idleTimeoutSeconds = f.seconds("idleTimeout", SERVE_DEFAULTS.idleTimeoutSeconds, 0);
+  if (problems.length > start || !name || maxRunners === undefined || minRunners === undefined || !runner || !vm) return undefined;
+  return { name, index, maxRunners, minRunners, runner, vm, idleTimeoutSeconds };
+}
+
+function validateRunner(pool: Fields, poolName: string | undefined, baseDir: string): PoolSpec["runner"] | undefined {
+  const o = pool.object("runner", 'add "runner" with "image", "labels" and "organization" (or "repository")');
+  if (!o) return undefined;
+  const f = new Fields(o, pool.where, pool.problems, "runner.");
+  f.unknownKeys(RUNNER_KEYS);
+  const namePrefix = f.str("name") ?? poolName;
+  if (f.has("name") && namePrefix !== undefined && !NAME_RE.test(namePrefix)) {
+    f.add(`"runner.name" must be made of letters, digits, ".", "_" and "-" (got ${JSON.stringify(namePrefix)}).`);
+  }
+  const imageRef = f.str("image", { required: "a stored civm image name (civm image ls) or the path of a disk image" });
+  const imagePullPolicy = f.oneOf("imagePullPolicy", PULL_POLICIES, SERVE_DEFAULTS.imagePullPolicy);
+  const target = runnerTarget(f);
+  const labels = runnerLabels(f);
+  let groupId = f.int("groupId", { min: 1, hint: "a runner group id" });
+  const alias = pool.int("runnerGroup", { min: 1, hint: "a runner group id" });
+  if (groupId !== undefined && alias !== undefined && groupId !== alias) {
+    pool.add(`"runnerGroup" (${alias}) and "runner.groupId" (${groupId}) disagree; set one of them.`);
+  }
+  groupId = groupId ?? alias ?? SERVE_DEFAULTS.groupId;
+  const registration = f.oneOf("registration", REGISTRATION_MODES, SERVE_DEFAULTS.registration);
+  const workFolder = f.str("workFolder") ?? SERVE_DEFAULTS.workFolder;
+  if (!namePrefix || !imageRef || !target || !labels) return undefined;
+  const image: PoolImage = looksLikeImageName(imageRef) ? { ref: imageRef, kind: "stored" } : { ref: imageRef, kind: "path", path: resolve(baseDir, imageRef) };
+  return { namePrefix, image, imagePullPolicy, target, labels, groupId, registration, workFolder };
+}
+
+function runnerTarget(f: Fields): RunnerTarget | undefined {
+  const org = f.str("organization");
+  const repo = f.str("repository");
+  if (f.has("organization") && f.has("repository")) {
+    f.add(`"runner" sets both "organization" and "repository"; runners register with one of them, keep one.`);
+    return undefined;
+  }
+  if (!f.has("organization") && !f.has("repository")) {
+    f.add(`"runner" needs "organization" (org-level runners) or "repository" (OWNER/REPO) to register with.`);
+    return undefined;
+  }
+  try {
+    if (org !== undefined) {
+      const t = parseRunnerTarget(org);
+      if (t.kind !== "org") throw new Error(`write the organization alone; for a repository use "runner.repository"`);
+      return t;
+    }
+    if (repo !== undefined) {
+      const t = parseRunnerTarget(repo);
+      if (t.kind !== "repo") throw new Error("write OWNER/REPO");
+      return t;
+    }
+  } catch (e) {
+    f.add(`${f.field(org !== undefined ? "organization" : "repository")}: ${messageOf(e)}`);
+  }
+  return undefined;
+}
+
+function runnerLabels(f: Fields): string[] | undefined {
+  const v = f.o.labels;
+  if (v === undefined || v === null) {
+    f.add(`missing "runner.labels": the labels jobs ask for in runs-on, e.g. ["self-hosted", "linux"].`);
+    return undefined;
+  }
+  if (!Array.isArray(v) || v.length === 0 || v.some((l) => typeof l !== "string" || l.trim() === "" || l.includes(","))) {
+    f.add(`"runner.labels" must be a non-empty list of label strings without commas, e.g. ["self-hosted", "linux"].`);
+    return undefined;
+  }
+  return v.map((l: string) => l.trim());
+}
+
+function validateVm(pool: Fields): PoolSpec["vm"] | undefined {
+  const start = pool.problems.length;
+  const fc = pool.object("firecracker");
+  const f = fc ? new Fields(fc, pool.where, pool.problems, "firecracker.") : undefined;
+  f?.unknownKeys(FIRECRACKER_KEYS);
+  const vcpu = f?.int("vcpuCount", { min: 1 });
+  const mem = f?.int("memSizeMib", { min: 1 });
+  const kernelArgs = f?.str("kernelArgs");
+  const cpus = pool.int("cpus", { min: 1 });
+  const ram = pool.size("ram");
+  const cmdline = pool.str("cmdline");
+  for (const [a, b] of [["cpus", "vcpuCount"], ["ram", "memSizeMib"], ["cmdline", "kernelArgs"]] as const) {
+    if (pool.has(a) && f?.has(b)) pool.add(`both "${a}" and "firecracker.${b}" are set; they mean the same, keep one.`);
+  }
+  const ramBytes = ram ?? (mem ?? SERVE_DEFAULTS.memSizeMib) * 1024 ** 2;
+  if (ramBytes < MIN_RAM) pool.add(`the VM's memory (${Math.round(ramBytes / 1024 ** 2)} MiB) is too little for a runner; give it at least ${MIN_RAM / 1024 ** 2} MiB.`);
+  const rootDiskBytes = pool.size("disk");
+  const timeoutSeconds = pool.int("timeout-seconds", { min: 1, def: SERVE_DEFAULTS.timeoutSeconds }) ?? SERVE_DEFAULTS.timeoutSeconds;
+  if (pool.problems.length > start) return undefined;
+  return { cpus: cpus ?? vcpu ?? SERVE_DEFAULTS.cpus, ramBytes, rootDiskBytes, timeoutSeconds, cmdline: cmdline ?? kernelArgs };
+}
+
+/** Duplicate names and label sets two pools share (a job could not pick between them). */
+function crossPoolProblems(entries: unknown[], pools: PoolSpec[], file: string): string[] {
+  const out: string[] = [];
+  const byName = new Map<string, number[]>();
+  entries.forEach((e, i) => {
+    const n = isObj(e) ? e.name : undefined;
+    if (typeof n === "string" && n !== "") byName.set(n, [...(byName.get(n) ?? []), i]);
+  });
+  for (const [name, idx] of byName) {
+    if (idx.length > 1) out.push(`${file}: pools ${idx.map((i) => `#${i + 1}`).join(", ")} are all named ${JSON.stringify(name)}; pool names must be unique (the API and metrics use them), rename all but one.`);
+  }
+  const byLabels = new Map<string, PoolSpec[]>();
+  for (const p of pools) {
+    const key = labelKey(normalizeLabels(p.runner.labels));
+    byLabels.set(key, [...(byLabels.get(key) ?? []), p]);
+  }
+  for (const [key, ps] of byLabels) {
+    if (ps.length < 2) continue;
+    const names = ps.map((p) => poolLabel(p.name, p.index)).join(" and ");
+    out.push(`${file}: ${names} have the same "runner.labels" (${key.split(",").join(", ")}, ignoring case, "self-hosted" implied), so a job asking for them could go to either; give each pool a label of its own.`);
+  }
+  return out;
+}
+
+async function checkImage(image: PoolImage, stateDir: string): Promise<string | undefined> {
+  if (image.kind === "stored") {
+    const { ImageStore } = await import("../images/store.js");
+    const store = new ImageStore(stateDir);
+    if (await store.get(image.ref)) return undefined;
+    const names = (await store.list()).map((i) => i.name);
+    const have = names.length ? `stored images: ${names.join(", ")}` : "the store is empty";
+    const hint = closestMatch(image.ref, names);
+    return `names no stored image ${JSON.stringify(image.ref)} in ${store.dir} (${have})${hint ? `; did you mean ${JSON.stringify(hint)}?` : ""}; build one with "civm image build" or "civm image pull", or give the path of a disk image.`;
+  }
+  const path = image.path ?? image.ref;
+  try {
+    const s = await stat(path);
+    if (!s.isFile() && !s.isBlockDevice()) return `${path} is not a file; give a disk image or a stored image name.`;
+    return undefined;
+  } catch (e) {
+    if (looksLikeContainerRef(image.ref)) {
+      return `${JSON.stringify(image.ref)} looks like a container image; civm boots disk images and does not pull from container registries: build or pull a civm image ("civm image build", "civm image pull URL") and name it here.`;
+    }
+    return `${path} cannot be used (${osReason(e)}); give a stored image name (civm image ls) or the path of a disk image (relative paths start from the pools file's folder).`;
+  }
+}
+
+export function looksLikeContainerRef(ref: string): boolean {
+  return !ref.startsWith(".") && !ref.startsWith("/") && /^[a-z0-9.-]+(:\d+)?\/[^\s]+?(:[\w.-]+|@sha256:[0-9a-f]{64})$/.test(ref);
+}
+
+function osReason(e: unknown): string {
+  const code = (e as NodeJS.ErrnoException).code;
+  const reasons: Record<string, string> = { ENOENT: "no such file", EACCES: "permission denied", EISDIR: "it is a directory", ENOTDIR: "a parent is not a directory" };
+  return (code && reasons[code]) ?? messageOf(e);
+}
+
+function isObj(v: unknown): v is Obj {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+
+function kindOf(v: unknown): string {
+  if (v === null) return "null";
+  if (Array.isArray(v)) return "a list";
+  if (typeof v === "object") return "an object";
+  if (typeof v === "number") return Number.isInteger(v) ? "a whole number" : "a number";
+  if (typeof v === "string") return "a string";
+  return `a ${typeof v}`;
+}
+
+/** What `civm config check` prints: the effective settings, secrets shown as set/unset only. */
+export function summarizeServeConfig(c: ServeConfig): string[] {
+  const auth = c.github.auth.kind === "app" ? `GitHub App ${c.github.auth.appId}` : "token";
+  const lines = [
+    `listen ${c.listen.host}:${c.listen.port}; GitHub ${c.github.apiUrl} (${auth}); webhook secret ${c.webhookSecret ? "set" : "not set (POST /webhook answers 401)"}; API token ${c.apiToken ? "set" : "not set (API answers 401)"}`,
+    `poll every ${c.pollIntervalSeconds}s; shutdown waits up to ${c.shutdownTimeoutSeconds}s for busy runners; webhook bodies up to ${c.maxWebhookBytes} bytes`,
+  ];
+  for (const p of c.pools) {
+    const t = p.runner.target.kind === "org" ? `org ${p.runner.target.org}` : `repo ${p.runner.target.owner}/${p.runner.target.repo}`;
+    lines.push(
+      `pool ${p.name}: ${p.minRunners}..${p.maxRunners} runners, image ${p.runner.image.ref} (${p.runner.image.kind}), ${p.vm.cpus} cpus, ${Math.round(p.vm.ramBytes / 1024 ** 2)} MiB, ${t}, labels ${normalizeLabels(p.runner.labels).join(",")}, group ${p.runner.groupId}, idle timeout ${p.idleTimeoutSeconds}s`,
+    );
+  }
+  return lines;
+}

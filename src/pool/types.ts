@@ -1,0 +1,77 @@
+// Typed, validated `civm serve` configuration: what pool/config.ts hands to the daemon.
+// Types only; loading and validation live in config.ts.
+import type { RunnerTarget } from "../github/registration-token.js";
+
+export type ImagePullPolicy = "IfNotPresent" | "Always" | "Never";
+
+/** How a runner VM gets its registration: a single-use JIT config (default) or a registration token. */
+export type RegistrationMode = "jit" | "token";
+
+export interface PoolImage {
+  /** As written in the config. */
+  ref: string;
+  /** "stored": a civm image in the store (re-resolved before each VM start); "path": a disk file. */
+  kind: "stored" | "path";
+  /** Absolute disk path for kind "path". */
+  path?: string;
+}
+
+export interface PoolSpec {
+  name: string;
+  /** 0-based position in the pools list (messages show #index+1). */
+  index: number;
+  maxRunners: number;
+  /** Idle runners kept on top of demand (ARC semantics), not a total. */
+  minRunners: number;
+  runner: {
+    /** Prefix of runner names: `<namePrefix>-<vm id>`. */
+    namePrefix: string;
+    image: PoolImage;
+    imagePullPolicy: ImagePullPolicy;
+    target: RunnerTarget;
+    /** Labels as written (used for the JIT config; "self-hosted" added there if missing). */
+    labels: string[];
+    /** Runner group id (GitHub's default group is 1). */
+    groupId: number;
+    registration: RegistrationMode;
+    /** Folder the runner works in, inside the guest. */
+    workFolder: string;
+  };
+  vm: {
+    cpus: number;
+    ramBytes: number;
+    rootDiskBytes: number | undefined;
+    timeoutSeconds: number;
+    /** Kernel command line (firecracker.kernelArgs or cmdline); undefined = the image's default. */
+    cmdline: string | undefined;
+  };
+  /** Idle runners above desired are stopped after this long idle. */
+  idleTimeoutSeconds: number;
+}
+
+export type GitHubAuthConfig =
+  | { kind: "app"; appId: number; privateKey: string; privateKeyFile: string | undefined; installationId: number | undefined }
+  | { kind: "token"; token: string };
+
+export interface ServeConfig {
+  /** The config file as the caller named it. */
+  file: string;
+  baseDir: string;
+  listen: { host: string; port: number };
+  /** undefined: civm's default state dir. */
+  stateDir: string | undefined;
+  github: { apiUrl: string; auth: GitHubAuthConfig };
+  webhookSecret: string | undefined;
+  apiToken: string | undefined;
+  /** Seconds between reconciliation polls of GitHub (queued jobs, runners). */
+  pollIntervalSeconds: number;
+  /** SIGTERM: how long to wait for busy runners before giving up on them. */
+  shutdownTimeoutSeconds: number;
+  /** Largest webhook body accepted; larger gets 413. */
+  maxWebhookBytes: number;
+  /** Where the pools came from (the config file itself, or a separate pools file). */
+  poolsFile: string;
+  pools: PoolSpec[];
+  /** Every resolved ${{ fn:arg }} value and the private key: redact before logging. */
+  secrets: string[];
+}

@@ -1,0 +1,282 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { chmodSync, copyFileSync, mkdirSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { ConfigError } from "../../src/errors/index.js";
+import { loadServeConfig, parseDuration, parseListen, SERVE_DEFAULTS, type LoadServeOptions } from "../../src/pool/config.js";
+import { repoRoot, tempDir } from "../support/paths.js";
+
+const KEY = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEAsecretkeymaterial0123456789\n-----END RSA PRIVATE KEY-----\n";
+const MiB = 1024 ** 2;
+
+interface Setup {
+  dir: string;
+  file: string;
+  stateDir: string;
+}
+
+/** ROOT/serve.yaml (or .json), ROOT/key.pem, ROOT/disk.qcow2, ROOT/state with a stored image "runner-img". */
+function setup(config: unknown, name = "serve.json"): Setup {
+  const dir = tempDir();
+  writeFileSync(join(dir, "key.pem"), KEY);
+  writeFileSync(join(dir, "disk.qcow2"), "");
+  const stateDir = join(dir, "state");
+  const img = join(stateDir, "images", "runner-img");
+  mkdirSync(img, { recursive: true });
+  writeFileSync(join(img, "disk.qcow2"), "");
+  const manifest = { name: "runner-img", key: "k", format: "qcow2", disk: "disk.qcow2", sha256: "0".repeat(64), diskBytes: 0, virtualSize: 1 };
+  writeFileSync(join(img, "manifest.json"), JSON.stringify(manifest));
+  const file = join(dir, name);
+  writeFileSync(file, typeof config === "string" ? config : JSON.stringify(config, null, 2));
+  return { dir, file, stateDir };
+}
+
+function pool(extra: Record<string, unknown> = {}, runner: Record<string, unknown> = {}): Record<string, unknown> {
+  return {
+    name: "default",
+    maxRunners: 4,
+    minRunners: 1,
+    runner: { image: "runner-img", organization: "acme", labels: ["linux"], ...runner },
+    ...extra,
+  };
+}
+
+function serve(pools: unknown, extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return { github: { appId: 123456, privateKeyFile: "key.pem" }, webhookSecret: "whsec-0123456789", apiToken: "api-token-abcdef", pools, ...extra };
+}
+
+async function load(s: Setup, opts: LoadServeOptions = {}) {
+  return loadServeConfig(s.file, { env: {}, stateDir: s.stateDir, ...opts });
+}
+
+async function problems(s: Setup, opts: LoadServeOptions = {}): Promise<string> {
+  try {
+    await load(s, opts);
+  } catch (e) {
+    assert.ok(e instanceof ConfigError, `a ConfigError, got ${String(e)}`);
+    return e.message;
+  }
+  assert.fail("expected loadServeConfig to fail");
+}
+
+test("seed 003's example pools.json maps field by field onto civm's pool settings", async () => {
+  const s = setup(serve("pools.json"));
+  copyFileSync(join(repoRoot, "test", "fixtures", "pools", "seed-003-pools.json"), join(s.dir, "pools.json"));
+  const c = await load(s, { checkImages: false });
+  assert.equal(c.pools.length, 1);
+  const p = c.pools[0]!;
+  assert.equal(p.name, "default");
+  assert.equal(p.maxRunners, 10);
+  assert.equal(p.minRunners, 1);
+  assert.equal(p.runner.namePrefix, "runner");
+  assert.deepEqual(p.runner.image, { ref: "ghcr.io/thpham/fireactions-images/ubuntu-24.04:latest", kind: "path", path: join(s.dir, "ghcr.io/thpham/fireactions-images/ubuntu-24.04:latest") });
+  assert.equal(p.runner.imagePullPolicy, "IfNotPresent");
+  assert.deepEqual(p.runner.target, { kind: "org", org: "your-org" });
+  assert.deepEqual(p.runner.labels, ["self-hosted", "fireactions", "linux"]);
+  assert.equal(p.runner.groupId, 1);
+  assert.equal(p.runner.registration, "jit");
+  assert.deepEqual(p.vm, { cpus: 2, ramBytes: 4096 * MiB, rootDiskBytes: undefined, timeoutSeconds: SERVE_DEFAULTS.timeoutSeconds, cmdline: "console=ttyS0 reboot=k panic=1 pci=off" });
+  assert.equal(p.idleTimeoutSeconds, 300);
+  assert.equal(c.poolsFile, join(s.dir, "pools.json"));
+});
+
+test("seed 003's example: its container image is reported as one civm cannot boot", async () => {
+  const s = setup(serve("pools.json"));
+  copyFileSync(join(repoRoot, "test", "fixtures", "pools", "seed-003-pools.json"), join(s.dir, "pools.json"));
+  const msg = await problems(s);
+  assert.match(msg, /pools\.json: pool "default" \(#1\): "runner\.image" "ghcr\.io\/thpham\/fireactions-images\/ubuntu-24\.04:latest" looks like a container image; civm boots disk images/);
+});
+
+test("seed 003's example with a stored civm image loads completely", async () => {
+  const s = setup(serve("pools.json"));
+  const pools = JSON.parse(JSON.stringify(await import("node:fs").then((fs) => JSON.parse(fs.readFileSync(join(repoRoot, "test/fixtures/pools/seed-003-pools.json"), "utf8")))));
+  pools[0].runner.image = "runner-img";
+  writeFileSync(join(s.dir, "pools.json"), JSON.stringify(pools));
+  const c = await load(s);
+  assert.deepEqual(c.pools[0]!.runner.image, { ref: "runner-img", kind: "stored" });
+  assert.equal(c.github.auth.kind, "app");
+  assert.equal(c.github.apiUrl, "https://api.github.com");
+  assert.deepEqual(c.listen, { host: "127.0.0.1", port: 8080 });
+  assert.equal(c.pollIntervalSeconds, 60);
+  assert.equal(c.maxWebhookBytes, MiB);
+});
+
+test("the issue's YAML example with secrets from env: and file:, pools inline", async () => {
+  const yaml = `
+listen: 127.0.0.1:9090
+stateDir: ./state
+github:
+  apiUrl: http://127.0.0.1:1234/
+  appId: 123456
+  privateKeyFile: key.pem
+webhookSecret: \${{ file:secret.txt }}
+apiToken: \${{ env:CIVM_API_TOKEN }}
+pollInterval: 2m
+pools:
+  - name: small
+    maxRunners: 3
+    minRunners: 0
+    idleTimeout: 90s
+    cpus: 1
+    ram: 1G
+    disk: 20G
+    timeout-seconds: 600
+    runnerGroup: 7
+    runner: { image: disk.qcow2, repository: acme/app, labels: [Linux, small] }
+`;
+  const s = setup(yaml, "serve.yaml");
+  writeFileSync(join(s.dir, "secret.txt"), "webhook-secret-value\n");
+  const c = await loadServeConfig(s.file, { env: { CIVM_API_TOKEN: "tok-from-env-123" } });
+  assert.equal(c.webhookSecret, "webhook-secret-value");
+  assert.equal(c.apiToken, "tok-from-env-123");
+  assert.deepEqual(c.listen, { host: "127.0.0.1", port: 9090 });
+  assert.equal(c.stateDir, join(s.dir, "state"));
+  assert.equal(c.github.apiUrl, "http://127.0.0.1:1234");
+  assert.equal(c.pollIntervalSeconds, 120);
+  const p = c.pools[0]!;
+  assert.deepEqual(p.runner.target, { kind: "repo", owner: "acme", repo: "app" });
+  assert.deepEqual(p.runner.image, { ref: "disk.qcow2", kind: "path", path: join(s.dir, "disk.qcow2") });
+  assert.equal(p.runner.namePrefix, "small");
+  assert.equal(p.runner.groupId, 7);
+  assert.deepEqual(p.vm, { cpus: 1, ramBytes: 1024 * MiB, rootDiskBytes: 20 * 1024 * MiB, timeoutSeconds: 600, cmdline: undefined });
+  assert.equal(p.idleTimeoutSeconds, 90);
+  for (const secret of ["webhook-secret-value", "tok-from-env-123", KEY]) assert.ok(c.secrets.includes(secret));
+});
+
+test("a token instead of a GitHub App", async () => {
+  const s = setup({ github: { token: "${{ env:GH_TOKEN }}" }, pools: [pool()] });
+  const c = await load(s, { env: { GH_TOKEN: "ghp_secret_value_1" } });
+  assert.deepEqual(c.github.auth, { kind: "token", token: "ghp_secret_value_1" });
+  assert.ok(c.secrets.includes("ghp_secret_value_1"));
+});
+
+test("every pool error is reported at once, named by pool and field", async () => {
+  const s = setup(
+    serve([
+      pool({ minRunners: 5, maxRunners: 2 }),
+      pool({ name: "neg", maxRunners: -1, idleTimeout: -5 }, { labels: ["x"] }),
+      pool({ name: "img" }, { image: "no-such-image", labels: ["y"] }),
+      pool({ name: "path" }, { image: "./missing.qcow2", labels: ["z"] }),
+      pool({ name: "typo", maxRunner: 3 }, { labels: ["w"], organisation: "x" }),
+    ]),
+  );
+  const msg = await problems(s);
+  const lines = msg.split("\n");
+  const expect = [
+    /pool "default" \(#1\): "minRunners" \(5\) is greater than "maxRunners" \(2\)/,
+    /pool "neg" \(#2\): "maxRunners" must not be negative \(got -1\)/,
+    /pool "neg" \(#2\): "idleTimeout" must be a number of seconds/,
+    /pool "img" \(#3\): "runner\.image" names no stored image "no-such-image" in .*stored images: runner-img/,
+    /pool "path" \(#4\): "runner\.image" .*missing\.qcow2 cannot be used \(no such file\)/,
+    /pool "typo" \(#5\): unknown key "maxRunner"; did you mean "maxRunners"\?/,
+    /pool "typo" \(#5\): unknown key "runner\.organisation"; did you mean "runner\.organization"\?/,
+  ];
+  for (const re of expect) assert.ok(lines.some((l) => re.test(l)), `no line matches ${re}:\n${msg}`);
+});
+
+test("duplicate pool names", async () => {
+  const s = setup(serve([pool(), pool({}, { labels: ["other"] })]));
+  assert.match(await problems(s), /pools #1, #2 are all named "default"; pool names must be unique/);
+});
+
+test("a label set shared by two pools (case-insensitive, self-hosted implied)", async () => {
+  const s = setup(serve([pool({ name: "a" }, { labels: ["Linux", "X64"] }), pool({ name: "b" }, { labels: ["self-hosted", "x64", "linux"] })]));
+  assert.match(await problems(s), /pool "a" \(#1\) and pool "b" \(#2\) have the same "runner\.labels" \(linux, self-hosted, x64, ignoring case/);
+});
+
+test("an unreadable key file names the field and the path, not the contents", async (t) => {
+  const s = setup(serve([pool()]));
+  if (process.getuid?.() === 0) {
+    // root reads anything: use a directory instead.
+    mkdirSync(join(s.dir, "dir.pem"));
+    writeFileSync(s.file, JSON.stringify(serve([pool()], { github: { appId: 1, privateKeyFile: "dir.pem" } })));
+    assert.match(await problems(s), /"github\.privateKeyFile": cannot read .*dir\.pem \(it is a directory\)/);
+    t.diagnostic("running as root: checked a directory instead of chmod 000");
+    return;
+  }
+  chmodSync(join(s.dir, "key.pem"), 0o000);
+  assert.match(await problems(s), /"github\.privateKeyFile": cannot read .*key\.pem \(permission denied\)/);
+});
+
+test("a missing key file and a file that is not a PEM key", async () => {
+  const s = setup(serve([pool()], { github: { appId: 1, privateKeyFile: "nope.pem" } }));
+  assert.match(await problems(s), /"github\.privateKeyFile": cannot read .*nope\.pem \(no such file\)/);
+  writeFileSync(join(s.dir, "bad.pem"), "not a key but secret-looking-text");
+  writeFileSync(s.file, JSON.stringify(serve([pool()], { github: { appId: 1, privateKeyFile: "bad.pem" } })));
+  const msg = await problems(s);
+  assert.match(msg, /is not a PEM private key/);
+  assert.doesNotMatch(msg, /secret-looking-text/);
+});
+
+test("resolved secrets never appear in messages; unresolvable ones name the field", async () => {
+  const s = setup(serve([pool({ maxRunners: "${{ env:MAXR }}" })], { apiToken: "${{ env:MISSING_TOKEN }}", webhookSecret: 42 }));
+  const msg = await problems(s, { env: { MAXR: "not-a-number-SECRET" } });
+  assert.match(msg, /serve\.json: apiToken: environment variable MISSING_TOKEN is not set/);
+  assert.match(msg, /"webhookSecret" must be a non-empty string \(got a whole number\)/);
+  assert.match(msg, /pool "default" \(#1\): "maxRunners" must be a whole number \(got a string\)/);
+  assert.doesNotMatch(msg, /SECRET/);
+});
+
+test("github credentials: none, both, conflicting", async () => {
+  assert.match(await problems(setup(serve([pool()], { github: {} }))), /"github" needs credentials/);
+  assert.match(await problems(setup(serve([pool()], { github: { token: "t0ken-value", appId: 1 } }))), /sets both "token" and a GitHub App/);
+  assert.match(await problems(setup({ pools: [pool()] })), /missing "github"/);
+});
+
+test("organization or repository, exactly one", async () => {
+  assert.match(await problems(setup(serve([pool({}, { organization: undefined })]))), /"runner" needs "organization" \(org-level runners\) or "repository"/);
+  assert.match(await problems(setup(serve([pool({}, { repository: "a/b" })]))), /sets both "organization" and "repository"/);
+  assert.match(await problems(setup(serve([pool({}, { organization: "a/b" })]))), /"runner\.organization": write the organization alone/);
+});
+
+test("cpus/ram overrides and their firecracker twins cannot both be set", async () => {
+  const s = setup(serve([pool({ cpus: 2, firecracker: { vcpuCount: 4, memSizeMib: 8 } })]));
+  const msg = await problems(s);
+  assert.match(msg, /both "cpus" and "firecracker\.vcpuCount" are set/);
+  assert.match(msg, /memory \(8 MiB\) is too little/);
+});
+
+test("pools: missing, not a list, a pools file that is not a list", async () => {
+  assert.match(await problems(setup(serve(undefined))), /missing "pools"/);
+  assert.match(await problems(setup(serve(3))), /"pools" must be the path of a pools file or a list/);
+  const s = setup(serve("p.json"));
+  writeFileSync(join(s.dir, "p.json"), "{}");
+  assert.match(await problems(s), /p\.json: the pools file must contain a list of pools/);
+});
+
+test("parseDuration and parseListen", () => {
+  assert.equal(parseDuration(90), 90);
+  assert.equal(parseDuration("90"), 90);
+  assert.equal(parseDuration("1h30m"), 5400);
+  assert.equal(parseDuration("5m"), 300);
+  assert.equal(parseDuration("-1"), undefined);
+  assert.equal(parseDuration("5 minutes"), undefined);
+  assert.deepEqual(parseListen("0.0.0.0:80"), { host: "0.0.0.0", port: 80 });
+  assert.deepEqual(parseListen(":8080"), { host: "127.0.0.1", port: 8080 });
+  assert.deepEqual(parseListen(9000), { host: "127.0.0.1", port: 9000 });
+  assert.deepEqual(parseListen("[::1]:8080"), { host: "::1", port: 8080 });
+  assert.equal(parseListen("host"), undefined);
+  assert.equal(parseListen("h:70000"), undefined);
+});
+
+test("civm config check (registerServe): exit 0 and a summary for a valid file, 2 and the problems otherwise", async () => {
+  const { spawnSync } = await import("node:child_process");
+  const script = `
+import { Command } from "commander";
+import { registerServe } from "./dist/src/cli/commands/serve.js";
+import { reportError } from "./dist/src/cli/output.js";
+const p = new Command().option("--state-dir <d>").exitOverride();
+registerServe(p);
+try { await p.parseAsync(process.argv.slice(1), { from: "user" }); } catch (e) { process.exitCode = reportError(e); }`;
+  const good = setup(serve([pool()]));
+  const run = (file: string) => spawnSync(process.execPath, ["--input-type=module", "-e", script, "--", "--state-dir", good.stateDir, "config", "check", file], { cwd: repoRoot, encoding: "utf8" });
+  const ok = run(good.file);
+  assert.equal(ok.status, 0, ok.stderr);
+  assert.match(ok.stdout, /pool default: 1\.\.4 runners, image runner-img \(stored\), 2 cpus, 2048 MiB, org acme, labels linux,self-hosted/);
+  assert.match(ok.stderr, /valid \(1 pool\)/);
+  assert.doesNotMatch(ok.stdout + ok.stderr, /whsec-0123456789|api-token-abcdef|secretkeymaterial/);
+  const bad = setup(serve([pool({ minRunners: 9 })]));
+  const ko = run(bad.file);
+  assert.equal(ko.status, 2);
+  assert.match(ko.stderr, /civm: error: .*pool "default" \(#1\): "minRunners" \(9\) is greater than "maxRunners" \(4\)/);
+});
