@@ -138,6 +138,24 @@ test("growfs: an already full-size disk (growpart NOCHANGE) is fine and idempote
   assert.equal(calls.filter((c) => c[0] === "resize2fs").length, 3, "fs resize still attempted every time");
 });
 
+test("growfs: a partition that already reaches the disk's end (sysfs) skips growpart's slow NOCHANGE", () => {
+  const sb = sandbox(GROWFS_STUBS);
+  fakeSysfsPartition(sb, "vda", "vda1", 1);
+  const diskDir = join(sb.root, "sys/devices/pci0000:00/virtio2/block/vda");
+  symlinkSync(diskDir, join(sb.root, "sys/class/block/vda"));
+  writeFileSync(join(diskDir, "size"), "8388608\n"); // 4 GiB in sectors
+  writeFileSync(join(diskDir, "vda1", "start"), "2048\n");
+  writeFileSync(join(diskDir, "vda1", "size"), "8386560\n"); // to the last sector
+  const r = run(sb, GROWFS, [], { STUB_FINDMNT: "/dev/vda1 ext4" });
+  assert.equal(r.status, 0, r.out);
+  assert.deepEqual(r.calls.map((c) => c[0]), ["findmnt", "resize2fs"]);
+  assert.match(r.stdout, /partition 1 of \/dev\/vda already fills the disk/);
+  // A bigger disk (root-disk larger than the image): growpart runs.
+  writeFileSync(join(diskDir, "size"), "12582912\n");
+  const again = run(sb, GROWFS, [], { STUB_FINDMNT: "/dev/vda1 ext4" }).calls.slice(r.calls.length); // calls accumulate per sandbox
+  assert.deepEqual(again.map((c) => c[0]), ["findmnt", "growpart", "resize2fs"]);
+});
+
 test("growfs: a growpart error fails the unit and skips resize2fs", () => {
   const sb = sandbox(GROWFS_STUBS);
   fakeSysfsPartition(sb, "vda", "vda1", 1);
