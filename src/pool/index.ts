@@ -11,3 +11,22 @@ export {
   type LoadServeOptions,
 } from "./config.js";
 export { normalizeLabels, labelKey, labelsMatch, registrationLabels, IMPLIED_LABEL } from "./labels.js";
+export {
+  desiredRunners,
+  matchPool,
+  queuedByPool,
+  planPool,
+  planShutdown,
+  backoffDelay,
+  backoffState,
+  DEFAULT_BACKOFF,
+  type RunnerState,
+  type JobStatus,
+  type RunnerView,
+  type PoolView,
+  type PoolPlan,
+  type PlanInput,
+  type StopReason,
+  type BackoffOptions,
+  type PoolHealth,
+} from "./plan.js";
