@@ -2,7 +2,13 @@
 import { Command, CommanderError, Option } from "commander";
 import { reportError } from "./output.js";
 import { EXIT_CODES } from "../errors/index.js";
-import { registerRun } from "./commands/run.js";
+import { registerRun, registerSupervisor } from "./commands/run.js";
+import { registerWait } from "./commands/wait.js";
+import { registerExec } from "./commands/exec.js";
+import { registerSsh } from "./commands/ssh.js";
+import { registerStop } from "./commands/stop.js";
+import { registerLogs } from "./commands/logs.js";
+import { registerKernel } from "./commands/kernel.js";
 import { registerLs } from "./commands/ls.js";
 import { registerDoctor } from "./commands/doctor.js";
 import { registerImage } from "./commands/image.js";
@@ -30,6 +36,13 @@ registerLs(program);
 registerDoctor(program);
 registerImage(program);
 registerDemo(program);
+registerWait(program);
+registerExec(program);
+registerSsh(program);
+registerStop(program);
+registerLogs(program);
+registerKernel(program);
+registerSupervisor(program);
 
 try {
   await program.parseAsync(process.argv);

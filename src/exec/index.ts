@@ -17,6 +17,9 @@ export const PACKAGE_OF: Record<string, string> = {
   "apt-get": "apt",
   "dpkg-deb": "dpkg",
   sfdisk: "fdisk",
+  depmod: "kmod",
+  cpio: "cpio",
+  xz: "xz-utils",
 };
 
 export interface RunOptions {

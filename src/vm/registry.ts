@@ -25,6 +25,8 @@ export interface RegistryEntry {
   detached?: boolean;
   /** Extra fields other commands store (ssh key path, forwards). */
   meta?: Record<string, unknown>;
+  /** "starting" until QEMU runs the guest (QMP cont done), then "running". Absent in older entries. */
+  state?: "starting" | "running";
 }
 
 export type Liveness = "running" | "orphaned" | "stale";

@@ -4,7 +4,7 @@
 import { randomBytes } from "node:crypto";
 import { mkdir, rm, readFile } from "node:fs/promises";
 import { join } from "node:path";
-import type { InstanceSpec } from "../config/types.js";
+import type { InstanceSpec, JsonValue } from "../config/types.js";
 import type { Paths } from "../host/paths.js";
 import { STATE_LAYOUT, ensureDir } from "../host/paths.js";
 import { CivmError, HostError } from "../errors/index.js";
@@ -54,6 +54,17 @@ export interface RunVmRequest {
   meta?: Record<string, unknown>;
   /** Builds the plan only and returns it (for --print-cmd). */
   dryRun?: boolean;
+  /**
+   * The VM's id (8 hex); default a random one. A launcher that must find the VM's registry
+   * entry before run() starts (civm run --detach) picks it.
+   */
+  id?: string;
+  /**
+   * Called once the work dir exists (0700) and before the config drive is written: may put
+   * files there (a per-VM SSH key, deleted with the work dir) and return the config to write
+   * instead of spec.config and extra registry meta.
+   */
+  prepareWorkDir?: (workDir: string) => Promise<{ config?: JsonValue; meta?: Record<string, unknown> } | void>;
 }
 
 export interface VmResult {
@@ -102,7 +113,8 @@ export class VmRun {
   private pendingStop: { reason: StopReason; force: boolean } | undefined;
 
   constructor(private readonly req: RunVmRequest) {
-    this.id = newVmId();
+    if (req.id !== undefined && !/^[0-9a-f]{8}$/.test(req.id)) throw new CivmError("internal", `VM id ${JSON.stringify(req.id)} is not 8 hex digits`);
+    this.id = req.id ?? newVmId();
     this.workDir = join(req.paths.stateDir, STATE_LAYOUT.vms, `${req.spec.name}-${this.id}`);
     this.consoleLog = join(req.paths.logsDir, `${req.spec.name}-${timestamp()}-${this.id}.log`);
   }
@@ -169,6 +181,7 @@ export class VmRun {
         id: this.id, name: spec.name, ownerPid: process.pid, qemuPid: undefined as number | undefined,
         sshPort: spec.sshPort, sshBind: spec.sshPort !== undefined ? (req.sshBind ?? "127.0.0.1") : undefined,
         startedAt: new Date().toISOString(), workDir: this.workDir, consoleLog: this.consoleLog, keep, meta: req.meta,
+        state: "starting" as "starting" | "running",
       };
       await registry.put(entry);
       trace("vm: registry entry written");
@@ -178,12 +191,22 @@ export class VmRun {
         if (!keep) await rm(this.workDir, { recursive: true, force: true });
       });
 
+      let config = spec.config;
+      if (req.prepareWorkDir) {
+        const prepared = await req.prepareWorkDir(this.workDir);
+        if (prepared?.config !== undefined) config = prepared.config;
+        if (prepared?.meta) {
+          entry.meta = { ...entry.meta, ...prepared.meta };
+          await registry.put(entry);
+        }
+      }
+
       // Independent: overlay and config drive are made at the same time.
       await allSettledOrThrow([
         req.directDisk
           ? Promise.resolve()
           : createOverlay({ base: spec.image, overlay: plan.overlay, sizeBytes: spec.rootDiskBytes, where: `${spec.source.file}: instance "${spec.name}"` }),
-        writeConfigDrive(req.configDrive ?? renderConfigDrive(spec.name, spec.config), plan.configIso!, join(this.workDir, WORKDIR_LAYOUT.configStaging)),
+        writeConfigDrive(req.configDrive ?? renderConfigDrive(spec.name, config), plan.configIso!, join(this.workDir, WORKDIR_LAYOUT.configStaging)),
       ]);
 
       trace("vm: overlay and config drive ready");
@@ -200,6 +223,8 @@ export class VmRun {
         entry.qemuPid = sup.pid;
         await registry.put(entry);
         await startP;
+        entry.state = "running";
+        await registry.put(entry);
         log(`${spec.name}: running (pid ${sup.pid}, ${req.accel}${spec.sshPort !== undefined ? `, ssh ${entry.sshBind}:${spec.sshPort}` : ""}); console: ${this.consoleLog}`);
         if (this.pendingStop) sup.stop(this.pendingStop.reason, { force: this.pendingStop.force });
       } catch (e) {

@@ -9,15 +9,21 @@
 // ask apt/dpkg for the versions (< 1 s). Several processes may build at once: each builds
 // into its own temp dir and renames it into place; the loser uses the winner's copy.
 import { createHash, randomBytes } from "node:crypto";
-import { createReadStream, createWriteStream, existsSync } from "node:fs";
-import { chmod, copyFile, mkdir, mkdtemp, readFile, readdir, rename, rm, stat, symlink, writeFile } from "node:fs/promises";
+import { existsSync } from "node:fs";
+import { chmod, copyFile, mkdir, mkdtemp, readFile, readdir, rename, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { basename, dirname, join, resolve } from "node:path";
+import { basename, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { pipeline } from "node:stream/promises";
-import { createGzip } from "node:zlib";
 import { run } from "../../src/exec/index.js";
+import {
+  aptDownload, busyboxTree, copyModules, dependsOnKernelPackage, extractDeb, installedBusybox, moduleName,
+  packInitramfs, packageVersion, readModuleIndex, resolveModules, staticBusybox,
+} from "../../src/kernels/index.js";
 import { repoRoot, testCacheDir } from "./paths.js";
+
+// The module resolution, apt and initramfs helpers live in src/kernels/ (civm kernel add
+// builds its initrds the same way); re-exported for existing callers.
+export { resolveModules };
 
 export interface TinyGuest {
   /** bzImage of the Debian kernel. */
@@ -160,14 +166,7 @@ function defaultLog(line: string): void {
 
 /** Name of the package linux-image-amd64 currently depends on, e.g. linux-image-6.1.0-56-amd64. */
 async function kernelPackage(log: (l: string) => void): Promise<string> {
-  const find = async (): Promise<string | undefined> => {
-    const { stdout } = await run("apt-cache", ["depends", "linux-image-amd64"]).catch(() => ({ stdout: "" }));
-    for (const line of stdout.split("\n")) {
-      const m = /^\s*Depends:\s*(linux-image-[^\s<>]+)/.exec(line);
-      if (m?.[1]) return m[1];
-    }
-    return undefined;
-  };
+  const find = (): Promise<string | undefined> => dependsOnKernelPackage("linux-image-amd64");
   let pkg = await find();
   if (!pkg) {
     log("apt-cache knows no linux-image-amd64; running apt-get update");
@@ -176,24 +175,6 @@ async function kernelPackage(log: (l: string) => void): Promise<string> {
   }
   if (!pkg) throw new Error("apt-cache depends linux-image-amd64 names no kernel package (is this Debian/amd64?)");
   return pkg;
-}
-
-async function packageVersion(pkg: string): Promise<string> {
-  const { stdout } = await run("apt-cache", ["show", "--no-all-versions", pkg]);
-  const m = /^Version:\s*(\S+)/m.exec(stdout);
-  if (!m?.[1]) throw new Error(`apt-cache show ${pkg} gave no Version`);
-  return m[1];
-}
-
-/** Installed busybox-static version, or undefined when it is not installed. */
-async function installedBusybox(): Promise<string | undefined> {
-  try {
-    const { stdout } = await run("dpkg-query", ["-W", "-f=${Status}\t${Version}", "busybox-static"]);
-    const [status, version] = stdout.split("\t");
-    return status?.endsWith(" installed") && version ? version : undefined;
-  } catch {
-    return undefined;
-  }
 }
 
 interface Resolution {
@@ -254,50 +235,6 @@ async function resolvePackages(root: string, log: (l: string) => void): Promise<
   return resolution;
 }
 
-async function aptDownload(pkg: string, dir: string): Promise<string> {
-  // _apt must be able to write into the download dir or apt warns and downloads as root.
-  await chmod(dir, 0o777);
-  await run("apt-get", ["download", pkg], { cwd: dir, timeoutMs: 600_000, failCode: "host" });
-  const deb = (await readdir(dir)).find((f) => f.startsWith(`${pkg}_`) && f.endsWith(".deb"));
-  if (!deb) throw new Error(`apt-get download ${pkg} left no .deb in ${dir}`);
-  return join(dir, deb);
-}
-
-const moduleName = (path: string): string => basename(path).replace(/\.ko(\.(xz|gz|zst))?$/, "").replace(/-/g, "_");
-
-/** Module paths (relative to lib/modules/<kver>) in load order: dependencies first. */
-export function resolveModules(modulesDep: string, builtin: string, wanted: readonly string[]): string[] {
-  const deps = new Map<string, { path: string; deps: string[] }>();
-  for (const line of modulesDep.split("\n")) {
-    const colon = line.indexOf(":");
-    if (colon < 0) continue;
-    const path = line.slice(0, colon).trim();
-    const rest = line.slice(colon + 1).trim();
-    deps.set(moduleName(path), { path, deps: rest ? rest.split(/\s+/).map(moduleName) : [] });
-  }
-  const builtins = new Set(builtin.split("\n").filter(Boolean).map(moduleName));
-  const order: string[] = [];
-  const done = new Set<string>();
-  const visiting = new Set<string>();
-  const visit = (name: string, from: string | undefined): void => {
-    if (done.has(name) || builtins.has(name)) return;
-    const entry = deps.get(name);
-    if (!entry) throw new Error(`kernel module ${name}${from ? ` (needed by ${from})` : ""} is not in modules.dep`);
-    if (visiting.has(name)) throw new Error(`kernel module dependency cycle at ${name}`);
-    visiting.add(name);
-    for (const d of entry.deps) visit(d, name);
-    visiting.delete(name);
-    done.add(name);
-    order.push(entry.path);
-  };
-  for (const w of wanted) visit(w.replace(/-/g, "_"), undefined);
-  return order;
-}
-
-async function gzipFile(src: string, dst: string): Promise<void> {
-  await pipeline(createReadStream(src), createGzip({ level: 6 }), createWriteStream(dst));
-}
-
 async function readManifest(dir: string): Promise<Manifest | undefined> {
   try {
     return JSON.parse(await readFile(join(dir, "manifest.json"), "utf8")) as Manifest;
@@ -350,63 +287,34 @@ export async function buildTinyGuest(opts: BuildTinyGuestOptions = {}): Promise<
     const deb = await aptDownload(kpkg, dl);
     const kroot = join(scratch, "kernel");
     log(`dpkg-deb -x ${basename(deb)}`);
-    await run("dpkg-deb", ["-x", deb, kroot]);
+    await extractDeb(deb, kroot);
     const modVersions = await readdir(join(kroot, "lib", "modules"));
     const kernelVersion = modVersions[0];
     if (modVersions.length !== 1 || !kernelVersion) throw new Error(`expected one lib/modules/* in ${kpkg}, got ${modVersions.join(", ")}`);
     const modDir = join(kroot, "lib", "modules", kernelVersion);
 
-    // busybox
-    let busybox = "/bin/busybox";
-    if (!bbInstalled) {
-      const bbdl = join(scratch, "bbdl");
-      await mkdir(bbdl);
-      log("busybox-static is not installed; apt-get download busybox-static");
-      const bbdeb = await aptDownload("busybox-static", bbdl);
-      await run("dpkg-deb", ["-x", bbdeb, join(scratch, "bb")]);
-      busybox = join(scratch, "bb", "bin", "busybox");
-    }
+    const busybox = bbInstalled ? "/bin/busybox" : await staticBusybox(scratch, log);
 
     // Debian ships no modules.dep (postinst runs depmod): make one with busybox depmod.
     if (!existsSync(join(modDir, "modules.dep"))) {
       log("busybox depmod");
       await run(busybox, ["depmod", "-b", kroot, kernelVersion]);
     }
-    const [dep, builtin] = await Promise.all([
-      readFile(join(modDir, "modules.dep"), "utf8"),
-      readFile(join(modDir, "modules.builtin"), "utf8").catch(() => ""),
-    ]);
+    const { dep, builtin } = await readModuleIndex(modDir);
     const modules = resolveModules(dep, builtin, TINY_GUEST_MODULES);
-    const compressed = modules.filter((m) => !m.endsWith(".ko"));
-    if (compressed.length) throw new Error(`compressed kernel modules are not supported: ${compressed.join(", ")}`);
 
     // initramfs tree
     const tree = join(scratch, "initramfs");
-    for (const d of ["bin", "sbin", "dev", "proc", "sys", "tmp", "mnt", "run", "root", "etc/tiny-guest"]) {
-      await mkdir(join(tree, d), { recursive: true });
-    }
-    await copyFile(busybox, join(tree, "bin", "busybox"));
-    await chmod(join(tree, "bin", "busybox"), 0o755);
-    await symlink("busybox", join(tree, "bin", "sh"));
+    await busyboxTree(tree, busybox, ["etc/tiny-guest"]);
     await writeFile(join(tree, "bin", "eject"), ejectProgram(), { mode: 0o755 });
     await writeFile(join(tree, "init"), initScript, { mode: 0o755 });
     await writeFile(join(tree, "etc", "udhcpc.script"), UDHCPC_SCRIPT, { mode: 0o755 });
-    const inGuest: string[] = [];
-    for (const m of modules) {
-      const rel = join("lib", "modules", kernelVersion, m);
-      await mkdir(join(tree, dirname(rel)), { recursive: true });
-      await copyFile(join(modDir, m), join(tree, rel));
-      inGuest.push(rel);
-    }
+    const inGuest = await copyModules(tree, modDir, kernelVersion, modules);
     await writeFile(join(tree, "etc", "tiny-guest", "modules"), inGuest.join("\n") + "\n");
 
     // cpio (newc) + gzip
     log(`initramfs: busybox + ${modules.length} modules`);
-    const { stdout: list } = await run("find", [".", "-mindepth", "1"], { cwd: tree });
-    const sorted = list.split("\n").filter(Boolean).sort().join("\n") + "\n";
-    const cpioFile = join(scratch, "initrd.cpio");
-    await run("cpio", ["-o", "-H", "newc", "--owner=0:0", "--reproducible", "--quiet", "-O", cpioFile], { cwd: tree, input: sorted });
-    await gzipFile(cpioFile, join(build, "initrd.img"));
+    await packInitramfs(tree, join(build, "initrd.img"), scratch);
     await copyFile(join(kroot, "boot", `vmlinuz-${kernelVersion}`), join(build, "vmlinuz"));
     await run("qemu-img", ["create", "-q", "-f", "qcow2", join(build, "disk.qcow2"), "64M"]);
 

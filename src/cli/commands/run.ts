@@ -12,6 +12,10 @@ import { ConfigError, EXIT_CODES } from "../../errors/index.js";
 import { formatSeconds } from "../../vm/format.js";
 import { trace } from "../../errors/trace.js";
 import { looksLikeImageName, resolveStoredImage } from "../../images/resolve.js";
+import { buildQemuArgs } from "../../vm/argv.js";
+import { describeCommand } from "../../exec/index.js";
+import { ensureDir } from "../../host/paths.js";
+import { join } from "node:path";
 
 interface RunFlags {
   file?: string;
@@ -22,6 +26,32 @@ interface RunFlags {
   accel?: "kvm" | "tcg";
   timingsFile?: string;
 }
+
+/** Flags of an ad-hoc VM (civm run --image ...): no instances file. */
+interface AdHocFlags extends RunFlags {
+  image?: string;
+  kernel?: string;
+  initrd?: string;
+  append?: string;
+  cpus?: string;
+  mem?: string;
+  disk?: string;
+  hostMount: string[];
+  port: string[];
+  name?: string;
+  detach?: boolean;
+  wait?: boolean;
+  waitTimeout: string;
+  timeout?: string;
+  printCmd?: boolean;
+}
+
+const AD_HOC_ONLY: [keyof AdHocFlags, string][] = [
+  ["kernel", "--kernel"], ["initrd", "--initrd"], ["append", "--append"], ["cpus", "--cpus"], ["mem", "--mem"], ["disk", "--disk"],
+  ["name", "--name"], ["detach", "--detach"], ["wait", "--wait"], ["timeout", "--timeout"], ["printCmd", "--print-cmd"],
+];
+
+const collect = (v: string, all: string[]): string[] => [...all, v];
 
 /** ./instances.json, else ./instances.yaml or .yml. */
 export function defaultInstancesFile(): string {
@@ -38,8 +68,8 @@ function positiveInt(v: string, flag: string): number {
 export function registerRun(program: Command): void {
   program
     .command("run")
-    .description("Boot one ephemeral VM for an instance of instances.json and delete it when the guest powers off, times out or civm is stopped.")
-    .argument("<name>", "instance name in the instances file")
+    .description("Boot one ephemeral VM (an instance of instances.json, or an ad-hoc VM with --image) and delete it when the guest powers off, times out or civm is stopped.")
+    .argument("[name]", "instance name in the instances file (not with --image)")
     .option("-f, --file <file>", "instances file, JSON or YAML (default: ./instances.json)")
     .option("--console", "also stream the serial console to stdout")
     .option("--keep", "keep the VM's work dir (overlay, config ISO) after it ends, for debugging")
@@ -47,6 +77,21 @@ export function registerRun(program: Command): void {
     .option("--ssh-bind <addr>", "address the ssh-port forward listens on", "127.0.0.1")
     .addOption(new Option("--accel <accel>", "force the accelerator instead of probing KVM").choices(["kvm", "tcg"]))
     .addOption(new Option("--timings-file <file>").hideHelp())
+    .option("--image <image>", "ad-hoc VM: a stored image (civm image ls) or a disk image path; no instances file")
+    .option("--kernel <kernel>", "ad-hoc: boot a stored kernel (civm kernel ls; its modules are mounted in the guest) or a bzImage file")
+    .option("--initrd <file>", "ad-hoc: initrd for a --kernel file")
+    .option("--append <args>", "ad-hoc: extra kernel command line arguments")
+    .option("--cpus <n>", "ad-hoc: vCPUs (default 2)")
+    .option("--mem <size>", "ad-hoc: memory, e.g. 1G (default 2G)")
+    .option("--disk <size>", "ad-hoc: virtual disk size, at least the image's (default the image's)")
+    .option("--host-mount <dir[:tag][:guest-path][:ro]>", "ad-hoc: share a host folder over 9p (first at /host, others at /host-TAG); repeatable", collect, [])
+    .option("-p, --port <[addr:]host[:guest][/udp]>", "ad-hoc: forward a host port to the guest (HOST:22 sets the SSH port, else one is picked); repeatable", collect, [])
+    .option("--name <name>", "ad-hoc: the VM's name for wait/exec/ssh/stop/logs (default dev-<id>)")
+    .option("--detach", "ad-hoc: run in the background (a supervisor owns the VM); print the name and return once QEMU runs")
+    .option("--wait", "with --detach: also wait until the VM answers SSH (as civm wait)")
+    .option("--wait-timeout <seconds>", "with --wait: give up after this long", "600")
+    .option("--timeout <seconds>", "ad-hoc: power the VM off after this long; 0 = never (default 3600)")
+    .option("--print-cmd", "ad-hoc: print the QEMU command line and exit; nothing is started")
     .addHelpText(
       "after",
       `
@@ -57,10 +102,25 @@ cmdline, machine (pc, q35, microvm), qemu-args. Values in config may use
 GITHUB_API_URL). The guest reads {name, config} from instance.json on a CD-ROM labelled
 instance-configuration; when it ejects the disc civm removes the medium.
 
+Ad-hoc VMs (--image) need no instances file: the guest agent installs a key civm makes
+for this VM, mounts the --host-mount folders and keeps the VM up until civm stop, the
+--timeout or a power-off in the guest. Use civm wait, exec, ssh, logs and stop with its
+name. See docs/dev-vms.md.
+
 Exit code 0 only when the guest powered itself off; see "civm --help" for the others.`,
     )
-    .action(async (name: string, flags: RunFlags, cmd: Command) => {
+    .action(async (name: string | undefined, flags: AdHocFlags, cmd: Command) => {
       trace("cli: modules loaded");
+      if (flags.image !== undefined) {
+        if (name !== undefined) throw new ConfigError(`give either an instance NAME or --image, not both (the ad-hoc VM's name is --name ${name})`);
+        if (flags.file !== undefined) throw new ConfigError("-f/--file is for instances; an ad-hoc VM (--image) takes no instances file");
+        process.exit(await runAdHoc(flags, cmd));
+      }
+      const adHoc = AD_HOC_ONLY.filter(([k]) => flags[k] !== undefined).map(([, f]) => f);
+      if (flags.hostMount.length) adHoc.push("--host-mount");
+      if (flags.port.length) adHoc.push("-p");
+      if (adHoc.length) throw new ConfigError(`${adHoc.join(", ")} ${adHoc.length > 1 ? "are" : "is"} for ad-hoc VMs: add --image IMAGE${name !== undefined ? ` (and drop the instance name ${name})` : ""}`);
+      if (name === undefined) throw new ConfigError("civm run needs an instance NAME (from instances.json) or --image IMAGE for an ad-hoc VM");
       const paths = pathsFrom(cmd);
       const graceSeconds = positiveInt(flags.grace, "--grace");
       const stop = trapSignals(name);
@@ -159,4 +219,61 @@ export async function bootInstance(b: BootRequest): Promise<number> {
     writeFileSync(flags.timingsFile, JSON.stringify({ ...r.timings, exitAt: performance.now(), reason: r.reason }));
   }
   return r.exitCode;
+}
+
+/** civm run --image: an ad-hoc (dev) VM, in the foreground or detached. Returns the exit code. */
+async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
+  const paths = pathsFrom(cmd);
+  const dev = await import("../../dev/index.js");
+  if (flags.wait && !flags.detach) throw new ConfigError("--wait is for --detach (a foreground VM is waited on by civm wait from another shell)");
+  if (flags.detach && flags.console) throw new ConfigError("--console streams a foreground VM's console; with --detach use civm logs -f NAME");
+  if (!flags.printCmd) await reconcile(new Registry(paths.stateDir), say);
+  const accel = await detectAccel({ stateDir: paths.stateDir, ...(flags.accel ? { env: { ...process.env, CIVM_ACCEL: flags.accel } } : {}) });
+  if (accel.accel === "tcg" && !flags.accel && !process.env.CIVM_ACCEL && !flags.printCmd) warn(`KVM is not usable (${accel.reason}); using TCG software emulation, guests run several times slower.`);
+  const stamp = new Date().toISOString().replace(/[-:]/g, "").replace(/\..*/, "").replace("T", "-");
+  const plan = await dev.planDevVm(
+    { ...flags, image: flags.image!, ...(flags.grace !== undefined ? { grace: flags.grace } : {}), sshBind: flags.sshBind },
+    { paths, cwd: process.cwd(), accel: accel.accel, ...(flags.detach ? { supervisorLog: (n: string, id: string) => join(paths.logsDir, `${n}-${stamp}-${id}.supervisor.log`) } : {}) },
+  );
+  const name = plan.spec.name;
+  if (flags.printCmd) {
+    const vm = new VmRun(dev.devRunRequest(plan, { paths, log: say }));
+    const p = vm.plan();
+    process.stdout.write(describeCommand(p.binary, buildQemuArgs(p)) + "\n");
+    return 0;
+  }
+  const ssh = `ssh ${plan.dev.ssh.host}:${plan.dev.ssh.port}`;
+  if (flags.detach) {
+    ensureDir(paths.logsDir);
+    const entry = await dev.startDetached(plan, paths, { entry: process.argv[1] ?? "civm", log: say });
+    process.stdout.write(`${name}\n`);
+    say(`${name}: running in the background (supervisor pid ${entry.ownerPid}, QEMU pid ${entry.qemuPid}, ${accel.accel}, ${ssh}); console: ${entry.consoleLog}`);
+    if (flags.wait) {
+      const ms = await dev.waitUntilReady(entry, plan.dev, { mode: "both", timeoutMs: positiveInt(flags.waitTimeout, "--wait-timeout") * 1000, stateDir: paths.stateDir });
+      say(`${name}: ready (${formatSeconds(ms)} after QEMU started)`);
+    } else {
+      say(`next: civm wait ${name} && civm exec ${name} -- CMD; civm stop ${name}`);
+    }
+    return 0;
+  }
+  const stop = trapSignals(name);
+  const vm = new VmRun(dev.devRunRequest(plan, { paths, log: say, ...(flags.console ? { onConsole: (t: string) => process.stdout.write(t) } : {}) }));
+  stop.attach(vm);
+  say(`${name}: starting (${ssh}); from another shell: civm wait ${name}, civm exec ${name} -- CMD, civm stop ${name}`);
+  const r = await vm.run();
+  if (r.detail) process.stderr.write(r.detail.replace(/^/gm, "  ") + "\n");
+  if (r.workDirKept) say(`work dir kept: ${r.workDir}`);
+  say(`${r.name}: ${r.reason} after ${formatSeconds(r.durationMs)} (exit ${r.exitCode}); console log: ${r.consoleLog}`);
+  return r.exitCode;
+}
+
+/** The hidden command a detached VM's supervisor runs as (see src/dev/supervise.ts). */
+export function registerSupervisor(program: Command): void {
+  program
+    .command("__dev-supervisor", { hidden: true })
+    .description("internal: the background supervisor of civm run --detach")
+    .action(async () => {
+      const { runSupervisor } = await import("../../dev/supervise.js");
+      process.exit(await runSupervisor());
+    });
 }

@@ -1,0 +1,153 @@
+// Parsing the ad-hoc flags of `civm run --image` into typed values: host mounts
+// (DIR[:TAG][:GUEST-PATH][:ro|:rw]) and port forwards ([ADDR:]HOST[:GUEST][/tcp|/udp]).
+// Pure (the caller checks that folders exist and ports are free); table-tested.
+import { isAbsolute, resolve, basename } from "node:path";
+import { ConfigError } from "../errors/index.js";
+import type { PortForward } from "../vm/argv.js";
+
+/** The 9p tag civm reserves for a stored kernel's modules. */
+export const RESERVED_TAGS = ["civm-modules"] as const;
+export const TAG_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,30}$/;
+
+export interface HostMountSpec {
+  /** Absolute folder on the host. */
+  hostPath: string;
+  /** virtio-9p mount tag. */
+  tag: string;
+  /** Where the guest agent mounts it. */
+  guestPath: string;
+  readOnly: boolean;
+}
+
+interface ParsedMount {
+  hostPath: string;
+  tag?: string;
+  guestPath?: string;
+  readOnly: boolean;
+}
+
+export function parseHostMount(arg: string, cwd: string): ParsedMount {
+  const parts = arg.split(":");
+  const dir = parts.shift() ?? "";
+  if (!dir) throw new ConfigError(`--host-mount ${JSON.stringify(arg)}: no folder; write DIR[:TAG][:GUEST-PATH][:ro]`);
+  let readOnly = false;
+  const last = parts[parts.length - 1];
+  if (last === "ro" || last === "rw") {
+    readOnly = last === "ro";
+    parts.pop();
+  }
+  let tag: string | undefined;
+  let guestPath: string | undefined;
+  for (const p of parts) {
+    if (p.startsWith("/")) {
+      if (guestPath !== undefined) throw new ConfigError(`--host-mount ${JSON.stringify(arg)}: two guest paths`);
+      guestPath = p;
+    } else if (tag === undefined && guestPath === undefined) {
+      if (!TAG_RE.test(p)) {
+        throw new ConfigError(`--host-mount ${JSON.stringify(arg)}: tag ${JSON.stringify(p)} is not valid (1-31 letters, digits, "_", "." or "-"; or give ro, rw, or a guest path starting with /)`);
+      }
+      tag = p;
+    } else {
+      throw new ConfigError(`--host-mount ${JSON.stringify(arg)}: unexpected ${JSON.stringify(p)}; write DIR[:TAG][:GUEST-PATH][:ro]`);
+    }
+  }
+  if (guestPath !== undefined && (guestPath === "/" || guestPath.split("/").includes(".."))) {
+    throw new ConfigError(`--host-mount ${JSON.stringify(arg)}: guest path ${guestPath} is not allowed`);
+  }
+  return { hostPath: resolve(cwd, dir), ...(tag ? { tag } : {}), ...(guestPath ? { guestPath } : {}), readOnly };
+}
+
+function tagFromPath(p: string): string {
+  const base = basename(p).toLowerCase().replace(/[^a-z0-9_.-]+/g, "-").replace(/^[^a-z0-9]+/, "").slice(0, 24);
+  return base || "mount";
+}
+
+/**
+ * Tags and guest paths for every mount: the first is tagged "host" and mounted at /host, the
+ * others are tagged after their folder's name and mounted at /host-TAG; an explicit tag or
+ * guest path wins. Tags and guest paths must be unique.
+ */
+export function planHostMounts(args: readonly string[], cwd: string): HostMountSpec[] {
+  const parsed = args.map((a) => parseHostMount(a, cwd));
+  const used = new Set<string>(parsed.flatMap((p) => (p.tag ? [p.tag] : [])));
+  const out: HostMountSpec[] = [];
+  const tags = new Set<string>();
+  const paths = new Set<string>();
+  parsed.forEach((p, i) => {
+    let tag = p.tag;
+    if (!tag) {
+      const base = i === 0 ? "host" : tagFromPath(p.hostPath);
+      tag = base;
+      for (let n = 2; used.has(tag) || tags.has(tag); n++) tag = `${base}-${n}`;
+    }
+    if ((RESERVED_TAGS as readonly string[]).includes(tag)) throw new ConfigError(`--host-mount ${JSON.stringify(args[i])}: the tag ${tag} is reserved by civm`);
+    if (tags.has(tag)) throw new ConfigError(`--host-mount: the tag ${tag} is used twice; give each mount its own tag (DIR:TAG)`);
+    tags.add(tag);
+    const guestPath = p.guestPath ?? (i === 0 ? "/host" : `/host-${tag}`);
+    if (paths.has(guestPath)) throw new ConfigError(`--host-mount: two mounts at ${guestPath} in the guest`);
+    paths.add(guestPath);
+    out.push({ hostPath: p.hostPath, tag, guestPath, readOnly: p.readOnly });
+  });
+  return out;
+}
+
+function port(v: string, arg: string, what: string): number {
+  const n = Number(v);
+  if (!/^\d+$/.test(v) || n < 1 || n > 65535) throw new ConfigError(`-p ${JSON.stringify(arg)}: ${what} ${JSON.stringify(v)} is not a port (1-65535)`);
+  return n;
+}
+
+/**
+ * `-p [ADDR:]HOST[:GUEST][/tcp|/udp]`: HOST on the host (ADDR, default `defaultAddr`) to
+ * GUEST in the guest (default: the same number).
+ */
+export function parsePortSpec(arg: string, defaultAddr: string): PortForward {
+  let spec = arg;
+  let proto: "tcp" | "udp" = "tcp";
+  const slash = spec.lastIndexOf("/");
+  if (slash >= 0) {
+    const p = spec.slice(slash + 1);
+    if (p !== "tcp" && p !== "udp") throw new ConfigError(`-p ${JSON.stringify(arg)}: protocol ${JSON.stringify(p)} is not tcp or udp`);
+    proto = p;
+    spec = spec.slice(0, slash);
+  }
+  let addr = defaultAddr;
+  let parts: string[];
+  const v6 = /^\[([^\]]+)\]:(.*)$/.exec(spec);
+  if (v6) {
+    addr = v6[1]!;
+    parts = v6[2]!.split(":");
+  } else {
+    parts = spec.split(":");
+    if (parts.length === 3 || (parts.length === 2 && !/^\d+$/.test(parts[0]!))) addr = parts.shift()!;
+  }
+  if (parts.length < 1 || parts.length > 2 || !parts[0]) throw new ConfigError(`-p ${JSON.stringify(arg)}: write [ADDR:]HOST-PORT[:GUEST-PORT][/tcp|/udp], e.g. 8080:80`);
+  const hostPort = port(parts[0], arg, "host port");
+  const guestPort = parts[1] !== undefined ? port(parts[1], arg, "guest port") : hostPort;
+  if (!addr) throw new ConfigError(`-p ${JSON.stringify(arg)}: empty address`);
+  return { proto, hostAddr: addr, hostPort, guestPort };
+}
+
+/** Forwards must not share a host address:port:protocol. */
+export function checkForwardsDistinct(forwards: readonly PortForward[]): void {
+  const seen = new Set<string>();
+  for (const f of forwards) {
+    const k = `${f.hostAddr}:${f.hostPort}/${f.proto}`;
+    if (seen.has(k)) throw new ConfigError(`-p: host port ${k} is forwarded twice`);
+    seen.add(k);
+  }
+}
+
+export const VM_NAME_RE = /^[a-z0-9][a-z0-9._-]{0,62}$/;
+
+export function checkVmName(name: string): string {
+  if (!VM_NAME_RE.test(name)) {
+    throw new ConfigError(`--name ${JSON.stringify(name)} is not valid: use lowercase letters, digits, ".", "_" and "-", starting with a letter or digit (at most 63 characters)`);
+  }
+  return name;
+}
+
+/** Absolute path of a host path argument. */
+export function absolute(p: string, cwd: string): string {
+  return isAbsolute(p) ? p : resolve(cwd, p);
+}

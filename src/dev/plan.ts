@@ -1,0 +1,223 @@
+// `civm run --image IMG ...`: turns the ad-hoc flags into a DevPlan (every check happens
+// here, before anything is started: image, kernel, host folders, ports, name), and a DevPlan
+// into the RunVmRequest that vm/ runs. A DevPlan is plain JSON: a detached supervisor gets
+// it through its environment.
+import { existsSync } from "node:fs";
+import { stat } from "node:fs/promises";
+import { isAbsolute, join, resolve } from "node:path";
+import type { InstanceSpec, JsonValue } from "../config/types.js";
+import { parseSize } from "../config/sizes.js";
+import { ConfigError } from "../errors/index.js";
+import { STATE_LAYOUT, type Paths } from "../host/paths.js";
+import { DEFAULT_CMDLINE, type HostMount, type PortForward } from "../vm/argv.js";
+import { imageInfo } from "../vm/disk.js";
+import { checkPortFree } from "../vm/ports.js";
+import { newVmId, type RunVmRequest } from "../vm/run.js";
+import { looksLikeImageName, STORED_IMAGE_CMDLINE } from "../images/resolve.js";
+import { formatBytes } from "../vm/format.js";
+import { checkForwardsDistinct, checkVmName, parsePortSpec, planHostMounts } from "./options.js";
+import { freePort, makeKeyPair, SSH_DIR, SSH_KEY_FILE } from "./ssh.js";
+import { liveEntries, type DevMeta } from "./meta.js";
+
+/** What the guest agent is told: stay up (as root, so any image with the agent works), mount, install the key. */
+export const KEEPALIVE_COMMAND = "exec sleep infinity";
+
+export interface DevFlags {
+  image: string;
+  kernel?: string;
+  initrd?: string;
+  append?: string;
+  cpus?: string;
+  mem?: string;
+  disk?: string;
+  hostMount?: string[];
+  port?: string[];
+  name?: string;
+  timeout?: string;
+  sshBind?: string;
+  grace?: string;
+  keep?: boolean;
+}
+
+export interface DevPlan {
+  id: string;
+  spec: InstanceSpec;
+  /** 9p shares: the host mounts, plus the stored kernel's modules. */
+  mounts: HostMount[];
+  /** Forwards besides SSH. */
+  forwards: PortForward[];
+  dev: DevMeta;
+  /** Address the SSH forward listens on. */
+  sshBind: string;
+  accel: "kvm" | "tcg";
+  graceSeconds: number;
+  keep: boolean;
+}
+
+export interface PlanContext {
+  paths: Paths;
+  cwd: string;
+  accel: "kvm" | "tcg";
+  /** Supervisor log path for detached VMs (given a name and id). */
+  supervisorLog?: (name: string, id: string) => string;
+}
+
+function wholeNumber(v: string, flag: string, min: number): number {
+  const n = Number(v);
+  if (!/^\d+$/.test(v.trim()) || !Number.isSafeInteger(n) || n < min) throw new ConfigError(`${flag} must be a whole number${min > 0 ? ` of at least ${min}` : " (0 or more)"}, not "${v}"`);
+  return n;
+}
+
+function size(v: string, flag: string): number {
+  try {
+    return parseSize(v);
+  } catch (e) {
+    throw new ConfigError(`${flag}: ${(e as Error).message}`);
+  }
+}
+
+async function resolveImage(ref: string, cwd: string, stateDir: string): Promise<{ path: string; kernel?: string; initrd?: string; stored: boolean }> {
+  const asPath = isAbsolute(ref) ? ref : resolve(cwd, ref);
+  if (existsSync(asPath)) {
+    const st = await stat(asPath);
+    if (!st.isFile()) throw new ConfigError(`--image ${ref}: ${asPath} is not a file (give a disk image or the name of a stored image)`);
+    return { path: asPath, stored: false };
+  }
+  if (!looksLikeImageName(ref)) throw new ConfigError(`--image ${ref}: ${asPath} does not exist`);
+  const { ImageStore } = await import("../images/store.js");
+  const img = await new ImageStore(stateDir).require(ref); // a ConfigError naming the stored images
+  return { path: img.diskPath, ...(img.kernelPath && img.initrdPath ? { kernel: img.kernelPath, initrd: img.initrdPath } : {}), stored: true };
+}
+
+/** Checks everything and picks the SSH port; throws ConfigError (exit 2) or HostError (exit 8, a port in use). */
+export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan> {
+  const { paths, cwd } = ctx;
+  const id = newVmId();
+  const name = f.name !== undefined ? checkVmName(f.name) : `dev-${id}`;
+  const live = await liveEntries(paths.stateDir);
+  if (live.some((e) => e.name === name)) throw new ConfigError(`a VM named "${name}" is already running (civm ls); pick another --name or stop it with civm stop ${name}`);
+
+  const cpus = f.cpus !== undefined ? wholeNumber(f.cpus, "--cpus", 1) : 2;
+  const ramBytes = f.mem !== undefined ? size(f.mem, "--mem") : 2 * 1024 ** 3;
+  const rootDiskBytes = f.disk !== undefined ? size(f.disk, "--disk") : undefined;
+  const timeoutSeconds = f.timeout !== undefined ? wholeNumber(f.timeout, "--timeout", 0) : 3600;
+  const graceSeconds = f.grace !== undefined ? wholeNumber(f.grace, "--grace", 0) : 30;
+  const sshBind = f.sshBind ?? "127.0.0.1";
+
+  // Image (a stored name or a path) and the kernel that boots it.
+  const image = await resolveImage(f.image, cwd, paths.stateDir);
+  if (rootDiskBytes !== undefined) {
+    const info = await imageInfo(image.path);
+    if (rootDiskBytes < info.virtualSize) {
+      throw new ConfigError(`--disk ${f.disk} is smaller than the image ${f.image} (${formatBytes(info.virtualSize)}); a disk can only grow`);
+    }
+  }
+  const mounts: HostMount[] = [];
+  let kernel = image.kernel;
+  let initrd = image.initrd;
+  let cmdline: string | undefined = image.kernel ? STORED_IMAGE_CMDLINE : undefined;
+  let kernelRef: string | undefined;
+  if (f.kernel !== undefined) {
+    kernelRef = f.kernel;
+    const asPath = f.kernel.startsWith("/") ? f.kernel : join(cwd, f.kernel);
+    if (f.kernel.includes("/") || existsSync(asPath)) {
+      if (!existsSync(asPath) || !(await stat(asPath)).isFile()) throw new ConfigError(`--kernel ${f.kernel}: ${asPath} is not a file (give a bzImage or the name of a stored kernel: civm kernel ls)`);
+      kernel = asPath;
+      initrd = undefined;
+      cmdline = DEFAULT_CMDLINE;
+    } else {
+      const { KernelStore, MODULES_TAG } = await import("../kernels/index.js");
+      const k = await new KernelStore(paths.stateDir).require(f.kernel);
+      if (f.initrd !== undefined) throw new ConfigError(`--initrd cannot be combined with a stored kernel (${f.kernel} brings its own initrd)`);
+      kernel = k.kernelPath;
+      initrd = k.initrdPath;
+      cmdline = STORED_IMAGE_CMDLINE;
+      if (k.modulesDir) mounts.push({ path: k.modulesDir, tag: MODULES_TAG, readOnly: true });
+    }
+  }
+  if (f.initrd !== undefined) {
+    if (f.kernel === undefined) throw new ConfigError("--initrd needs --kernel (a kernel file)");
+    const p = f.initrd.startsWith("/") ? f.initrd : join(cwd, f.initrd);
+    if (!existsSync(p) || !(await stat(p)).isFile()) throw new ConfigError(`--initrd ${f.initrd}: ${p} is not a file`);
+    initrd = p;
+    cmdline = STORED_IMAGE_CMDLINE;
+  }
+  if (f.append !== undefined) {
+    if (!kernel) throw new ConfigError(`--append needs a kernel: image ${f.image} boots through its own bootloader; give --kernel`);
+    cmdline = `${cmdline ?? DEFAULT_CMDLINE} ${f.append}`.trim();
+  }
+
+  // Host folders.
+  const hostMounts = planHostMounts(f.hostMount ?? [], cwd);
+  for (const m of hostMounts) {
+    let st;
+    try {
+      st = await stat(m.hostPath);
+    } catch {
+      throw new ConfigError(`--host-mount: ${m.hostPath} does not exist; create it or fix the path`);
+    }
+    if (!st.isDirectory()) throw new ConfigError(`--host-mount: ${m.hostPath} is not a folder (9p shares folders)`);
+    mounts.push({ path: m.hostPath, tag: m.tag, readOnly: m.readOnly });
+  }
+
+  // Ports: -p HOST:22 picks the SSH port, otherwise a free one is chosen.
+  const parsed = (f.port ?? []).map((p) => parsePortSpec(p, sshBind));
+  checkForwardsDistinct(parsed);
+  const sshForward = parsed.find((p) => p.guestPort === 22 && p.proto === "tcp");
+  const forwards = parsed.filter((p) => p !== sshForward);
+  for (const fw of parsed) await checkPortFree(fw.hostAddr, fw.hostPort, fw.proto, `-p ${fw.hostAddr}:${fw.hostPort}:${fw.guestPort}/${fw.proto}`);
+  const sshHost = sshForward?.hostAddr ?? sshBind;
+  const sshPort = sshForward?.hostPort ?? (await freePort(sshBind));
+  const connectHost = sshHost === "0.0.0.0" ? "127.0.0.1" : sshHost === "::" ? "::1" : sshHost;
+
+  const config: JsonValue = {
+    command: KEEPALIVE_COMMAND,
+    user: "root",
+    mounts: hostMounts.map((m) => ({ tag: m.tag, path: m.guestPath, ro: m.readOnly })),
+  };
+  const spec: InstanceSpec = {
+    name, image: image.path, imageRef: f.image, cpus, ramBytes, rootDiskBytes, timeoutSeconds, sshPort, config,
+    kernel, initrd, cmdline, machine: "pc", qemuArgs: [], source: { file: "(civm run --image)", index: 0, baseDir: cwd },
+  };
+  const workDir = join(paths.stateDir, STATE_LAYOUT.vms, `${name}-${id}`);
+  const dev: DevMeta = {
+    kind: "dev",
+    ssh: { host: connectHost, port: sshPort, key: join(workDir, SSH_DIR, SSH_KEY_FILE), user: "root" },
+    forwards,
+    mounts: hostMounts,
+    image: f.image,
+    ...(kernelRef !== undefined ? { kernel: kernelRef } : {}),
+    detached: !!ctx.supervisorLog,
+    ...(ctx.supervisorLog ? { supervisorLog: ctx.supervisorLog(name, id) } : {}),
+    graceSeconds,
+  };
+  return { id, spec, mounts, forwards, dev, sshBind: sshHost, accel: ctx.accel, graceSeconds, keep: !!f.keep };
+}
+
+export interface DevRequestOptions {
+  paths: Paths;
+  log: (line: string) => void;
+  onConsole?: (text: string) => void;
+}
+
+/** The VmRun request of a plan: the key pair is made in the work dir, its public half goes to the agent. */
+export function devRunRequest(plan: DevPlan, o: DevRequestOptions): RunVmRequest {
+  return {
+    spec: plan.spec,
+    paths: o.paths,
+    accel: plan.accel,
+    sshBind: plan.sshBind,
+    extraForwards: plan.forwards,
+    mounts: plan.mounts,
+    graceSeconds: plan.graceSeconds,
+    keep: plan.keep,
+    log: o.log,
+    ...(o.onConsole ? { onConsole: o.onConsole } : {}),
+    id: plan.id,
+    meta: { dev: plan.dev },
+    prepareWorkDir: async (workDir) => {
+      const { publicKey } = await makeKeyPair(workDir, `civm-${plan.spec.name}-${plan.id}`);
+      return { config: { ...(plan.spec.config as Record<string, JsonValue>), ssh_authorized_keys: [publicKey] } };
+    },
+  };
+}

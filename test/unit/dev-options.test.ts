@@ -1,0 +1,112 @@
+// Parsing of civm run's ad-hoc flags: host mounts, port forwards, VM names; SSH command lines.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { parseHostMount, planHostMounts, parsePortSpec, checkForwardsDistinct, checkVmName } from "../../src/dev/options.js";
+import { remoteCommand, shellQuote, sshArgv } from "../../src/dev/ssh.js";
+import { devMetaOf } from "../../src/dev/meta.js";
+import type { RegistryEntry } from "../../src/vm/registry.js";
+
+test("parseHostMount: DIR[:TAG][:GUEST-PATH][:ro|:rw], relative to cwd", () => {
+  assert.deepEqual(parseHostMount("src", "/w"), { hostPath: "/w/src", readOnly: false });
+  assert.deepEqual(parseHostMount("/a/b:ro", "/w"), { hostPath: "/a/b", readOnly: true });
+  assert.deepEqual(parseHostMount("/a/b:rw", "/w"), { hostPath: "/a/b", readOnly: false });
+  assert.deepEqual(parseHostMount("/a:data", "/w"), { hostPath: "/a", tag: "data", readOnly: false });
+  assert.deepEqual(parseHostMount("/a:data:ro", "/w"), { hostPath: "/a", tag: "data", readOnly: true });
+  assert.deepEqual(parseHostMount("/a:/mnt/x:ro", "/w"), { hostPath: "/a", guestPath: "/mnt/x", readOnly: true });
+  assert.deepEqual(parseHostMount("/a:data:/mnt/x", "/w"), { hostPath: "/a", tag: "data", guestPath: "/mnt/x", readOnly: false });
+});
+
+test("parseHostMount: bad forms are ConfigErrors (exit 2) with the argument in the message", () => {
+  for (const [arg, re] of [
+    ["", /no folder/],
+    [":ro", /no folder/],
+    ["/a:bad tag", /tag "bad tag" is not valid/],
+    ["/a:/x:/y", /two guest paths/],
+    ["/a:t1:t2", /unexpected "t2"/],
+    ["/a:/", /not allowed/],
+    ["/a:/x/../etc", /not allowed/],
+    ["/a:" + "t".repeat(32), /is not valid/],
+  ] as const) {
+    assert.throws(() => parseHostMount(arg, "/w"), (e: Error & { exitCode?: number }) => re.test(e.message) && e.exitCode === 2, arg);
+  }
+});
+
+test("planHostMounts: first at /host (tag host), others at /host-TAG tagged after the folder; explicit tags and paths win", () => {
+  assert.deepEqual(planHostMounts(["/src/linux", "/data/Build Out:ro", "/x:mytag", "/y:/opt/y"], "/w"), [
+    { hostPath: "/src/linux", tag: "host", guestPath: "/host", readOnly: false },
+    { hostPath: "/data/Build Out", tag: "build-out", guestPath: "/host-build-out", readOnly: true },
+    { hostPath: "/x", tag: "mytag", guestPath: "/host-mytag", readOnly: false },
+    { hostPath: "/y", tag: "y", guestPath: "/opt/y", readOnly: false },
+  ]);
+  // the first mount keeps /host even with its own tag; derived tags avoid explicit ones
+  assert.deepEqual(
+    planHostMounts(["/a:src", "/b/src", "/c/src"], "/w").map((m) => [m.tag, m.guestPath]),
+    [["src", "/host"], ["src-2", "/host-src-2"], ["src-3", "/host-src-3"]],
+  );
+  assert.deepEqual(planHostMounts([], "/w"), []);
+});
+
+test("planHostMounts: duplicate tags or guest paths and the reserved tag are refused", () => {
+  assert.throws(() => planHostMounts(["/a:t", "/b:t"], "/w"), /tag t is used twice/);
+  assert.throws(() => planHostMounts(["/a:/m", "/b:/m"], "/w"), /two mounts at \/m/);
+  assert.throws(() => planHostMounts(["/a:civm-modules"], "/w"), /reserved/);
+});
+
+test("parsePortSpec: [ADDR:]HOST[:GUEST][/tcp|/udp]", () => {
+  const d = "127.0.0.1";
+  assert.deepEqual(parsePortSpec("8080", d), { proto: "tcp", hostAddr: d, hostPort: 8080, guestPort: 8080 });
+  assert.deepEqual(parsePortSpec("8080:80", d), { proto: "tcp", hostAddr: d, hostPort: 8080, guestPort: 80 });
+  assert.deepEqual(parsePortSpec("2222:22", d), { proto: "tcp", hostAddr: d, hostPort: 2222, guestPort: 22 });
+  assert.deepEqual(parsePortSpec("5353:53/udp", d), { proto: "udp", hostAddr: d, hostPort: 5353, guestPort: 53 });
+  assert.deepEqual(parsePortSpec("0.0.0.0:8080:80", d), { proto: "tcp", hostAddr: "0.0.0.0", hostPort: 8080, guestPort: 80 });
+  assert.deepEqual(parsePortSpec("localhost:9000", d), { proto: "tcp", hostAddr: "localhost", hostPort: 9000, guestPort: 9000 });
+  assert.deepEqual(parsePortSpec("[::1]:8080:80/tcp", d), { proto: "tcp", hostAddr: "::1", hostPort: 8080, guestPort: 80 });
+  for (const [bad, re] of [
+    ["", /write/],
+    ["x:y:z:w", /write/],
+    ["70000", /not a port/],
+    ["80:0", /not a port/],
+    ["80/sctp", /not tcp or udp/],
+    ["a:b:c", /not a port/],
+  ] as const) {
+    assert.throws(() => parsePortSpec(bad, d), (e: Error & { exitCode?: number }) => re.test(e.message) && e.exitCode === 2, bad);
+  }
+});
+
+test("checkForwardsDistinct and checkVmName", () => {
+  const f = { proto: "tcp" as const, hostAddr: "127.0.0.1", hostPort: 1, guestPort: 1 };
+  assert.doesNotThrow(() => checkForwardsDistinct([f, { ...f, proto: "udp" }, { ...f, hostPort: 2 }]));
+  assert.throws(() => checkForwardsDistinct([f, { ...f, guestPort: 9 }]), /forwarded twice/);
+  assert.equal(checkVmName("kt-1.a_b"), "kt-1.a_b");
+  for (const bad of ["", "Upper", "-x", "a b", "x".repeat(64), "a/b"]) assert.throws(() => checkVmName(bad), /not valid/, bad);
+});
+
+test("remoteCommand: one argument is a shell line, several are an argv (each quoted); -w prefixes a cd", () => {
+  assert.equal(remoteCommand(["cd /host && make test"]), "cd /host && make test");
+  assert.equal(remoteCommand(["sh", "-c", "exit 3"]), "sh -c 'exit 3'");
+  assert.equal(remoteCommand(["echo", "it's"]), `echo 'it'\\''s'`);
+  assert.equal(remoteCommand(["make", "-C", "/host"], "/tmp/a b"), "cd '/tmp/a b' && make -C /host");
+  assert.equal(shellQuote(""), "''");
+  assert.equal(shellQuote("a=b,c:/d"), "a=b,c:/d");
+});
+
+test("sshArgv: the VM's key only, no host key checks or records, batch mode, the user's config ignored", () => {
+  const argv = sshArgv({ host: "127.0.0.1", port: 2222, key: "/k/id", user: "root" }, "true");
+  const opts = argv.join(" ");
+  for (const o of ["-F /dev/null", "-i /k/id", "-p 2222", "IdentitiesOnly=yes", "StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR", "BatchMode=yes", "-T"]) {
+    assert.ok(opts.includes(o), `missing ${o} in ${opts}`);
+  }
+  assert.deepEqual(argv.slice(-3), ["root@127.0.0.1", "--", "true"]);
+  const login = sshArgv({ host: "127.0.0.1", port: 2222, key: "/k/id", user: "runner" }, undefined, { tty: true });
+  assert.ok(login.includes("-t"));
+  assert.equal(login.at(-1), "runner@127.0.0.1");
+});
+
+test("devMetaOf: only well-formed dev meta is trusted", () => {
+  const base: RegistryEntry = { id: "0123abcd", name: "v", ownerPid: 1, qemuPid: 2, sshPort: 1, sshBind: "127.0.0.1", startedAt: "", workDir: "/w", consoleLog: "/c", keep: false };
+  const ssh = { host: "127.0.0.1", port: 5, key: "/k", user: "root" };
+  assert.equal(devMetaOf(base), undefined);
+  assert.equal(devMetaOf({ ...base, meta: { dev: { kind: "dev" } } }), undefined);
+  assert.equal(devMetaOf({ ...base, meta: { dev: { kind: "dev", ssh: { ...ssh, port: "5" } } } }), undefined);
+  assert.deepEqual(devMetaOf({ ...base, meta: { dev: { kind: "dev", ssh } } })?.ssh, ssh);
+});
