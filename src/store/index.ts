@@ -1,0 +1,361 @@
+// The `civm serve` state: one SQLite database (better-sqlite3, WAL) in the state dir.
+// Everything the daemon must know after a crash lives here: pool overrides, every runner VM
+// it started (recorded before the VM is), jobs seen through webhooks or the poll, and
+// webhook deliveries (for de-duplication). Schema changes are numbered migrations applied
+// in order inside a transaction; PRAGMA user_version holds the number applied.
+import { createRequire } from "node:module";
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+import type Sqlite from "better-sqlite3";
+import { CivmError } from "../errors/index.js";
+
+export const STORE_FILE = "serve.db";
+
+export type VmState = "starting" | "idle" | "busy" | "finished";
+export type JobStatus = "queued" | "in_progress" | "completed";
+
+export interface PoolState {
+  name: string;
+  paused: boolean;
+  /** Set through the API; overrides the config's minRunners until cleared. */
+  minRunnersOverride: number | undefined;
+  /** Consecutive VM boot/registration failures (reset by a success). */
+  failures: number;
+  lastFailureAt: number | undefined;
+}
+
+export interface VmRecord {
+  id: string;
+  pool: string;
+  /** Runner name registered with GitHub: `<runner.name>-<id>`. */
+  name: string;
+  state: VmState;
+  githubRunnerId: number | undefined;
+  imageKey: string;
+  createdAt: number;
+  startedAt: number | undefined;
+  idleSince: number | undefined;
+  finishedAt: number | undefined;
+  jobId: number | undefined;
+  exitReason: string | undefined;
+}
+
+export interface JobRecord {
+  id: number;
+  labels: string[];
+  status: JobStatus;
+  pool: string | undefined;
+  repository: string | undefined;
+  runnerName: string | undefined;
+  queuedAt: number | undefined;
+  startedAt: number | undefined;
+  completedAt: number | undefined;
+  conclusion: string | undefined;
+}
+
+/** Migration n (1-based) brings the schema from version n-1 to n. Never edit a released one. */
+export const MIGRATIONS: readonly string[] = [
+  `CREATE TABLE pools (
+     name TEXT PRIMARY KEY,
+     paused INTEGER NOT NULL DEFAULT 0,
+     min_runners_override INTEGER,
+     failures INTEGER NOT NULL DEFAULT 0,
+     last_failure_at INTEGER
+   );
+   CREATE TABLE vms (
+     id TEXT PRIMARY KEY,
+     pool TEXT NOT NULL,
+     name TEXT NOT NULL UNIQUE,
+     state TEXT NOT NULL CHECK (state IN ('starting','idle','busy','finished')),
+     github_runner_id INTEGER,
+     image_key TEXT NOT NULL,
+     created_at INTEGER NOT NULL,
+     started_at INTEGER,
+     idle_since INTEGER,
+     finished_at INTEGER,
+     job_id INTEGER,
+     exit_reason TEXT
+   );
+   CREATE INDEX vms_pool_state ON vms (pool, state);
+   CREATE TABLE jobs (
+     id INTEGER PRIMARY KEY,
+     labels TEXT NOT NULL,
+     status TEXT NOT NULL CHECK (status IN ('queued','in_progress','completed')),
+     pool TEXT,
+     repository TEXT,
+     runner_name TEXT,
+     queued_at INTEGER,
+     started_at INTEGER,
+     completed_at INTEGER,
+     conclusion TEXT
+   );
+   CREATE INDEX jobs_status ON jobs (status);
+   CREATE TABLE deliveries (
+     id TEXT PRIMARY KEY,
+     event TEXT NOT NULL,
+     action TEXT,
+     received_at INTEGER NOT NULL
+   );`,
+];
+
+const STATUS_ORDER: Record<JobStatus, number> = { queued: 0, in_progress: 1, completed: 2 };
+
+interface Row {
+  [k: string]: unknown;
+}
+
+let driver: (new (file: string) => Sqlite.Database) | undefined;
+function openDatabase(file: string): Sqlite.Database {
+  // Loaded on first use: a native module, needed only by the daemon.
+  driver ??= createRequire(import.meta.url)("better-sqlite3") as new (file: string) => Sqlite.Database;
+  return new driver(file);
+}
+
+export class StateStore {
+  readonly file: string;
+  private readonly db: Sqlite.Database;
+
+  /** Opens (creating if needed) `<stateDir>/serve.db` and applies pending migrations; ":memory:" for tests. */
+  constructor(stateDir: string | ":memory:", opts: { migrations?: readonly string[] } = {}) {
+    if (stateDir === ":memory:") this.file = ":memory:";
+    else {
+      mkdirSync(stateDir, { recursive: true, mode: 0o700 });
+      this.file = join(stateDir, STORE_FILE);
+    }
+    this.db = openDatabase(this.file);
+    this.db.pragma("journal_mode = WAL");
+    this.db.pragma("synchronous = NORMAL");
+    this.db.pragma("foreign_keys = ON");
+    this.migrate(opts.migrations ?? MIGRATIONS);
+  }
+
+  get schemaVersion(): number {
+    return this.db.pragma("user_version", { simple: true }) as number;
+  }
+
+  private migrate(migrations: readonly string[]): void {
+    const current = this.schemaVersion;
+    if (current > migrations.length) {
+      throw new CivmError("host", `${this.file} has schema version ${current}, newer than this civm knows (${migrations.length}); run a newer civm or move the file away.`);
+    }
+    migrations.slice(current).forEach((sql, i) => {
+      const version = current + i + 1;
+      this.db.transaction(() => {
+        this.db.exec(sql);
+        this.db.pragma(`user_version = ${version}`);
+      })();
+    });
+  }
+
+  close(): void {
+    if (this.db.open) this.db.close();
+  }
+
+  // ---- pools ------------------------------------------------------------------------------
+
+  pool(name: string): PoolState {
+    const row = this.db.prepare("SELECT * FROM pools WHERE name = ?").get(name) as Row | undefined;
+    if (!row) return { name, paused: false, minRunnersOverride: undefined, failures: 0, lastFailureAt: undefined };
+    return {
+      name,
+      paused: row.paused === 1,
+      minRunnersOverride: opt<number>(row.min_runners_override),
+      failures: row.failures as number,
+      lastFailureAt: opt<number>(row.last_failure_at),
+    };
+  }
+
+  private ensurePool(name: string): void {
+    this.db.prepare("INSERT OR IGNORE INTO pools (name) VALUES (?)").run(name);
+  }
+
+  setPaused(name: string, paused: boolean): void {
+    this.ensurePool(name);
+    this.db.prepare("UPDATE pools SET paused = ? WHERE name = ?").run(paused ? 1 : 0, name);
+  }
+
+  /** undefined clears the override (back to the config's minRunners). */
+  setMinRunners(name: string, n: number | undefined): void {
+    this.ensurePool(name);
+    this.db.prepare("UPDATE pools SET min_runners_override = ? WHERE name = ?").run(n ?? null, name);
+  }
+
+  recordFailure(name: string, at: number): PoolState {
+    this.ensurePool(name);
+    this.db.prepare("UPDATE pools SET failures = failures + 1, last_failure_at = ? WHERE name = ?").run(at, name);
+    return this.pool(name);
+  }
+
+  clearFailures(name: string): void {
+    this.ensurePool(name);
+    this.db.prepare("UPDATE pools SET failures = 0, last_failure_at = NULL WHERE name = ?").run(name);
+  }
+
+  // ---- VMs / runners --------------------------------------------------------------------
+
+  /** Records a VM before any of its resources exist; state "starting". */
+  insertVm(v: { id: string; pool: string; name: string; imageKey: string; createdAt: number }): VmRecord {
+    this.db.prepare("INSERT INTO vms (id, pool, name, state, image_key, created_at) VALUES (?, ?, ?, 'starting', ?, ?)").run(v.id, v.pool, v.name, v.imageKey, v.createdAt);
+    return this.vm(v.id) as VmRecord;
+  }
+
+  vm(id: string): VmRecord | undefined {
+    const row = this.db.prepare("SELECT * FROM vms WHERE id = ?").get(id) as Row | undefined;
+    return row && toVm(row);
+  }
+
+  vmByName(name: string): VmRecord | undefined {
+    const row = this.db.prepare("SELECT * FROM vms WHERE name = ?").get(name) as Row | undefined;
+    return row && toVm(row);
+  }
+
+  /** VMs, oldest first; `live` leaves out finished ones. */
+  vms(filter: { pool?: string; live?: boolean; state?: VmState } = {}): VmRecord[] {
+    const where: string[] = [];
+    const args: unknown[] = [];
+    if (filter.pool !== undefined) (where.push("pool = ?"), args.push(filter.pool));
+    if (filter.live) where.push("state != 'finished'");
+    if (filter.state !== undefined) (where.push("state = ?"), args.push(filter.state));
+    const sql = `SELECT * FROM vms${where.length ? ` WHERE ${where.join(" AND ")}` : ""} ORDER BY created_at, id`;
+    return (this.db.prepare(sql).all(...args) as Row[]).map(toVm);
+  }
+
+  setRunnerId(id: string, githubRunnerId: number): void {
+    this.db.prepare("UPDATE vms SET github_runner_id = ? WHERE id = ?").run(githubRunnerId, id);
+  }
+
+  /** starting → idle (VM up, runner registered). No effect on a VM already past it. */
+  markIdle(id: string, at: number): boolean {
+    return this.db.prepare("UPDATE vms SET state = 'idle', started_at = COALESCE(started_at, ?), idle_since = ? WHERE id = ? AND state = 'starting'").run(at, at, id).changes === 1;
+  }
+
+  /** starting|idle → busy with a job. */
+  markBusy(id: string, jobId: number | undefined, at: number): boolean {
+    return (
+      this.db
+        .prepare("UPDATE vms SET state = 'busy', started_at = COALESCE(started_at, ?), idle_since = NULL, job_id = COALESCE(?, job_id) WHERE id = ? AND state IN ('starting','idle')")
+        .run(at, jobId ?? null, id).changes === 1
+    );
+  }
+
+  /** Any state → finished, once; the first exit reason wins. */
+  markFinished(id: string, reason: string, at: number): boolean {
+    return this.db.prepare("UPDATE vms SET state = 'finished', finished_at = ?, exit_reason = ?, idle_since = NULL WHERE id = ? AND state != 'finished'").run(at, reason, id).changes === 1;
+  }
+
+  /** Forgets finished VMs that ended before `before` (ms epoch); returns how many. */
+  pruneFinished(before: number): number {
+    return this.db.prepare("DELETE FROM vms WHERE state = 'finished' AND finished_at < ?").run(before).changes;
+  }
+
+  // ---- jobs -------------------------------------------------------------------------------
+
+  /**
+   * Records what a webhook or the poll says about a job. Status only moves forward
+   * (deliveries arrive out of order); timestamps and fields fill in but are not overwritten.
+   */
+  upsertJob(j: {
+    id: number;
+    labels: readonly string[];
+    status: JobStatus;
+    at: number;
+    pool?: string;
+    repository?: string;
+    runnerName?: string;
+    conclusion?: string;
+  }): JobRecord {
+    const old = this.job(j.id);
+    const status = old && STATUS_ORDER[old.status] > STATUS_ORDER[j.status] ? old.status : j.status;
+    const stamp = (s: JobStatus, prev: number | undefined) => prev ?? (j.status === s ? j.at : null);
+    this.db
+      .prepare(
+        `INSERT INTO jobs (id, labels, status, pool, repository, runner_name, queued_at, started_at, completed_at, conclusion)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (id) DO UPDATE SET status = excluded.status,
+           pool = COALESCE(jobs.pool, excluded.pool), repository = COALESCE(jobs.repository, excluded.repository),
+           runner_name = COALESCE(excluded.runner_name, jobs.runner_name),
+           queued_at = excluded.queued_at, started_at = excluded.started_at, completed_at = excluded.completed_at,
+           conclusion = COALESCE(excluded.conclusion, jobs.conclusion)`,
+      )
+      .run(
+        j.id,
+        JSON.stringify(old?.labels.length ? old.labels : j.labels),
+        status,
+        j.pool ?? null,
+        j.repository ?? null,
+        j.runnerName ?? null,
+        stamp("queued", old?.queuedAt),
+        stamp("in_progress", old?.startedAt),
+        stamp("completed", old?.completedAt),
+        j.conclusion ?? null,
+      );
+    return this.job(j.id) as JobRecord;
+  }
+
+  job(id: number): JobRecord | undefined {
+    const row = this.db.prepare("SELECT * FROM jobs WHERE id = ?").get(id) as Row | undefined;
+    return row && toJob(row);
+  }
+
+  jobs(filter: { status?: JobStatus; pool?: string } = {}): JobRecord[] {
+    const where: string[] = [];
+    const args: unknown[] = [];
+    if (filter.status !== undefined) (where.push("status = ?"), args.push(filter.status));
+    if (filter.pool !== undefined) (where.push("pool = ?"), args.push(filter.pool));
+    const sql = `SELECT * FROM jobs${where.length ? ` WHERE ${where.join(" AND ")}` : ""} ORDER BY id`;
+    return (this.db.prepare(sql).all(...args) as Row[]).map(toJob);
+  }
+
+  // ---- webhook deliveries -------------------------------------------------------------------
+
+  /** true the first time a delivery id is seen, false for a redelivery. */
+  recordDelivery(d: { id: string; event: string; action?: string; at: number }): boolean {
+    return this.db.prepare("INSERT OR IGNORE INTO deliveries (id, event, action, received_at) VALUES (?, ?, ?, ?)").run(d.id, d.event, d.action ?? null, d.at).changes === 1;
+  }
+
+  /** Forgets deliveries older than `before` (GitHub redelivers within days, not weeks). */
+  pruneDeliveries(before: number): number {
+    return this.db.prepare("DELETE FROM deliveries WHERE received_at < ?").run(before).changes;
+  }
+
+  /** Runs `fn` in one transaction. */
+  transaction<T>(fn: () => T): T {
+    return this.db.transaction(fn)();
+  }
+}
+
+function opt<T>(v: unknown): T | undefined {
+  return v === null || v === undefined ? undefined : (v as T);
+}
+
+function toVm(row: Row): VmRecord {
+  return {
+    id: row.id as string,
+    pool: row.pool as string,
+    name: row.name as string,
+    state: row.state as VmState,
+    githubRunnerId: opt<number>(row.github_runner_id),
+    imageKey: row.image_key as string,
+    createdAt: row.created_at as number,
+    startedAt: opt<number>(row.started_at),
+    idleSince: opt<number>(row.idle_since),
+    finishedAt: opt<number>(row.finished_at),
+    jobId: opt<number>(row.job_id),
+    exitReason: opt<string>(row.exit_reason),
+  };
+}
+
+function toJob(row: Row): JobRecord {
+  return {
+    id: row.id as number,
+    labels: JSON.parse(row.labels as string) as string[],
+    status: row.status as JobStatus,
+    pool: opt<string>(row.pool),
+    repository: opt<string>(row.repository),
+    runnerName: opt<string>(row.runner_name),
+    queuedAt: opt<number>(row.queued_at),
+    startedAt: opt<number>(row.started_at),
+    completedAt: opt<number>(row.completed_at),
+    conclusion: opt<string>(row.conclusion),
+  };
+}

@@ -1,0 +1,116 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { existsSync, statSync } from "node:fs";
+import { join } from "node:path";
+import { MIGRATIONS, STORE_FILE, StateStore } from "../../src/store/index.js";
+import { tempDir } from "../support/paths.js";
+
+test("a new store is created in the state dir at the latest schema; reopening keeps the data", () => {
+  const dir = join(tempDir(), "state");
+  const s = new StateStore(dir);
+  assert.equal(s.schemaVersion, MIGRATIONS.length);
+  assert.ok(existsSync(join(dir, STORE_FILE)));
+  assert.equal(statSync(dir).mode & 0o777, 0o700);
+  s.setPaused("default", true);
+  s.insertVm({ id: "0000000a", pool: "default", name: "runner-0000000a", imageKey: "k1", createdAt: 1 });
+  s.close();
+  const again = new StateStore(dir);
+  assert.equal(again.pool("default").paused, true);
+  assert.equal(again.vm("0000000a")?.state, "starting");
+  again.close();
+});
+
+test("migrations run in order, once each; a newer schema is refused", () => {
+  const dir = tempDir();
+  const v1 = new StateStore(dir, { migrations: ["CREATE TABLE a (x INTEGER)"] });
+  assert.equal(v1.schemaVersion, 1);
+  v1.close();
+  const v2 = new StateStore(dir, { migrations: ["CREATE TABLE a (x INTEGER)", "ALTER TABLE a ADD COLUMN y TEXT"] });
+  assert.equal(v2.schemaVersion, 2);
+  v2.close();
+  assert.throws(() => new StateStore(dir, { migrations: ["CREATE TABLE a (x INTEGER)"] }), /schema version 2, newer than this civm knows \(1\)/);
+});
+
+test("a failed migration leaves the previous version intact", () => {
+  const dir = tempDir();
+  new StateStore(dir, { migrations: ["CREATE TABLE a (x INTEGER)"] }).close();
+  assert.throws(() => new StateStore(dir, { migrations: ["CREATE TABLE a (x INTEGER)", "CREATE TABLE b (y INTEGER); SELECT nope FROM nowhere"] }));
+  const s = new StateStore(dir, { migrations: ["CREATE TABLE a (x INTEGER)"] });
+  assert.equal(s.schemaVersion, 1);
+  s.close();
+});
+
+test("pool state: defaults, pause, minRunners override, failures", () => {
+  const s = new StateStore(":memory:");
+  assert.deepEqual(s.pool("p"), { name: "p", paused: false, minRunnersOverride: undefined, failures: 0, lastFailureAt: undefined });
+  s.setPaused("p", true);
+  s.setMinRunners("p", 3);
+  assert.deepEqual(s.pool("p"), { name: "p", paused: true, minRunnersOverride: 3, failures: 0, lastFailureAt: undefined });
+  s.setMinRunners("p", undefined);
+  s.setPaused("p", false);
+  assert.equal(s.recordFailure("p", 10).failures, 1);
+  assert.deepEqual(s.recordFailure("p", 20), { name: "p", paused: false, minRunnersOverride: undefined, failures: 2, lastFailureAt: 20 });
+  s.clearFailures("p");
+  assert.equal(s.pool("p").failures, 0);
+});
+
+test("VM lifecycle: starting → idle → busy → finished; transitions only move forward", () => {
+  const s = new StateStore(":memory:");
+  s.insertVm({ id: "a1", pool: "p", name: "r-a1", imageKey: "k", createdAt: 100 });
+  s.insertVm({ id: "b2", pool: "q", name: "r-b2", imageKey: "k", createdAt: 200 });
+  assert.throws(() => s.insertVm({ id: "c3", pool: "p", name: "r-a1", imageKey: "k", createdAt: 300 }), /UNIQUE/);
+  s.setRunnerId("a1", 42);
+  assert.equal(s.markIdle("a1", 110), true);
+  assert.equal(s.markIdle("a1", 111), false);
+  assert.equal(s.markBusy("a1", 7001, 120), true);
+  assert.equal(s.markIdle("a1", 130), false, "busy never goes back to idle");
+  assert.equal(s.markFinished("a1", "poweroff", 140), true);
+  assert.equal(s.markFinished("a1", "timeout", 150), false, "the first exit reason wins");
+  assert.equal(s.markBusy("a1", 1, 160), false);
+  assert.deepEqual(s.vm("a1"), {
+    id: "a1", pool: "p", name: "r-a1", state: "finished", githubRunnerId: 42, imageKey: "k",
+    createdAt: 100, startedAt: 110, idleSince: undefined, finishedAt: 140, jobId: 7001, exitReason: "poweroff",
+  });
+  assert.equal(s.vmByName("r-b2")?.id, "b2");
+  assert.deepEqual(s.vms().map((v) => v.id), ["a1", "b2"]);
+  assert.deepEqual(s.vms({ live: true }).map((v) => v.id), ["b2"]);
+  assert.deepEqual(s.vms({ pool: "p" }).map((v) => v.id), ["a1"]);
+  assert.deepEqual(s.vms({ state: "starting" }).map((v) => v.id), ["b2"]);
+  assert.equal(s.pruneFinished(141), 1);
+  assert.equal(s.vm("a1"), undefined);
+});
+
+test("jobs: status only moves forward, timestamps fill in from out-of-order deliveries", () => {
+  const s = new StateStore(":memory:");
+  s.upsertJob({ id: 5, labels: ["self-hosted", "linux"], status: "queued", at: 1, repository: "o/r" });
+  s.upsertJob({ id: 5, labels: [], status: "completed", at: 9, conclusion: "success", runnerName: "r-a1" });
+  const late = s.upsertJob({ id: 5, labels: ["x"], status: "in_progress", at: 5, pool: "p" });
+  assert.deepEqual(late, {
+    id: 5, labels: ["self-hosted", "linux"], status: "completed", pool: "p", repository: "o/r", runnerName: "r-a1",
+    queuedAt: 1, startedAt: 5, completedAt: 9, conclusion: "success",
+  });
+  s.upsertJob({ id: 6, labels: ["linux"], status: "queued", at: 2, pool: "p" });
+  s.upsertJob({ id: 7, labels: ["arm"], status: "queued", at: 3, pool: "q" });
+  assert.deepEqual(s.jobs({ status: "queued" }).map((j) => j.id), [6, 7]);
+  assert.deepEqual(s.jobs({ status: "queued", pool: "p" }).map((j) => j.id), [6]);
+});
+
+test("webhook deliveries are recorded once; a redelivery is recognized", () => {
+  const s = new StateStore(":memory:");
+  assert.equal(s.recordDelivery({ id: "d-1", event: "workflow_job", action: "queued", at: 1 }), true);
+  assert.equal(s.recordDelivery({ id: "d-1", event: "workflow_job", action: "queued", at: 2 }), false);
+  assert.equal(s.recordDelivery({ id: "d-2", event: "ping", at: 3 }), true);
+  assert.equal(s.pruneDeliveries(3), 1);
+  assert.equal(s.recordDelivery({ id: "d-1", event: "workflow_job", at: 4 }), true);
+});
+
+test("transaction rolls back together", () => {
+  const s = new StateStore(":memory:");
+  assert.throws(() =>
+    s.transaction(() => {
+      s.setPaused("p", true);
+      throw new Error("boom");
+    }),
+  );
+  assert.equal(s.pool("p").paused, false);
+});
