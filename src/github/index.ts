@@ -7,3 +7,15 @@ export {
   type RunnerTarget,
   type RegistrationTokenOptions,
 } from "./registration-token.js";
+export {
+  generateJitConfig,
+  listRunners,
+  getRunner,
+  deleteRunner,
+  runnersPath,
+  type RunnerInfo,
+  type JitConfig,
+  type JitRequest,
+} from "./runners.js";
+export { listQueuedJobs, targetRepositories, type QueuedJob } from "./jobs.js";
+export { createGitHubAccess, InstallationTokenCache, type GitHubAccess, type GitHubCredentials, type AccessOptions } from "./app-auth.js";

@@ -1,6 +1,7 @@
 // A fake GitHub REST API for tests: node:http on 127.0.0.1, a small router table, state in
 // plain objects. Implements the self-hosted runner registration-token endpoints today; add
 // routes (JIT config, runner list/delete, queued jobs, webhooks) to ROUTES as tests need them.
+import { createHmac, randomBytes, verify as verifySignature } from "node:crypto";
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 
@@ -21,6 +22,42 @@ export interface FakeGitHubState {
   registrationToken: string;
   /** How many registration tokens were issued, per "owner/repo" or org. */
   issued: Record<string, number>;
+  /** Self-hosted runners by id (JIT-registered ones carry their owner and JIT config). */
+  runners: Map<number, FakeRunner>;
+  nextRunnerId: number;
+  /** Workflow jobs the queued-jobs endpoints report. */
+  jobs: FakeJob[];
+  /** GitHub App: its id, public key (PEM) and installations by owner (org or user). */
+  app: { id: number; publicKey: string; installations: Map<string, number> } | undefined;
+  /** Installation tokens handed out, with their installation and expiry (ms epoch). */
+  installationTokens: Map<string, { installation: number; expires: number }>;
+  /** Lifetime of installation tokens (default 1 h). */
+  installationTokenTtlMs: number;
+}
+
+export interface FakeRunner {
+  id: number;
+  name: string;
+  /** "org:NAME" or "repo:OWNER/REPO". */
+  owner: string;
+  os: string;
+  status: "online" | "offline";
+  busy: boolean;
+  labels: string[];
+  runnerGroupId: number;
+  workFolder: string | undefined;
+  encodedJitConfig: string | undefined;
+}
+
+export interface FakeJob {
+  id: number;
+  runId: number;
+  /** "owner/repo". */
+  repository: string;
+  labels: string[];
+  status: "queued" | "in_progress" | "completed";
+  runnerName: string | null;
+  createdAt: string;
 }
 
 export interface FakeGitHubOptions {
@@ -28,6 +65,8 @@ export interface FakeGitHubOptions {
   repos?: string[];
   orgs?: string[];
   registrationToken?: string;
+  /** Act as a GitHub App: its id, public key, installations by owner. */
+  app?: { id: number; publicKey: string; installations: Record<string, number> };
 }
 
 export interface FakeGitHub {
@@ -41,11 +80,18 @@ export interface FakeGitHub {
   registrationToken: string;
   /** Forces `status`/`body` for requests whose path matches; `times` limits how often (default: always). */
   respondWith(path: RegExp, status: number, body?: unknown, opts?: { method?: string; times?: number; headers?: Record<string, string> }): void;
+  /** Adds a workflow job (default queued) to the queued-jobs endpoints; returns it. */
+  addJob(job: { repository: string; labels: string[]; status?: FakeJob["status"]; id?: number; runId?: number }): FakeJob;
+  /** The runner of that name or id. */
+  runner(nameOrId: string | number): FakeRunner | undefined;
+  /** Marks a runner online/offline and busy/idle (what a real runner would report). */
+  setRunner(nameOrId: string | number, change: Partial<Pick<FakeRunner, "status" | "busy">>): void;
   close(): Promise<void>;
 }
 
 interface Ctx {
   req: IncomingMessage;
+  url: URL;
   params: string[];
   body: string;
   state: FakeGitHubState;
@@ -77,7 +123,192 @@ function registrationToken(state: FakeGitHubState, key: string): Reply {
   return { status: 201, body: { token: state.registrationToken, expires_at: expires } };
 }
 
+function ownerKey(params: (string | undefined)[], kind: "org" | "repo"): string {
+  return kind === "org" ? `org:${params[0]}` : `repo:${params[0]}/${params[1]}`;
+}
+
+function ownerKnown(state: FakeGitHubState, key: string): boolean {
+  return key.startsWith("org:") ? state.orgs.has(key.slice(4)) : state.repos.has(key.slice(5));
+}
+
+function apiRunner(r: FakeRunner): unknown {
+  return {
+    id: r.id,
+    name: r.name,
+    os: r.os,
+    status: r.status,
+    busy: r.busy,
+    runner_group_id: r.runnerGroupId,
+    ephemeral: true,
+    labels: r.labels.map((name, i) => ({ id: i + 1, name, type: i === 0 && name === "self-hosted" ? "read-only" : "custom" })),
+  };
+}
+
+function unprocessable(message: string): Reply {
+  return { status: 422, body: { message, documentation_url: DOCS, status: "422" } };
+}
+
+function generateJit(state: FakeGitHubState, key: string, body: string): Reply {
+  if (!ownerKnown(state, key)) return notFound();
+  let req: { name?: unknown; runner_group_id?: unknown; labels?: unknown; work_folder?: unknown };
+  try {
+    req = JSON.parse(body) as typeof req;
+  } catch {
+    return { status: 400, body: { message: "Problems parsing JSON" } };
+  }
+  if (typeof req.name !== "string" || req.name === "") return unprocessable("name is required");
+  if (typeof req.runner_group_id !== "number") return unprocessable("runner_group_id is required");
+  if (!Array.isArray(req.labels) || req.labels.length < 1 || req.labels.length > 100 || req.labels.some((l) => typeof l !== "string")) {
+    return unprocessable("labels must be a list of 1 to 100 strings");
+  }
+  if ([...state.runners.values()].some((r) => r.owner === key && r.name === req.name)) {
+    return { status: 409, body: { message: "Already exists - A runner with the same name already exists" } };
+  }
+  const id = state.nextRunnerId++;
+  const jit = Buffer.from(JSON.stringify({ ".runner": `runner-${id}`, ".credentials": randomBytes(12).toString("hex") })).toString("base64");
+  const runner: FakeRunner = {
+    id,
+    name: req.name,
+    owner: key,
+    os: "Linux",
+    status: "offline",
+    busy: false,
+    labels: req.labels as string[],
+    runnerGroupId: req.runner_group_id,
+    workFolder: typeof req.work_folder === "string" ? req.work_folder : undefined,
+    encodedJitConfig: jit,
+  };
+  state.runners.set(id, runner);
+  return { status: 201, body: { runner: apiRunner(runner), encoded_jit_config: jit } };
+}
+
+function page<T>(items: T[], url: URL): T[] {
+  const per = Math.min(100, Number(url.searchParams.get("per_page") ?? 30));
+  const n = Math.max(1, Number(url.searchParams.get("page") ?? 1));
+  return items.slice((n - 1) * per, n * per);
+}
+
+function listRunnersReply(state: FakeGitHubState, key: string, url: URL): Reply {
+  if (!ownerKnown(state, key)) return notFound();
+  const all = [...state.runners.values()].filter((r) => r.owner === key);
+  return { status: 200, body: { total_count: all.length, runners: page(all, url).map(apiRunner) } };
+}
+
+function oneRunner(state: FakeGitHubState, key: string, id: string | undefined, del: boolean): Reply {
+  const r = state.runners.get(Number(id));
+  if (!ownerKnown(state, key) || !r || r.owner !== key) return notFound();
+  if (!del) return { status: 200, body: apiRunner(r) };
+  if (r.busy) return unprocessable("Bad request - Runner \"" + r.name + "\" is still running a job\"");
+  state.runners.delete(r.id);
+  return { status: 204 };
+}
+
+function runStatus(jobs: FakeJob[]): string {
+  if (jobs.every((j) => j.status === "completed")) return "completed";
+  if (jobs.every((j) => j.status === "queued")) return "queued";
+  return "in_progress";
+}
+
+function apiJob(j: FakeJob): unknown {
+  return {
+    id: j.id,
+    run_id: j.runId,
+    status: j.status,
+    conclusion: j.status === "completed" ? "success" : null,
+    labels: j.labels,
+    runner_name: j.runnerName,
+    created_at: j.createdAt,
+    started_at: j.createdAt,
+    name: `job ${j.id}`,
+  };
+}
+
+/** Verifies an RS256 App JWT against the App's public key; returns the App id or undefined. */
+function appFromJwt(state: FakeGitHubState, req: IncomingMessage): number | undefined {
+  const m = /^bearer\s+([\w-]+)\.([\w-]+)\.([\w-]+)$/i.exec(req.headers.authorization ?? "");
+  if (!m || !state.app) return undefined;
+  const [, h = "", p = "", sig = ""] = m;
+  const ok = verifySignature("RSA-SHA256", Buffer.from(`${h}.${p}`), state.app.publicKey, Buffer.from(sig, "base64url"));
+  if (!ok) return undefined;
+  const claims = JSON.parse(Buffer.from(p, "base64url").toString("utf8")) as { iss?: unknown; exp?: number };
+  if (String(claims.iss) !== String(state.app.id) || (claims.exp ?? 0) * 1000 < Date.now()) return undefined;
+  return state.app.id;
+}
+
+function installationReply(state: FakeGitHubState, req: IncomingMessage, owner: string | undefined): Reply {
+  if (appFromJwt(state, req) === undefined) return { status: 401, body: { message: "A JSON web token could not be decoded" } };
+  const id = state.app?.installations.get(owner ?? "");
+  return id === undefined ? notFound() : { status: 200, body: { id, account: { login: owner }, app_id: state.app?.id } };
+}
+
 const ROUTES: Route[] = [
+  {
+    method: "POST",
+    pattern: /^\/orgs\/([^/]+)\/actions\/runners\/generate-jitconfig$/,
+    auth: true,
+    handle: ({ params, state, body }) => generateJit(state, ownerKey(params, "org"), body),
+  },
+  {
+    method: "POST",
+    pattern: /^\/repos\/([^/]+)\/([^/]+)\/actions\/runners\/generate-jitconfig$/,
+    auth: true,
+    handle: ({ params, state, body }) => generateJit(state, ownerKey(params, "repo"), body),
+  },
+  { method: "GET", pattern: /^\/orgs\/([^/]+)\/actions\/runners$/, auth: true, handle: ({ params, state, url }) => listRunnersReply(state, ownerKey(params, "org"), url) },
+  { method: "GET", pattern: /^\/repos\/([^/]+)\/([^/]+)\/actions\/runners$/, auth: true, handle: ({ params, state, url }) => listRunnersReply(state, ownerKey(params, "repo"), url) },
+  { method: "GET", pattern: /^\/orgs\/([^/]+)\/actions\/runners\/(\d+)$/, auth: true, handle: ({ params, state }) => oneRunner(state, ownerKey(params, "org"), params[1], false) },
+  { method: "DELETE", pattern: /^\/orgs\/([^/]+)\/actions\/runners\/(\d+)$/, auth: true, handle: ({ params, state }) => oneRunner(state, ownerKey(params, "org"), params[1], true) },
+  { method: "GET", pattern: /^\/repos\/([^/]+)\/([^/]+)\/actions\/runners\/(\d+)$/, auth: true, handle: ({ params, state }) => oneRunner(state, ownerKey(params, "repo"), params[2], false) },
+  { method: "DELETE", pattern: /^\/repos\/([^/]+)\/([^/]+)\/actions\/runners\/(\d+)$/, auth: true, handle: ({ params, state }) => oneRunner(state, ownerKey(params, "repo"), params[2], true) },
+  {
+    method: "GET",
+    pattern: /^\/orgs\/([^/]+)\/repos$/,
+    auth: true,
+    handle: ({ params: [org], state, url }) => {
+      if (!state.orgs.has(org ?? "")) return notFound();
+      const repos = [...state.repos].filter((r) => r.startsWith(`${org}/`)).map((full, i) => ({ id: i + 1, full_name: full, name: full.split("/")[1], archived: false }));
+      return { status: 200, body: page(repos, url) };
+    },
+  },
+  {
+    method: "GET",
+    pattern: /^\/repos\/([^/]+)\/([^/]+)\/actions\/runs$/,
+    auth: true,
+    handle: ({ params: [owner, repo], state, url }) => {
+      const full = `${owner}/${repo}`;
+      if (!state.repos.has(full)) return notFound();
+      const byRun = new Map<number, FakeJob[]>();
+      for (const j of state.jobs.filter((j) => j.repository === full)) byRun.set(j.runId, [...(byRun.get(j.runId) ?? []), j]);
+      const want = url.searchParams.get("status");
+      const runs = [...byRun].map(([id, jobs]) => ({ id, status: runStatus(jobs), name: `run ${id}`, repository: { full_name: full } })).filter((r) => !want || r.status === want);
+      return { status: 200, body: { total_count: runs.length, workflow_runs: page(runs, url) } };
+    },
+  },
+  {
+    method: "GET",
+    pattern: /^\/repos\/([^/]+)\/([^/]+)\/actions\/runs\/(\d+)\/jobs$/,
+    auth: true,
+    handle: ({ params: [owner, repo, run], state, url }) => {
+      const jobs = state.jobs.filter((j) => j.repository === `${owner}/${repo}` && j.runId === Number(run));
+      if (jobs.length === 0) return notFound();
+      return { status: 200, body: { total_count: jobs.length, jobs: page(jobs, url).map(apiJob) } };
+    },
+  },
+  { method: "GET", pattern: /^\/orgs\/([^/]+)\/installation$/, auth: false, handle: ({ params: [org], state, req }) => installationReply(state, req, org) },
+  { method: "GET", pattern: /^\/repos\/([^/]+)\/[^/]+\/installation$/, auth: false, handle: ({ params: [owner], state, req }) => installationReply(state, req, owner) },
+  {
+    method: "POST",
+    pattern: /^\/app\/installations\/(\d+)\/access_tokens$/,
+    auth: false,
+    handle: ({ params: [id], state, req }) => {
+      if (appFromJwt(state, req) === undefined) return { status: 401, body: { message: "A JSON web token could not be decoded" } };
+      if (![...(state.app?.installations.values() ?? [])].includes(Number(id))) return notFound();
+      const token = `ghs_${randomBytes(16).toString("hex")}`;
+      const expires = Date.now() + state.installationTokenTtlMs;
+      state.installationTokens.set(token, { installation: Number(id), expires });
+      return { status: 201, body: { token, expires_at: new Date(expires).toISOString(), permissions: { administration: "write", organization_self_hosted_runners: "write" }, repository_selection: "all" } };
+    },
+  },
   {
     method: "POST",
     pattern: /^\/repos\/([^/]+)\/([^/]+)\/actions\/runners\/registration-token$/,
@@ -102,9 +333,11 @@ interface Override {
   reply: Reply;
 }
 
-function authorized(req: IncomingMessage, token: string): boolean {
+function authorized(req: IncomingMessage, state: FakeGitHubState): boolean {
   const m = /^(?:token|bearer)\s+(.+)$/i.exec(req.headers.authorization ?? "");
-  return m?.[1] === token;
+  if (m?.[1] === state.token) return true;
+  const inst = state.installationTokens.get(m?.[1] ?? "");
+  return inst !== undefined && inst.expires > Date.now();
 }
 
 function send(res: ServerResponse, reply: Reply): void {
@@ -137,7 +370,7 @@ function dispatch(ctx: Omit<Ctx, "params">, path: string, overrides: Override[])
   for (const route of ROUTES) {
     const m = route.method === method ? route.pattern.exec(path) : null;
     if (!m) continue;
-    if (route.auth && !authorized(ctx.req, ctx.state.token)) {
+    if (route.auth && !authorized(ctx.req, ctx.state)) {
       return { status: 401, body: { message: "Bad credentials", documentation_url: DOCS, status: "401" } };
     }
     return route.handle({ ...ctx, params: m.slice(1).map(decodeURIComponent) });
@@ -152,15 +385,23 @@ export async function startFakeGitHub(opts: FakeGitHubOptions = {}): Promise<Fak
     orgs: new Set(opts.orgs ?? ["rust-lang-ci"]),
     registrationToken: opts.registrationToken ?? "AABBCCDDREGISTRATIONTOKEN",
     issued: {},
+    runners: new Map(),
+    nextRunnerId: 1,
+    jobs: [],
+    app: opts.app && { id: opts.app.id, publicKey: opts.app.publicKey, installations: new Map(Object.entries(opts.app.installations)) },
+    installationTokens: new Map(),
+    installationTokenTtlMs: 3600_000,
   };
+  let nextJobId = 1000;
   const requests: RecordedRequest[] = [];
   const overrides: Override[] = [];
   const server = createServer((req, res) => {
     void (async () => {
       const body = await readBody(req);
-      const path = new URL(req.url ?? "/", "http://fake").pathname;
+      const url = new URL(req.url ?? "/", "http://fake");
+      const path = url.pathname;
       requests.push({ method: req.method ?? "GET", path, headers: { ...req.headers }, body });
-      send(res, dispatch({ req, body, state }, path, overrides));
+      send(res, dispatch({ req, url, body, state }, path, overrides));
     })().catch(() => send(res, { status: 500, body: { message: "fake GitHub failed" } }));
   });
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
@@ -183,10 +424,77 @@ export async function startFakeGitHub(opts: FakeGitHubOptions = {}): Promise<Fak
       if (o.headers) reply.headers = o.headers;
       overrides.push({ path, method: o.method, times: o.times ?? Infinity, reply });
     },
+    addJob(j) {
+      const id = j.id ?? nextJobId++;
+      const job: FakeJob = { id, runId: j.runId ?? id + 500_000, repository: j.repository, labels: j.labels, status: j.status ?? "queued", runnerName: null, createdAt: new Date().toISOString() };
+      state.jobs.push(job);
+      return job;
+    },
+    runner(nameOrId) {
+      return [...state.runners.values()].find((r) => r.id === nameOrId || r.name === nameOrId);
+    },
+    setRunner(nameOrId, change) {
+      const r = [...state.runners.values()].find((x) => x.id === nameOrId || x.name === nameOrId);
+      if (!r) throw new Error(`fake GitHub: no runner ${String(nameOrId)}`);
+      Object.assign(r, change);
+    },
     close: () =>
       new Promise<void>((resolve) => {
         server.closeAllConnections();
         server.close(() => resolve());
       }),
   };
+}
+
+// ---- webhooks -------------------------------------------------------------------------------
+
+export type WorkflowJobAction = "queued" | "in_progress" | "completed" | "waiting";
+
+/**
+ * A workflow_job payload: GitHub's own example for `action` (@octokit/webhooks-examples)
+ * with the job's id, labels, repository and runner replaced as given.
+ */
+export async function workflowJobPayload(
+  action: WorkflowJobAction,
+  over: { id?: number; runId?: number; labels?: string[]; repository?: string; runnerName?: string | null; runnerId?: number | null } = {},
+): Promise<Record<string, unknown>> {
+  const { createRequire } = await import("node:module");
+  const examples = createRequire(import.meta.url)("@octokit/webhooks-examples") as { name: string; examples: { action: string }[] }[];
+  const example = examples.find((e) => e.name === "workflow_job")?.examples.find((x) => x.action === action);
+  if (!example) throw new Error(`no workflow_job example for ${action}`);
+  const payload = JSON.parse(JSON.stringify(example)) as { workflow_job: Record<string, unknown>; repository: Record<string, unknown> };
+  const job = payload.workflow_job;
+  if (over.id !== undefined) job.id = over.id;
+  if (over.runId !== undefined) job.run_id = over.runId;
+  if (over.labels !== undefined) job.labels = over.labels;
+  if (over.runnerName !== undefined) job.runner_name = over.runnerName;
+  if (over.runnerId !== undefined) job.runner_id = over.runnerId;
+  if (over.repository !== undefined) {
+    payload.repository.full_name = over.repository;
+    payload.repository.name = over.repository.split("/")[1];
+  }
+  return payload as unknown as Record<string, unknown>;
+}
+
+export function signWebhook(body: string, secret: string): string {
+  return `sha256=${createHmac("sha256", secret).update(body).digest("hex")}`;
+}
+
+/** POSTs a webhook as GitHub does (X-GitHub-Event, X-GitHub-Delivery, X-Hub-Signature-256). */
+export async function sendWebhook(
+  url: string,
+  opts: { event?: string; payload: unknown; secret?: string; deliveryId?: string; signature?: string | null; rawBody?: string },
+): Promise<{ status: number; body: string; deliveryId: string }> {
+  const body = opts.rawBody ?? JSON.stringify(opts.payload);
+  const deliveryId = opts.deliveryId ?? crypto.randomUUID();
+  const headers: Record<string, string> = {
+    "content-type": "application/json",
+    "user-agent": "GitHub-Hookshot/fake",
+    "x-github-event": opts.event ?? "workflow_job",
+    "x-github-delivery": deliveryId,
+  };
+  const signature = opts.signature === undefined ? (opts.secret !== undefined ? signWebhook(body, opts.secret) : null) : opts.signature;
+  if (signature !== null) headers["x-hub-signature-256"] = signature;
+  const res = await fetch(url, { method: "POST", headers, body });
+  return { status: res.status, body: await res.text(), deliveryId };
 }
