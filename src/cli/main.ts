@@ -13,6 +13,7 @@ import { registerLs } from "./commands/ls.js";
 import { registerDoctor } from "./commands/doctor.js";
 import { registerImage } from "./commands/image.js";
 import { registerDemo } from "./commands/demo.js";
+import { registerServe } from "./commands/serve.js";
 
 const program = new Command();
 program
@@ -36,6 +37,7 @@ registerLs(program);
 registerDoctor(program);
 registerImage(program);
 registerDemo(program);
+registerServe(program);
 registerWait(program);
 registerExec(program);
 registerSsh(program);
