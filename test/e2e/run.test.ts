@@ -1,7 +1,7 @@
 // civm run end to end on real QEMU (TCG) with the tiny guest.
 import { test, before } from "node:test";
 import assert from "node:assert/strict";
-import { writeFileSync, existsSync, mkdirSync, readFileSync } from "node:fs";
+import { writeFileSync, existsSync, mkdirSync, readFileSync, symlinkSync } from "node:fs";
 import { join } from "node:path";
 import { createServer } from "node:net";
 import { buildTinyGuest, type TinyGuest } from "../support/tiny-guest.js";
@@ -251,4 +251,19 @@ test("KVM probe: without CIVM_ACCEL civm probes, and falls back to TCG with one 
   const starts = readFileSync(e.qemuStartsFile, "utf8");
   if (/accel=tcg/.test(starts.split("\n").filter((l) => l.includes("-S")).join("\n"))) assert.equal(warnings.length, 1, r.stderr);
   else assert.equal(warnings.length, 0, r.stderr);
+});
+
+test("an error inside civm after the work dir exists (no ISO tool) still releases everything", async () => {
+  const e = civmEnv();
+  // Only QEMU's tools on PATH: the config drive cannot be written.
+  const bin = join(e.root, "onlyqemu");
+  mkdirSync(bin);
+  for (const tool of ["qemu-img"]) symlinkSync(`/usr/bin/${tool}`, join(bin, tool));
+  e.env.PATH = `${e.shimDir}:${bin}`;
+  writeInstances(e, [tiny("vm-err", { tiny: "poweroff" })]);
+  const r = await runCivm(["run", "vm-err"], e);
+  assert.equal(r.code, 8, r.stderr);
+  assert.match(r.stderr, /Neither xorriso nor genisoimage is installed[\s\S]*apt-get install -y xorriso/);
+  assert.equal(qemuStarts(e), 0);
+  assertClean(e);
 });
