@@ -198,4 +198,15 @@ test("a second civm image build civm-runner is a no-op: exit 0, cached, no VM, t
   assert.equal(statSync(runner.diskPath).mtimeMs, disk.mtimeMs, "the disk was rewritten");
   assert.equal(statSync(runner.diskPath).ino, disk.ino, "the image folder was replaced");
   assert.equal(readFileSync(manifestPath, "utf8"), manifestBefore, "the manifest changed");
+
+  // --json: progress and the result as JSON lines on stdout, for CI.
+  const j = await runCivm(["image", "build", RUNNER_IMAGE, "--json"], e);
+  assert.equal(j.code, 0, j.stderr);
+  const lines = j.stdout.trim().split("\n").map((l) => JSON.parse(l) as { type: string; image: string; step?: string; status?: string; disk?: string });
+  assert.ok(lines.some((l) => l.type === "progress" && l.image === RUNNER_IMAGE && l.step === "cached"), j.stdout);
+  assert.deepEqual(lines.filter((l) => l.type === "result").map((l) => [l.image, l.status, l.disk]), [[RUNNER_IMAGE, "cached", runner.diskPath]]);
+  // --quiet: only the result line.
+  const q = await runCivm(["image", "build", RUNNER_IMAGE, "--quiet"], e);
+  assert.equal(q.code, 0, q.stderr);
+  assert.deepEqual(q.stderr.trim().split("\n").length, 1, q.stderr);
 });
