@@ -57,7 +57,8 @@ export interface DevPlan {
 export interface PlanContext {
   paths: Paths;
   cwd: string;
-  accel: "kvm" | "tcg";
+  /** Default "tcg"; the caller may set plan.accel after probing (checks come first). */
+  accel?: "kvm" | "tcg";
   /** Supervisor log path for detached VMs (given a name and id). */
   supervisorLog?: (name: string, id: string) => string;
 }
@@ -191,7 +192,7 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
     ...(ctx.supervisorLog ? { supervisorLog: ctx.supervisorLog(name, id) } : {}),
     graceSeconds,
   };
-  return { id, spec, mounts, forwards, dev, sshBind: sshHost, accel: ctx.accel, graceSeconds, keep: !!f.keep };
+  return { id, spec, mounts, forwards, dev, sshBind: sshHost, accel: ctx.accel ?? "tcg", graceSeconds, keep: !!f.keep };
 }
 
 export interface DevRequestOptions {

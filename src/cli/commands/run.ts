@@ -228,13 +228,15 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
   if (flags.wait && !flags.detach) throw new ConfigError("--wait is for --detach (a foreground VM is waited on by civm wait from another shell)");
   if (flags.detach && flags.console) throw new ConfigError("--console streams a foreground VM's console; with --detach use civm logs -f NAME");
   if (!flags.printCmd) await reconcile(new Registry(paths.stateDir), say);
-  const accel = await detectAccel({ stateDir: paths.stateDir, ...(flags.accel ? { env: { ...process.env, CIVM_ACCEL: flags.accel } } : {}) });
-  if (accel.accel === "tcg" && !flags.accel && !process.env.CIVM_ACCEL && !flags.printCmd) warn(`KVM is not usable (${accel.reason}); using TCG software emulation, guests run several times slower.`);
   const stamp = new Date().toISOString().replace(/[-:]/g, "").replace(/\..*/, "").replace("T", "-");
+  // Every check first (nothing started, no KVM probe for bad input), then the accelerator.
   const plan = await dev.planDevVm(
     { ...flags, image: flags.image!, ...(flags.grace !== undefined ? { grace: flags.grace } : {}), sshBind: flags.sshBind },
-    { paths, cwd: process.cwd(), accel: accel.accel, ...(flags.detach ? { supervisorLog: (n: string, id: string) => join(paths.logsDir, `${n}-${stamp}-${id}.supervisor.log`) } : {}) },
+    { paths, cwd: process.cwd(), ...(flags.detach ? { supervisorLog: (n: string, id: string) => join(paths.logsDir, `${n}-${stamp}-${id}.supervisor.log`) } : {}) },
   );
+  const accel = await detectAccel({ stateDir: paths.stateDir, ...(flags.accel ? { env: { ...process.env, CIVM_ACCEL: flags.accel } } : {}) });
+  if (accel.accel === "tcg" && !flags.accel && !process.env.CIVM_ACCEL && !flags.printCmd) warn(`KVM is not usable (${accel.reason}); using TCG software emulation, guests run several times slower.`);
+  plan.accel = accel.accel;
   const name = plan.spec.name;
   if (flags.printCmd) {
     const vm = new VmRun(dev.devRunRequest(plan, { paths, log: say }));
