@@ -30,3 +30,4 @@ export {
   type BackoffOptions,
   type PoolHealth,
 } from "./plan.js";
+export { Daemon, type DaemonOptions, type DaemonLogger, type VmLauncher, type VmHandle, type LaunchRequest, type LaunchOutcome } from "./daemon.js";

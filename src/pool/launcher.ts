@@ -1,0 +1,101 @@
+// The production VmLauncher: one VmRun per runner VM, from the pool's spec. A stored image
+// brings its kernel and initrd (resolveStoredImage); a disk path with `vmlinuz` and
+// `initrd.img` next to it boots those too (the layout of a stored image's folder).
+import { existsSync } from "node:fs";
+import { stat } from "node:fs/promises";
+import { dirname, join } from "node:path";
+import type { InstanceSpec } from "../config/types.js";
+import { ConfigError } from "../errors/index.js";
+import type { Paths } from "../host/paths.js";
+import { resolveStoredImage, STORED_IMAGE_CMDLINE } from "../images/resolve.js";
+import { Registry } from "../vm/registry.js";
+import { reconcile } from "../vm/reconcile.js";
+import { VmRun } from "../vm/run.js";
+import type { LaunchRequest, VmHandle, VmLauncher } from "./daemon.js";
+import type { PoolSpec } from "./types.js";
+
+export interface VmRunLauncherOptions {
+  paths: Paths;
+  accel: "kvm" | "tcg";
+  /** ACPI grace before QEMU is killed on stop (s). */
+  graceSeconds: number;
+  /** Lines from VmRun (already redacted). */
+  log: (line: string, fields: Record<string, unknown>) => void;
+}
+
+export class VmRunLauncher implements VmLauncher {
+  constructor(private readonly opts: VmRunLauncherOptions) {}
+
+  async spec(pool: PoolSpec, id: string): Promise<InstanceSpec> {
+    const img = pool.runner.image;
+    let spec: InstanceSpec = {
+      name: pool.runner.namePrefix,
+      image: img.kind === "path" && img.path ? img.path : img.ref,
+      imageRef: img.ref,
+      cpus: pool.vm.cpus,
+      ramBytes: pool.vm.ramBytes,
+      rootDiskBytes: pool.vm.rootDiskBytes,
+      timeoutSeconds: pool.vm.timeoutSeconds,
+      sshPort: undefined,
+      config: null,
+      kernel: undefined,
+      initrd: undefined,
+      cmdline: pool.vm.cmdline,
+      machine: "pc",
+      qemuArgs: [],
+      source: { file: `pool ${pool.name}`, index: pool.index },
+    };
+    if (img.kind === "stored") {
+      spec = await resolveStoredImage(spec, this.opts.paths.stateDir);
+      if (!existsSync(spec.image)) throw new ConfigError(`pool ${pool.name}: image ${JSON.stringify(img.ref)} is not in the image store (civm image ls)`);
+    } else {
+      const dir = dirname(spec.image);
+      if (existsSync(join(dir, "vmlinuz")) && existsSync(join(dir, "initrd.img"))) {
+        spec.kernel = join(dir, "vmlinuz");
+        spec.initrd = join(dir, "initrd.img");
+        spec.cmdline = pool.vm.cmdline ?? STORED_IMAGE_CMDLINE;
+      }
+    }
+    void id;
+    return spec;
+  }
+
+  async imageKey(pool: PoolSpec): Promise<string> {
+    const spec = await this.spec(pool, "00000000");
+    const s = await stat(spec.image);
+    return `${spec.image}:${s.size}:${Math.floor(s.mtimeMs)}`;
+  }
+
+  async reconcileLeftovers(): Promise<void> {
+    await reconcile(new Registry(this.opts.paths.stateDir), (l) => this.opts.log(l, {}));
+  }
+
+  start(req: LaunchRequest): VmHandle {
+    let vm: VmRun | undefined;
+    let stopAsked: boolean | undefined;
+    const fields = { pool: req.pool.name, vm: req.id, runner: req.name };
+    const result = (async () => {
+      const spec = await this.spec(req.pool, req.id);
+      vm = new VmRun({
+        id: req.id,
+        spec: { ...spec, config: req.config },
+        paths: this.opts.paths,
+        accel: this.opts.accel,
+        graceSeconds: this.opts.graceSeconds,
+        secrets: req.secrets,
+        log: (l) => this.opts.log(l, fields),
+        meta: { pool: req.pool.name, runner: req.name },
+      });
+      if (stopAsked !== undefined) vm.stop("stopped", stopAsked);
+      const r = await vm.run();
+      return { reason: r.reason, exitCode: r.exitCode, detail: r.detail };
+    })();
+    return {
+      result,
+      stop: (force = false) => {
+        if (vm) vm.stop("stopped", force);
+        else stopAsked = force;
+      },
+    };
+  }
+}
