@@ -14,6 +14,7 @@ import { registerDoctor } from "./commands/doctor.js";
 import { registerImage } from "./commands/image.js";
 import { registerDemo } from "./commands/demo.js";
 import { registerServe } from "./commands/serve.js";
+import { registerPools } from "./commands/pools.js";
 
 const program = new Command();
 program
@@ -38,6 +39,7 @@ registerDoctor(program);
 registerImage(program);
 registerDemo(program);
 registerServe(program);
+registerPools(program);
 registerWait(program);
 registerExec(program);
 registerSsh(program);

@@ -1,6 +1,7 @@
-// `civm config check FILE`: validates a `civm serve` config (and its pools) without
+// `civm serve --config FILE`: the webhook/API server and the pool reconciler in one
+// process, JSON logs (pino) on stdout. `civm config check FILE` validates a config without
 // starting anything. Register with registerServe(program) in main.ts.
-import type { Command } from "commander";
+import { Option, type Command } from "commander";
 import { say } from "../output.js";
 
 export function registerServe(program: Command): void {
@@ -21,5 +22,18 @@ export function registerServe(program: Command): void {
       }
       for (const line of summarizeServeConfig(c)) process.stdout.write(`${line}\n`);
       say(`${file}: valid (${c.pools.length} pool${c.pools.length === 1 ? "" : "s"}).`);
+    });
+
+  program
+    .command("serve")
+    .description("Keep pools of single-use GitHub Actions runner VMs: webhook and API server plus the reconciler (see docs/serve.md). SIGTERM/SIGINT drains: idle runners stop, busy ones finish (up to shutdownTimeout).")
+    .requiredOption("--config <file>", "the serve config (YAML or JSON)")
+    .addOption(new Option("--accel <accel>", "force the accelerator instead of probing KVM").choices(["kvm", "tcg"]))
+    .option("--grace <seconds>", "ACPI grace period before a stopping VM is killed", "30")
+    .option("--log-level <level>", "pino level (trace, debug, info, warn, error)", "info")
+    .action(async (flags: { config: string; accel?: "kvm" | "tcg"; grace: string; logLevel: string }, cmd: Command) => {
+      const { runServe } = await import("../../pool/serve.js");
+      const root = cmd.optsWithGlobals() as { stateDir?: string; logsDir?: string };
+      process.exitCode = await runServe({ configFile: flags.config, stateDir: root.stateDir, logsDir: root.logsDir, accel: flags.accel, graceSeconds: Number(flags.grace), logLevel: flags.logLevel });
     });
 }
