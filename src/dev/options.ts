@@ -5,7 +5,7 @@ import { isAbsolute, resolve, basename } from "node:path";
 import { ConfigError } from "../errors/index.js";
 import type { PortForward } from "../vm/argv.js";
 
-/** The 9p tag civm reserves for a stored kernel's modules. */
+/** 9p tags civm keeps for itself. */
 export const RESERVED_TAGS = ["civm-modules"] as const;
 export const TAG_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,30}$/;
 

@@ -9,7 +9,7 @@ import type { InstanceSpec, JsonValue } from "../config/types.js";
 import { parseSize } from "../config/sizes.js";
 import { ConfigError } from "../errors/index.js";
 import { STATE_LAYOUT, type Paths } from "../host/paths.js";
-import { DEFAULT_CMDLINE, type HostMount, type PortForward } from "../vm/argv.js";
+import { DEFAULT_CMDLINE, qemuOptValue, type HostMount, type PortForward } from "../vm/argv.js";
 import { imageInfo } from "../vm/disk.js";
 import { checkPortFree } from "../vm/ports.js";
 import { newVmId, type RunVmRequest } from "../vm/run.js";
@@ -42,7 +42,7 @@ export interface DevFlags {
 export interface DevPlan {
   id: string;
   spec: InstanceSpec;
-  /** 9p shares: the host mounts, plus the stored kernel's modules. */
+  /** 9p shares: the host mounts. */
   mounts: HostMount[];
   /** Forwards besides SSH. */
   forwards: PortForward[];
@@ -114,6 +114,7 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
     }
   }
   const mounts: HostMount[] = [];
+  const qemuArgs: string[] = [];
   let kernel = image.kernel;
   let initrd = image.initrd;
   let cmdline: string | undefined = image.kernel ? STORED_IMAGE_CMDLINE : undefined;
@@ -127,13 +128,17 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
       initrd = undefined;
       cmdline = DEFAULT_CMDLINE;
     } else {
-      const { KernelStore, MODULES_TAG } = await import("../kernels/index.js");
+      const { KernelStore } = await import("../kernels/index.js");
       const k = await new KernelStore(paths.stateDir).require(f.kernel);
       if (f.initrd !== undefined) throw new ConfigError(`--initrd cannot be combined with a stored kernel (${f.kernel} brings its own initrd)`);
+      if ((f.hostMount ?? []).length && k.manifest.ninep === false) {
+        throw new ConfigError(`--host-mount needs virtio-9p in the guest kernel, and kernel ${f.kernel} (${k.manifest.release}) has none (CONFIG_9P_FS, CONFIG_NET_9P_VIRTIO; Debian's cloud kernels lack it): use another kernel or no --host-mount`);
+      }
       kernel = k.kernelPath;
       initrd = k.initrdPath;
       cmdline = STORED_IMAGE_CMDLINE;
-      if (k.modulesDir) mounts.push({ path: k.modulesDir, tag: MODULES_TAG, readOnly: true });
+      // The kernel's modules: a read-only disk the initrd mounts at /lib/modules/<release>.
+      if (k.modulesDisk) qemuArgs.push("-drive", `file=${qemuOptValue(k.modulesDisk)},if=none,id=civmmods,format=raw,readonly=on`, "-device", "virtio-blk-pci,drive=civmmods,serial=civm-modules");
     }
   }
   if (f.initrd !== undefined) {
@@ -178,7 +183,7 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
   };
   const spec: InstanceSpec = {
     name, image: image.path, imageRef: f.image, cpus, ramBytes, rootDiskBytes, timeoutSeconds, sshPort, config,
-    kernel, initrd, cmdline, machine: "pc", qemuArgs: [], source: { file: "(civm run --image)", index: 0, baseDir: cwd },
+    kernel, initrd, cmdline, machine: "pc", qemuArgs, source: { file: "(civm run --image)", index: 0, baseDir: cwd },
   };
   const workDir = join(paths.stateDir, STATE_LAYOUT.vms, `${name}-${id}`);
   const dev: DevMeta = {

@@ -3,11 +3,11 @@
 // It loads the modules needed to reach the root filesystem (listed by the builder in
 // /etc/civm/modules, dependencies first), mounts root= (LABEL=, UUID=, PARTUUID= or a
 // /dev path, honouring rootfstype=, rootflags=, ro/rw), mounts the kernel's own modules
-// from the 9p share tagged civm-modules (read-only) at /lib/modules/<release> inside the
+// from the read-only disk labelled civm-modules at /lib/modules/<release> inside the
 // root, so modprobe, udev and systemd find them, and hands over with switch_root to init=
 // (default /sbin/init). Any failure prints "civm-initrd: error: ..." and exits, which
 // panics the kernel (with panic=-1 QEMU then exits and civm reports the console tail).
-export const MODULES_TAG = "civm-modules";
+export const MODULES_LABEL = "civm-modules";
 
 export const INITRD_INIT = `#!/bin/sh
 /bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
@@ -78,10 +78,19 @@ say "root $dev mounted ($opts), kernel $release"
 
 if [ -f /etc/civm/has-modules ]; then
   target=/newroot/lib/modules/$release
-  if mkdir -p "$target" 2>/dev/null && mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose ${MODULES_TAG} "$target"; then
-    say "modules of $release mounted from 9p tag ${MODULES_TAG} at /lib/modules/$release"
+  mdev=""
+  i=0
+  while [ $i -lt 50 ]; do # 50 x 0.1 s: probed with the root disk, so it is there already or soon
+    mdev=$(findfs LABEL=${MODULES_LABEL} 2>/dev/null) && [ -n "$mdev" ] && break
+    i=$((i + 1))
+    usleep 100000
+  done
+  if [ -z "$mdev" ]; then
+    say "warning: no disk labelled ${MODULES_LABEL}; modprobe will not find the modules of $release"
+  elif mkdir -p "$target" 2>/dev/null && mount -t ext4 -o ro "$mdev" "$target"; then
+    say "modules of $release mounted from $mdev (${MODULES_LABEL}) at /lib/modules/$release"
   else
-    say "warning: cannot mount the modules share ${MODULES_TAG} at /lib/modules/$release; modprobe will not find this kernel's modules"
+    say "warning: cannot mount $mdev (${MODULES_LABEL}) at /lib/modules/$release; modprobe will not find this kernel's modules"
   fi
 fi
 

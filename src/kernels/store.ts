@@ -3,9 +3,12 @@
 //   <state>/kernels/<name>/
 //     vmlinuz                  the kernel (bzImage)
 //     initrd.img               generated: busybox + the modules to reach the root fs + /init
-//     lib/modules/<release>/   the kernel's modules with depmod's indexes (optional); shared
-//                              read-only with the guest over 9p (tag civm-modules) and mounted
-//                              by the initrd at /lib/modules/<release>
+//     modules.img              the kernel's lib/modules/<release> with depmod's indexes, as an
+//                              ext4 filesystem labelled civm-modules (optional). A VM gets it as
+//                              a read-only virtio disk; the initrd mounts it at
+//                              /lib/modules/<release>. A disk, not a 9p share: every kernel that
+//                              can mount its root (virtio_blk, ext4) can read it, and some have
+//                              no 9p (Debian's cloud kernels).
 //     manifest.json            written last: a folder without it is not a kernel
 //   <state>/kernels/.tmp-<name>-<rand>/   a kernel being added
 //
@@ -23,11 +26,12 @@ import { didYouMean } from "../config/suggest.js";
 import { aptDownload, dependsOnKernelPackage, debFields, DEB_PACKAGE_RE, extractDeb, packageVersion } from "./debian.js";
 import { readBzImage } from "./bzimage.js";
 import { busyboxTree, copyModules, packInitramfs, readModuleIndex, staticBusybox } from "./initramfs.js";
-import { resolveModules } from "./modules.js";
-import { INITRD_INIT } from "./init-script.js";
+import { moduleName, resolveModules } from "./modules.js";
+import { INITRD_INIT, MODULES_LABEL } from "./init-script.js";
 import { findLvhKernels } from "./lvh.js";
 
 export const KERNELS_DIR = "kernels";
+export const MODULES_DISK = "modules.img";
 const MANIFEST = "manifest.json";
 export const KERNEL_NAME_RE = /^[a-z0-9][a-z0-9._-]*$/;
 
@@ -57,10 +61,12 @@ export interface KernelManifest {
   /** uname -r of the kernel. */
   release: string;
   source: KernelSource;
-  /** Whether lib/modules/<release> is stored (and shared with the guest). */
+  /** Whether modules.img (the kernel's lib/modules/<release>) is stored. */
   hasModules: boolean;
   /** Module names in the initrd, in load order. */
   initrdModules: string[];
+  /** Whether the kernel has virtio-9p (9p and 9pnet_virtio, built in or modules), which --host-mount needs; null when unknown (no modules). */
+  ninep: boolean | null;
   createdAt: string;
   addSeconds: number;
 }
@@ -70,8 +76,8 @@ export interface StoredKernel {
   dir: string;
   kernelPath: string;
   initrdPath: string;
-  /** lib/modules/<release> when the kernel has modules. */
-  modulesDir: string | undefined;
+  /** modules.img when the kernel has modules. */
+  modulesDisk: string | undefined;
   manifest: KernelManifest;
 }
 
@@ -120,8 +126,8 @@ export class KernelStore {
       return undefined;
     }
     if (manifest?.name !== name || typeof manifest.release !== "string") return undefined;
-    const modulesDir = manifest.hasModules ? join(dir, "lib", "modules", manifest.release) : undefined;
-    return { name, dir, kernelPath: join(dir, "vmlinuz"), initrdPath: join(dir, "initrd.img"), modulesDir, manifest };
+    const modulesDisk = manifest.hasModules ? join(dir, MODULES_DISK) : undefined;
+    return { name, dir, kernelPath: join(dir, "vmlinuz"), initrdPath: join(dir, "initrd.img"), modulesDisk, manifest };
   }
 
   async list(): Promise<StoredKernel[]> {
@@ -171,22 +177,24 @@ export class KernelStore {
       await copyFile(vmlinuz, join(tmp, "vmlinuz"));
       await chmod(join(tmp, "vmlinuz"), 0o644);
       let hasModules = false;
+      const modRoot = join(scratch, "modroot");
       if (modulesDir) {
-        const dest = join(tmp, "lib", "modules", release);
-        await mkdir(join(tmp, "lib", "modules"), { recursive: true });
+        const dest = join(modRoot, "lib", "modules", release);
+        await mkdir(join(modRoot, "lib", "modules"), { recursive: true });
         if (modulesDir.startsWith(scratch)) await rename(modulesDir, dest);
         else await cp(modulesDir, dest, { recursive: true, verbatimSymlinks: true });
         // build/ and source/ point into a kernel tree on the build host: useless in the guest.
         await rm(join(dest, "build"), { force: true, recursive: true });
         await rm(join(dest, "source"), { force: true, recursive: true });
-        log(`depmod -b ${basename(tmp)} ${release}`);
-        await run("depmod", ["-b", tmp, release], { failCode: "host" });
+        log(`depmod -b ${basename(modRoot)} ${release}`);
+        await run("depmod", ["-b", modRoot, release], { failCode: "host" });
         hasModules = true;
       }
-      const initrdModules = await this.buildInitrd(tmp, scratch, release, hasModules, log);
+      const { names: initrdModules, ninep } = await this.buildInitrd(tmp, scratch, join(modRoot, "lib", "modules", release), hasModules, release, log);
+      if (hasModules) await makeModulesDisk(join(modRoot, "lib", "modules", release), join(tmp, MODULES_DISK), log);
       await rm(scratch, { recursive: true, force: true });
       const manifest: KernelManifest = {
-        name, release, source, hasModules, initrdModules,
+        name, release, source, hasModules, initrdModules, ninep,
         createdAt: new Date().toISOString(), addSeconds: (Date.now() - started) / 1000,
       };
       await writeFile(join(tmp, MANIFEST), JSON.stringify(manifest, null, 2) + "\n");
@@ -334,16 +342,19 @@ export class KernelStore {
     throw new ConfigError(`--modules ${dir}: no modules of ${release} there (expected lib/modules/${release}/ with modules.order or kernel/)`);
   }
 
-  private async buildInitrd(tmp: string, scratch: string, release: string, hasModules: boolean, log: (l: string) => void): Promise<string[]> {
+  private async buildInitrd(tmp: string, scratch: string, modDir: string, hasModules: boolean, release: string, log: (l: string) => void): Promise<{ names: string[]; ninep: boolean | null }> {
     const tree = join(scratch, "initramfs");
     const busybox = await staticBusybox(scratch, log);
     await busyboxTree(tree, busybox, ["newroot", "etc/civm"]);
     await writeFile(join(tree, "init"), INITRD_INIT, { mode: 0o755 });
     let names: string[] = [];
     let inTree: string[] = [];
+    let ninep: boolean | null = null;
     if (hasModules) {
-      const modDir = join(tmp, "lib", "modules", release);
       const { dep, builtin } = await readModuleIndex(modDir);
+      const known = new Set([...dep.split("\n").map((l) => l.split(":")[0] ?? ""), ...builtin.split("\n")].filter(Boolean).map(moduleName));
+      ninep = known.has("9p") && known.has("9pnet_virtio");
+      if (!ninep) log("this kernel has no virtio-9p (9p, 9pnet_virtio): VMs booting it cannot use --host-mount");
       const paths = resolveModules(dep, builtin, INITRD_MODULES, { optional: INITRD_MODULES });
       inTree = await copyModules(tree, modDir, release, paths);
       names = paths.map((p) => basename(p).replace(/\.ko(\.(xz|gz|zst))?$/, ""));
@@ -352,6 +363,16 @@ export class KernelStore {
     await writeFile(join(tree, "etc", "civm", "modules"), inTree.map((p) => p + "\n").join(""));
     log(`initrd: busybox + ${names.length} modules${names.length ? ` (${names.join(" ")})` : ""}`);
     await packInitramfs(tree, join(tmp, "initrd.img"), scratch);
-    return names;
+    return { names, ninep };
   }
+}
+
+/** An ext4 filesystem (label civm-modules, no journal: it is only ever mounted read-only) holding `dir`. */
+async function makeModulesDisk(dir: string, file: string, log: (l: string) => void): Promise<void> {
+  const { estimateNeededBytes, createSparseFile } = await import("../images/disk.js");
+  const size = await estimateNeededBytes(dir);
+  await createSparseFile(file, size);
+  log(`modules disk: mke2fs -d (${Math.round(size / 1024 / 1024)} MiB)`);
+  await run("mke2fs", ["-q", "-F", "-t", "ext4", "-L", MODULES_LABEL, "-O", "^has_journal", "-m", "0", "-E", "root_owner=0:0", "-d", dir, file, `${Math.floor(size / 1024)}k`], { failCode: "host" });
+  await chmod(file, 0o644);
 }

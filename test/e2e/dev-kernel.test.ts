@@ -5,7 +5,7 @@
 import { test, before } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { existsSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { runCivm } from "../support/civm-cli.js";
 import { ensureRunnerImage, runnerEnv, uniqueName, RUNNER_IMAGE, type RunnerImage } from "../support/runner-image.js";
@@ -48,7 +48,7 @@ test("--kernel: a second Debian kernel (apt) boots civm-runner; uname -r is its 
   t.diagnostic(`civm kernel add ${choice.meta}: ${((Date.now() - t0) / 1000).toFixed(1)} s`);
   assert.match(add.stderr, new RegExp(`${choice.meta} depends on ${choice.pkg}`));
   const kdir = add.stdout.trim();
-  for (const f of ["vmlinuz", "initrd.img", "manifest.json", `lib/modules/${release}/modules.dep.bin`, `lib/modules/${release}/modules.alias.bin`]) {
+  for (const f of ["vmlinuz", "initrd.img", "manifest.json", "modules.img"]) {
     assert.ok(existsSync(join(kdir, f)), `${f} missing in ${kdir}`);
   }
   const ls = await runCivm(["kernel", "ls"], e);
@@ -61,12 +61,15 @@ test("--kernel: a second Debian kernel (apt) boots civm-runner; uname -r is its 
   t.after(async () => {
     if (entryOf(e, name)) await runCivm(["stop", "--force", name], e, { cwd: "/" });
   });
-  const run = await runCivm(["run", "--image", RUNNER_IMAGE, "--kernel", kname, "--name", name, "--detach", "--wait", "--mem", "1G"], e);
+  const hostDir = join(e.root, "tree");
+  mkdirSync(hostDir);
+  writeFileSync(join(hostDir, "Makefile"), "test:\n\t@echo kernel-tests-passed on $$(uname -r)\n");
+  const run = await runCivm(["run", "--image", RUNNER_IMAGE, "--kernel", kname, "--name", name, "--detach", "--wait", "--mem", "1G", "--host-mount", hostDir], e);
   const entry = entryOf(e, name);
   const consoleText = entry && existsSync(entry.consoleLog) ? readFileSync(entry.consoleLog, "utf8") : "";
   assert.equal(run.code, 0, `${run.stderr}\n${consoleText.split("\n").slice(-40).join("\n")}`);
   assert.ok(entry);
-  assert.match(consoleText, new RegExp(`civm-initrd: modules of ${release.replace(/\./g, "\\.")} mounted from 9p tag civm-modules`));
+  assert.match(consoleText, new RegExp(`civm-initrd: modules of ${release.replace(/\./g, "\\.")} mounted from /dev/vd[a-z] \\(civm-modules\\)`));
 
   const uname = await runCivm(["exec", name, "--", "uname", "-r"], e);
   assert.equal(uname.code, 0, uname.stderr);
@@ -76,6 +79,11 @@ test("--kernel: a second Debian kernel (apt) boots civm-runner; uname -r is its 
   assert.equal(mod.code, 0, mod.stderr + mod.stdout);
   assert.match(mod.stdout, /^dummy\s+\d+/m);
   assert.match(mod.stdout, /civmtest0/);
+
+  // The host folder over 9p: the 9p modules are loaded on demand from the modules disk.
+  const make = await runCivm(["exec", name, "--", "cd /host && grep -c . Makefile && lsmod | grep -c '^9p '"], e);
+  assert.equal(make.code, 0, make.stderr);
+  assert.equal(make.stdout, "2\n1\n");
 
   const busy = await runCivm(["kernel", "rm", kname], e);
   assert.equal(busy.code, 2);
@@ -87,4 +95,41 @@ test("--kernel: a second Debian kernel (apt) boots civm-runner; uname -r is its 
   const rm = await runCivm(["kernel", "rm", kname], e);
   assert.equal(rm.code, 0, rm.stderr);
   assert.equal(existsSync(kdir), false);
+});
+
+test("a kernel without virtio-9p (Debian cloud): its modules still load (modules disk); --host-mount is refused before anything starts", async (t) => {
+  const e = runnerEnv();
+  t.after(() => rmSync(e.root, { recursive: true, force: true }));
+  const pkg = dependsOn("linux-image-cloud-amd64");
+  if (!pkg) {
+    t.skip("apt has no linux-image-cloud-amd64");
+    return;
+  }
+  const release = pkg.replace(/^linux-image-/, "");
+  const kname = uniqueName("ktc");
+  t.after(async () => {
+    await runCivm(["kernel", "rm", kname], e, { cwd: "/" });
+  });
+  const add = await runCivm(["kernel", "add", kname, pkg], e);
+  assert.equal(add.code, 0, add.stderr);
+  assert.match(add.stderr, /has no virtio-9p/);
+
+  const refused = await runCivm(["run", "--image", RUNNER_IMAGE, "--kernel", kname, "--detach", "--host-mount", e.root, "--name", `${kname}-x`], e);
+  assert.equal(refused.code, 2, refused.stderr);
+  assert.match(refused.stderr, /--host-mount needs virtio-9p in the guest kernel/);
+
+  const name = uniqueName("dv-cloud");
+  t.after(async () => {
+    if (entryOf(e, name)) await runCivm(["stop", "--force", name], e, { cwd: "/" });
+  });
+  const run = await runCivm(["run", "--image", RUNNER_IMAGE, "--kernel", kname, "--name", name, "--detach", "--wait", "--mem", "1G"], e);
+  const entry = entryOf(e, name);
+  assert.equal(run.code, 0, `${run.stderr}\n${entry && existsSync(entry.consoleLog) ? readFileSync(entry.consoleLog, "utf8").split("\n").slice(-40).join("\n") : ""}`);
+  assert.ok(entry);
+  const r = await runCivm(["exec", name, "--", "uname -r && modprobe dummy && lsmod | grep -c '^dummy '"], e);
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(r.stdout, `${release}\n1\n`);
+  const stop = await runCivm(["stop", name], e);
+  assert.equal(stop.code, 0, stop.stderr);
+  assert.deepEqual(tracesOf(e, name, entry.ownerPid), []);
 });

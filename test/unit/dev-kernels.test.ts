@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { resolveModules, moduleName } from "../../src/kernels/modules.js";
 import { parseBzImage } from "../../src/kernels/bzimage.js";
 import { parseLvhKernels, findLvhKernels } from "../../src/kernels/lvh.js";
-import { INITRD_INIT, MODULES_TAG } from "../../src/kernels/init-script.js";
+import { INITRD_INIT, MODULES_LABEL } from "../../src/kernels/init-script.js";
 import { KernelStore, checkKernelName } from "../../src/kernels/store.js";
 import { tempDir } from "../support/paths.js";
 
@@ -86,10 +86,10 @@ test("kernel add: a name lvh's kernels.json defines is explained (no git builds)
   assert.deepEqual(await store.list(), []);
 });
 
-test("kernel add: a bzImage with an lvh-style modules folder is stored with a generated initrd and depmod indexes", async (t) => {
+test("kernel add: lvh's build layout (boot/, lib/modules/) is stored with a generated initrd and a modules disk with depmod's indexes", async (t) => {
   const has = (p: string) => spawnSync("sh", ["-c", `command -v ${p}`]).status === 0;
-  if (!has("depmod") || !has("cpio") || !existsBusybox()) {
-    t.skip("needs depmod (kmod), cpio and busybox-static");
+  if (!has("depmod") || !has("cpio") || !has("mke2fs") || !existsBusybox()) {
+    t.skip("needs depmod (kmod), cpio, mke2fs and busybox-static");
     return;
   }
   const dir = tempDir();
@@ -106,7 +106,14 @@ test("kernel add: a bzImage with an lvh-style modules folder is stored with a ge
   assert.equal(k.manifest.hasModules, true);
   assert.deepEqual(k.manifest.initrdModules, []);
   assert.equal(k.manifest.source.kind, "dir");
-  assert.equal(k.modulesDir, join(store.pathOf("lvh-6.9"), "lib", "modules", release));
+  assert.equal(k.modulesDisk, join(store.pathOf("lvh-6.9"), "modules.img"));
+  const blk = spawnSync("blkid", ["-o", "export", k.modulesDisk!], { encoding: "utf8" });
+  if (!blk.error) {
+    assert.match(blk.stdout, /^LABEL=civm-modules$/m);
+    assert.match(blk.stdout, /^TYPE=ext4$/m);
+  }
+  const ls = spawnSync("debugfs", ["-R", "ls -l /", k.modulesDisk!], { encoding: "utf8" });
+  if (!ls.error) for (const f of ["modules.order", "modules.dep", "modules.dep.bin", "kernel"]) assert.match(ls.stdout, new RegExp(`\\s${f.replace(/\./g, "\\.")}\\s*$`, "m"), `${f} not on the modules disk:\n${ls.stdout}`);
   const cpio = spawnSync("sh", ["-c", `gzip -dc ${k.initrdPath} | cpio -it --quiet`], { encoding: "utf8" });
   for (const f of ["init", "bin/busybox", "etc/civm/modules", "etc/civm/has-modules"]) assert.ok(cpio.stdout.split("\n").includes(f), `${f} not in the initrd:\n${cpio.stdout}`);
   assert.deepEqual((await store.list()).map((x) => x.name), ["lvh-6.9"]);
@@ -119,12 +126,13 @@ function existsBusybox(): boolean {
   return spawnSync("dpkg-query", ["-W", "-f=${Status}", "busybox-static"], { encoding: "utf8" }).stdout.endsWith(" installed");
 }
 
-test("the initrd's /init is valid sh, mounts the modules share by its tag and hands over with switch_root", () => {
+test("the initrd's /init is valid sh, mounts the modules disk by its label and hands over with switch_root", () => {
   const dir = tempDir();
   writeFileSync(join(dir, "init"), INITRD_INIT);
   const r = spawnSync("sh", ["-n", join(dir, "init")], { encoding: "utf8" });
   assert.equal(r.status, 0, r.stderr);
-  assert.ok(INITRD_INIT.includes(`${MODULES_TAG} "$target"`));
+  assert.ok(INITRD_INIT.includes(`findfs LABEL=${MODULES_LABEL}`));
+  assert.match(INITRD_INIT, /mount -t ext4 -o ro "\$mdev" "\$target"/);
   assert.match(INITRD_INIT, /exec switch_root \/newroot "\$init"/);
   assert.match(INITRD_INIT, /LABEL=\* \| UUID=\*\) dev=\$\(findfs "\$root"/);
   const sc = spawnSync("shellcheck", ["-s", "sh", "-e", "SC3045", join(dir, "init")], { encoding: "utf8" });
