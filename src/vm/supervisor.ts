@@ -45,6 +45,8 @@ export interface SupervisorResult {
 const STDERR_KEEP = 16 * 1024;
 /** After SIGTERM, how long QEMU gets before SIGKILL. */
 const TERM_TO_KILL_MS = 5_000;
+/** During the grace period, the ACPI power button is pressed again this often. */
+const POWERDOWN_REPEAT_MS = 5_000;
 
 /** Events: "tray" (open: boolean), "medium-removed" (), "qmp-event" (QmpEvent), "running" (). */
 export class Supervisor extends EventEmitter {
@@ -146,8 +148,15 @@ export class Supervisor extends EventEmitter {
     if (this.killStage > 0) return;
     this.killStage = 1;
     this.o.log(`${reason === "timeout" ? `timeout (${this.o.timeoutSeconds} s)` : "stop requested"}: asking the guest to power off (ACPI), ${this.o.graceSeconds} s grace`);
-    this.qmp?.execute("system_powerdown").catch(() => this.escalate());
+    this.powerdown();
+    // A press the guest is not yet listening for (still booting) is lost: press again.
+    const repeat = setInterval(() => this.powerdown(), POWERDOWN_REPEAT_MS);
+    this.timers.push(repeat as unknown as NodeJS.Timeout);
     this.timers.push(setTimeout(() => this.escalate(), this.o.graceSeconds * 1000));
+  }
+
+  private powerdown(): void {
+    if (this.alive && this.killStage === 1) this.qmp?.execute("system_powerdown").catch(() => this.escalate());
   }
 
   /** SIGTERM (QEMU exits cleanly), then SIGKILL if it does not. */
