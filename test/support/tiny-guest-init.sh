@@ -14,6 +14,13 @@
 #                       panic (the default panic timeout is 0 = wait forever).
 #   network             bring eth0 up with udhcpc, print "tiny-guest: network eth0 <ip>
 #                       gateway <gw>", then behave like acpi.
+#   runner              (also chosen when config.runner is "github", as `civm serve` writes it)
+#                       a pretend GitHub runner for the serve tests: bring eth0 up, POST the
+#                       config's jitconfig to http://HUB/register, then poll http://HUB/job
+#                       every second; on the answer "run" print "tiny-guest: runner: running
+#                       job", POST http://HUB/done and power off. HUB is tiny.hub=HOST:PORT on
+#                       the kernel command line (e.g. 10.0.2.2:PORT, the host under QEMU user
+#                       networking). The ACPI power button powers it off at any time.
 # Every line goes to /dev/console (console=ttyS0 on the kernel command line).
 
 /bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
@@ -77,6 +84,7 @@ fi
 
 # --- act on config.tiny -----------------------------------------------------------------
 mode=$(tr -d '\n' </tmp/instance.json | sed -n 's/.*"tiny"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p')
+if [ -z "$mode" ] && tr -d '\n' </tmp/instance.json | grep -q '"runner"[[:space:]]*:[[:space:]]*"github"'; then mode=runner; fi
 [ -n "$mode" ] || mode=poweroff
 say "mode $mode"
 
@@ -88,7 +96,7 @@ power_off() {
   say "poweroff -f returned"
 }
 
-wait_power_button() {
+arm_power_button() {
   found=""
   for d in /sys/class/input/event*; do
     [ -e "$d/device/name" ] || continue
@@ -119,6 +127,10 @@ wait_power_button() {
     ) &
     fd=$((fd + 1))
   done
+}
+
+wait_power_button() {
+  arm_power_button
   say "waiting for acpi power button"
   while [ ! -e /tmp/pressed ]; do usleep 100000; done
   say "acpi power button pressed"
@@ -146,7 +158,7 @@ case "$mode" in
     say "failing (init exits, the kernel panics)"
     exit 1
     ;;
-  network)
+  network | runner)
     ip link set lo up
     ip link set eth0 up || say "no eth0"
     if udhcpc -i eth0 -s /etc/udhcpc.script -q -n -t 10 -T 1 >/tmp/udhcpc.log 2>&1; then
@@ -156,7 +168,30 @@ case "$mode" in
     else
       say "network: udhcpc failed: $(tr '\n' ' ' </tmp/udhcpc.log)"
     fi
-    wait_power_button
+    [ "$mode" = runner ] || wait_power_button
+    arm_power_button
+    hub=$(sed -n 's/.*tiny\.hub=\([^ ]*\).*/\1/p' /proc/cmdline)
+    jit=$(tr -d '\n' </tmp/instance.json | sed -n 's/.*"jitconfig"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p')
+    say "runner: hub $hub"
+    until wget -q -O /tmp/reg --post-data="$jit" "http://$hub/register" 2>/dev/null; do
+      [ -e /tmp/pressed ] && power_off
+      sleep 1
+    done
+    say "runner: registered"
+    while :; do
+      if [ -e /tmp/pressed ]; then
+        say "acpi power button pressed"
+        power_off
+      fi
+      if wget -q -O /tmp/job --post-data="$jit" "http://$hub/job" 2>/dev/null && [ "$(cat /tmp/job)" = run ]; then
+        say "runner: running job"
+        sleep 1
+        wget -q -O /dev/null --post-data="$jit" "http://$hub/done" 2>/dev/null || say "runner: /done failed"
+        say "runner: job done"
+        power_off
+      fi
+      sleep 1
+    done
     ;;
   *)
     say "unknown mode $mode, powering off"
