@@ -6,6 +6,7 @@ import { constants } from "node:fs";
 import { access, lstat, stat } from "node:fs/promises";
 import { dirname, resolve } from "node:path";
 import { z } from "zod";
+import { duplicateNameProblems } from "./duplicates.js";
 import { ConfigError } from "../errors/index.js";
 import { loadStructuredFile } from "./load-file.js";
 import { SIZE_FORMS, parseSize } from "./sizes.js";
@@ -242,22 +243,8 @@ function got(key: string, value: unknown): string {
 }
 
 function duplicateNames(data: unknown[], file: string): string[] {
-  const byName = new Map<string, number[]>();
-  data.forEach((entry, i) => {
-    const name = isPlainObject(entry) ? entry.name : undefined;
-    if (typeof name === "string") byName.set(name, [...(byName.get(name) ?? []), i + 1]);
-  });
-  const out: string[] = [];
-  for (const [name, idx] of byName) {
-    if (idx.length < 2) continue;
-    const list = idx.map((i) => `#${i}`);
-    const joined = `${list.slice(0, -1).join(", ")} and ${list.at(-1)}`;
-    const [all, fix] = idx.length === 2 ? ["both", "rename one of them"] : ["all", "rename all but one"];
-    out.push(
-      `${file}: instances ${joined} are ${all} named ${JSON.stringify(name)}; names must be unique because "civm run NAME" picks an instance by name, so ${fix}.`,
-    );
-  }
-  return out;
+  const names = data.map((entry) => (isPlainObject(entry) && typeof entry.name === "string" ? entry.name : undefined));
+  return duplicateNameProblems(file, names, "instances", '"civm run NAME" picks an instance by name');
 }
 
 /** Problems with the files an instance points to (missing, unreadable, not a file). */

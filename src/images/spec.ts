@@ -2,6 +2,7 @@
 // civm's form or lvh's images.json form, which is translated). Every problem is collected
 // and reported together in one ConfigError, one line each, naming the file, the image and
 // the field: `images.json: image "base" (#1): field "actions[2].copy.src": ...`.
+import { duplicateNameProblems } from "../config/duplicates.js";
 import { readdirSync } from "node:fs";
 import { stat } from "node:fs/promises";
 import { dirname, join, posix, resolve } from "node:path";
@@ -555,24 +556,11 @@ async function sourceProblem(path: string, baseDir: string, what: string, fileOn
 // ---------------------------------------------------------------- whole-file checks
 
 function duplicateNames(data: unknown[], file: string, lvh: boolean): string[] {
-  const byName = new Map<string, number[]>();
-  data.forEach((entry, i) => {
+  const names = data.map((entry) => {
     const raw = isObject(entry) ? entry.name : undefined;
-    if (typeof raw !== "string") return;
-    const name = lvh ? lvhImageName(raw) : raw;
-    byName.set(name, [...(byName.get(name) ?? []), i + 1]);
+    return typeof raw !== "string" ? undefined : lvh ? lvhImageName(raw) : raw;
   });
-  const out: string[] = [];
-  for (const [name, idx] of byName) {
-    if (idx.length < 2) continue;
-    const list = idx.map((i) => `#${i}`);
-    const joined = `${list.slice(0, -1).join(", ")} and ${list.at(-1)}`;
-    const [all, fix] = idx.length === 2 ? ["both", "rename one of them"] : ["all", "rename all but one"];
-    out.push(
-      `${file}: images ${joined} are ${all} named ${JSON.stringify(name)}; names must be unique because "civm image build NAME" and "parent" pick an image by name, so ${fix}.`,
-    );
-  }
-  return out;
+  return duplicateNameProblems(file, names, "images", '"civm image build NAME" and "parent" pick an image by name');
 }
 
 interface RawNode {
