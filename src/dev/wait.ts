@@ -1,6 +1,8 @@
 // civm wait: until a dev VM is usable. By default the guest agent must have printed
 // "civm-agent: ready" on the console (key installed, host folders mounted) and SSH must run
-// `true` with the VM's key; --ssh checks SSH alone, --console the agent's line alone.
+// `true` with the VM's key; --ssh checks SSH alone, --console the agent's line alone. SSH is
+// first tried when the agent reports the key installed, so the SSH handshake overlaps the
+// agent's 9p mounts.
 import { existsSync } from "node:fs";
 import { open } from "node:fs/promises";
 import { join } from "node:path";
@@ -16,6 +18,8 @@ import { sshProbe } from "./ssh.js";
 export type WaitMode = "both" | "ssh" | "console";
 
 export const AGENT_READY = "civm-agent: ready";
+/** The agent installed the keys: SSH can work from here, while it still mounts the host folders. */
+const AGENT_KEYS = "civm-agent: installed ";
 const AGENT_FAILED = /civm-agent: error: .*|civm-agent: powering off/;
 
 export interface WaitOptions {
@@ -57,6 +61,8 @@ export async function waitUntilReady(e: RegistryEntry, dev: DevMeta | undefined,
   let consoleText = "";
   let offset = 0;
   let consoleReady = o.mode === "ssh";
+  let keysInstalled = o.mode === "ssh";
+  let sshOk = false;
   let lastSsh = "";
   const consoleTail = () => `--- console ${e.consoleLog} (tail) ---\n${tailLines(consoleText, 30)}`;
   if (o.mode !== "console" && !dev) throw new CivmError("config", `VM "${e.name}" has no civm-made SSH key (not started with civm run --image); use civm wait --console`);
@@ -71,14 +77,17 @@ export async function waitUntilReady(e: RegistryEntry, dev: DevMeta | undefined,
       consoleReady = true;
       o.log?.(`${e.name}: agent ready after ${formatSeconds(Date.now() - started)}`);
     }
+    keysInstalled ||= consoleReady || consoleText.includes(AGENT_KEYS);
     const failed = AGENT_FAILED.exec(consoleText);
     if (failed && !consoleReady) throw new CivmError("qemu", `${e.name}: the guest agent failed: ${failed[0]}`, { details: consoleTail() });
-    if (consoleReady) {
-      if (o.mode === "console") return Date.now() - started;
+    if (o.mode === "console" && consoleReady) return Date.now() - started;
+    // SSH is tried as soon as the key is in place, while the agent still mounts the folders.
+    if (o.mode !== "console" && keysInstalled && !sshOk) {
       const probe = await sshProbe(dev!.ssh, Math.max(1000, Math.min(10_000, deadline - Date.now())));
-      if (probe.ok) return Date.now() - started;
-      lastSsh = probe.stderr.trim();
+      sshOk = probe.ok;
+      if (!probe.ok) lastSsh = probe.stderr.trim();
     }
+    if (consoleReady && sshOk) return Date.now() - started;
     if (!existsSync(entryFile) || liveness(e) !== "running") {
       const rest = await readFrom(e.consoleLog, offset);
       consoleText += rest.text;
@@ -88,6 +97,6 @@ export async function waitUntilReady(e: RegistryEntry, dev: DevMeta | undefined,
       const what = !consoleReady ? `the guest agent did not print "${AGENT_READY}"` : `SSH to ${dev!.ssh.host}:${dev!.ssh.port} does not answer${lastSsh ? ` (${lastSsh.split("\n").pop()})` : ""}`;
       throw new CivmError("timeout", `${e.name}: not ready after ${formatSeconds(o.timeoutMs)}: ${what}`, { details: consoleTail() });
     }
-    await sleep(consoleReady ? (o.intervalMs ?? 250) : 100);
+    await sleep(keysInstalled && !sshOk ? (o.intervalMs ?? 250) : 100);
   }
 }

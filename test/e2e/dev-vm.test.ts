@@ -84,6 +84,12 @@ test("detached dev VM on civm-runner: run --detach, wait, exec (output, exit cod
   assert.equal(dup.code, 2, dup.stderr);
   assert.match(dup.stderr, new RegExp(`a VM named "${name}" is already running`));
 
+  // Too short a wait: exit 3 with the console's tail.
+  const early = await runCivm(["wait", name, "--timeout", "1"], e);
+  assert.equal(early.code, 3, early.stderr);
+  assert.match(early.stderr, new RegExp(`civm: error: ${name}: not ready after 1\\.0 s`));
+  assert.match(early.stderr, /--- console .* \(tail\) ---/);
+
   const w = await runCivm(["wait", name, "--timeout", "600"], e);
   assert.equal(w.code, 0, `${w.stderr}\nconsole:\n${tail(consoleOf(e, name))}`);
   t.diagnostic(`run --detach to wait returning: ${((Date.now() - started) / 1000).toFixed(1)} s`);
@@ -149,6 +155,14 @@ test("detached dev VM on civm-runner: run --detach, wait, exec (output, exit cod
     assert.match(cfg.stdout, /^kbdinteractiveauthentication no$/m);
   });
 
+  await t.test("civm ssh runs a command (or prints its ssh command line)", async () => {
+    const r = await runCivm(["ssh", name, "--", "hostname"], e);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout, "civm-runner\n");
+    const p = await runCivm(["ssh", "--print", name], e);
+    assert.match(p.stdout, new RegExp(`^ssh -F /dev/null -i ${key.replace(/[.]/g, "\\.")} -p ${sshPort} .* root@127\\.0\\.0\\.1\\n$`));
+  });
+
   await t.test("civm logs prints the console", async () => {
     const r = await runCivm(["logs", name], e);
     assert.equal(r.code, 0, r.stderr);
@@ -157,12 +171,22 @@ test("detached dev VM on civm-runner: run --detach, wait, exec (output, exit cod
     assert.match(sup.stdout, new RegExp(`supervisor \\(pid ${entry.ownerPid}\\) for ${name}`));
   });
 
+  // logs -f follows until the VM ends.
+  const follow = startCivm(["logs", "-f", name], e);
+  t.after(() => {
+    if (follow.child.exitCode === null) follow.child.kill("SIGKILL");
+  });
+  await sleep(500);
   const s0 = Date.now();
   const stop = await runCivm(["stop", name], e);
   assert.equal(stop.code, 0, stop.stderr);
   assert.match(stop.stderr, new RegExp(`${name}: stopped and removed`));
   t.diagnostic(`civm stop: ${((Date.now() - s0) / 1000).toFixed(1)} s`);
   assert.deepEqual(tracesOf(e, name, entry.ownerPid), [], "civm stop left something behind");
+  const followed = await Promise.race([follow.done, sleep(15_000).then(() => undefined)]);
+  assert.ok(followed, "civm logs -f did not end with the VM");
+  assert.equal(followed.code, 0, followed.stderr);
+  assert.match(followed.stdout, /civm-agent: ready/);
   assert.equal(existsSync(entry.workDir), false, "the work dir (and the key in it) is still there");
   assert.equal(existsSync(key), false);
   const after = await runCivm(["ls"], e);
@@ -204,6 +228,12 @@ test("foreground ad-hoc VM (no --detach): exec works from another shell; Ctrl-C 
   const entry = entryOf(e, name);
   assert.ok(entry);
   assert.equal(entry.ownerPid, p.child.pid, "the foreground civm owns its VM");
+  // Too short a wait: exit 3 with the console's tail.
+  const early = await runCivm(["wait", name, "--timeout", "1"], e);
+  assert.equal(early.code, 3, early.stderr);
+  assert.match(early.stderr, new RegExp(`civm: error: ${name}: not ready after 1\\.0 s`));
+  assert.match(early.stderr, /--- console .* \(tail\) ---/);
+
   const w = await runCivm(["wait", name, "--timeout", "600"], e);
   assert.equal(w.code, 0, `${w.stderr}\n${tail(consoleOf(e, name))}`);
   const r = await runCivm(["exec", name, "--", "hostname"], e);
