@@ -42,7 +42,12 @@ export function startCivm(args: string[], e: CivmEnv, opts: { cwd?: string } = {
   let stderr = "";
   child.stdout!.on("data", (d) => (stdout += d));
   child.stderr!.on("data", (d) => (stderr += d));
-  const done = new Promise<CivmResult>((resolve) => child.on("close", (code) => resolve({ code, stdout, stderr })));
+  const cwd = opts.cwd ?? e.root;
+  const done = new Promise<CivmResult>((resolve, reject) => {
+    // A failed spawn (e.g. ENOENT when the cwd is gone) is a test failure that says why, not a crash.
+    child.on("error", (err) => reject(new Error(`could not start civm ${args.join(" ")} in ${cwd} (exists: ${existsSync(cwd)}): ${err.message}`)));
+    child.on("close", (code) => resolve({ code, stdout, stderr }));
+  });
   return { child, done, stderrSoFar: () => stderr };
 }
 
