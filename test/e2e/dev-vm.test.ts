@@ -132,11 +132,18 @@ test("detached dev VM on civm-runner: run --detach, wait, exec (output, exit cod
     assert.equal(start.code, 0, start.stderr);
     let body = "";
     for (let i = 0; i < 60 && !body; i++) {
+      // A ref'd timer, not AbortSignal.timeout (unref'd): while the forward accepts but the
+      // guest's server is not up yet, nothing else keeps the event loop alive, and the test
+      // runner would cancel the test.
+      const ac = new AbortController();
+      const timer = setTimeout(() => ac.abort(), 5000);
       try {
-        const res = await fetch(`http://127.0.0.1:${webPort}/index.html`, { signal: AbortSignal.timeout(5000) });
+        const res = await fetch(`http://127.0.0.1:${webPort}/index.html`, { signal: ac.signal });
         if (res.ok) body = await res.text();
       } catch {
         await sleep(500);
+      } finally {
+        clearTimeout(timer);
       }
     }
     assert.equal(body, "served-by-guest\n");
