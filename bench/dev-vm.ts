@@ -9,7 +9,7 @@
 import { spawn, execFileSync } from "node:child_process";
 import { mkdirSync, readFileSync, rmSync, writeFileSync, existsSync } from "node:fs";
 import { join } from "node:path";
-import { createServer } from "node:net";
+import { freePort } from "../test/support/net.js";
 import { civmBin, repoRoot, tempDir } from "../test/support/paths.js";
 import { ensureRunnerImage, RUNNER_IMAGE } from "../test/support/runner-image.js";
 import { renderConfigDrive, writeConfigDrive } from "../src/vm/config-drive.js";
@@ -44,14 +44,6 @@ async function civm(args: string[]) {
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   return s[Math.floor((s.length - 1) / 2)]!;
-}
-
-async function freePort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((r) => srv.listen(0, "127.0.0.1", r));
-  const port = (srv.address() as { port: number }).port;
-  await new Promise((r) => srv.close(r));
-  return port;
 }
 
 /** One civm run: detach, wait, exec true; the phases in ms. */

@@ -10,6 +10,7 @@ import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node
 import { createServer, type Server } from "node:net";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
+import { freePort } from "../support/net.js";
 import { civmEnv, runCivm, startCivm, waitFor, qemuStarts, type CivmEnv } from "../support/civm-cli.js";
 import { ensureRunnerImage, runnerEnv, uniqueName, leftoversNamed, RUNNER_IMAGE } from "../support/runner-image.js";
 import { entryOf, isSupervisor, logFiles, tracesOf } from "../support/dev-vm.js";
@@ -22,15 +23,6 @@ function env(t: TestContext): CivmEnv {
   const e = runnerEnv();
   t.after(() => rmSync(e.root, { recursive: true, force: true }));
   return e;
-}
-
-/** A free TCP port on 127.0.0.1 (closed again). */
-async function freePort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((r) => srv.listen(0, "127.0.0.1", r));
-  const port = (srv.address() as { port: number }).port;
-  await new Promise((r) => srv.close(r));
-  return port;
 }
 
 function tail(text: string, n = 40): string {

@@ -4,10 +4,11 @@
 // tools, so a command without a stub fails instead of touching the host.
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
-import { execFileSync, spawnSync } from "node:child_process";
-import { chmodSync, rmSync, existsSync, mkdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from "node:fs";
+import { spawnSync } from "node:child_process";
+import { rmSync, existsSync, mkdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { repoRoot, tempDir } from "../support/paths.js";
+import { repoRoot } from "../support/paths.js";
+import { parseCalls, stubSandbox, writeExecutable, type StubSandbox } from "../support/stub-path.js";
 
 const AGENT = join(repoRoot, "guest", "bin", "civm-agent");
 const RUNNER_DIR = "/home/runner/actions-runner";
@@ -38,11 +39,7 @@ grep "^$2:" "$STUB_PASSWD" || exit 2`,
   sleep: `exit 0`,
 };
 
-interface Harness {
-  dir: string;
-  root: string;
-  path: string;
-  calls: string;
+interface Harness extends StubSandbox {
   runnerCalls: string;
 }
 
@@ -50,15 +47,6 @@ const made: string[] = [];
 after(() => {
   for (const dir of made) rmSync(dir, { recursive: true, force: true });
 });
-
-function writeExecutable(path: string, body: string): void {
-  writeFileSync(path, body);
-  chmodSync(path, 0o755);
-}
-
-function realTool(name: string): string {
-  return execFileSync("sh", ["-c", `command -v ${name}`], { encoding: "utf8" }).trim();
-}
 
 /** Fake runner scripts record their argv, cwd and environment, then exit with `status`. */
 function fakeRunner(h: Harness, runStatus: number, configStatus: number): void {
@@ -78,31 +66,12 @@ exit ${status}
 }
 
 function makeHarness(opts: { runnerUser?: boolean; runStatus?: number; configStatus?: number } = {}): Harness {
-  const dir = tempDir("civm-guest-agent-");
-  made.push(dir);
-  const safe = join(dir, "safe-bin");
-  const stubs = join(dir, "stubs");
-  const root = join(dir, "root");
-  mkdirSync(safe);
-  mkdirSync(stubs);
-  for (const d of ["root", "home/runner", "run", "etc"]) mkdirSync(join(root, d), { recursive: true });
-  for (const tool of SAFE_TOOLS) symlinkSync(realTool(tool), join(safe, tool));
-  const h: Harness = {
-    dir,
-    root,
-    path: `${stubs}:${safe}`,
-    calls: join(dir, "calls.log"),
-    runnerCalls: join(dir, "runner-calls.log"),
-  };
-  for (const [name, body] of Object.entries(STUBS)) {
-    writeExecutable(
-      join(stubs, name),
-      `#!/bin/sh\n{ printf '%s' "\${0##*/}"; for a in "$@"; do printf '\\t%s' "$a"; done; printf '\\n'; } >>"$STUB_CALLS"\n${body}\n`,
-    );
-  }
+  const sb = stubSandbox({ prefix: "civm-guest-agent-", safeTools: SAFE_TOOLS, stubs: STUBS, rootDirs: ["root", "home/runner", "run", "etc"] });
+  made.push(sb.dir);
+  const h: Harness = { ...sb, runnerCalls: join(sb.dir, "runner-calls.log") };
   const passwd = ["root:x:0:0:root:/root:/bin/bash"];
   if (opts.runnerUser !== false) passwd.push("runner:x:1000:1000::/home/runner:/bin/bash");
-  writeFileSync(join(dir, "passwd"), passwd.join("\n") + "\n");
+  writeFileSync(join(h.dir, "passwd"), passwd.join("\n") + "\n");
   fakeRunner(h, opts.runStatus ?? 0, opts.configStatus ?? 0);
   return h;
 }
@@ -113,11 +82,6 @@ interface AgentRun {
   stdout: string;
   calls: string[][];
   runnerCalls: string[][];
-}
-
-function parseCalls(file: string): string[][] {
-  if (!existsSync(file)) return [];
-  return readFileSync(file, "utf8").split("\n").filter(Boolean).map((l) => l.split("\t"));
 }
 
 function runAgent(h: Harness, instance: unknown, env: Record<string, string> = {}): AgentRun {

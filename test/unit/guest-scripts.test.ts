@@ -4,61 +4,30 @@
 // stubs plus a few harmless real tools.
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
-import { execFileSync, spawnSync } from "node:child_process";
-import {
-  chmodSync, rmSync, existsSync, mkdirSync, readFileSync, readdirSync, readlinkSync, statSync, symlinkSync, writeFileSync,
-} from "node:fs";
+import { spawnSync } from "node:child_process";
+import { rmSync, existsSync, mkdirSync, readFileSync, readdirSync, readlinkSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { repoRoot, tempDir } from "../support/paths.js";
+import { repoRoot } from "../support/paths.js";
+import { parseCalls, stubSandbox, type StubSandbox } from "../support/stub-path.js";
 
 const GUEST = join(repoRoot, "guest");
 const SAFE_TOOLS = ["bash", "sh", "cat", "rm", "readlink", "basename", "dirname", "install", "sed", "ln", "mkdir", "cp", "chmod", "jq"];
-
-interface Sandbox {
-  dir: string;
-  root: string;
-  calls: string;
-  env: Record<string, string>;
-}
 
 const made: string[] = [];
 after(() => {
   for (const dir of made) rmSync(dir, { recursive: true, force: true });
 });
 
-function writeExecutable(path: string, body: string): void {
-  writeFileSync(path, body);
-  chmodSync(path, 0o755);
-}
-
 /** Temp dir with CIVM_ROOT and a PATH of the given stubs (which log argv) plus SAFE_TOOLS. */
-function sandbox(stubs: Record<string, string>): Sandbox {
-  const dir = tempDir("civm-guest-scripts-");
-  made.push(dir);
-  const root = join(dir, "root");
-  const safe = join(dir, "safe-bin");
-  const stubDir = join(dir, "stubs");
-  for (const d of [root, safe, stubDir]) mkdirSync(d, { recursive: true });
-  for (const tool of SAFE_TOOLS) {
-    const real = execFileSync("sh", ["-c", `command -v ${tool}`], { encoding: "utf8" }).trim();
-    symlinkSync(real, join(safe, tool));
-  }
-  const calls = join(dir, "calls.log");
-  for (const [name, body] of Object.entries(stubs)) {
-    writeExecutable(
-      join(stubDir, name),
-      `#!/bin/sh\n{ printf '%s' "\${0##*/}"; for a in "$@"; do printf '\\t%s' "$a"; done; printf '\\n'; } >>"$STUB_CALLS"\n${body}\n`,
-    );
-  }
-  return { dir, root, calls, env: { PATH: `${stubDir}:${safe}`, CIVM_ROOT: root, STUB_CALLS: calls } };
+function sandbox(stubs: Record<string, string>): StubSandbox {
+  const sb = stubSandbox({ prefix: "civm-guest-scripts-", safeTools: SAFE_TOOLS, stubs });
+  made.push(sb.dir);
+  return sb;
 }
 
-function run(sb: Sandbox, script: string, args: string[] = [], env: Record<string, string> = {}) {
+function run(sb: StubSandbox, script: string, args: string[] = [], env: Record<string, string> = {}) {
   const r = spawnSync(script, args, { encoding: "utf8", timeout: 30_000, env: { ...sb.env, ...env } });
-  const calls = existsSync(sb.calls)
-    ? readFileSync(sb.calls, "utf8").split("\n").filter(Boolean).map((l) => l.split("\t"))
-    : [];
-  return { status: r.status, out: r.stdout + r.stderr, stdout: r.stdout, calls };
+  return { status: r.status, out: r.stdout + r.stderr, stdout: r.stdout, calls: parseCalls(sb.calls) };
 }
 
 // --- shellcheck ------------------------------------------------------------------
@@ -97,7 +66,7 @@ exit "\${STUB_GROWPART_STATUS:-0}"`,
 };
 
 /** sysfs as the kernel lays it out: class/block/<part> links into the disk's directory. */
-function fakeSysfsPartition(sb: Sandbox, disk: string, part: string, num: number): void {
+function fakeSysfsPartition(sb: StubSandbox, disk: string, part: string, num: number): void {
   const real = join(sb.root, "sys/devices/pci0000:00/virtio2/block", disk, part);
   mkdirSync(real, { recursive: true });
   writeFileSync(join(real, "partition"), `${num}\n`);
