@@ -224,7 +224,9 @@ plan_registration() {
   REG_LABELS=$(jq -r '.config.labels // empty | if type == "array" then join(",") else tostring end' "$CONFIG" 2>/dev/null) ||
     fail "config.labels must be a string or a list of strings"
   REG_URL=$(registration_url "$repo")
-  REG_NAME=${name:-civm}-$(random_suffix)
+  # config.runner_name (civm serve: <runner.name>-<vm id>) is used as it is.
+  REG_NAME=$(cfg runner_name)
+  [ -n "$REG_NAME" ] || REG_NAME=${name:-civm}-$(random_suffix)
   REG_GROUP=$(cfg runnergroup)
 }
 

@@ -107,3 +107,55 @@ export async function deleteRunner(client: GitHubClient, t: RunnerTarget, id: nu
     throw apiFailure(`DELETE ${path}`, e);
   }
 }
+
+export interface RegistrationToken {
+  /** For `config.sh --token`: a credential (valid about an hour), never log it. */
+  token: string;
+  expiresAt: string | undefined;
+}
+
+/** POST .../registration-token: a token `config.sh` registers one runner with. */
+export async function createRegistrationToken(client: GitHubClient, t: RunnerTarget): Promise<RegistrationToken> {
+  const path = `${runnersPath(t)}/registration-token`;
+  try {
+    const res = await client.request(`POST ${path}`);
+    const data = res.data as { token?: unknown; expires_at?: unknown };
+    if (typeof data.token !== "string" || data.token === "") throw new ExternalError(`GitHub answered POST ${path} without a token.`);
+    return { token: data.token, expiresAt: typeof data.expires_at === "string" ? data.expires_at : undefined };
+  } catch (e) {
+    if (e instanceof ExternalError) throw e;
+    throw apiFailure(`POST ${path}`, e);
+  }
+}
+
+/** The name of an organization's runner group (`config.sh --runnergroup` takes names, JIT configs ids). */
+export async function runnerGroupName(client: GitHubClient, org: string, id: number): Promise<string> {
+  const path = `/orgs/${encodeURIComponent(org)}/actions/runner-groups/${id}`;
+  try {
+    const res = await client.request(`GET ${path}`);
+    const name = (res.data as { name?: unknown }).name;
+    if (typeof name !== "string" || name === "") throw new ExternalError(`GitHub answered GET ${path} without a name.`);
+    return name;
+  } catch (e) {
+    if (e instanceof ExternalError) throw e;
+    throw apiFailure(`GET ${path} (runner group ${id} of ${org})`, e);
+  }
+}
+
+/**
+ * The web URL runners register at (`config.sh --url`) for an API URL: api.github.com →
+ * https://github.com, GHES https://HOST/api/v3 → https://HOST, anything else (a local test
+ * server) as it is.
+ */
+export function githubWebUrl(apiUrl: string): string {
+  const u = new URL(apiUrl);
+  if (u.hostname === "api.github.com") return "https://github.com";
+  if (u.hostname.startsWith("api.") && u.hostname.endsWith(".ghe.com")) return `${u.protocol}//${u.hostname.slice(4)}`;
+  const path = u.pathname.replace(/\/+$/, "").replace(/\/api\/v3$/, "");
+  return `${u.origin}${path}`;
+}
+
+/** `config.sh --url` for the target: https://github.com/ORG or https://github.com/OWNER/REPO. */
+export function registrationUrl(apiUrl: string, t: RunnerTarget): string {
+  return `${githubWebUrl(apiUrl)}/${t.kind === "org" ? t.org : `${t.owner}/${t.repo}`}`;
+}

@@ -7,6 +7,7 @@
 import { readFile, stat } from "node:fs/promises";
 import { dirname, isAbsolute, resolve } from "node:path";
 import { ConfigError, messageOf } from "../errors/index.js";
+import { duplicateNameProblems } from "../config/duplicates.js";
 import { loadStructuredFile } from "../config/load-file.js";
 import { preprocessConfig } from "../config/preprocess.js";
 import { parseSize, SIZE_FORMS } from "../config/sizes.js";
@@ -422,6 +423,9 @@ function validateRunner(pool: Fields, poolName: string | undefined, baseDir: str
   groupId = groupId ?? alias ?? SERVE_DEFAULTS.groupId;
   const registration = f.oneOf("registration", REGISTRATION_MODES, SERVE_DEFAULTS.registration);
   const workFolder = f.str("workFolder") ?? SERVE_DEFAULTS.workFolder;
+  if (registration === "token" && workFolder !== SERVE_DEFAULTS.workFolder) {
+    f.add(`"runner.workFolder" (${JSON.stringify(workFolder)}) applies to JIT registration only; with "runner.registration": "token" the guest's config.sh uses "${SERVE_DEFAULTS.workFolder}", so remove "runner.workFolder" or use "jit".`);
+  }
   if (!namePrefix || !imageRef || !target || !labels) return undefined;
   const image: PoolImage = looksLikeImageName(imageRef) ? { ref: imageRef, kind: "stored" } : { ref: imageRef, kind: "path", path: resolve(baseDir, imageRef) };
   return { namePrefix, image, imagePullPolicy, target, labels, groupId, registration, workFolder };
@@ -492,15 +496,8 @@ function validateVm(pool: Fields): PoolSpec["vm"] | undefined {
 
 /** Duplicate names and label sets two pools share (a job could not pick between them). */
 function crossPoolProblems(entries: unknown[], pools: PoolSpec[], file: string): string[] {
-  const out: string[] = [];
-  const byName = new Map<string, number[]>();
-  entries.forEach((e, i) => {
-    const n = isObj(e) ? e.name : undefined;
-    if (typeof n === "string" && n !== "") byName.set(n, [...(byName.get(n) ?? []), i]);
-  });
-  for (const [name, idx] of byName) {
-    if (idx.length > 1) out.push(`${file}: pools ${idx.map((i) => `#${i + 1}`).join(", ")} are all named ${JSON.stringify(name)}; pool names must be unique (the API and metrics use them), rename all but one.`);
-  }
+  const names = entries.map((e) => (isObj(e) && typeof e.name === "string" && e.name !== "" ? e.name : undefined));
+  const out = duplicateNameProblems(file, names, "pools", "the API, the metrics and the logs pick a pool by name");
   const byLabels = new Map<string, PoolSpec[]>();
   for (const p of pools) {
     const key = labelKey(normalizeLabels(p.runner.labels));

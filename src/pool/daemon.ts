@@ -1,17 +1,18 @@
 // The `civm serve` reconciler: for each pool it computes what should run (plan.ts), starts
 // runner VMs through a VmLauncher (VmRun in production, a fake in unit tests) with a fresh
-// single-use JIT config each, follows their state (starting → idle → busy → finished) from
-// webhooks (server/) and the runners API, deregisters runners when their VM ends, backs off
-// after failed boots, polls queued jobs (lost webhooks), and cleans up after a crash.
+// single-use JIT config (or a registration token) each, follows their state (starting → idle
+// → busy → finished) from webhooks (server/) and the runners API, deregisters runners when
+// their VM ends, backs off after failed boots, polls queued jobs (lost webhooks), cleans up
+// after a crash, takes new pools on a reload and drains on request.
 // Clock, logger, metrics registry, GitHub access and launcher are injected.
-import { randomBytes } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { Counter, Gauge, type Registry } from "prom-client";
 import type { JsonValue } from "../config/types.js";
 import { messageOf } from "../errors/index.js";
 import type { GitHubAccess } from "../github/app-auth.js";
 import { listQueuedJobs, targetRepositories } from "../github/jobs.js";
 import type { RunnerTarget } from "../github/registration-token.js";
-import { deleteRunner, generateJitConfig, getRunner, listRunners, type RunnerInfo } from "../github/runners.js";
+import { createRegistrationToken, deleteRunner, generateJitConfig, getRunner, listRunners, registrationUrl, runnerGroupName, type RunnerInfo } from "../github/runners.js";
 import type { StateStore, VmRecord } from "../store/index.js";
 import { registrationLabels } from "./labels.js";
 import { backoffState, DEFAULT_BACKOFF, matchPool, planPool, planShutdown, type BackoffOptions, type RunnerView, type StopReason } from "./plan.js";
@@ -30,9 +31,13 @@ export interface LaunchRequest {
   /** Runner name `<runner.name>-<id>`. */
   name: string;
   pool: PoolSpec;
-  /** instance.json's config: {"runner":"github","jitconfig":"...","pool":"..."}. */
+  /**
+   * instance.json's config: {"runner":"github","jitconfig":"...","pool":"..."}, or for
+   * registration "token" {"runner":"github","token","repo" (URL),"runner_name","labels",
+   * "runnergroup"?,"pool"} (the guest agent's config.sh path).
+   */
   config: JsonValue;
-  /** Values to redact from anything printed (the JIT config). */
+  /** Values to redact from anything printed (the JIT config or registration token). */
   secrets: string[];
 }
 
@@ -76,6 +81,33 @@ export interface DaemonOptions {
   /** A VM whose runner is not online after this long is stopped and counted a failure (default 10 min). */
   registrationTimeoutMs?: number;
   backoff?: BackoffOptions;
+  /** The GitHub API URL (registration URLs for config.sh derive from it); default https://api.github.com. */
+  apiUrl?: string;
+  /** Called once when a drain asked to exit has no VM left. */
+  onDrained?: () => void;
+}
+
+/** What a reload changed in the pools. */
+export interface PoolChanges {
+  added: string[];
+  /** Draining: idle runners stop, busy ones finish, then the pool is gone. */
+  removed: string[];
+  /** Settings that differ; replaceIdle: idle runners are replaced (VM or registration settings changed). */
+  changed: { name: string; fields: string[]; replaceIdle: boolean }[];
+  unchanged: string[];
+}
+
+export type DaemonState = "serving" | "draining" | "drained" | "stopping";
+
+export interface DaemonStatus {
+  state: DaemonState;
+  /** A drain asked the daemon to exit once no VM is left. */
+  exitWhenDrained: boolean;
+  drainingSince: number | null;
+  /** VMs this process runs, by state. */
+  runners: { starting: number; idle: number; busy: number };
+  /** Pools a reload removed that still have runners. */
+  removingPools: string[];
 }
 
 const RUNNER_NAME_SUFFIX = /-[0-9a-f]{8}$/;
@@ -83,7 +115,27 @@ const RUNNER_NAME_SUFFIX = /-[0-9a-f]{8}$/;
 interface Live {
   handle: VmHandle;
   pool: string;
+  /** The pool's settings when the VM started (its runner is registered with these). */
+  spec: PoolSpec;
   stopReason?: StopReason | "registration-timeout";
+}
+
+/** Hash of what a runner VM is started with besides the image: replaced when it changes. */
+export function poolConfigKey(p: PoolSpec): string {
+  const { imagePullPolicy: _ignored, ...runner } = p.runner;
+  return createHash("sha256").update(JSON.stringify({ runner, vm: p.vm })).digest("hex").slice(0, 16);
+}
+
+/** Names of the settings that differ between two versions of a pool ("runner.labels", "vm.cpus", ...). */
+export function poolFieldChanges(a: PoolSpec, b: PoolSpec): string[] {
+  const out: string[] = [];
+  for (const k of ["maxRunners", "minRunners", "idleTimeoutSeconds"] as const) if (a[k] !== b[k]) out.push(k);
+  for (const group of ["runner", "vm"] as const) {
+    const x = a[group] as Record<string, unknown>;
+    const y = b[group] as Record<string, unknown>;
+    for (const k of new Set([...Object.keys(x), ...Object.keys(y)])) if (JSON.stringify(x[k]) !== JSON.stringify(y[k])) out.push(`${group}.${k}`);
+  }
+  return out;
 }
 
 function targetKey(t: RunnerTarget): string {
@@ -100,8 +152,16 @@ export class Daemon {
   /** Runners civm created that looked stale on the last pass: runner id → first seen. */
   private readonly staleMarks = new Map<number, number>();
   private nextPollAt = 0;
-  private draining = false;
+  /** SIGTERM: the loop ends. */
+  private stopping = false;
   private stopped = false;
+  /** Drain (API): no new runners, idle ones stop, busy ones finish; the loop goes on. */
+  private drainState: { since: number; exitWhenDrained: boolean; drainedAt?: number; exitCalled?: boolean } | undefined;
+  private pools: PoolSpec[];
+  /** Pools a reload removed, until their last runner has finished. */
+  private readonly retiring = new Map<string, PoolSpec>();
+  private access: GitHubAccess;
+  private readonly groupNames = new Map<string, string>();
   private wakeUp: (() => void) | undefined;
   private loopDone: Promise<void> | undefined;
   private readonly backoff: BackoffOptions;
@@ -110,6 +170,8 @@ export class Daemon {
   constructor(private readonly opts: DaemonOptions) {
     this.now = opts.now ?? Date.now;
     this.log = opts.logger;
+    this.pools = [...opts.pools];
+    this.access = opts.access;
     this.backoff = opts.backoff ?? DEFAULT_BACKOFF;
     const registers = [opts.registry];
     this.metrics = {
@@ -133,13 +195,13 @@ export class Daemon {
   }
 
   private async loop(): Promise<void> {
-    while (!this.draining) {
+    while (!this.stopping) {
       try {
         await this.pass();
       } catch (e) {
         this.log.error({ err: messageOf(e) }, "reconcile pass failed");
       }
-      if (this.draining) break;
+      if (this.stopping) break;
       await new Promise<void>((resolve) => {
         const t = setTimeout(resolve, this.opts.tickMs ?? 5000);
         this.wakeUp = () => {
@@ -165,39 +227,186 @@ export class Daemon {
   }
 
   private poolSpec(name: string): PoolSpec | undefined {
-    return this.opts.pools.find((p) => p.name === name);
+    return this.pools.find((p) => p.name === name) ?? this.retiring.get(name);
+  }
+
+  /** The settings a VM's runner was registered with (this process's launch, else the pool's now). */
+  private vmSpec(vm: VmRecord): PoolSpec | undefined {
+    return this.live.get(vm.id)?.spec ?? this.poolSpec(vm.pool);
   }
 
   private targets(): { key: string; target: RunnerTarget; pools: PoolSpec[] }[] {
     const m = new Map<string, { key: string; target: RunnerTarget; pools: PoolSpec[] }>();
-    for (const p of this.opts.pools) {
+    const specs = [...this.pools, ...this.retiring.values(), ...[...this.live.values()].map((l) => l.spec)];
+    for (const p of specs) {
       const key = targetKey(p.runner.target);
       const e = m.get(key) ?? { key, target: p.runner.target, pools: [] };
-      e.pools.push(p);
+      if (!e.pools.includes(p)) e.pools.push(p);
       m.set(key, e);
     }
     return [...m.values()];
   }
 
+  /** The pools in use now (the API shows these). */
+  currentPools(): readonly PoolSpec[] {
+    return this.pools;
+  }
+
+  /** Pools a reload removed that still have runners. */
+  removingPools(): readonly PoolSpec[] {
+    return [...this.retiring.values()];
+  }
+
+  /**
+   * Applies a new, already validated pool list (config reload). Added pools start on the
+   * next pass; removed ones drain (idle runners stop, busy ones finish, then the pool is
+   * gone); changed settings apply on the next pass, and runners started with another image
+   * or other VM/registration settings are replaced once idle. `access`: new GitHub
+   * credentials; the poll interval and shutdown timeout apply at once. Queued jobs are
+   * matched to the new pools again.
+   */
+  reload(pools: readonly PoolSpec[], o: { access?: GitHubAccess; pollIntervalMs?: number; shutdownTimeoutMs?: number } = {}): PoolChanges {
+    const old = new Map(this.pools.map((p) => [p.name, p]));
+    const next = new Set(pools.map((p) => p.name));
+    const changes: PoolChanges = { added: [], removed: [], changed: [], unchanged: [] };
+    for (const p of pools) {
+      const o = old.get(p.name);
+      if (!o) {
+        changes.added.push(p.name);
+        continue;
+      }
+      const fields = poolFieldChanges(o, p);
+      if (fields.length === 0) changes.unchanged.push(p.name);
+      else changes.changed.push({ name: p.name, fields, replaceIdle: poolConfigKey(o) !== poolConfigKey(p) });
+    }
+    for (const o of this.pools) {
+      if (next.has(o.name)) continue;
+      changes.removed.push(o.name);
+      this.retiring.set(o.name, o);
+    }
+    for (const p of pools) this.retiring.delete(p.name);
+    this.pools = [...pools];
+    if (o.access) this.access = o.access;
+    if (o.pollIntervalMs !== undefined && o.pollIntervalMs !== this.opts.pollIntervalMs) {
+      this.opts.pollIntervalMs = o.pollIntervalMs;
+      this.nextPollAt = Math.min(this.nextPollAt, this.now() + o.pollIntervalMs);
+    }
+    if (o.shutdownTimeoutMs !== undefined) this.opts.shutdownTimeoutMs = o.shutdownTimeoutMs;
+    const matchable = this.pools.map((p) => ({ name: p.name, labels: p.runner.labels }));
+    for (const j of this.opts.store.jobs({ status: "queued" })) {
+      const pool = matchPool(matchable, j.labels)?.name;
+      if (pool !== j.pool) this.opts.store.setJobPool(j.id, pool);
+    }
+    this.log.info({ added: changes.added, removed: changes.removed, changed: changes.changed.map((c) => `${c.name} (${c.fields.join(", ")})`) }, "pools reloaded");
+    this.wake();
+    return changes;
+  }
+
+  /**
+   * Stop taking work: no new runners, idle and starting ones stop, busy ones finish. The
+   * server keeps answering. With `exitWhenDrained`, onDrained is called once no VM is left.
+   */
+  drain(o: { exitWhenDrained?: boolean } = {}): DaemonStatus {
+    if (!this.drainState) {
+      this.drainState = { since: this.now(), exitWhenDrained: o.exitWhenDrained === true };
+      this.log.info({ exitWhenDrained: this.drainState.exitWhenDrained }, "draining: no new runners, idle ones stop, busy ones finish");
+    } else if (o.exitWhenDrained && !this.drainState.exitWhenDrained) {
+      this.drainState.exitWhenDrained = true;
+      this.log.info({}, "draining: will exit once drained");
+    }
+    this.wake();
+    return this.status();
+  }
+
+  /** Ends a drain: the pools take work again (unless the process is already exiting). */
+  undrain(): DaemonStatus {
+    if (this.drainState && !this.drainState.exitCalled) {
+      this.drainState = undefined;
+      this.log.info({}, "drain cancelled: taking work again");
+      this.wake();
+    }
+    return this.status();
+  }
+
+  status(): DaemonStatus {
+    const live = this.opts.store.vms({ live: true }).filter((v) => this.live.has(v.id));
+    const n = (s: string) => live.filter((v) => v.state === s).length;
+    const d = this.drainState;
+    const state: DaemonState = this.stopping ? "stopping" : d ? (d.drainedAt !== undefined ? "drained" : "draining") : "serving";
+    return {
+      state,
+      exitWhenDrained: d?.exitWhenDrained ?? false,
+      drainingSince: d?.since ?? null,
+      runners: { starting: n("starting"), idle: n("idle"), busy: n("busy") },
+      removingPools: [...this.retiring.keys()],
+    };
+  }
+
   /** One reconciliation pass. `poll` forces the GitHub poll (queued jobs, runners). */
   async pass(opts: { poll?: boolean } = {}): Promise<void> {
-    if (this.draining) return;
+    if (this.stopping) return;
     const now = this.now();
     const pollDue = opts.poll === true || now >= this.nextPollAt;
     if (pollDue) this.nextPollAt = now + this.opts.pollIntervalMs;
     for (const t of this.targets()) {
-      const names = new Set(t.pools.map((p) => p.name));
-      const starting = this.opts.store.vms({ live: true, state: "starting" }).some((v) => names.has(v.pool));
+      const starting = this.opts.store.vms({ live: true, state: "starting" }).some((v) => this.targetOf(v) === t.key);
       try {
-        if (pollDue || starting) await this.syncRunners(t.target, t.pools);
-        if (pollDue) await this.pollJobs(t.target);
+        if (pollDue || starting) await this.syncRunners(t.key, t.target, t.pools);
+        if (pollDue && !this.drainState && t.pools.some((p) => this.pools.includes(p))) await this.pollJobs(t.target);
       } catch (e) {
         this.log.warn({ target: t.key, err: messageOf(e) }, "GitHub poll failed");
       }
     }
-    for (const pool of this.opts.pools) {
-      if (this.draining) return;
-      await this.reconcilePool(pool);
+    for (const pool of [...this.retiring.values()]) {
+      if (this.stopping) return;
+      await this.retirePool(pool);
+    }
+    for (const pool of this.pools) {
+      if (this.stopping) return;
+      if (this.drainState) await this.stopAllIdle(pool, "drain");
+      else await this.reconcilePool(pool);
+    }
+    this.checkDrained();
+  }
+
+  private targetOf(vm: VmRecord): string | undefined {
+    const spec = this.vmSpec(vm);
+    return spec && targetKey(spec.runner.target);
+  }
+
+  /** Stops the pool's idle and starting runners (busy ones finish); returns how many VMs it still has. */
+  private async stopAllIdle(pool: PoolSpec, reason: StopReason): Promise<number> {
+    const vms = this.opts.store.vms({ pool: pool.name, live: true });
+    const plan = planShutdown(vms.map((v) => ({ id: v.id, state: v.state, imageKey: v.imageKey })), reason);
+    for (const s of plan.stop) await this.stopVm(s.id, s.reason);
+    this.metrics.desired.set({ pool: pool.name }, 0);
+    for (const state of ["starting", "idle", "busy"] as const) this.metrics.runners.set({ pool: pool.name, state }, vms.filter((v) => v.state === state).length);
+    return vms.length;
+  }
+
+  /** A pool a reload removed: drain it; once its last VM has ended, it is gone. */
+  private async retirePool(pool: PoolSpec): Promise<void> {
+    if ((await this.stopAllIdle(pool, "pool-removed")) > 0) return;
+    this.retiring.delete(pool.name);
+    this.opts.store.forgetPool(pool.name);
+    for (const g of [this.metrics.desired, this.metrics.health]) g.remove({ pool: pool.name });
+    for (const state of ["starting", "idle", "busy"]) this.metrics.runners.remove({ pool: pool.name, state });
+    this.log.info({ pool: pool.name }, "removed pool has no runners left; it is gone");
+  }
+
+  private checkDrained(): void {
+    const d = this.drainState;
+    if (!d || this.live.size > 0) {
+      if (d) delete d.drainedAt;
+      return;
+    }
+    if (d.drainedAt === undefined) {
+      d.drainedAt = this.now();
+      this.log.info({ exitWhenDrained: d.exitWhenDrained }, d.exitWhenDrained ? "drained: no runner VM left; exiting" : "drained: no runner VM left; still serving the API");
+    }
+    if (d.exitWhenDrained && !d.exitCalled) {
+      d.exitCalled = true;
+      this.opts.onDrained?.();
     }
   }
 
@@ -214,11 +423,18 @@ export class Daemon {
       store.recordFailure(pool.name, now);
       return;
     }
-    const views: RunnerView[] = vms.map((v) => ({ id: v.id, state: v.state, imageKey: v.imageKey, ...(v.idleSince !== undefined ? { idleSince: v.idleSince } : {}) }));
+    const configKey = poolConfigKey(pool);
+    const views: RunnerView[] = vms.map((v) => ({
+      id: v.id,
+      state: v.state,
+      imageKey: v.imageKey,
+      ...(v.idleSince !== undefined ? { idleSince: v.idleSince } : {}),
+      ...(v.configKey !== undefined ? { configKey: v.configKey } : {}),
+    }));
     const { retryAt, health } = backoffState(st, this.backoff);
     const queued = store.jobs({ status: "queued", pool: pool.name }).length;
     const plan = planPool({
-      pool: { name: pool.name, minRunners: st.minRunnersOverride ?? pool.minRunners, maxRunners: pool.maxRunners, idleTimeoutSeconds: pool.idleTimeoutSeconds, paused: st.paused, imageKey },
+      pool: { name: pool.name, minRunners: Math.min(st.minRunnersOverride ?? pool.minRunners, pool.maxRunners), maxRunners: pool.maxRunners, idleTimeoutSeconds: pool.idleTimeoutSeconds, paused: st.paused, imageKey, configKey },
       queued,
       runners: views,
       now,
@@ -228,39 +444,40 @@ export class Daemon {
     this.metrics.health.set({ pool: pool.name }, health === "degraded" ? 1 : 0);
     for (const s of plan.stop) await this.stopVm(s.id, s.reason);
     for (let i = 0; i < plan.start; i++) {
-      if (this.draining || !(await this.startVm(pool, imageKey))) break;
+      if (this.stopping || this.drainState || !(await this.startVm(pool, imageKey, configKey))) break;
     }
     const after = store.vms({ pool: pool.name, live: true });
     for (const state of ["starting", "idle", "busy"] as const) this.metrics.runners.set({ pool: pool.name, state }, after.filter((v) => v.state === state).length);
   }
 
-  private async startVm(pool: PoolSpec, imageKey: string): Promise<boolean> {
+  private async startVm(pool: PoolSpec, imageKey: string, configKey: string): Promise<boolean> {
     const { store } = this.opts;
     const id = randomBytes(4).toString("hex");
     const name = `${pool.runner.namePrefix}-${id}`;
     const fields = { pool: pool.name, vm: id, runner: name };
-    store.insertVm({ id, pool: pool.name, name, imageKey, createdAt: this.now() });
-    let jit;
+    const mode = pool.runner.registration;
+    store.insertVm({ id, pool: pool.name, name, imageKey, configKey, createdAt: this.now() });
+    let reg: { config: JsonValue; secret: string; runnerId: number | undefined };
     try {
-      const client = await this.opts.access.client(pool.runner.target);
-      jit = await generateJitConfig(client, pool.runner.target, { name, runnerGroupId: pool.runner.groupId, labels: registrationLabels(pool.runner.labels), workFolder: pool.runner.workFolder });
+      reg = await this.registration(pool, name);
     } catch (e) {
-      store.markFinished(id, "jit-failed", this.now());
+      const what = mode === "token" ? "token-failed" : "jit-failed";
+      store.markFinished(id, what, this.now());
       const st = store.recordFailure(pool.name, this.now());
-      this.metrics.starts.inc({ pool: pool.name, result: "jit-failed" });
-      this.log.error({ ...fields, failures: st.failures, err: messageOf(e) }, "could not get a JIT runner config");
+      this.metrics.starts.inc({ pool: pool.name, result: what });
+      this.log.error({ ...fields, failures: st.failures, err: messageOf(e) }, mode === "token" ? "could not get a runner registration token" : "could not get a JIT runner config");
       return false;
     }
-    store.setRunnerId(id, jit.runnerId);
+    if (reg.runnerId !== undefined) store.setRunnerId(id, reg.runnerId);
     let handle: VmHandle;
     try {
-      handle = this.opts.launcher.start({ id, name, pool, config: { runner: "github", jitconfig: jit.encodedJitConfig, pool: pool.name }, secrets: [jit.encodedJitConfig] });
+      handle = this.opts.launcher.start({ id, name, pool, config: reg.config, secrets: [reg.secret] });
     } catch (e) {
       handle = { stop: () => {}, result: Promise.reject(e) };
     }
-    this.live.set(id, { handle, pool: pool.name });
+    this.live.set(id, { handle, pool: pool.name, spec: pool });
     this.metrics.starts.inc({ pool: pool.name, result: "started" });
-    this.log.info({ ...fields, runnerId: jit.runnerId }, "runner VM starting");
+    this.log.info({ ...fields, registration: mode, ...(reg.runnerId !== undefined ? { runnerId: reg.runnerId } : {}) }, "runner VM starting");
     let done: Promise<void> = Promise.resolve();
     done = handle.result
       .then(
@@ -282,16 +499,48 @@ export class Daemon {
     return true;
   }
 
+  /**
+   * What the guest registers with: a JIT config (the runner id is known at once), or a
+   * registration token for config.sh with the exact runner name (its id is learnt from the
+   * runners list once it has registered).
+   */
+  private async registration(pool: PoolSpec, name: string): Promise<{ config: JsonValue; secret: string; runnerId: number | undefined }> {
+    const t = pool.runner.target;
+    const client = await this.access.client(t);
+    const labels = registrationLabels(pool.runner.labels);
+    if (pool.runner.registration === "jit") {
+      const jit = await generateJitConfig(client, t, { name, runnerGroupId: pool.runner.groupId, labels, workFolder: pool.runner.workFolder });
+      return { config: { runner: "github", jitconfig: jit.encodedJitConfig, pool: pool.name }, secret: jit.encodedJitConfig, runnerId: jit.runnerId };
+    }
+    let group: string | undefined;
+    if (t.kind === "org" && pool.runner.groupId !== 1) {
+      const key = `${t.org.toLowerCase()}:${pool.runner.groupId}`;
+      group = this.groupNames.get(key) ?? (await runnerGroupName(client, t.org, pool.runner.groupId));
+      this.groupNames.set(key, group);
+    }
+    const { token } = await createRegistrationToken(client, t);
+    const config = {
+      runner: "github",
+      token,
+      repo: registrationUrl(this.opts.apiUrl ?? "https://api.github.com", t),
+      runner_name: name,
+      labels,
+      ...(group !== undefined ? { runnergroup: group } : {}),
+      pool: pool.name,
+    };
+    return { config, secret: token, runnerId: undefined };
+  }
+
   /** Stops an idle (or starting) runner's VM; asks GitHub first so a just-assigned runner is left alone. */
   private async stopVm(id: string, reason: StopReason | "registration-timeout"): Promise<void> {
     const l = this.live.get(id);
     const vm = this.opts.store.vm(id);
     if (!l || !vm || l.stopReason) return;
     if (vm.state === "busy") return;
-    const pool = this.poolSpec(vm.pool);
-    if (pool && vm.githubRunnerId !== undefined && vm.state === "idle") {
+    const pool = l.spec;
+    if (vm.githubRunnerId !== undefined && vm.state === "idle") {
       try {
-        const r = await getRunner(await this.opts.access.client(pool.runner.target), pool.runner.target, vm.githubRunnerId);
+        const r = await getRunner(await this.access.client(pool.runner.target), pool.runner.target, vm.githubRunnerId);
         if (r?.busy) {
           this.opts.store.markBusy(id, undefined, this.now());
           return;
@@ -312,7 +561,7 @@ export class Daemon {
     this.live.delete(id);
     const vm = store.vm(id);
     if (!vm) return;
-    const pool = this.poolSpec(vm.pool);
+    const pool = l?.spec ?? this.poolSpec(vm.pool);
     const fields = { pool: vm.pool, vm: id, runner: vm.name, ...(vm.jobId !== undefined ? { job: vm.jobId } : {}) };
     const reason = l?.stopReason && l.stopReason !== "registration-timeout" ? `stopped:${l.stopReason}` : l?.stopReason ?? outcome.reason;
     const failed = vm.state === "starting" && (l?.stopReason === undefined || l.stopReason === "registration-timeout");
@@ -320,20 +569,27 @@ export class Daemon {
       const st = store.recordFailure(vm.pool, this.now());
       this.log.error({ ...fields, reason, failures: st.failures, ...(outcome.detail ? { detail: outcome.detail } : {}) }, "runner VM ended before its runner came online");
     }
-    if (pool && vm.githubRunnerId !== undefined) await this.deregister(pool, vm);
+    if (pool) await this.deregister(pool, vm);
     store.markFinished(id, reason, this.now());
     this.metrics.exits.inc({ pool: vm.pool, reason });
     this.log.info({ ...fields, reason, exitCode: outcome.exitCode }, "runner VM finished");
     this.wake();
   }
 
+  /** Removes the VM's runner if GitHub still lists it; a token-registered runner not yet seen is looked up by name. */
   private async deregister(pool: PoolSpec, vm: VmRecord): Promise<void> {
-    if (vm.githubRunnerId === undefined) return;
+    if (vm.githubRunnerId === undefined && pool.runner.registration !== "token") return;
     try {
-      const client = await this.opts.access.client(pool.runner.target);
-      const r = await getRunner(client, pool.runner.target, vm.githubRunnerId);
-      if (r && (await deleteRunner(client, pool.runner.target, vm.githubRunnerId))) {
-        this.log.info({ pool: pool.name, vm: vm.id, runner: vm.name, runnerId: vm.githubRunnerId }, "runner deregistered");
+      const client = await this.access.client(pool.runner.target);
+      let runnerId = vm.githubRunnerId;
+      if (runnerId === undefined) {
+        runnerId = (await listRunners(client, pool.runner.target)).find((r) => r.name === vm.name)?.id;
+        if (runnerId === undefined) return;
+        this.opts.store.setRunnerId(vm.id, runnerId);
+      }
+      const r = await getRunner(client, pool.runner.target, runnerId);
+      if (r && (await deleteRunner(client, pool.runner.target, runnerId))) {
+        this.log.info({ pool: pool.name, vm: vm.id, runner: vm.name, runnerId }, "runner deregistered");
       }
     } catch (e) {
       // The stale-runner sweep retries on later passes.
@@ -342,16 +598,18 @@ export class Daemon {
   }
 
   /** Runner states from GitHub; stale registrations of civm's own runners are removed. */
-  private async syncRunners(target: RunnerTarget, pools: PoolSpec[]): Promise<void> {
+  private async syncRunners(key: string, target: RunnerTarget, pools: PoolSpec[]): Promise<void> {
     const { store } = this.opts;
-    const client = await this.opts.access.client(target);
+    const client = await this.access.client(target);
     const runners = await listRunners(client, target);
     const byName = new Map<string, RunnerInfo>(runners.map((r) => [r.name, r]));
     const names = new Set(pools.map((p) => p.name));
     const now = this.now();
     for (const vm of store.vms({ live: true })) {
-      if (!names.has(vm.pool)) continue;
+      if (this.targetOf(vm) !== key) continue;
       const r = byName.get(vm.name);
+      // A runner registered with a token: its id is known once GitHub lists it.
+      if (r && vm.githubRunnerId === undefined) store.setRunnerId(vm.id, r.id);
       if (r?.busy) store.markBusy(vm.id, undefined, now);
       else if (r?.status === "online" && vm.state === "starting") {
         store.markIdle(vm.id, now);
@@ -373,8 +631,7 @@ export class Daemon {
         this.log.info({ pool: rec.pool, runner: r.name, runnerId: r.id }, "stale runner registration (no VM); removing it next pass if still offline");
         continue;
       }
-      const p = this.poolSpec(rec.pool) as PoolSpec;
-      if (await deleteRunner(client, p.runner.target, r.id)) this.log.info({ pool: rec.pool, runner: r.name, runnerId: r.id }, "stale runner deregistered");
+      if (await deleteRunner(client, target, r.id)) this.log.info({ pool: rec.pool, runner: r.name, runnerId: r.id }, "stale runner deregistered");
     }
     for (const id of this.staleMarks.keys()) if (!seen.has(id)) this.staleMarks.delete(id);
   }
@@ -383,13 +640,13 @@ export class Daemon {
   private async pollJobs(target: RunnerTarget): Promise<void> {
     const { store } = this.opts;
     const started = this.now();
-    const client = await this.opts.access.client(target);
+    const client = await this.access.client(target);
     const repos = await targetRepositories(client, target);
     const queuedIds = new Set<number>();
     for (const repo of repos) {
       for (const j of await listQueuedJobs(client, repo)) {
         queuedIds.add(j.id);
-        const pool = matchPool(this.opts.pools.map((p) => ({ name: p.name, labels: p.runner.labels })), j.labels)?.name;
+        const pool = matchPool(this.pools.map((p) => ({ name: p.name, labels: p.runner.labels })), j.labels)?.name;
         const old = store.job(j.id);
         store.upsertJob({ id: j.id, labels: j.labels, status: "queued", at: started, repository: j.repository, ...(pool ? { pool } : {}) });
         if (!old && pool) this.log.info({ pool, job: j.id, repository: j.repository }, "queued job found by polling");
@@ -421,7 +678,7 @@ export class Daemon {
   async shutdown(): Promise<void> {
     if (this.stopped) return;
     this.stopped = true;
-    this.draining = true;
+    this.stopping = true;
     this.wakeUp?.();
     await this.loopDone;
     const vms = this.opts.store.vms({ live: true }).filter((v) => this.live.has(v.id));

@@ -30,4 +30,18 @@ export {
   type BackoffOptions,
   type PoolHealth,
 } from "./plan.js";
-export { Daemon, type DaemonOptions, type DaemonLogger, type VmLauncher, type VmHandle, type LaunchRequest, type LaunchOutcome } from "./daemon.js";
+export {
+  Daemon,
+  poolConfigKey,
+  poolFieldChanges,
+  type DaemonOptions,
+  type DaemonLogger,
+  type DaemonState,
+  type DaemonStatus,
+  type PoolChanges,
+  type VmLauncher,
+  type VmHandle,
+  type LaunchRequest,
+  type LaunchOutcome,
+} from "./daemon.js";
+export { settingsChanges, effectiveConfig, restartMessage, type SettingsChanges, type RestartNeeded } from "./reload.js";

@@ -2,7 +2,7 @@
 // brings its kernel and initrd (resolveStoredImage); a disk path with `vmlinuz` and
 // `initrd.img` next to it boots those too (the layout of a stored image's folder).
 import { existsSync } from "node:fs";
-import { stat } from "node:fs/promises";
+import { readdir, stat } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import type { InstanceSpec } from "../config/types.js";
 import { ConfigError } from "../errors/index.js";
@@ -98,4 +98,13 @@ export class VmRunLauncher implements VmLauncher {
       },
     };
   }
+}
+
+/** The console log VmRun wrote for VM `id` (`<name>-<timestamp>-<id>.log` in the logs dir), if any. */
+export async function findConsoleLog(logsDir: string, id: string): Promise<string | undefined> {
+  if (!/^[0-9a-f]{8}$/.test(id)) return undefined;
+  const re = new RegExp(`-\\d{8}-\\d{6}-${id}\\.log$`);
+  const files = await readdir(logsDir).catch(() => [] as string[]);
+  const f = files.find((x) => re.test(x));
+  return f === undefined ? undefined : join(logsDir, f);
 }

@@ -12,6 +12,8 @@ export interface RunnerView {
   imageKey: string;
   /** ms epoch when it became idle (undefined unless idle). */
   idleSince?: number;
+  /** Hash of the pool settings the VM was started with (VM size, runner registration); undefined: unknown. */
+  configKey?: string;
 }
 
 export interface PoolView {
@@ -22,9 +24,11 @@ export interface PoolView {
   paused: boolean;
   /** The image a new VM of this pool would boot now. */
   imageKey: string;
+  /** Hash of the settings a new VM would start with; runners with another one are replaced. */
+  configKey?: string;
 }
 
-export type StopReason = "idle-timeout" | "image-change" | "paused" | "shutdown";
+export type StopReason = "idle-timeout" | "image-change" | "config-change" | "paused" | "shutdown" | "drain" | "pool-removed";
 
 export interface PoolPlan {
   desired: number;
@@ -88,8 +92,8 @@ export interface PlanInput {
 }
 
 /**
- * One pass for one pool. Busy runners are never stopped. Idle runners on an old image are
- * replaced at once; idle runners above desired stop once idle for idleTimeout, longest idle
+ * One pass for one pool. Busy runners are never stopped. Idle runners on an old image (or
+ * started with settings the pool no longer has) are replaced at once; idle runners above desired stop once idle for idleTimeout, longest idle
  * first; a paused pool starts nothing and stops its idle runners.
  */
 export function planPool(input: PlanInput): PoolPlan {
@@ -102,7 +106,11 @@ export function planPool(input: PlanInput): PoolPlan {
     return { desired: 0, start: 0, stop };
   }
   const desired = desiredRunners(pool, input.queued + busy);
-  for (const r of live) if (r.state === "idle" && r.imageKey !== pool.imageKey) stop.push({ id: r.id, reason: "image-change" });
+  for (const r of live) {
+    if (r.state !== "idle") continue;
+    if (r.imageKey !== pool.imageKey) stop.push({ id: r.id, reason: "image-change" });
+    else if (r.configKey !== undefined && pool.configKey !== undefined && r.configKey !== pool.configKey) stop.push({ id: r.id, reason: "config-change" });
+  }
   const stopping = new Set(stop.map((s) => s.id));
   const kept = live.filter((r) => !stopping.has(r.id));
   const surplus = kept.length - desired;
@@ -120,11 +128,11 @@ export function planPool(input: PlanInput): PoolPlan {
   return { desired, start, stop };
 }
 
-/** SIGTERM / drain: stop everything not busy; busy runners finish their job. */
-export function planShutdown(runners: readonly RunnerView[]): { stop: { id: string; reason: StopReason }[]; waitFor: string[] } {
+/** SIGTERM, drain, a pool removed by a reload: stop everything not busy; busy runners finish their job. */
+export function planShutdown(runners: readonly RunnerView[], reason: StopReason = "shutdown"): { stop: { id: string; reason: StopReason }[]; waitFor: string[] } {
   const live = runners.filter((r) => r.state !== "finished");
   return {
-    stop: live.filter((r) => r.state !== "busy").map((r) => ({ id: r.id, reason: "shutdown" as const })),
+    stop: live.filter((r) => r.state !== "busy").map((r) => ({ id: r.id, reason })),
     waitFor: live.filter((r) => r.state === "busy").map((r) => r.id),
   };
 }

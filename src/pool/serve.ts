@@ -1,19 +1,23 @@
 // `civm serve`: loads the config, opens the state store, starts the HTTP server (webhooks,
-// API, metrics) and the reconciler, and drains on SIGTERM/SIGINT. Logs are pino JSON lines
-// on stdout with pool/vm/runner/job fields; every line passes through the redaction of the
-// config's secrets and the JIT configs of running VMs.
+// API, metrics) and the reconciler, and drains on SIGTERM/SIGINT. SIGHUP and POST
+// /api/reload re-read the config (an invalid one changes nothing); POST /api/drain stops
+// taking work (and, if asked, exits once no VM is left). Logs are pino JSON lines on stdout
+// with pool/vm/runner/job fields; every line passes through the redaction of the config's
+// secrets and the JIT configs / registration tokens of running VMs.
 import { pino } from "pino";
 import { Registry } from "prom-client";
-import { EXIT_CODES, messageOf } from "../errors/index.js";
-import { createGitHubAccess } from "../github/app-auth.js";
+import { ConfigError, EXIT_CODES, messageOf } from "../errors/index.js";
+import { createGitHubAccess, type GitHubAccess } from "../github/app-auth.js";
 import { detectAccel } from "../host/kvm.js";
 import { resolvePaths } from "../host/paths.js";
-import { createApp, listen } from "../server/index.js";
+import { createApp, listen, type ReloadOutcome, type ServerOptions, type ServerPool } from "../server/index.js";
 import { StateStore } from "../store/index.js";
 import { redactAll } from "../vm/run.js";
 import { loadServeConfig } from "./config.js";
 import { Daemon, type VmLauncher } from "./daemon.js";
-import { VmRunLauncher } from "./launcher.js";
+import { findConsoleLog, VmRunLauncher } from "./launcher.js";
+import { effectiveConfig, restartMessage, settingsChanges } from "./reload.js";
+import type { ServeConfig } from "./types.js";
 
 export interface RunServeOptions {
   configFile: string;
@@ -24,9 +28,18 @@ export interface RunServeOptions {
   logLevel: string;
 }
 
-/** Runs until SIGTERM/SIGINT; returns the exit code. */
+function accessFor(config: ServeConfig, warn: (m: string) => void): GitHubAccess {
+  return createGitHubAccess(
+    config.github.auth.kind === "token"
+      ? { kind: "token", token: config.github.auth.token }
+      : { kind: "app", appId: config.github.auth.appId, privateKey: config.github.auth.privateKey, installationId: config.github.auth.installationId },
+    { baseUrl: config.github.apiUrl, warn },
+  );
+}
+
+/** Runs until SIGTERM/SIGINT (or a drain that asked to exit); returns the exit code. */
 export async function runServe(o: RunServeOptions): Promise<number> {
-  const config = await loadServeConfig(o.configFile, { checkImages: true, ...(o.stateDir ? { stateDir: o.stateDir } : {}) });
+  let config = await loadServeConfig(o.configFile, { checkImages: true, ...(o.stateDir ? { stateDir: o.stateDir } : {}) });
   const secrets = new Set<string>(config.secrets);
   const logger = pino(
     { level: o.logLevel, base: { pid: process.pid }, timestamp: pino.stdTimeFunctions.isoTime, formatters: { level: (label) => ({ level: label }) } },
@@ -35,16 +48,12 @@ export async function runServe(o: RunServeOptions): Promise<number> {
   const paths = resolvePaths({ stateDir: config.stateDir ?? o.stateDir, logsDir: o.logsDir });
   const store = new StateStore(paths.stateDir);
   const registry = new Registry();
-  const access = createGitHubAccess(
-    config.github.auth.kind === "token"
-      ? { kind: "token", token: config.github.auth.token }
-      : { kind: "app", appId: config.github.auth.appId, privateKey: config.github.auth.privateKey, installationId: config.github.auth.installationId },
-    { baseUrl: config.github.apiUrl, warn: (m) => logger.warn({}, m) },
-  );
+  const warn = (m: string) => logger.warn({}, m);
+  const access = accessFor(config, warn);
   const accel = await detectAccel({ stateDir: paths.stateDir, ...(o.accel ? { env: { ...process.env, CIVM_ACCEL: o.accel } } : {}) });
   if (accel.accel === "tcg") logger.warn({ reason: accel.reason }, "KVM is not usable; runner VMs use TCG software emulation");
   const vmRun = new VmRunLauncher({ paths, accel: accel.accel, graceSeconds: o.graceSeconds, log: (line, fields) => logger.info({ ...fields, component: "vm" }, line) });
-  // JIT configs are secrets while their VM lives.
+  // JIT configs and registration tokens are secrets while their VM lives (and a minute after).
   const launcher: VmLauncher = {
     imageKey: (p) => vmRun.imageKey(p),
     reconcileLeftovers: () => vmRun.reconcileLeftovers(),
@@ -55,6 +64,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
       return h;
     },
   };
+  let stop: (why: NodeJS.Signals | "drained") => void = () => {};
   const daemon = new Daemon({
     pools: config.pools,
     store,
@@ -64,32 +74,90 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     registry,
     pollIntervalMs: config.pollIntervalSeconds * 1000,
     shutdownTimeoutMs: config.shutdownTimeoutSeconds * 1000,
+    apiUrl: config.github.apiUrl,
+    onDrained: () => stop("drained"),
   });
-  const app = createApp({
+  const serverPools = (): ServerPool[] => [
+    ...daemon.currentPools().map((p) => ({ name: p.name, labels: p.runner.labels, minRunners: p.minRunners, maxRunners: p.maxRunners })),
+    ...daemon.removingPools().map((p) => ({ name: p.name, labels: p.runner.labels, minRunners: p.minRunners, maxRunners: p.maxRunners, removing: true })),
+  ];
+  let stopping = false;
+  let reloads: Promise<unknown> = Promise.resolve();
+  /** Re-reads the config file; an invalid one leaves everything as it is. One at a time. */
+  const reload = (trigger: string): Promise<ReloadOutcome> => {
+    const run = async (): Promise<ReloadOutcome> => {
+      if (stopping) return { ok: false, status: 409, error: "civm serve is shutting down; the config was not reloaded." };
+      let next: ServeConfig;
+      try {
+        next = await loadServeConfig(o.configFile, { checkImages: true, stateDir: paths.stateDir });
+      } catch (e) {
+        const error = e instanceof ConfigError ? e.message : `cannot reload ${o.configFile}: ${messageOf(e)}`;
+        logger.error({ trigger, file: o.configFile, err: error }, "config reload failed; still running the previous config");
+        return { ok: false, error };
+      }
+      for (const s of next.secrets) secrets.add(s);
+      const settings = settingsChanges(config, next, paths.stateDir);
+      const pools = daemon.reload(next.pools, {
+        ...(settings.applied.includes("github credentials") ? { access: accessFor(next, warn) } : {}),
+        pollIntervalMs: next.pollIntervalSeconds * 1000,
+        shutdownTimeoutMs: next.shutdownTimeoutSeconds * 1000,
+      });
+      config = effectiveConfig(config, next);
+      serverOpts.webhookSecret = config.webhookSecret;
+      serverOpts.apiToken = config.apiToken;
+      serverOpts.maxWebhookBytes = config.maxWebhookBytes;
+      const restart = restartMessage(settings.restartNeeded);
+      if (restart) logger.warn({ trigger, restartNeeded: settings.restartNeeded.map((r) => r.field) }, restart);
+      logger.info({ trigger, file: o.configFile, applied: settings.applied }, "config reloaded");
+      return { ok: true, file: o.configFile, pools, applied: settings.applied, restartNeeded: settings.restartNeeded, ...(restart ? { message: restart } : {}) };
+    };
+    const p = reloads.then(run, run);
+    reloads = p.catch(() => {});
+    return p;
+  };
+  const consoleLogs = new Map<string, string>();
+  const serverOpts: ServerOptions = {
     store,
-    pools: config.pools.map((p) => ({ name: p.name, labels: p.runner.labels, minRunners: p.minRunners, maxRunners: p.maxRunners })),
+    pools: serverPools,
     webhookSecret: config.webhookSecret,
     apiToken: config.apiToken,
     maxWebhookBytes: config.maxWebhookBytes,
     registry,
     onDemand: () => daemon.wake(),
-  });
+    control: {
+      reload: () => reload("api"),
+      drain: (d) => ({ ...daemon.drain(d) }),
+      undrain: () => ({ ...daemon.undrain() }),
+      status: () => ({ ...daemon.status() }),
+    },
+    consoleLog: async (vm) => {
+      const known = consoleLogs.get(vm.id);
+      if (known) return known;
+      const found = await findConsoleLog(paths.logsDir, vm.id);
+      if (found) consoleLogs.set(vm.id, found);
+      return found;
+    },
+    redact: (text) => redactAll(text, [...secrets]),
+  };
+  const app = createApp(serverOpts);
   const server = await listen(app, config.listen.host, config.listen.port);
   logger.info({ url: server.url, pools: config.pools.map((p) => p.name), stateDir: paths.stateDir, accel: accel.accel }, "civm serve listening");
   await daemon.start();
 
   return new Promise<number>((resolve) => {
     let signals = 0;
-    const onSignal = (sig: NodeJS.Signals) => {
+    const onSignal = (sig: NodeJS.Signals | "drained") => {
       signals++;
-      if (signals > 1) {
+      if (signals > 1 && sig !== "drained") {
         logger.warn({ signal: sig }, "second signal: exiting without waiting for busy runners");
         resolve(EXIT_CODES.signal);
         // Running QEMU processes are ended by the next start's reconciliation.
         setImmediate(() => process.exit(EXIT_CODES.signal));
         return;
       }
-      logger.info({ signal: sig }, "draining");
+      if (stopping) return;
+      stopping = true;
+      logger.info(sig === "drained" ? {} : { signal: sig }, sig === "drained" ? "drained; exiting" : "draining");
       void (async () => {
         try {
           await daemon.shutdown();
@@ -104,7 +172,9 @@ export async function runServe(o: RunServeOptions): Promise<number> {
         setTimeout(() => process.exit(0), 2000).unref();
       })();
     };
+    stop = onSignal;
     process.on("SIGTERM", onSignal);
     process.on("SIGINT", onSignal);
+    process.on("SIGHUP", () => void reload("SIGHUP"));
   });
 }

@@ -1,14 +1,16 @@
 // The `civm serve` HTTP side (hono on node:http): POST /webhook (GitHub workflow_job
 // deliveries, verified on the raw body), /healthz, /metrics (prom-client, the registry is
-// injected), and the bearer-token JSON API over the state store. No decisions here: it
-// records what GitHub says and what the operator asks; the reconciler acts on it.
+// injected), and the bearer-token JSON API over the state store: pools, VMs, a VM's console
+// log, and reload/drain through the injected control. No decisions here: it records what
+// GitHub says and what the operator asks; the reconciler acts on it.
 import { timingSafeEqual } from "node:crypto";
+import { open } from "node:fs/promises";
 import type { AddressInfo } from "node:net";
 import { Hono, type Context } from "hono";
 import { serve, type ServerType } from "@hono/node-server";
 import { Webhooks } from "@octokit/webhooks";
 import { Counter, Registry } from "prom-client";
-import type { StateStore } from "../store/index.js";
+import type { StateStore, VmRecord } from "../store/index.js";
 import { matchPool } from "../pool/plan.js";
 
 export interface ServerPool {
@@ -16,11 +18,34 @@ export interface ServerPool {
   labels: readonly string[];
   minRunners: number;
   maxRunners: number;
+  /** A reload removed the pool; it is listed until its last runner has finished. */
+  removing?: boolean;
 }
 
+/** The daemon's answer to a reload: what changed, or why nothing did. */
+export type ReloadOutcome = ({ ok: true } & Record<string, unknown>) | { ok: false; error: string; status?: 400 | 409 };
+
+/** Reload and drain, backed by the daemon (serve.ts). */
+export interface ServerControl {
+  reload(): Promise<ReloadOutcome>;
+  drain(o: { exitWhenDrained: boolean }): DaemonStatusJson;
+  undrain(): DaemonStatusJson;
+  status(): DaemonStatusJson;
+}
+
+export interface DaemonStatusJson {
+  /** serving, draining, drained or stopping. */
+  state: string;
+  [k: string]: unknown;
+}
+
+/**
+ * Fields are read on every request, so a config reload can change them (serve.ts assigns
+ * new pools, secrets and limits to the same object).
+ */
 export interface ServerOptions {
   store: StateStore;
-  pools: readonly ServerPool[];
+  pools: readonly ServerPool[] | (() => readonly ServerPool[]);
   webhookSecret: string | undefined;
   apiToken: string | undefined;
   maxWebhookBytes: number;
@@ -28,14 +53,29 @@ export interface ServerOptions {
   now?: () => number;
   /** Called after a delivery changed what the pools must do (the reconciler wakes up). */
   onDemand?: () => void;
+  /** POST /api/reload, /api/drain, /api/undrain, GET /api/status; without it they answer 501. */
+  control?: ServerControl;
+  /** Path of a runner VM's serial console log (undefined: none yet). */
+  consoleLog?: (vm: VmRecord) => Promise<string | undefined>;
+  /** Applied to console text before it is served (secrets of running VMs). */
+  redact?: (text: string) => string;
 }
+
+/** Most console bytes one GET /api/vms/ID/log answers (the client asks again from the offset). */
+export const LOG_CHUNK_BYTES = 1024 * 1024;
 
 export type WebhookResult = "accepted" | "duplicate" | "ignored" | "bad-signature" | "malformed" | "too-large";
 
 export function createApp(opts: ServerOptions): Hono {
   const now = opts.now ?? Date.now;
   const app = new Hono();
-  const webhooks = opts.webhookSecret ? new Webhooks({ secret: opts.webhookSecret }) : undefined;
+  const pools = () => (typeof opts.pools === "function" ? opts.pools() : opts.pools);
+  let verifier: { secret: string; webhooks: Webhooks } | undefined;
+  const webhooksFor = (secret: string | undefined) => {
+    if (!secret) return undefined;
+    if (verifier?.secret !== secret) verifier = { secret, webhooks: new Webhooks({ secret }) };
+    return verifier.webhooks;
+  };
   const deliveries = new Counter({ name: "civm_webhook_deliveries_total", help: "Webhook deliveries by result", labelNames: ["result"], registers: [opts.registry] });
   const count = (c: Context, result: WebhookResult, status: 200 | 202 | 400 | 401 | 413, extra: Record<string, unknown> = {}) => {
     deliveries.inc({ result });
@@ -48,6 +88,7 @@ export function createApp(opts: ServerOptions): Hono {
     const raw = await readLimited(c.req.raw, opts.maxWebhookBytes);
     if (raw === undefined) return count(c, "too-large", 413);
     const signature = c.req.header("x-hub-signature-256");
+    const webhooks = webhooksFor(opts.webhookSecret);
     if (!webhooks || !signature || !(await webhooks.verify(raw, signature).catch(() => false))) return count(c, "bad-signature", 401);
     let payload: Record<string, unknown>;
     try {
@@ -68,7 +109,7 @@ export function createApp(opts: ServerOptions): Hono {
     const status = action === "queued" ? "queued" : action === "in_progress" ? "in_progress" : action === "completed" ? "completed" : undefined;
     if (!status) return count(c, "ignored", 202);
     const labels = job.labels.filter((l): l is string => typeof l === "string");
-    const pool = matchPool(opts.pools, labels)?.name;
+    const pool = matchPool(pools().filter((p) => !p.removing), labels)?.name;
     const runnerName = typeof job.runner_name === "string" ? job.runner_name : undefined;
     opts.store.transaction(() => {
       opts.store.upsertJob({
@@ -103,15 +144,17 @@ export function createApp(opts: ServerOptions): Hono {
     const n = (s: string) => live.filter((v) => v.state === s).length;
     const minRunners = st.minRunnersOverride ?? p.minRunners;
     const queued = opts.store.jobs({ status: "queued", pool: p.name }).length;
-    const desired = st.paused ? 0 : Math.min(p.maxRunners, minRunners + queued + n("busy"));
-    const state = st.paused ? "paused" : st.failures >= 3 ? "degraded" : "active";
+    const daemon = opts.control?.status().state;
+    const draining = daemon === "draining" || daemon === "drained" || daemon === "stopping";
+    const desired = st.paused || draining || p.removing ? 0 : Math.min(p.maxRunners, minRunners + queued + n("busy"));
+    const state = p.removing ? "removing" : draining ? "draining" : st.paused ? "paused" : st.failures >= 3 ? "degraded" : "active";
     return { name: p.name, state, minRunners, maxRunners: p.maxRunners, desired, queued, starting: n("starting"), idle: n("idle"), busy: n("busy"), failures: st.failures };
   };
-  const findPool = (name: string) => opts.pools.find((p) => p.name === name);
+  const findPool = (name: string) => pools().find((p) => p.name === name && !p.removing);
 
-  app.get("/api/pools", (c) => c.json(opts.pools.map(poolJson)));
+  app.get("/api/pools", (c) => c.json(pools().map(poolJson)));
   app.get("/api/pools/:name", (c) => {
-    const p = findPool(c.req.param("name"));
+    const p = pools().find((x) => x.name === c.req.param("name"));
     return p ? c.json(poolJson(p)) : c.json({ error: `no pool named ${JSON.stringify(c.req.param("name"))}` }, 404);
   });
   app.post("/api/pools/:name/scale", async (c) => {
@@ -141,8 +184,75 @@ export function createApp(opts: ServerOptions): Hono {
     const vms = opts.store.vms({ live: c.req.query("all") !== "1", ...(pool ? { pool } : {}) });
     return c.json(vms.map((v) => ({ id: v.id, pool: v.pool, name: v.name, state: v.state, runnerId: v.githubRunnerId ?? null, job: v.jobId ?? null, ageSeconds: Math.floor((t - v.createdAt) / 1000), exitReason: v.exitReason ?? null })));
   });
+  app.get("/api/vms/:id/log", async (c) => {
+    const key = c.req.param("id");
+    const vm = opts.store.vm(key) ?? opts.store.vmByName(key);
+    if (!vm) return c.json({ error: `no runner VM with the id or runner name ${JSON.stringify(key)} (civm vms --all lists them)` }, 404);
+    const offsetText = c.req.query("offset") ?? "0";
+    if (!/^\d+$/.test(offsetText)) return c.json({ error: `offset must be a whole number of bytes (got ${JSON.stringify(offsetText)})` }, 400);
+    const path = opts.consoleLog ? await opts.consoleLog(vm) : undefined;
+    const chunk = path ? await readLogChunk(path, Number(offsetText), vm.state === "finished") : { text: "", next: Number(offsetText), more: false };
+    const text = opts.redact ? opts.redact(chunk.text) : chunk.text;
+    return c.body(text, 200, {
+      "content-type": "text/plain; charset=utf-8",
+      "x-civm-log-offset": String(chunk.next),
+      "x-civm-log-more": chunk.more ? "1" : "0",
+      "x-civm-vm-state": vm.state,
+    });
+  });
+
+  const noControl = (c: Context) => c.json({ error: "this server has no daemon to control" }, 501);
+  app.get("/api/status", (c) => (opts.control ? c.json(opts.control.status()) : noControl(c)));
+  app.post("/api/reload", async (c) => {
+    if (!opts.control) return noControl(c);
+    const r = await opts.control.reload();
+    return r.ok ? c.json(r) : c.json({ error: r.error }, r.status ?? 400);
+  });
+  app.post("/api/drain", async (c) => {
+    if (!opts.control) return noControl(c);
+    const text = await c.req.text();
+    let body: { exit?: unknown } = {};
+    try {
+      body = text.trim() ? (JSON.parse(text) as { exit?: unknown }) : {};
+    } catch {
+      return c.json({ error: 'the body must be JSON such as {"exit": true}, or empty' }, 400);
+    }
+    if (body.exit !== undefined && typeof body.exit !== "boolean") return c.json({ error: '"exit" must be true or false' }, 400);
+    return c.json(opts.control.drain({ exitWhenDrained: body.exit === true }), 202);
+  });
+  app.post("/api/undrain", (c) => (opts.control ? c.json(opts.control.undrain()) : noControl(c)));
   app.notFound((c) => c.json({ error: "not found" }, 404));
   return app;
+}
+
+/**
+ * Console bytes from `offset`, at most LOG_CHUNK_BYTES. While the VM runs only whole lines
+ * are served (a secret is never cut in two for redaction, and the client asks again).
+ */
+async function readLogChunk(path: string, offset: number, finished: boolean): Promise<{ text: string; next: number; more: boolean }> {
+  let fh;
+  try {
+    fh = await open(path, "r");
+  } catch {
+    return { text: "", next: offset, more: false };
+  }
+  try {
+    const size = (await fh.stat()).size;
+    const from = Math.min(offset, size);
+    const want = Math.min(size - from, LOG_CHUNK_BYTES);
+    const buf = Buffer.alloc(want);
+    const { bytesRead } = await fh.read(buf, 0, want, from);
+    let data = buf.subarray(0, bytesRead);
+    const more = from + bytesRead < size;
+    if (!finished || more) {
+      const nl = data.lastIndexOf(0x0a);
+      if (nl >= 0) data = data.subarray(0, nl + 1);
+      else if (!more && bytesRead < LOG_CHUNK_BYTES) data = data.subarray(0, 0);
+    }
+    return { text: data.toString("utf8"), next: from + data.length, more: from + data.length < size };
+  } finally {
+    await fh.close();
+  }
 }
 
 function sameSecret(a: string, b: string): boolean {

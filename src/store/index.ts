@@ -32,6 +32,8 @@ export interface VmRecord {
   state: VmState;
   githubRunnerId: number | undefined;
   imageKey: string;
+  /** Hash of the pool settings the VM started with (undefined for VMs of older civm versions). */
+  configKey: string | undefined;
   createdAt: number;
   startedAt: number | undefined;
   idleSince: number | undefined;
@@ -96,6 +98,8 @@ export const MIGRATIONS: readonly string[] = [
      action TEXT,
      received_at INTEGER NOT NULL
    );`,
+  // 2: the pool settings a VM was started with (a reload that changes them replaces idle runners).
+  `ALTER TABLE vms ADD COLUMN config_key TEXT;`,
 ];
 
 const STATUS_ORDER: Record<JobStatus, number> = { queued: 0, in_progress: 1, completed: 2 };
@@ -186,6 +190,11 @@ export class StateStore {
     return this.pool(name);
   }
 
+  /** A pool removed from the config is gone: forget its overrides and failures. */
+  forgetPool(name: string): void {
+    this.db.prepare("DELETE FROM pools WHERE name = ?").run(name);
+  }
+
   clearFailures(name: string): void {
     this.ensurePool(name);
     this.db.prepare("UPDATE pools SET failures = 0, last_failure_at = NULL WHERE name = ?").run(name);
@@ -194,8 +203,10 @@ export class StateStore {
   // ---- VMs / runners --------------------------------------------------------------------
 
   /** Records a VM before any of its resources exist; state "starting". */
-  insertVm(v: { id: string; pool: string; name: string; imageKey: string; createdAt: number }): VmRecord {
-    this.db.prepare("INSERT INTO vms (id, pool, name, state, image_key, created_at) VALUES (?, ?, ?, 'starting', ?, ?)").run(v.id, v.pool, v.name, v.imageKey, v.createdAt);
+  insertVm(v: { id: string; pool: string; name: string; imageKey: string; configKey?: string; createdAt: number }): VmRecord {
+    this.db
+      .prepare("INSERT INTO vms (id, pool, name, state, image_key, config_key, created_at) VALUES (?, ?, ?, 'starting', ?, ?, ?)")
+      .run(v.id, v.pool, v.name, v.imageKey, v.configKey ?? null, v.createdAt);
     return this.vm(v.id) as VmRecord;
   }
 
@@ -292,6 +303,11 @@ export class StateStore {
     return this.job(j.id) as JobRecord;
   }
 
+  /** Moves a job to another pool (undefined: none serves it), e.g. after a config reload. */
+  setJobPool(id: number, pool: string | undefined): void {
+    this.db.prepare("UPDATE jobs SET pool = ? WHERE id = ?").run(pool ?? null, id);
+  }
+
   job(id: number): JobRecord | undefined {
     const row = this.db.prepare("SELECT * FROM jobs WHERE id = ?").get(id) as Row | undefined;
     return row && toJob(row);
@@ -336,6 +352,7 @@ function toVm(row: Row): VmRecord {
     state: row.state as VmState,
     githubRunnerId: opt<number>(row.github_runner_id),
     imageKey: row.image_key as string,
+    configKey: opt<string>(row.config_key),
     createdAt: row.created_at as number,
     startedAt: opt<number>(row.started_at),
     idleSince: opt<number>(row.idle_since),

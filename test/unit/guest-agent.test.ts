@@ -235,6 +235,18 @@ test("token+repo: github_url for GHES, org repo, labels as a string, no group", 
   assert.ok(!args.includes("--runnergroup"));
 });
 
+test("token+repo: config.runner_name (civm serve) is the runner name exactly; a full URL in repo is used as is", () => {
+  const h = makeHarness();
+  const r = runAgent(h, {
+    name: "civm-linux",
+    config: { runner: "github", repo: "http://127.0.0.1:9/my-org", token: "T0K", runner_name: "civm-linux-0a1b2c3d", labels: ["self-hosted", "linux"], pool: "linux" },
+  });
+  assert.equal(r.status, 0, r.out);
+  const args = r.runnerCalls[0]!.slice(1);
+  assert.deepEqual(args.slice(0, 4), ["--unattended", "--ephemeral", "--url", "http://127.0.0.1:9/my-org"]);
+  assert.equal(args[args.indexOf("--name") + 1], "civm-linux-0a1b2c3d");
+});
+
 test("token+repo: a failing config.sh skips run.sh, logs the status and powers off", () => {
   const h = makeHarness({ configStatus: 3 });
   const r = runAgent(h, { name: "vm-1", config: { repo: "o/r", token: "t" } });

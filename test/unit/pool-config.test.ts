@@ -176,7 +176,9 @@ test("every pool error is reported at once, named by pool and field", async () =
 
 test("duplicate pool names", async () => {
   const s = setup(serve([pool(), pool({}, { labels: ["other"] })]));
-  assert.match(await problems(s), /pools #1, #2 are all named "default"; pool names must be unique/);
+  assert.match(await problems(s), /pools #1 and #2 are both named "default"; names must be unique because the API, the metrics and the logs pick a pool by name, so rename one of them\./);
+  const three = setup(serve([pool(), pool({}, { labels: ["b"] }), pool({}, { labels: ["c"] })]));
+  assert.match(await problems(three), /pools #1, #2 and #3 are all named "default"; .*rename all but one\./);
 });
 
 test("a label set shared by two pools (case-insensitive, self-hosted implied)", async () => {

@@ -93,7 +93,7 @@ async function setup(t: { after: (fn: () => Promise<void> | void) => void }, poo
   const logger = quietLogger();
   const registry = new Registry();
   const access = createGitHubAccess({ kind: "token", token: gh.validToken }, { baseUrl: gh.url, throttle: false, retries: 0, warn: () => {} });
-  const daemon = new Daemon({ pools, store, access, launcher, logger, registry, now: () => clock, pollIntervalMs: 60_000, shutdownTimeoutMs: 2_000, registrationTimeoutMs: 300_000 });
+  const daemon = new Daemon({ pools, store, access, launcher, logger, registry, now: () => clock, pollIntervalMs: 60_000, shutdownTimeoutMs: 2_000, registrationTimeoutMs: 300_000, apiUrl: gh.url });
   const settle = () => daemon.settled();
   return { gh, store, launcher, logger, registry, daemon, settle, advance: (ms: number) => (clock += ms), now: () => clock };
 }
@@ -322,4 +322,229 @@ test("shutdown timeout ends busy runners by force", async (t) => {
   assert.ok(Date.now() - t0 >= 1900, "waited for the shutdown timeout");
   assert.equal(a.forced, true);
   assert.equal(store.vm(a.req.id)?.exitReason, "stopped:shutdown");
+});
+
+/** Brings every starting VM online through the fake and runs a polling pass. */
+async function online(s: { gh: FakeGitHub; launcher: FakeLauncher; daemon: Daemon; advance: (ms: number) => number }) {
+  for (const v of s.launcher.running()) if (s.gh.runner(v.req.name)) s.gh.setRunner(v.req.name, { status: "online" });
+  s.advance(1000);
+  await s.daemon.pass({ poll: true });
+}
+
+test("reload: an added pool starts, a removed one drains (idle stop, busy finish, then gone), a changed VM setting replaces idle runners only", async (t) => {
+  const arm = pool({ name: "arm", minRunners: 2, runner: { ...pool().runner, namePrefix: "civm-arm", labels: ["arm64"] } });
+  const linux = pool({ minRunners: 2 });
+  const s = await setup(t, [linux, arm]);
+  const { gh, store, launcher, daemon, advance, settle, logger } = s;
+  await daemon.pass();
+  await online(s);
+  const byPool = (p: string) => launcher.vms.filter((v) => v.req.pool.name === p);
+  const [la, lb] = byPool("linux") as [FakeVm, FakeVm];
+  const [aa, ab] = byPool("arm") as [FakeVm, FakeVm];
+  gh.setRunner(la.req.name, { busy: true });
+  gh.setRunner(aa.req.name, { busy: true });
+  await online(s);
+  assert.equal(store.vm(la.req.id)?.state, "busy");
+  assert.equal(store.vm(lb.req.id)?.state, "idle");
+  store.setPaused("arm", true);
+  store.upsertJob({ id: 55, labels: ["gpu"], status: "queued", at: 1, repository: "rust-lang-ci/rust" });
+  const started = launcher.vms.length;
+
+  const gpu = pool({ name: "gpu", index: 1, minRunners: 1, runner: { ...pool().runner, namePrefix: "civm-gpu", labels: ["gpu"] } });
+  const linux2 = pool({ minRunners: 2, vm: { ...linux.vm, cpus: 2 } });
+  const changes = daemon.reload([linux2, gpu]);
+  assert.deepEqual(changes, { added: ["gpu"], removed: ["arm"], changed: [{ name: "linux", fields: ["vm.cpus"], replaceIdle: true }], unchanged: [] });
+  assert.equal(store.job(55)?.pool, "gpu", "a queued job is matched to the new pools");
+  assert.deepEqual(daemon.currentPools().map((p) => p.name), ["linux", "gpu"]);
+  assert.deepEqual(daemon.removingPools().map((p) => p.name), ["arm"]);
+  advance(1000);
+  await daemon.pass();
+  await settle();
+  assert.equal(la.stopped + aa.stopped, 0, "busy runners are never stopped");
+  assert.equal(store.vm(lb.req.id)?.exitReason, "stopped:config-change");
+  assert.equal(store.vm(ab.req.id)?.exitReason, "stopped:pool-removed");
+  assert.equal(gh.runner(ab.req.name), undefined, "the removed pool's idle runner is deregistered");
+  advance(1000);
+  await daemon.pass(); // the stopped runner's slot is free now
+  const fresh = launcher.vms.slice(started);
+  assert.equal(fresh.filter((v) => v.req.pool.name === "gpu").length, 2, "the new pool: minRunners 1 + the queued job");
+  const newLinux = fresh.filter((v) => v.req.pool.name === "linux");
+  assert.ok(newLinux.length >= 1 && newLinux.every((v) => v.req.pool.vm.cpus === 2), "replacements start with the new settings");
+  assert.equal(fresh.filter((v) => v.req.pool.name === "arm").length, 0, "nothing starts in a removed pool");
+  assert.deepEqual(daemon.removingPools().map((p) => p.name), ["arm"], "still there while its busy runner works");
+
+  // The busy runners finish on their old settings; the removed pool is then gone.
+  for (const v of [la, aa]) gh.setRunner(v.req.name, { busy: false, status: "offline" });
+  la.exit();
+  aa.exit();
+  await settle();
+  assert.equal(gh.runner(aa.req.name), undefined, "deregistered with the settings it started with");
+  advance(1000);
+  await daemon.pass();
+  assert.deepEqual(daemon.removingPools(), []);
+  assert.equal(store.pool("arm").paused, false, "the removed pool's state is forgotten");
+  assert.ok(logger.lines.some((l) => l.msg.includes("removed pool has no runners left") && l.fields.pool === "arm"));
+});
+
+test("reload: min/max/idleTimeout changes apply without replacing runners; re-adding a pool being removed keeps it", async (t) => {
+  const s = await setup(t, [pool({ minRunners: 1 })]);
+  const { store, launcher, daemon, advance } = s;
+  await daemon.pass();
+  await online(s);
+  const first = launcher.vms[0]!;
+  const changes = daemon.reload([pool({ minRunners: 2, maxRunners: 5, idleTimeoutSeconds: 10 })]);
+  assert.deepEqual(changes.changed, [{ name: "linux", fields: ["maxRunners", "minRunners", "idleTimeoutSeconds"], replaceIdle: false }]);
+  advance(1000);
+  await daemon.pass();
+  assert.equal(first.stopped, 0);
+  assert.equal(launcher.vms.length, 2, "minRunners 2 applies");
+  assert.equal(store.vm(first.req.id)?.state, "idle");
+  daemon.reload([]);
+  assert.deepEqual(daemon.removingPools().map((p) => p.name), ["linux"]);
+  const back = daemon.reload([pool({ minRunners: 2, maxRunners: 5, idleTimeoutSeconds: 10 })]);
+  assert.deepEqual(back.added, ["linux"]);
+  assert.deepEqual(daemon.removingPools(), []);
+  advance(1000);
+  await daemon.pass();
+  assert.equal(first.stopped, 0, "a pool re-added before it was gone keeps its runners");
+});
+
+test("an image rebuilt in the store (new image key) replaces idle runners; a busy one finishes on the old image", async (t) => {
+  const s = await setup(t, [pool({ minRunners: 2 })]);
+  const { gh, store, launcher, daemon, advance, settle } = s;
+  await daemon.pass();
+  await online(s);
+  const [a, b] = launcher.vms as [FakeVm, FakeVm];
+  gh.setRunner(a.req.name, { busy: true });
+  await online(s);
+  const before = launcher.vms.length;
+  launcher.key = "img-2";
+  advance(1000);
+  await daemon.pass();
+  await settle();
+  assert.equal(a.stopped, 0, "the busy runner keeps its old image");
+  assert.equal(store.vm(b.req.id)?.exitReason, "stopped:image-change");
+  advance(1000);
+  await daemon.pass();
+  const fresh = launcher.vms.slice(before).map((v) => store.vm(v.req.id)!);
+  assert.ok(fresh.length >= 1 && fresh.every((v) => v.imageKey === "img-2"));
+  assert.equal(store.vm(a.req.id)?.imageKey, "img-1");
+});
+
+test("drain: nothing new starts, idle and starting runners stop, busy ones finish; drained; undrain takes work again; exit once drained if asked", async (t) => {
+  let drained = 0;
+  const gh = await startFakeGitHub();
+  t.after(() => gh.close());
+  let clock = 1_000_000;
+  const launcher = new FakeLauncher();
+  const store = new StateStore(":memory:");
+  const access = createGitHubAccess({ kind: "token", token: gh.validToken }, { baseUrl: gh.url, throttle: false, retries: 0, warn: () => {} });
+  const daemon = new Daemon({ pools: [pool({ minRunners: 2 })], store, access, launcher, logger: quietLogger(), registry: new Registry(), now: () => clock, pollIntervalMs: 60_000, shutdownTimeoutMs: 2_000, onDrained: () => drained++ });
+  const s = { gh, launcher, daemon, advance: (ms: number) => (clock += ms) };
+  await daemon.pass();
+  await online(s);
+  const [a, b] = launcher.vms as [FakeVm, FakeVm];
+  gh.setRunner(a.req.name, { busy: true });
+  await online(s);
+  const c = launcher.vms[2]!; // starting: minRunners 2 idle on top of the busy one
+  assert.equal(store.vm(c.req.id)?.state, "starting");
+  assert.equal(daemon.status().state, "serving");
+
+  const st = daemon.drain();
+  assert.equal(st.state, "draining");
+  assert.equal(st.exitWhenDrained, false);
+  store.upsertJob({ id: 9, labels: ["linux"], status: "queued", at: 1, pool: "linux", repository: "rust-lang-ci/rust" });
+  s.advance(1000);
+  await daemon.pass();
+  await daemon.settled();
+  assert.equal(a.stopped, 0, "busy runner finishes");
+  assert.equal(store.vm(b.req.id)?.exitReason, "stopped:drain");
+  assert.equal(store.vm(c.req.id)?.exitReason, "stopped:drain");
+  assert.equal(launcher.vms.length, 3, "nothing new starts while draining, queued job or not");
+  assert.deepEqual(daemon.status().runners, { starting: 0, idle: 0, busy: 1 });
+  assert.equal(daemon.status().state, "draining");
+
+  gh.setRunner(a.req.name, { busy: false, status: "offline" });
+  a.exit();
+  await daemon.settled();
+  s.advance(1000);
+  await daemon.pass();
+  assert.equal(daemon.status().state, "drained");
+  assert.equal(drained, 0, "not asked to exit: keeps serving");
+  assert.equal(daemon.undrain().state, "serving");
+  await daemon.pass();
+  assert.equal(launcher.vms.length, 6, "undrained: minRunners 2 + the queued job");
+
+  // Drain again, this time asking to exit once drained.
+  const st2 = daemon.drain({ exitWhenDrained: true });
+  assert.equal(st2.exitWhenDrained, true);
+  await daemon.pass();
+  await daemon.settled();
+  await daemon.pass();
+  assert.equal(daemon.status().state, "drained");
+  assert.equal(drained, 1);
+  await daemon.pass();
+  assert.equal(drained, 1, "onDrained is called once");
+  assert.equal(daemon.undrain().state, "drained", "too late to cancel once exiting");
+});
+
+test("registration token mode: the VM gets a registration token, the URL and the exact runner name; the runner id is learnt by name; deregistered by name", async (t) => {
+  const tokenPool = pool({ minRunners: 1, runner: { ...pool().runner, registration: "token" } });
+  const s = await setup(t, [tokenPool]);
+  const { gh, store, launcher, daemon, settle } = s;
+  await daemon.pass();
+  assert.equal(launcher.vms.length, 1);
+  const req = launcher.vms[0]!.req;
+  assert.equal(req.name, `civm-linux-${req.id}`);
+  assert.deepEqual(req.config, {
+    runner: "github",
+    token: gh.registrationToken,
+    repo: `${gh.url}/rust-lang-ci/rust`,
+    runner_name: req.name,
+    labels: ["self-hosted", "linux", "x64"],
+    pool: "linux",
+  });
+  assert.deepEqual(req.secrets, [gh.registrationToken]);
+  assert.equal(gh.state.issued["rust-lang-ci/rust"], 1);
+  assert.ok(!gh.requests.some((r) => r.path.endsWith("generate-jitconfig")), "no JIT config in token mode");
+  assert.equal(store.vm(req.id)?.githubRunnerId, undefined, "unknown until the runner registers");
+
+  // config.sh in the guest registers the runner under the exact name.
+  const id = gh.state.nextRunnerId++;
+  gh.state.runners.set(id, { id, name: req.name, owner: "repo:rust-lang-ci/rust", os: "Linux", status: "online", busy: false, labels: ["self-hosted", "linux", "x64"], runnerGroupId: 1, workFolder: undefined, encodedJitConfig: undefined });
+  s.advance(1000);
+  await daemon.pass();
+  assert.equal(store.vm(req.id)?.githubRunnerId, id);
+  assert.equal(store.vm(req.id)?.state, "idle");
+
+  launcher.vms[0]!.exit({ reason: "poweroff" });
+  await settle();
+  assert.equal(gh.runner(req.name), undefined, "deregistered");
+
+  // A VM that ends before the daemon saw its runner: found by name in the runners list.
+  await daemon.pass();
+  const req2 = launcher.vms[1]!.req;
+  const id2 = gh.state.nextRunnerId++;
+  gh.state.runners.set(id2, { id: id2, name: req2.name, owner: "repo:rust-lang-ci/rust", os: "Linux", status: "offline", busy: false, labels: [], runnerGroupId: 1, workFolder: undefined, encodedJitConfig: undefined });
+  launcher.vms[1]!.exit({ reason: "timeout" });
+  await settle();
+  assert.equal(gh.runner(req2.name), undefined, "deregistered by name");
+  assert.equal(store.vm(req2.id)?.githubRunnerId, id2);
+});
+
+test("registration token mode: an org pool in another runner group passes the group's name (config.sh takes names); a token failure backs off", async (t) => {
+  const orgPool = pool({ minRunners: 1, runner: { ...pool().runner, registration: "token", target: { kind: "org", org: "rust-lang-ci" }, groupId: 7 } });
+  const s = await setup(t, [orgPool]);
+  const { gh, store, launcher, daemon } = s;
+  gh.respondWith(/\/orgs\/rust-lang-ci\/actions\/runner-groups\/7$/, 200, { id: 7, name: "big machines" }, { method: "GET" });
+  gh.respondWith(/registration-token$/, 500, undefined, { times: 1 });
+  await daemon.pass();
+  assert.equal(launcher.vms.length, 0);
+  assert.equal(store.pool("linux").failures, 1);
+  assert.equal(store.vms()[0]?.exitReason, "token-failed");
+  s.advance(5_000);
+  await daemon.pass();
+  const cfg = launcher.vms[0]!.req.config as Record<string, unknown>;
+  assert.equal(cfg.runnergroup, "big machines");
+  assert.equal(cfg.repo, `${gh.url}/rust-lang-ci`);
 });

@@ -56,7 +56,7 @@ test("pool state: defaults, pause, minRunners override, failures", () => {
 
 test("VM lifecycle: starting → idle → busy → finished; transitions only move forward", () => {
   const s = new StateStore(":memory:");
-  s.insertVm({ id: "a1", pool: "p", name: "r-a1", imageKey: "k", createdAt: 100 });
+  s.insertVm({ id: "a1", pool: "p", name: "r-a1", imageKey: "k", configKey: "c1", createdAt: 100 });
   s.insertVm({ id: "b2", pool: "q", name: "r-b2", imageKey: "k", createdAt: 200 });
   assert.throws(() => s.insertVm({ id: "c3", pool: "p", name: "r-a1", imageKey: "k", createdAt: 300 }), /UNIQUE/);
   s.setRunnerId("a1", 42);
@@ -68,10 +68,11 @@ test("VM lifecycle: starting → idle → busy → finished; transitions only mo
   assert.equal(s.markFinished("a1", "timeout", 150), false, "the first exit reason wins");
   assert.equal(s.markBusy("a1", 1, 160), false);
   assert.deepEqual(s.vm("a1"), {
-    id: "a1", pool: "p", name: "r-a1", state: "finished", githubRunnerId: 42, imageKey: "k",
+    id: "a1", pool: "p", name: "r-a1", state: "finished", githubRunnerId: 42, imageKey: "k", configKey: "c1",
     createdAt: 100, startedAt: 110, idleSince: undefined, finishedAt: 140, jobId: 7001, exitReason: "poweroff",
   });
   assert.equal(s.vmByName("r-b2")?.id, "b2");
+  assert.equal(s.vm("b2")?.configKey, undefined, "no config key recorded");
   assert.deepEqual(s.vms().map((v) => v.id), ["a1", "b2"]);
   assert.deepEqual(s.vms({ live: true }).map((v) => v.id), ["b2"]);
   assert.deepEqual(s.vms({ pool: "p" }).map((v) => v.id), ["a1"]);

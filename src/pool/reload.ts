@@ -1,0 +1,47 @@
+// What a config reload (SIGHUP, POST /api/reload) may change besides the pools. Settings
+// the running process can take are applied; the listen address, the state dir and the
+// GitHub API URL need a restart (the socket is bound, the store open, runners registered
+// there), so the running values are kept and the answer says so. Never shows a secret.
+import type { ServeConfig } from "./types.js";
+
+export interface RestartNeeded {
+  field: "listen" | "stateDir" | "github.apiUrl";
+  running: string;
+  configured: string;
+}
+
+export interface SettingsChanges {
+  /** Settings that changed and were applied (names only). */
+  applied: string[];
+  /** Settings that changed but keep their running value until a restart. */
+  restartNeeded: RestartNeeded[];
+}
+
+const listenText = (l: ServeConfig["listen"]) => `${l.host.includes(":") ? `[${l.host}]` : l.host}:${l.port}`;
+
+export function settingsChanges(running: ServeConfig, next: ServeConfig, defaultStateDir: string): SettingsChanges {
+  const applied: string[] = [];
+  const restartNeeded: RestartNeeded[] = [];
+  if (listenText(running.listen) !== listenText(next.listen)) restartNeeded.push({ field: "listen", running: listenText(running.listen), configured: listenText(next.listen) });
+  const sd = (c: ServeConfig) => c.stateDir ?? defaultStateDir;
+  if (sd(running) !== sd(next)) restartNeeded.push({ field: "stateDir", running: sd(running), configured: sd(next) });
+  if (running.github.apiUrl !== next.github.apiUrl) restartNeeded.push({ field: "github.apiUrl", running: running.github.apiUrl, configured: next.github.apiUrl });
+  if (JSON.stringify(running.github.auth) !== JSON.stringify(next.github.auth)) applied.push("github credentials");
+  if (running.webhookSecret !== next.webhookSecret) applied.push("webhookSecret");
+  if (running.apiToken !== next.apiToken) applied.push("apiToken");
+  if (running.pollIntervalSeconds !== next.pollIntervalSeconds) applied.push("pollInterval");
+  if (running.shutdownTimeoutSeconds !== next.shutdownTimeoutSeconds) applied.push("shutdownTimeout");
+  if (running.maxWebhookBytes !== next.maxWebhookBytes) applied.push("maxWebhookBytes");
+  return { applied, restartNeeded };
+}
+
+/** The config the process runs after applying `next`: restart-only settings keep their running values. */
+export function effectiveConfig(running: ServeConfig, next: ServeConfig): ServeConfig {
+  return { ...next, listen: running.listen, stateDir: running.stateDir, github: { apiUrl: running.github.apiUrl, auth: next.github.auth } };
+}
+
+/** One line for the log and the CLI: "restart civm serve to apply listen (running 127.0.0.1:8080, configured :9090)". */
+export function restartMessage(r: readonly RestartNeeded[]): string | undefined {
+  if (r.length === 0) return undefined;
+  return `restart civm serve to apply ${r.map((x) => `${x.field} (running ${x.running}, configured ${x.configured})`).join(", ")}; until then the running values stay.`;
+}
