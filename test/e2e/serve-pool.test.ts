@@ -2,78 +2,16 @@
 // runner against the fake GitHub through a small hub on the host (10.0.2.2 from the guest).
 import { test, before } from "node:test";
 import assert from "node:assert/strict";
-import { createServer as createHttpServer, type IncomingMessage } from "node:http";
-import { createServer } from "node:net";
-import { writeFileSync } from "node:fs";
-import { join } from "node:path";
 import { buildTinyGuest, type TinyGuest } from "../support/tiny-guest.js";
-import { civmEnv, startCivm, waitFor, qemuProcessesOf, leftovers } from "../support/civm-cli.js";
-import { startFakeGitHub, sendWebhook, workflowJobPayload, type FakeGitHub } from "../support/fake-github.js";
+import { qemuProcessesOf, leftovers } from "../support/civm-cli.js";
+import { startFakeGitHub, sendWebhook, workflowJobPayload } from "../support/fake-github.js";
+import { freePort } from "../support/net.js";
+import { logLines, REPO, SECRET, serveConfig, startHub, startServe } from "../support/serve-harness.js";
 
 let guest: TinyGuest;
 before(async () => {
   guest = await buildTinyGuest();
 });
-
-const SECRET = "serve-e2e-webhook-secret";
-const TOKEN = "serve-e2e-api-token";
-const REPO = "rust-lang-ci/rust";
-
-function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = createServer();
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-function body(req: IncomingMessage): Promise<string> {
-  return new Promise((resolve) => {
-    let b = "";
-    req.on("data", (c) => (b += c));
-    req.on("end", () => resolve(b));
-  });
-}
-
-/** The guest's side of GitHub: registration, job assignment, completion (with webhooks to civm). */
-async function startHub(gh: FakeGitHub, webhookUrl: () => string) {
-  const events: string[] = [];
-  const runnerOf = (jit: string) => [...gh.state.runners.values()].find((r) => r.encodedJitConfig === jit.trim());
-  const srv = createHttpServer((req, res) => {
-    void (async () => {
-      const r = runnerOf(await body(req));
-      if (!r) return res.writeHead(404).end("unknown runner");
-      if (req.url === "/register") {
-        gh.setRunner(r.id, { status: "online" });
-        events.push(`register ${r.name}`);
-        return res.end("ok");
-      }
-      if (req.url === "/job") {
-        const job = gh.state.jobs.find((j) => j.status === "queued");
-        if (!job || r.busy) return res.end("wait");
-        job.status = "in_progress";
-        job.runnerName = r.name;
-        gh.setRunner(r.id, { busy: true });
-        events.push(`job ${job.id} ${r.name}`);
-        await sendWebhook(webhookUrl(), { secret: SECRET, payload: await workflowJobPayload("in_progress", { id: job.id, runId: job.runId, labels: job.labels, repository: REPO, runnerName: r.name }) });
-        return res.end("run");
-      }
-      if (req.url === "/done") {
-        const job = gh.state.jobs.find((j) => j.runnerName === r.name);
-        if (job) job.status = "completed";
-        gh.setRunner(r.id, { busy: false, status: "offline" });
-        events.push(`done ${r.name}`);
-        if (job) await sendWebhook(webhookUrl(), { secret: SECRET, payload: await workflowJobPayload("completed", { id: job.id, runId: job.runId, labels: job.labels, repository: REPO, runnerName: r.name }) });
-        return res.end("ok");
-      }
-      res.writeHead(404).end();
-    })();
-  });
-  await new Promise<void>((resolve) => srv.listen(0, "127.0.0.1", resolve));
-  return { port: (srv.address() as { port: number }).port, events, close: () => new Promise<void>((r) => { srv.closeAllConnections(); srv.close(() => r()); }) };
-}
 
 test("civm serve: minRunners boot and register, a queued webhook starts another, the job's VM ends and its runner is deregistered, back to minRunners; SIGTERM drains", { timeout: 600_000 }, async (t) => {
   const gh = await startFakeGitHub();
@@ -82,45 +20,14 @@ test("civm serve: minRunners boot and register, a queued webhook starts another,
   const base = `http://127.0.0.1:${port}`;
   const hub = await startHub(gh, () => `${base}/webhook`);
   t.after(() => hub.close());
-  const e = civmEnv();
-  const config = {
-    listen: `127.0.0.1:${port}`,
-    github: { apiUrl: gh.url, token: gh.validToken },
-    webhookSecret: SECRET,
-    apiToken: TOKEN,
-    pollInterval: 5,
-    shutdownTimeout: 60,
-    pools: [
-      {
-        name: "tiny",
-        minRunners: 1,
-        maxRunners: 2,
-        idleTimeout: 0,
-        cpus: 1,
-        ram: "256M",
-        "timeout-seconds": 300,
-        cmdline: `console=ttyS0 panic=-1 quiet tiny.hub=10.0.2.2:${hub.port}`,
-        runner: { name: "tiny", image: guest.disk, repository: REPO, labels: ["tiny"] },
-      },
-    ],
-  };
-  const file = join(e.root, "serve.json");
-  writeFileSync(file, JSON.stringify(config, null, 2));
-  const p = startCivm(["serve", "--config", file, "--grace", "10"], e);
-  let stdout = "";
-  p.child.stdout!.on("data", (d) => (stdout += d));
+  const s = startServe({ port, config: serveConfig({ port, gh, hub, image: guest.disk, pollInterval: 5, shutdownTimeout: 60, pools: [{ minRunners: 1, maxRunners: 2 }] }) });
+  const e = s.e;
   t.after(() => {
-    if (p.child.exitCode === null) p.child.kill("SIGKILL");
+    if (s.child.exitCode === null) s.child.kill("SIGKILL");
   });
-  const api = async (path: string) => (await fetch(`${base}${path}`, { headers: { authorization: `Bearer ${TOKEN}` } })).json() as Promise<Record<string, unknown>[]>;
-  const liveVms = async () => (await api("/api/vms").catch(() => [])) as { name: string; state: string }[];
-  const poll = async (cond: () => Promise<boolean>, ms: number, what: string) => {
-    const end = Date.now() + ms;
-    while (!(await cond())) {
-      if (Date.now() > end || p.child.exitCode !== null) throw new Error(`timed out waiting for ${what}\n--- stderr ---\n${p.stderrSoFar()}\n--- stdout ---\n${stdout.slice(-4000)}`);
-      await new Promise((r) => setTimeout(r, 500));
-    }
-  };
+  const api = (path: string) => s.api<Record<string, unknown>[]>(path);
+  const liveVms = () => s.liveVms();
+  const poll = s.poll;
 
   // minRunners 1: one VM boots, its runner registers (online) and civm marks it idle.
   await poll(async () => (await liveVms()).some((v) => v.state === "idle"), 120_000, "an idle runner");
@@ -162,14 +69,14 @@ test("civm serve: minRunners boot and register, a queued webhook starts another,
   assert.equal(pools[0]?.idle, 1);
 
   // SIGTERM: the idle runner stops (ACPI), is deregistered, civm exits 0.
-  p.child.kill("SIGTERM");
-  const r = await p.done;
-  assert.equal(r.code, 0, `${r.stderr}\n${stdout.slice(-4000)}`);
+  const r = await s.stop();
+  assert.equal(r.code, 0, `${r.stderr}\n${s.stdout().slice(-4000)}`);
   assert.equal(gh.state.runners.size, 0, "every runner deregistered");
   assert.deepEqual(qemuProcessesOf(e), []);
   assert.deepEqual(leftovers(e), []);
   // JSON logs with pool/vm/runner fields and no JIT config.
-  const lines = stdout.trim().split("\n").map((l) => JSON.parse(l) as Record<string, unknown>);
+  const stdout = s.stdout();
+  const lines = logLines(stdout);
   assert.ok(lines.some((l) => l.msg === "runner VM starting" && l.pool === "tiny" && typeof l.vm === "string" && typeof l.runner === "string"));
   assert.ok(!/"\.credentials"/.test(stdout));
   assert.deepEqual(hub.events.filter((x) => x.startsWith("job")).length, 1);
