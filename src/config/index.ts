@@ -11,6 +11,7 @@ export {
   type LoadOptions,
 } from "./instances.js";
 export { parseSize, formatSize, SIZE_FORMS } from "./sizes.js";
+export { kindOf } from "./kind.js";
 export { loadStructuredFile, parseStructuredText } from "./load-file.js";
 export { closestMatch, didYouMean, editDistance } from "./suggest.js";
 export {

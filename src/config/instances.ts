@@ -5,8 +5,9 @@
 import { constants } from "node:fs";
 import { access, lstat, stat } from "node:fs/promises";
 import { dirname, resolve } from "node:path";
-import { z } from "zod";
+import * as z from "zod/mini";
 import { duplicateNameProblems } from "./duplicates.js";
+import { kindOf } from "./kind.js";
 import { ConfigError } from "../errors/index.js";
 import { loadStructuredFile } from "./load-file.js";
 import { SIZE_FORMS, parseSize } from "./sizes.js";
@@ -29,45 +30,52 @@ export interface LoadOptions {
 export const NAME_RE = /^[A-Za-z0-9._-]+$/;
 const MIN_RAM = 16 * 1024 ** 2;
 
-const sizeField = z.union([z.string(), z.number()]).transform((v, ctx) => {
-  try {
-    return parseSize(v);
-  } catch (e) {
-    ctx.addIssue({ code: "custom", message: (e as Error).message });
-    return z.NEVER;
-  }
-});
+// zod/mini, not the full zod: the same validation core without the chainable-method
+// classes and locales, which made zod ~80% of the code civm run loads (see docs/benchmarks.md).
+const sizeField = z.pipe(
+  z.union([z.string(), z.number()]),
+  z.transform((v: string | number, ctx) => {
+    try {
+      return parseSize(v);
+    } catch (e) {
+      ctx.issues.push({ code: "custom", message: (e as Error).message, input: v });
+      return z.NEVER;
+    }
+  }),
+);
 
 const instanceSchema = z
   .strictObject({
-    name: z.string().regex(NAME_RE).refine((n) => n !== "." && n !== ".."),
-    image: z.string().min(1),
-    "cpu-cores": z.number().int().positive().default(2),
-    ram: sizeField.default(2 * 1024 ** 3),
-    "root-disk": sizeField.optional(),
-    "timeout-seconds": z.number().int().positive().default(3600),
-    "ssh-port": z.number().int().min(1).max(65535).optional(),
-    config: z.json().default({}),
-    kernel: z.string().min(1).optional(),
-    initrd: z.string().min(1).optional(),
-    cmdline: z.string().optional(),
-    machine: z.enum(["pc", "q35", "microvm"]).default("pc"),
-    "qemu-args": z.array(z.string()).default([]),
-    "firmware-boot": z.boolean().default(false),
+    name: z.string().check(z.regex(NAME_RE), z.refine((n) => n !== "." && n !== "..")),
+    image: z.string().check(z.minLength(1)),
+    "cpu-cores": z._default(z.number().check(z.int(), z.positive()), 2),
+    ram: z._default(sizeField, 2 * 1024 ** 3),
+    "root-disk": z.optional(sizeField),
+    "timeout-seconds": z._default(z.number().check(z.int(), z.positive()), 3600),
+    "ssh-port": z.optional(z.number().check(z.int(), z.minimum(1), z.maximum(65535))),
+    config: z._default(z.json(), {}),
+    kernel: z.optional(z.string().check(z.minLength(1))),
+    initrd: z.optional(z.string().check(z.minLength(1))),
+    cmdline: z.optional(z.string()),
+    machine: z._default(z.enum(["pc", "q35", "microvm"]), "pc"),
+    "qemu-args": z._default(z.array(z.string()), []),
+    "firmware-boot": z._default(z.boolean(), false),
   })
-  .superRefine((v, ctx) => {
-    if (v.kernel !== undefined) return;
-    for (const key of ["initrd", "cmdline"] as const) {
-      if (v[key] === undefined) continue;
-      const message = `"${key}" only applies to direct kernel boot: set "kernel" to the kernel image to boot, or remove "${key}"`;
-      ctx.addIssue({ code: "custom", path: [key], message });
-    }
-  })
-  .superRefine((v, ctx) => {
-    if (v.ram >= MIN_RAM) return;
-    const message = `"ram" is only ${v.ram} bytes, too little to boot; a size without a suffix is in bytes, so write e.g. "2G" or "512M"`;
-    ctx.addIssue({ code: "custom", path: ["ram"], message });
-  });
+  .check(
+    z.superRefine((v, ctx) => {
+      if (v.kernel !== undefined) return;
+      for (const key of ["initrd", "cmdline"] as const) {
+        if (v[key] === undefined) continue;
+        const message = `"${key}" only applies to direct kernel boot: set "kernel" to the kernel image to boot, or remove "${key}"`;
+        ctx.addIssue({ code: "custom", path: [key], message });
+      }
+    }),
+    z.superRefine((v, ctx) => {
+      if (v.ram >= MIN_RAM) return;
+      const message = `"ram" is only ${v.ram} bytes, too little to boot; a size without a suffix is in bytes, so write e.g. "2G" or "512M"`;
+      ctx.addIssue({ code: "custom", path: ["ram"], message });
+    }),
+  );
 
 type ParsedInstance = z.output<typeof instanceSchema>;
 
@@ -291,15 +299,4 @@ async function isSymlink(path: string): Promise<boolean> {
 
 function isPlainObject(v: unknown): v is Record<string, unknown> {
   return typeof v === "object" && v !== null && !Array.isArray(v);
-}
-
-/** What kind of value this is, in words, without showing it. */
-export function kindOf(v: unknown): string {
-  if (v === null) return "null";
-  if (v === undefined) return "nothing";
-  if (Array.isArray(v)) return "a list";
-  if (typeof v === "object") return "an object";
-  if (typeof v === "number") return Number.isInteger(v) ? "a whole number" : "a number";
-  if (typeof v === "boolean") return "a boolean";
-  return `a ${typeof v}`;
 }

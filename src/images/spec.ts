@@ -3,10 +3,11 @@
 // and reported together in one ConfigError, one line each, naming the file, the image and
 // the field: `images.json: image "base" (#1): field "actions[2].copy.src": ...`.
 import { duplicateNameProblems } from "../config/duplicates.js";
+import { kindOf } from "../config/kind.js";
 import { readdirSync } from "node:fs";
 import { stat } from "node:fs/promises";
 import { dirname, join, posix, resolve } from "node:path";
-import { z } from "zod";
+import * as z from "zod";
 import { ConfigError } from "../errors/index.js";
 import { loadStructuredFile } from "../config/load-file.js";
 import { SIZE_FORMS, formatSize, parseSize } from "../config/sizes.js";
@@ -654,15 +655,4 @@ function entryLabel(entry: unknown, index: number): string {
 
 function isObject(v: unknown): v is Record<string, unknown> {
   return typeof v === "object" && v !== null && !Array.isArray(v);
-}
-
-/** What kind of value this is, in words, without showing it. */
-function kindOf(v: unknown): string {
-  if (v === null) return "null";
-  if (v === undefined) return "nothing";
-  if (Array.isArray(v)) return "a list";
-  if (typeof v === "object") return "an object";
-  if (typeof v === "number") return Number.isInteger(v) ? "a whole number" : "a number";
-  if (typeof v === "boolean") return "a boolean";
-  return `a ${typeof v}`;
 }
