@@ -8,6 +8,7 @@ import { detectAccel } from "../../host/kvm.js";
 import { VmRun, Registry, reconcile } from "../../vm/index.js";
 import type { InstanceSpec } from "../../config/types.js";
 import type { Paths } from "../../host/paths.js";
+import type { DevFlags } from "../../dev/plan.js";
 import { ConfigError, EXIT_CODES } from "../../errors/index.js";
 import { formatSeconds } from "../../vm/format.js";
 import { trace } from "../../errors/trace.js";
@@ -27,22 +28,18 @@ interface RunFlags {
   timingsFile?: string;
 }
 
-/** Flags of an ad-hoc VM (civm run --image ...): no instances file. */
-interface AdHocFlags extends RunFlags {
+/**
+ * All of civm run's flags: an ad-hoc VM's (civm run --image ...; the dev VM's DevFlags, see
+ * src/dev/plan.ts) and the instance run's. image is absent for an instance run.
+ */
+interface AdHocFlags extends RunFlags, Omit<DevFlags, "image" | "hostMount" | "port" | keyof RunFlags> {
   image?: string;
-  kernel?: string;
-  initrd?: string;
-  append?: string;
-  cpus?: string;
-  mem?: string;
-  disk?: string;
+  /** Repeatable flags: commander starts them as []. */
   hostMount: string[];
   port: string[];
-  name?: string;
   detach?: boolean;
   wait?: boolean;
   waitTimeout: string;
-  timeout?: string;
   printCmd?: boolean;
 }
 
