@@ -134,7 +134,8 @@ class Fields {
     if (v === undefined || v === null) return def;
     const s = parseDuration(v);
     if (s === undefined) {
-      this.add(`${this.field(key)} must be a number of seconds or a duration such as "90s", "5m", "1h30m" (got ${typeof v === "string" ? JSON.stringify(v) : kindOf(v)}).`);
+      if (typeof v === "number" && v < 0) this.add(`${this.field(key)} must not be negative (got ${v}).`);
+      else this.add(`${this.field(key)} must be a number of seconds or a duration such as "90s", "5m", "1h30m" (got ${typeof v === "string" ? JSON.stringify(v) : kindOf(v)}).`);
       return def;
     }
     if (s < min) {

@@ -165,7 +165,7 @@ test("every pool error is reported at once, named by pool and field", async () =
   const expect = [
     /pool "default" \(#1\): "minRunners" \(5\) is greater than "maxRunners" \(2\)/,
     /pool "neg" \(#2\): "maxRunners" must not be negative \(got -1\)/,
-    /pool "neg" \(#2\): "idleTimeout" must be a number of seconds/,
+    /pool "neg" \(#2\): "idleTimeout" must not be negative \(got -5\)/,
     /pool "img" \(#3\): "runner\.image" names no stored image "no-such-image" in .*stored images: runner-img/,
     /pool "path" \(#4\): "runner\.image" .*missing\.qcow2 cannot be used \(no such file\)/,
     /pool "typo" \(#5\): unknown key "maxRunner"; did you mean "maxRunners"\?/,
@@ -281,4 +281,78 @@ try { await p.parseAsync(process.argv.slice(1), { from: "user" }); } catch (e) {
   const ko = run(bad.file);
   assert.equal(ko.status, 2);
   assert.match(ko.stderr, /civm: error: .*pool "default" \(#1\): "minRunners" \(9\) is greater than "maxRunners" \(4\)/);
+});
+
+test("negative numbers: each numeric pool field is named (minRunners, maxRunners, idleTimeout, timeout-seconds, firecracker.*)", async () => {
+  const msg = await problems(
+    setup(
+      serve([
+        pool({ name: "min", minRunners: -1 }, { labels: ["a"] }),
+        pool({ name: "max", minRunners: 0, maxRunners: -3 }, { labels: ["b"] }),
+        pool({ name: "idle", idleTimeout: -5 }, { labels: ["c"] }),
+        pool({ name: "timeout", "timeout-seconds": -60 }, { labels: ["d"] }),
+        pool({ name: "fc", firecracker: { vcpuCount: -2, memSizeMib: -512 } }, { labels: ["e"] }),
+      ]),
+    ),
+  );
+  const expect = [
+    /pool "min" \(#1\): "minRunners" must not be negative \(got -1\)/,
+    /pool "max" \(#2\): "maxRunners" must not be negative \(got -3\)/,
+    /pool "idle" \(#3\): "idleTimeout" must not be negative \(got -5\)/,
+    /pool "timeout" \(#4\): "timeout-seconds" must not be negative \(got -60\)/,
+    /pool "fc" \(#5\): "firecracker\.vcpuCount" must not be negative \(got -2\)/,
+    /pool "fc" \(#5\): "firecracker\.memSizeMib" must not be negative \(got -512\)/,
+  ];
+  for (const re of expect) assert.ok(msg.split("\n").some((l) => re.test(l)), `no line matches ${re}:\n${msg}`);
+});
+
+test("civm config check (bin/civm): the issue's config errors, each named by pool and field, exit 2", async () => {
+  const { spawnSync } = await import("node:child_process");
+  const { civmBin } = await import("../support/paths.js");
+  const s = setup(
+    serve(
+      [
+        pool({ name: "minmax", minRunners: 3, maxRunners: 1 }, { labels: ["m"] }),
+        pool({ name: "neg", minRunners: -1 }, { labels: ["n"] }),
+        pool({ name: "img" }, { image: "no-such-image", labels: ["i"] }),
+        pool({ name: "dup" }, { labels: ["d1"] }),
+        pool({ name: "dup" }, { labels: ["d2"] }),
+        pool({ name: "l1" }, { labels: ["Linux", "X64"] }),
+        pool({ name: "l2" }, { labels: ["self-hosted", "x64", "linux"] }),
+      ],
+      // A key file that cannot be read, as root too: a directory.
+      { github: { appId: 1, privateKeyFile: "key-dir.pem" } },
+    ),
+    "serve.json",
+  );
+  mkdirSync(join(s.dir, "key-dir.pem"));
+  const r = spawnSync(process.execPath, [civmBin, "config", "check", s.file], { cwd: s.dir, encoding: "utf8", env: { ...process.env, CIVM_STATE_DIR: s.stateDir } });
+  assert.equal(r.status, 2, `exit code 2 (config error); stderr:\n${r.stderr}`);
+  assert.equal(r.stdout, "");
+  const lines = r.stderr.trim().split("\n");
+  assert.match(lines[0]!, /^civm: error: /);
+  const expect = [
+    /serve\.json: "github\.privateKeyFile": cannot read .*key-dir\.pem \(it is a directory\)/,
+    /serve\.json: pool "minmax" \(#1\): "minRunners" \(3\) is greater than "maxRunners" \(1\); raise maxRunners or lower minRunners\./,
+    /serve\.json: pool "neg" \(#2\): "minRunners" must not be negative \(got -1\)/,
+    /serve\.json: pool "img" \(#3\): "runner\.image" names no stored image "no-such-image" in .*\(stored images: runner-img\)/,
+    /serve\.json: pools #4 and #5 are both named "dup"/,
+    /serve\.json: pool "l1" \(#6\) and pool "l2" \(#7\) have the same "runner\.labels" \(linux, self-hosted, x64/,
+  ];
+  for (const re of expect) assert.ok(lines.some((l) => re.test(l)), `no line matches ${re}:\n${r.stderr}`);
+  assert.equal(lines.length, expect.length, `one line per problem:\n${r.stderr}`);
+  assert.doesNotMatch(r.stderr, /whsec-0123456789|api-token-abcdef/);
+});
+
+test("civm config check (bin/civm): seed 003's pools.json with a civm image loads, exit 0", async () => {
+  const { spawnSync } = await import("node:child_process");
+  const { readFileSync } = await import("node:fs");
+  const { civmBin } = await import("../support/paths.js");
+  const s = setup(serve("pools.json"));
+  const seed = JSON.parse(readFileSync(join(repoRoot, "test/fixtures/pools/seed-003-pools.json"), "utf8")) as { runner: { image: string } }[];
+  seed[0]!.runner.image = "runner-img";
+  writeFileSync(join(s.dir, "pools.json"), JSON.stringify(seed));
+  const r = spawnSync(process.execPath, [civmBin, "config", "check", s.file], { cwd: s.dir, encoding: "utf8", env: { ...process.env, CIVM_STATE_DIR: s.stateDir } });
+  assert.equal(r.status, 0, r.stderr);
+  assert.match(r.stdout, /pool default: 1\.\.10 runners, image runner-img \(stored\), 2 cpus, 4096 MiB, org your-org, labels/);
 });
