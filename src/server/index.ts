@@ -249,7 +249,8 @@ async function readLogChunk(path: string, offset: number, finished: boolean): Pr
       if (nl >= 0) data = data.subarray(0, nl + 1);
       else if (!more && bytesRead < LOG_CHUNK_BYTES) data = data.subarray(0, 0);
     }
-    return { text: data.toString("utf8"), next: from + data.length, more: from + data.length < size };
+    // more: the chunk stopped before the end of the file (not a line still being written).
+    return { text: data.toString("utf8"), next: from + data.length, more };
   } finally {
     await fh.close();
   }

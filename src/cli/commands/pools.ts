@@ -1,23 +1,27 @@
-// `civm pools [scale NAME N | pause NAME | resume NAME]` and `civm vms`: thin clients of a
-// running `civm serve`'s API (--api-url / CIVM_API_URL, --api-token / CIVM_API_TOKEN).
+// `civm pools [scale NAME N | pause NAME | resume NAME]`, `civm vms`, `civm reload` and
+// `civm drain`: thin clients of a running `civm serve`'s API (--api-url / CIVM_API_URL,
+// --api-token / CIVM_API_TOKEN). `civm logs VM` uses the same client (logs.ts).
 import { Option, type Command } from "commander";
+import { setTimeout as sleep } from "node:timers/promises";
 import { ConfigError, ExternalError } from "../../errors/index.js";
-import { formatAge, table } from "../output.js";
+import { formatAge, say, table } from "../output.js";
 
-interface ApiFlags {
+export interface ApiFlags {
   apiUrl: string;
   apiToken?: string;
   json?: boolean;
 }
 
-function apiOptions(c: Command): Command {
-  return c
-    .addOption(new Option("--api-url <url>", "the civm serve API").env("CIVM_API_URL").default("http://127.0.0.1:8080"))
-    .addOption(new Option("--api-token <token>", "bearer token (the serve config's apiToken)").env("CIVM_API_TOKEN"))
-    .option("--json", "print JSON");
+export const DEFAULT_API_URL = "http://127.0.0.1:8080";
+
+export function apiOptions(c: Command, o: { defaultUrl?: boolean; json?: boolean } = {}): Command {
+  const url = new Option("--api-url <url>", "the civm serve API").env("CIVM_API_URL");
+  c.addOption(o.defaultUrl === false ? url : url.default(DEFAULT_API_URL)).addOption(new Option("--api-token <token>", "bearer token (the serve config's apiToken)").env("CIVM_API_TOKEN"));
+  return o.json === false ? c : c.option("--json", "print JSON");
 }
 
-async function call(flags: ApiFlags, method: "GET" | "POST", path: string, body?: unknown): Promise<unknown> {
+/** A request to the API; the Response when it answered 2xx, typed errors otherwise (400/404: ConfigError). */
+export async function request(flags: ApiFlags, method: "GET" | "POST", path: string, body?: unknown): Promise<Response> {
   if (!flags.apiToken) throw new ConfigError("no API token: pass --api-token or set CIVM_API_TOKEN (the apiToken of the civm serve config)");
   const url = `${flags.apiUrl.replace(/\/+$/, "")}${path}`;
   let res: Response;
@@ -30,19 +34,25 @@ async function call(flags: ApiFlags, method: "GET" | "POST", path: string, body?
   } catch (e) {
     throw new ExternalError(`cannot reach civm serve at ${flags.apiUrl}: ${(e as Error).cause instanceof Error ? ((e as Error).cause as Error).message : (e as Error).message} (is it running? --api-url / CIVM_API_URL)`);
   }
+  if (res.ok) return res;
   const text = await res.text();
-  let data: unknown;
+  let msg = text;
   try {
-    data = JSON.parse(text);
+    msg = (JSON.parse(text) as { error?: string }).error ?? text;
   } catch {
-    data = text;
+    // not JSON: the text as it is
   }
-  if (!res.ok) {
-    const msg = (data as { error?: string } | undefined)?.error ?? text;
-    if (res.status === 400 || res.status === 404) throw new ConfigError(`${method} ${path}: ${msg}`);
-    throw new ExternalError(`civm serve answered ${method} ${path} with ${res.status}: ${msg}`);
+  if (res.status === 400 || res.status === 404) throw new ConfigError(`${method} ${path}: ${msg}`, { cause: { status: res.status } });
+  throw new ExternalError(`civm serve answered ${method} ${path} with ${res.status}: ${msg}`);
+}
+
+export async function call(flags: ApiFlags, method: "GET" | "POST", path: string, body?: unknown): Promise<unknown> {
+  const text = await (await request(flags, method, path, body)).text();
+  try {
+    return JSON.parse(text);
+  } catch {
+    return text;
   }
-  return data;
 }
 
 interface PoolRow {
@@ -84,6 +94,58 @@ export function registerPools(program: Command): void {
       printPools([(await call(flags, "POST", `/api/pools/${encodeURIComponent(name)}/${verb}`)) as PoolRow], flags.json);
     });
   }
+  apiOptions(
+    program
+      .command("reload")
+      .description("Make a running civm serve re-read its config file (as SIGHUP does). Added pools start, removed ones drain, changed settings apply, idle runners on an old image or old VM settings are replaced. An invalid config changes nothing: exit 2 with its problems."),
+  ).action(async (flags: ApiFlags) => {
+    let r: ReloadAnswer;
+    try {
+      r = (await call(flags, "POST", "/api/reload")) as ReloadAnswer;
+    } catch (e) {
+      if (e instanceof ConfigError && e.message.startsWith("POST /api/reload: ")) {
+        throw new ConfigError(`civm serve kept its previous config; the new one has problems:\n${e.message.slice("POST /api/reload: ".length)}`);
+      }
+      throw e;
+    }
+    if (flags.json) {
+      process.stdout.write(JSON.stringify(r, null, 2) + "\n");
+      return;
+    }
+    for (const line of describeReload(r)) say(line);
+  });
+
+  apiOptions(
+    program
+      .command("drain")
+      .description("Make a running civm serve stop taking work: no new runners, idle ones stop, busy ones finish. It keeps serving the API (state draining, then drained) until --exit, SIGTERM or --cancel."),
+  )
+    .option("--exit", "exit once no runner VM is left (exit status 0)")
+    .option("--wait", "wait until drained (with --exit: until civm serve has exited)")
+    .option("--cancel", "end a drain: take work again")
+    .action(async (flags: ApiFlags & { exit?: boolean; wait?: boolean; cancel?: boolean }) => {
+      if (flags.cancel && (flags.exit || flags.wait)) throw new ConfigError("--cancel cannot be combined with --exit or --wait");
+      let st = (flags.cancel ? await call(flags, "POST", "/api/undrain") : await call(flags, "POST", "/api/drain", { exit: flags.exit === true })) as DrainStatus;
+      while (flags.wait && st.state !== "drained") {
+        await sleep(1000);
+        try {
+          st = (await call(flags, "GET", "/api/status")) as DrainStatus;
+        } catch (e) {
+          // With --exit, the server going away is the drain completing.
+          if (flags.exit && e instanceof ExternalError && e.message.startsWith("cannot reach")) {
+            st = { ...st, state: "exited", runners: { starting: 0, idle: 0, busy: 0 } };
+            break;
+          }
+          throw e;
+        }
+      }
+      if (flags.json) {
+        process.stdout.write(JSON.stringify(st, null, 2) + "\n");
+        return;
+      }
+      say(describeDrain(st));
+    });
+
   apiOptions(program.command("vms").description("Runner VMs of a running civm serve (over its API)."))
     .option("--pool <name>", "only this pool")
     .option("--all", "include finished VMs")
@@ -99,4 +161,45 @@ export function registerPools(program: Command): void {
       const head = ["ID", "POOL", "RUNNER", "STATE", "RUNNER ID", "JOB", "AGE", "EXIT"];
       process.stdout.write(table([head, ...rows.map((v) => [v.id, v.pool, v.name, v.state, String(v.runnerId ?? "-"), String(v.job ?? "-"), formatAge(v.ageSeconds * 1000), v.exitReason ?? "-"])]));
     });
+}
+
+interface ReloadAnswer {
+  file: string;
+  pools: { added: string[]; removed: string[]; changed: { name: string; fields: string[]; replaceIdle: boolean }[]; unchanged: string[] };
+  applied: string[];
+  restartNeeded: { field: string; running: string; configured: string }[];
+  message?: string;
+}
+
+function describeReload(r: ReloadAnswer): string[] {
+  const out = [`reloaded ${r.file}`];
+  const p = r.pools;
+  if (p.added.length) out.push(`pools added: ${p.added.join(", ")}`);
+  if (p.removed.length) out.push(`pools removed: ${p.removed.join(", ")} (idle runners stop, busy ones finish, then the pool is gone)`);
+  for (const c of p.changed) out.push(`pool ${c.name} changed: ${c.fields.join(", ")}${c.replaceIdle ? " (idle runners are replaced; busy ones finish as they are)" : ""}`);
+  if (!p.added.length && !p.removed.length && !p.changed.length) out.push("pools: no change");
+  if (r.applied.length) out.push(`applied: ${r.applied.join(", ")}`);
+  if (r.message) out.push(r.message);
+  return out;
+}
+
+interface DrainStatus {
+  state: string;
+  exitWhenDrained?: boolean;
+  runners: { starting: number; idle: number; busy: number };
+}
+
+function describeDrain(st: DrainStatus): string {
+  const n = st.runners;
+  const left = `${n.busy} busy, ${n.idle} idle, ${n.starting} starting`;
+  switch (st.state) {
+    case "serving":
+      return `civm serve is taking work (${left}).`;
+    case "exited":
+      return "civm serve drained and exited.";
+    case "drained":
+      return st.exitWhenDrained ? "civm serve is drained and exiting." : "civm serve is drained: no runner VM left; it keeps serving the API (civm drain --cancel takes work again).";
+    default:
+      return `civm serve is ${st.state} (${left}); busy runners finish their jobs${st.exitWhenDrained ? ", then it exits" : "; it keeps serving the API afterwards"}.`;
+  }
 }
