@@ -293,10 +293,14 @@ export function listen(app: Hono, host: string, port: number): Promise<RunningSe
       const h = info.address.includes(":") ? `[${info.address}]` : info.address;
       resolve({
         url: `http://${h}:${info.port}`,
+        // Requests in flight (e.g. the answer to the drain that ends the process) are
+        // finished; connections still open after 2 s are cut.
         close: () =>
           new Promise<void>((done) => {
-            (server as unknown as { closeAllConnections?: () => void }).closeAllConnections?.();
+            const s = server as unknown as { closeIdleConnections?: () => void; closeAllConnections?: () => void };
             server.close(() => done());
+            s.closeIdleConnections?.();
+            setTimeout(() => s.closeAllConnections?.(), 2000).unref();
           }),
       });
     });
