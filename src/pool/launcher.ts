@@ -60,7 +60,19 @@ export class VmRunLauncher implements VmLauncher {
     return spec;
   }
 
+  /**
+   * What a new VM of the pool boots: for a stored image its name, build key and disk hash
+   * (a rebuild under the same name is a new image), for a disk path its path, size and
+   * mtime.
+   */
   async imageKey(pool: PoolSpec): Promise<string> {
+    const img = pool.runner.image;
+    if (img.kind === "stored") {
+      const { ImageStore } = await import("../images/store.js");
+      const stored = await new ImageStore(this.opts.paths.stateDir).get(img.ref);
+      if (!stored) throw new ConfigError(`pool ${pool.name}: image ${JSON.stringify(img.ref)} is not in the image store (civm image ls)`);
+      return `stored:${img.ref}:${stored.manifest.key}:${stored.manifest.sha256.slice(0, 16)}`;
+    }
     const spec = await this.spec(pool, "00000000");
     const s = await stat(spec.image);
     return `${spec.image}:${s.size}:${Math.floor(s.mtimeMs)}`;

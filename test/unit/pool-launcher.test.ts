@@ -1,0 +1,64 @@
+// VmRunLauncher's image identity: a stored image rebuilt under the same name (new build key
+// or disk) is a new image for the pool, so its idle runners are replaced; console logs by id.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { mkdirSync, utimesSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { VmRunLauncher, findConsoleLog } from "../../src/pool/launcher.js";
+import type { PoolSpec } from "../../src/pool/types.js";
+import { resolvePaths } from "../../src/host/paths.js";
+import { tempDir } from "../support/paths.js";
+
+function pool(image: PoolSpec["runner"]["image"]): PoolSpec {
+  return {
+    name: "linux",
+    index: 0,
+    maxRunners: 1,
+    minRunners: 0,
+    runner: { namePrefix: "linux", image, imagePullPolicy: "IfNotPresent", target: { kind: "org", org: "o" }, labels: ["linux"], groupId: 1, registration: "jit", workFolder: "_work" },
+    vm: { cpus: 1, ramBytes: 256 << 20, rootDiskBytes: undefined, timeoutSeconds: 60, cmdline: undefined },
+    idleTimeoutSeconds: 60,
+  };
+}
+
+function storeImage(stateDir: string, name: string, key: string, sha: string): void {
+  const dir = join(stateDir, "images", name);
+  mkdirSync(dir, { recursive: true });
+  writeFileSync(join(dir, "disk.qcow2"), `disk of ${key}`);
+  const manifest = { name, key, format: "qcow2", disk: "disk.qcow2", sha256: sha, diskBytes: 10, virtualSize: 10, packages: {}, buildSeconds: 1, createdAt: new Date().toISOString(), source: "build" };
+  writeFileSync(join(dir, "manifest.json"), JSON.stringify(manifest));
+}
+
+test("imageKey: a stored image rebuilt under the same name (new key or new disk) changes it; a disk path's changes with its mtime", async () => {
+  const root = tempDir();
+  const paths = resolvePaths({ stateDir: join(root, "state"), logsDir: join(root, "logs") });
+  const launcher = new VmRunLauncher({ paths, accel: "tcg", graceSeconds: 1, log: () => {} });
+  const stored = pool({ ref: "runner", kind: "stored" });
+  storeImage(paths.stateDir, "runner", "a".repeat(64), "1".repeat(64));
+  const k1 = await launcher.imageKey(stored);
+  assert.equal(await launcher.imageKey(stored), k1, "stable while nothing changes");
+  storeImage(paths.stateDir, "runner", "b".repeat(64), "2".repeat(64));
+  const k2 = await launcher.imageKey(stored);
+  assert.notEqual(k2, k1, "rebuilt: new key");
+  storeImage(paths.stateDir, "runner", "b".repeat(64), "3".repeat(64));
+  assert.notEqual(await launcher.imageKey(stored), k2, "same key, new disk (forced rebuild)");
+  await assert.rejects(launcher.imageKey(pool({ ref: "gone", kind: "stored" })), /image "gone" is not in the image store/);
+
+  const disk = join(root, "disk.img");
+  writeFileSync(disk, "x");
+  const byPath = pool({ ref: disk, kind: "path", path: disk });
+  utimesSync(disk, new Date(1_000_000), new Date(1_000_000));
+  const p1 = await launcher.imageKey(byPath);
+  utimesSync(disk, new Date(2_000_000), new Date(2_000_000));
+  assert.notEqual(await launcher.imageKey(byPath), p1);
+});
+
+test("findConsoleLog: the log VmRun wrote for a VM id", async () => {
+  const dir = tempDir();
+  writeFileSync(join(dir, "linux-20261122-061200-0a0b0c0d.log"), "");
+  writeFileSync(join(dir, "linux-20261122-061200-0a0b0c0e.log.old"), "");
+  assert.equal(await findConsoleLog(dir, "0a0b0c0d"), join(dir, "linux-20261122-061200-0a0b0c0d.log"));
+  assert.equal(await findConsoleLog(dir, "0a0b0c0e"), undefined);
+  assert.equal(await findConsoleLog(dir, "../etc"), undefined);
+  assert.equal(await findConsoleLog(join(dir, "missing"), "0a0b0c0d"), undefined);
+});
