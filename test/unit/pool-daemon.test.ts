@@ -548,3 +548,19 @@ test("registration token mode: an org pool in another runner group passes the gr
   assert.equal(cfg.runnergroup, "big machines");
   assert.equal(cfg.repo, `${gh.url}/rust-lang-ci`);
 });
+
+test("reload with new GitHub credentials: the daemon uses them from then on", async (t) => {
+  const s = await setup(t, [pool({ minRunners: 1 })]);
+  const { gh, store, launcher, daemon, advance } = s;
+  gh.state.token = "ghp_rotatedToken0123456789"; // the old token is revoked
+  await daemon.pass();
+  assert.equal(launcher.vms.length, 0);
+  assert.equal(store.pool("linux").failures, 1);
+  const access = createGitHubAccess({ kind: "token", token: "ghp_rotatedToken0123456789" }, { baseUrl: gh.url, throttle: false, retries: 0, warn: () => {} });
+  const changes = daemon.reload([pool({ minRunners: 1 })], { access });
+  assert.deepEqual(changes.unchanged, ["linux"]);
+  advance(5_000);
+  await daemon.pass();
+  assert.equal(launcher.vms.length, 1);
+  assert.ok(gh.runner(launcher.vms[0]!.req.name));
+});

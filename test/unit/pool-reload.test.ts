@@ -1,0 +1,66 @@
+// What a reload may change besides the pools: applied at once, or kept until a restart.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { effectiveConfig, restartMessage, settingsChanges } from "../../src/pool/reload.js";
+import type { ServeConfig } from "../../src/pool/types.js";
+
+function config(over: Partial<ServeConfig> = {}): ServeConfig {
+  return {
+    file: "serve.yaml",
+    baseDir: "/etc/civm",
+    listen: { host: "127.0.0.1", port: 8080 },
+    stateDir: undefined,
+    github: { apiUrl: "https://api.github.com", auth: { kind: "token", token: "ghp_old_secret" } },
+    webhookSecret: "hook",
+    apiToken: "api",
+    pollIntervalSeconds: 60,
+    shutdownTimeoutSeconds: 3600,
+    maxWebhookBytes: 1024,
+    poolsFile: "serve.yaml",
+    pools: [],
+    secrets: ["ghp_old_secret"],
+    ...over,
+  };
+}
+
+test("unchanged settings: nothing applied, no restart needed", () => {
+  assert.deepEqual(settingsChanges(config(), config(), "/var/lib/civm"), { applied: [], restartNeeded: [] });
+  assert.equal(restartMessage([]), undefined);
+});
+
+test("credentials, secrets, limits and intervals apply; listen, stateDir and apiUrl need a restart and keep their running values", () => {
+  const next = config({
+    listen: { host: "::1", port: 9090 },
+    stateDir: "/srv/civm",
+    github: { apiUrl: "https://ghe.example.com/api/v3", auth: { kind: "token", token: "ghp_new_secret" } },
+    webhookSecret: "hook2",
+    apiToken: "api2",
+    pollIntervalSeconds: 30,
+    shutdownTimeoutSeconds: 60,
+    maxWebhookBytes: 2048,
+  });
+  const c = settingsChanges(config(), next, "/var/lib/civm");
+  assert.deepEqual(c.applied, ["github credentials", "webhookSecret", "apiToken", "pollInterval", "shutdownTimeout", "maxWebhookBytes"]);
+  assert.deepEqual(c.restartNeeded, [
+    { field: "listen", running: "127.0.0.1:8080", configured: "[::1]:9090" },
+    { field: "stateDir", running: "/var/lib/civm", configured: "/srv/civm" },
+    { field: "github.apiUrl", running: "https://api.github.com", configured: "https://ghe.example.com/api/v3" },
+  ]);
+  const msg = restartMessage(c.restartNeeded)!;
+  assert.match(msg, /^restart civm serve to apply listen \(running 127\.0\.0\.1:8080, configured \[::1\]:9090\), stateDir .*, github\.apiUrl .*; until then the running values stay\.$/);
+  for (const s of ["ghp_old_secret", "ghp_new_secret", "hook2", "api2"]) assert.ok(!JSON.stringify(c).includes(s) && !msg.includes(s), "a secret in the answer");
+  const eff = effectiveConfig(config(), next);
+  assert.deepEqual(eff.listen, { host: "127.0.0.1", port: 8080 });
+  assert.equal(eff.stateDir, undefined);
+  assert.equal(eff.github.apiUrl, "https://api.github.com");
+  assert.deepEqual(eff.github.auth, { kind: "token", token: "ghp_new_secret" });
+  assert.equal(eff.apiToken, "api2");
+  // A second reload compares with the running values: listen still needs a restart.
+  assert.deepEqual(settingsChanges(eff, next, "/var/lib/civm").restartNeeded.map((r) => r.field), ["listen", "stateDir", "github.apiUrl"]);
+  assert.deepEqual(settingsChanges(eff, next, "/var/lib/civm").applied, []);
+});
+
+test("a GitHub App key rotation counts as new credentials", () => {
+  const app = (key: string): ServeConfig["github"] => ({ apiUrl: "https://api.github.com", auth: { kind: "app", appId: 1, privateKey: key, privateKeyFile: "/k.pem", installationId: undefined } });
+  assert.deepEqual(settingsChanges(config({ github: app("A") }), config({ github: app("B") }), "/x").applied, ["github credentials"]);
+});
