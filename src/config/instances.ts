@@ -5,7 +5,6 @@
 import { constants } from "node:fs";
 import { access, lstat, stat } from "node:fs/promises";
 import { dirname, resolve } from "node:path";
-import * as z from "zod/mini";
 import { duplicateNameProblems } from "./duplicates.js";
 import { kindOf } from "./kind.js";
 import { ConfigError } from "../errors/index.js";
@@ -30,56 +29,137 @@ export interface LoadOptions {
 export const NAME_RE = /^[A-Za-z0-9._-]+$/;
 const MIN_RAM = 16 * 1024 ** 2;
 
-// zod/mini, not the full zod: the same validation core without the chainable-method
-// classes and locales, which made zod ~80% of the code civm run loads (see docs/benchmarks.md).
-const sizeField = z.pipe(
-  z.union([z.string(), z.number()]),
-  z.transform((v: string | number, ctx) => {
+/** The keys of an instance, in the order problems with them are reported. */
+export const INSTANCE_KEYS: readonly string[] = [
+  "name", "image", "cpu-cores", "ram", "root-disk", "timeout-seconds", "ssh-port", "config",
+  "kernel", "initrd", "cmdline", "machine", "qemu-args", "firmware-boot",
+];
+
+/** An instance as validated, defaults filled in. */
+interface ParsedInstance {
+  name: string;
+  image: string;
+  "cpu-cores": number;
+  ram: number;
+  "root-disk": number | undefined;
+  "timeout-seconds": number;
+  "ssh-port": number | undefined;
+  config: JsonValue;
+  kernel: string | undefined;
+  initrd: string | undefined;
+  cmdline: string | undefined;
+  machine: MachineType;
+  "qemu-args": string[];
+  "firmware-boot": boolean;
+}
+
+/**
+ * One problem with an entry. Only the first problem of each key is reported: with a
+ * message of its own (`message`), or else the key's HINTS line. A "fatal" problem (the
+ * wrong type, a fraction for a whole number, an unparsable size) skips the checks across
+ * keys (kernel options without a kernel, too little ram), which would only add noise.
+ */
+interface Issue {
+  key: string;
+  message?: string;
+  fatal: boolean;
+  /** A key that is not in INSTANCE_KEYS. */
+  unknown?: boolean;
+}
+
+const MACHINES: readonly string[] = ["pc", "q35", "microvm"];
+
+/**
+ * Validates one instance object (hand-written rather than a schema library: this runs on
+ * every civm run, before QEMU starts, and a schema library was a third of the code civm
+ * run loaded; see docs/benchmarks.md). Returns the parsed instance or its issues.
+ */
+function parseInstance(entry: Record<string, unknown>): { value: ParsedInstance; issues?: undefined } | { value?: undefined; issues: Issue[] } {
+  const issues: Issue[] = [];
+  const fail = (key: string, fatal: boolean, message?: string) => issues.push({ key, fatal, ...(message !== undefined ? { message } : {}) });
+  const finite = (v: unknown): v is number => typeof v === "number" && Number.isFinite(v);
+
+  const str = (key: string, opts: { optional?: boolean; nonEmpty?: boolean } = {}): string | undefined => {
+    const v = entry[key];
+    if (v === undefined && opts.optional) return undefined;
+    if (typeof v !== "string") return void fail(key, true);
+    if (opts.nonEmpty && v.length === 0) fail(key, false);
+    return v;
+  };
+  const int = (key: string, dflt: number | undefined, min: number, max = Number.MAX_SAFE_INTEGER): number | undefined => {
+    const v = entry[key];
+    if (v === undefined) return dflt;
+    if (!finite(v) || !Number.isInteger(v)) return void fail(key, true);
+    if (!Number.isSafeInteger(v)) fail(key, false);
+    if (v < min || v > max) fail(key, false);
+    return v;
+  };
+  const size = (key: string, dflt: number | undefined): number | undefined => {
+    const v = entry[key];
+    if (v === undefined) return dflt;
+    if (typeof v !== "string" && !finite(v)) return void fail(key, true);
     try {
       return parseSize(v);
     } catch (e) {
-      ctx.issues.push({ code: "custom", message: (e as Error).message, input: v });
-      return z.NEVER;
+      return void fail(key, true, (e as Error).message);
     }
-  }),
-);
+  };
 
-const instanceSchema = z
-  .strictObject({
-    name: z.string().check(z.regex(NAME_RE), z.refine((n) => n !== "." && n !== "..")),
-    image: z.string().check(z.minLength(1)),
-    "cpu-cores": z._default(z.number().check(z.int(), z.positive()), 2),
-    ram: z._default(sizeField, 2 * 1024 ** 3),
-    "root-disk": z.optional(sizeField),
-    "timeout-seconds": z._default(z.number().check(z.int(), z.positive()), 3600),
-    "ssh-port": z.optional(z.number().check(z.int(), z.minimum(1), z.maximum(65535))),
-    config: z._default(z.json(), {}),
-    kernel: z.optional(z.string().check(z.minLength(1))),
-    initrd: z.optional(z.string().check(z.minLength(1))),
-    cmdline: z.optional(z.string()),
-    machine: z._default(z.enum(["pc", "q35", "microvm"]), "pc"),
-    "qemu-args": z._default(z.array(z.string()), []),
-    "firmware-boot": z._default(z.boolean(), false),
-  })
-  .check(
-    z.superRefine((v, ctx) => {
-      if (v.kernel !== undefined) return;
+  const name = str("name");
+  if (name !== undefined) {
+    if (!NAME_RE.test(name)) fail("name", false);
+    if (name === "." || name === "..") fail("name", false, "Invalid input");
+  }
+  const image = str("image", { nonEmpty: true });
+  const cpus = int("cpu-cores", 2, 1);
+  const ram = size("ram", 2 * 1024 ** 3);
+  const rootDisk = size("root-disk", undefined);
+  const timeout = int("timeout-seconds", 3600, 1);
+  const sshPort = int("ssh-port", undefined, 1, 65535);
+  const config = entry.config === undefined ? {} : entry.config;
+  if (!isJson(config)) fail("config", true);
+  const kernel = str("kernel", { optional: true, nonEmpty: true });
+  const initrd = str("initrd", { optional: true, nonEmpty: true });
+  const cmdline = str("cmdline", { optional: true });
+  const machine = entry.machine === undefined ? "pc" : entry.machine;
+  if (typeof machine !== "string" || !MACHINES.includes(machine)) fail("machine", true);
+  const qemuArgs = entry["qemu-args"] === undefined ? [] : entry["qemu-args"];
+  if (!Array.isArray(qemuArgs) || !qemuArgs.every((a) => typeof a === "string")) fail("qemu-args", true);
+  const firmwareBoot = entry["firmware-boot"] === undefined ? false : entry["firmware-boot"];
+  if (typeof firmwareBoot !== "boolean") fail("firmware-boot", true);
+  const unknown = Object.keys(entry).filter((k) => !INSTANCE_KEYS.includes(k));
+  for (const key of unknown) issues.push({ key, fatal: false, unknown: true });
+
+  // Checks across keys, when every key has the right type.
+  if (!issues.some((i) => i.fatal)) {
+    if (kernel === undefined) {
       for (const key of ["initrd", "cmdline"] as const) {
-        if (v[key] === undefined) continue;
-        const message = `"${key}" only applies to direct kernel boot: set "kernel" to the kernel image to boot, or remove "${key}"`;
-        ctx.addIssue({ code: "custom", path: [key], message });
+        if (entry[key] === undefined) continue;
+        fail(key, false, `"${key}" only applies to direct kernel boot: set "kernel" to the kernel image to boot, or remove "${key}"`);
       }
-    }),
-    z.superRefine((v, ctx) => {
-      if (v.ram >= MIN_RAM) return;
-      const message = `"ram" is only ${v.ram} bytes, too little to boot; a size without a suffix is in bytes, so write e.g. "2G" or "512M"`;
-      ctx.addIssue({ code: "custom", path: ["ram"], message });
-    }),
-  );
+    }
+    if (ram! < MIN_RAM) {
+      fail("ram", false, `"ram" is only ${ram} bytes, too little to boot; a size without a suffix is in bytes, so write e.g. "2G" or "512M"`);
+    }
+  }
+  if (issues.length) return { issues };
+  return {
+    value: {
+      name: name!, image: image!, "cpu-cores": cpus!, ram: ram!, "root-disk": rootDisk, "timeout-seconds": timeout!, "ssh-port": sshPort,
+      config: config as JsonValue, kernel, initrd, cmdline, machine: machine as MachineType, "qemu-args": qemuArgs as string[], "firmware-boot": firmwareBoot as boolean,
+    },
+  };
+}
 
-type ParsedInstance = z.output<typeof instanceSchema>;
-
-export const INSTANCE_KEYS: readonly string[] = Object.keys(instanceSchema.shape);
+/** JSON data: null, booleans, strings, finite numbers, and lists and plain objects of them. */
+function isJson(v: unknown): boolean {
+  if (v === null || typeof v === "string" || typeof v === "boolean") return true;
+  if (typeof v === "number") return Number.isFinite(v);
+  if (Array.isArray(v)) return v.every(isJson);
+  if (typeof v !== "object") return false;
+  const proto = Object.getPrototypeOf(v) as unknown;
+  return (proto === Object.prototype || proto === null) && Object.values(v).every(isJson);
+}
 
 const KEY_ALIASES: Record<string, string> = {
   cpus: "cpu-cores",
@@ -179,12 +259,12 @@ function validateEntry(
     problems.push(`${where}: must be an object with "name", "image" and other keys, but it is ${kindOf(entry)}.`);
     return undefined;
   }
-  const parsed = instanceSchema.safeParse(entry);
-  if (!parsed.success) {
-    problems.push(...describeIssues(parsed.error.issues, entry).map((p) => `${where}: ${p}`));
+  const parsed = parseInstance(entry);
+  if (parsed.issues) {
+    problems.push(...describeIssues(parsed.issues, entry).map((p) => `${where}: ${p}`));
     return undefined;
   }
-  return toSpec(parsed.data, index, file, dir);
+  return toSpec(parsed.value, index, file, dir);
 }
 
 function toSpec(v: ParsedInstance, index: number, file: string, dir: string): InstanceSpec {
@@ -209,18 +289,13 @@ function toSpec(v: ParsedInstance, index: number, file: string, dir: string): In
   };
 }
 
-function describeIssues(issues: readonly z.core.$ZodIssue[], entry: Record<string, unknown>): string[] {
+function describeIssues(issues: readonly Issue[], entry: Record<string, unknown>): string[] {
   const out: string[] = [];
   const seen = new Set<string>();
   for (const issue of issues) {
-    if (issue.code === "unrecognized_keys") {
-      out.push(...issue.keys.map((k) => unknownKey(k)));
-      continue;
-    }
-    const key = String(issue.path[0] ?? "");
-    if (seen.has(key)) continue;
-    seen.add(key);
-    out.push(describeIssue(issue, key, entry));
+    if (seen.has(issue.key)) continue;
+    seen.add(issue.key);
+    out.push(describeIssue(issue, entry));
   }
   return out;
 }
@@ -231,8 +306,10 @@ function unknownKey(key: string): string {
   return `unknown key ${JSON.stringify(key)}; the known keys are ${INSTANCE_KEYS.join(", ")}.`;
 }
 
-function describeIssue(issue: z.core.$ZodIssue, key: string, entry: Record<string, unknown>): string {
-  if (issue.code === "custom") return qualify(key, issue.message);
+function describeIssue(issue: Issue, entry: Record<string, unknown>): string {
+  const { key } = issue;
+  if (issue.unknown) return unknownKey(key);
+  if (issue.message !== undefined) return qualify(key, issue.message);
   const value = entry[key];
   if (value === undefined) return `missing key ${JSON.stringify(key)}: ${MISSING[key] ?? "add it"}.`;
   return `${JSON.stringify(key)} ${HINTS[key] ?? "is invalid"}${got(key, value)}.`;
