@@ -1,6 +1,6 @@
 // A small QMP client: connect to QEMU's control socket, negotiate capabilities,
 // run commands (one at a time, matched by id) and surface asynchronous events.
-import { createConnection, type Socket } from "node:net";
+import type { Socket } from "node:net";
 import { EventEmitter } from "node:events";
 import { setTimeout as sleep } from "node:timers/promises";
 
@@ -54,7 +54,9 @@ export class QmpClient extends EventEmitter {
     throw new QmpError(`could not connect to QMP socket ${path}: ${(lastErr as Error)?.message ?? "timed out"}`);
   }
 
-  private open(path: string): Promise<void> {
+  private async open(path: string): Promise<void> {
+    // Loaded here, once QEMU runs, rather than before civm spawns it (docs/benchmarks.md).
+    const { createConnection } = await import("node:net");
     return new Promise((resolve, reject) => {
       const sock = createConnection(path);
       this.socket = sock;
