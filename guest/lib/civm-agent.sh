@@ -101,14 +101,63 @@ read_config() {
   if ! { chmod 600 "$CONFIG.tmp" && mv -f "$CONFIG.tmp" "$CONFIG"; }; then
     fail "cannot write $CONFIG"
   fi
-  jq -e 'type == "object" and ((.config // {}) | type == "object")' "$CONFIG" >/dev/null 2>&1 ||
-    fail "instance.json is not a JSON object with an object \"config\""
+  parse_config
 }
 
-# config[KEY] as text; empty when absent or null. Secrets reach variables
-# through command substitution only, never through anyone's argv.
+# The whole of instance.json in one jq run: each jq start costs 0.3-0.4 s under emulation
+# (TCG), and the agent used to start it nine times. jq prints shell assignments (quoted
+# with @sh) that are eval'd here. Secrets reach variables through jq's stdout only,
+# never through anyone's argv. What it sets:
+#   CFG[KEY]         config[KEY] as text (strings as they are, anything else as JSON);
+#                    absent when null or false
+#   CFG_NAME         .name as text
+#   CFG_KEYS_OK      1, or 0 when ssh_authorized_keys is not a string or a list of strings
+#   CFG_KEYS         the keys, one a line
+#   CFG_MOUNTS_N     the number of mounts, or "bad" when config.mounts is malformed
+#   CFG_MOUNT_TAG[i], CFG_MOUNT_PATH[i], CFG_MOUNT_RO[i] (true or false)
+#   CFG_LABELS_OK    1, or 0 when config.labels cannot be joined; CFG_LABELS joined with ","
+# shellcheck disable=SC2016 # the $names are jq's
+PARSE_CONFIG_JQ='
+def txt: if type == "string" then . else tojson end;
+if type != "object" or ((.config // {}) | type) != "object" then error("not an object") else . end
+| (.config // {}) as $c
+| ($c | to_entries[] | select(.value != null and .value != false)
+    | "CFG[\(.key | @sh)]=\(.value | txt | @sh)"),
+  "CFG_NAME=\(.name // "" | txt | @sh)",
+  (try ([$c.ssh_authorized_keys // empty
+          | (if type == "array" then .[] else . end)
+          | if type == "string" then . else error("not a string") end]
+        | "CFG_KEYS_OK=1", "CFG_KEYS=\(join("\n") | @sh)")
+   catch "CFG_KEYS_OK=0"),
+  (try (($c.mounts // []) as $m
+        | if ($m | type) == "array" and all($m[]; type == "object"
+              and (.tag | type) == "string" and .tag != ""
+              and (.path | type) == "string" and (.path | startswith("/")))
+          then "CFG_MOUNTS_N=\($m | length)",
+            ($m | to_entries[]
+              | "CFG_MOUNT_TAG[\(.key)]=\(.value.tag | @sh)",
+                "CFG_MOUNT_PATH[\(.key)]=\(.value.path | @sh)",
+                "CFG_MOUNT_RO[\(.key)]=\(.value.ro == true)")
+          else error("bad mounts") end)
+   catch "CFG_MOUNTS_N=bad"),
+  (try ($c.labels // empty | if type == "array" then join(",") else tostring end
+        | "CFG_LABELS=\(@sh)")
+   catch "CFG_LABELS_OK=0")
+'
+
+parse_config() {
+  local out
+  out=$(jq -r "$PARSE_CONFIG_JQ" "$CONFIG" 2>/dev/null) ||
+    fail "instance.json is not a JSON object with an object \"config\""
+  declare -gA CFG=()
+  declare -ga CFG_MOUNT_TAG=() CFG_MOUNT_PATH=() CFG_MOUNT_RO=()
+  CFG_NAME='' CFG_KEYS_OK=1 CFG_KEYS='' CFG_MOUNTS_N=0 CFG_LABELS_OK=1 CFG_LABELS=''
+  eval "$out"
+}
+
+# config[KEY] as text; empty when absent, null or false.
 cfg() {
-  jq -r --arg k "$1" '.config[$k] // empty | if type == "string" then . else tojson end' "$CONFIG"
+  printf '%s' "${CFG[$1]-}"
 }
 
 # Sets USER_HOME (CIVM_ROOT-prefixed) for an existing user; fails otherwise.
@@ -136,10 +185,8 @@ add_authorized_keys() {
 
 install_authorized_keys() {
   local keys user
-  keys=$(jq -r '.config.ssh_authorized_keys // empty
-    | (if type == "array" then .[] else . end)
-    | if type == "string" then . else error("not a string") end' "$CONFIG" 2>/dev/null) ||
-    fail "config.ssh_authorized_keys must be a string or a list of strings"
+  [ "$CFG_KEYS_OK" = 1 ] || fail "config.ssh_authorized_keys must be a string or a list of strings"
+  keys=$CFG_KEYS
   [ -n "$keys" ] || return 0
   for user in root "$CIVM_RUNNER_USER"; do
     if ! user_home "$user"; then
@@ -165,18 +212,11 @@ mount_share() {
 
 # A requested mount that fails is fatal: the job would otherwise run without it.
 mount_shares() {
-  local n i tag path ro
-  n=$(jq -e '(.config.mounts // []) as $m
-    | if ($m | type) == "array" and all($m[]; type == "object"
-          and (.tag | type) == "string" and .tag != ""
-          and (.path | type) == "string" and (.path | startswith("/")))
-      then $m | length else error("bad mounts") end' "$CONFIG" 2>/dev/null) ||
+  local i
+  [ "$CFG_MOUNTS_N" != bad ] ||
     fail "config.mounts must be a list of {tag, path, ro} with a non-empty tag and an absolute path"
-  for ((i = 0; i < n; i++)); do
-    tag=$(jq -r ".config.mounts[$i].tag" "$CONFIG")
-    path=$(jq -r ".config.mounts[$i].path" "$CONFIG")
-    ro=$(jq -r ".config.mounts[$i].ro == true" "$CONFIG")
-    mount_share "$tag" "$path" "$ro"
+  for ((i = 0; i < CFG_MOUNTS_N; i++)); do
+    mount_share "${CFG_MOUNT_TAG[i]}" "${CFG_MOUNT_PATH[i]}" "${CFG_MOUNT_RO[i]}"
   done
 }
 
@@ -216,17 +256,16 @@ plan_runner_dir() {
 }
 
 plan_registration() {
-  local repo name
+  local repo
   repo=$(cfg repo)
   [ -n "$repo" ] || fail "config.token needs config.repo (OWNER/REPO or ORG)"
   [ -f "$RUNNER_DIR/config.sh" ] || fail "no config.sh in $RUNNER_DIR"
-  name=$(jq -r '.name // empty' "$CONFIG")
-  REG_LABELS=$(jq -r '.config.labels // empty | if type == "array" then join(",") else tostring end' "$CONFIG" 2>/dev/null) ||
-    fail "config.labels must be a string or a list of strings"
+  [ "$CFG_LABELS_OK" = 1 ] || fail "config.labels must be a string or a list of strings"
+  REG_LABELS=$CFG_LABELS
   REG_URL=$(registration_url "$repo")
   # config.runner_name (civm serve: <runner.name>-<vm id>) is used as it is.
   REG_NAME=$(cfg runner_name)
-  [ -n "$REG_NAME" ] || REG_NAME=${name:-civm}-$(random_suffix)
+  [ -n "$REG_NAME" ] || REG_NAME=${CFG_NAME:-civm}-$(random_suffix)
   REG_GROUP=$(cfg runnergroup)
 }
 

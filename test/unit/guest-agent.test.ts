@@ -410,3 +410,36 @@ test("runner dir without run.sh: clear error, poweroff", () => {
   assert.doesNotMatch(r.stdout, /^civm-agent: ready$/m);
   assertPoweredOffLast(r);
 });
+
+test("instance.json is parsed once: shell-hostile values arrive intact, nothing from them runs in the agent", () => {
+  const h = makeHarness();
+  const marker = join(h.dir, "pwned");
+  // Quotes, $(...), backticks and newlines inside values must reach the workload as text.
+  const command = `printf '%s|' 'it'"'"'s' "$(echo sub)"; echo; echo 'line2 \`touch ${marker}\` $(touch ${marker})'`;
+  const r = runAgent(h, { name: "vm-1", config: { command, "whitelisted-event": "push'; touch " + marker + "; '", user: false } });
+  assert.equal(r.status, 0, r.out);
+  assert.match(r.stdout, /^it's\|sub\|$/m);
+  assert.match(r.stdout, /^line2 `touch .*` \$\(touch .*\)$/m);
+  assert.equal(existsSync(marker), false, "no value was executed by the agent");
+  assert.equal(named(r.calls, "runuser")[0]?.[2], "runner", "user: false means the default user");
+});
+
+test("malformed ssh_authorized_keys, labels or config: one clear error each, nothing runs", () => {
+  const keys = runAgent(makeHarness(), { name: "vm-1", config: { ssh_authorized_keys: ["ok", 3], command: "echo ran" } });
+  assert.match(keys.stdout, /error: config\.ssh_authorized_keys must be a string or a list of strings/);
+  assert.doesNotMatch(keys.stdout, /^ran$/m);
+  assertPoweredOffLast(keys);
+
+  const h = makeHarness();
+  const labels = runAgent(h, { name: "vm-1", config: { token: "T", repo: "o/r", labels: [{ a: 1 }] } });
+  assert.match(labels.stdout, /error: config\.labels must be a string or a list of strings/);
+  assert.deepEqual(labels.runnerCalls, []);
+  assert.doesNotMatch(labels.out, /\bT\b.*\bT\b/, "the token is never printed");
+  assertPoweredOffLast(labels);
+
+  for (const bad of [[1, 2], { name: "x", config: "str" }]) {
+    const r = runAgent(makeHarness(), bad);
+    assert.match(r.stdout, /error: instance\.json is not a JSON object with an object "config"/);
+    assertPoweredOffLast(r);
+  }
+});
