@@ -4,8 +4,17 @@
 import { existsSync } from "node:fs";
 import type { InstanceSpec } from "../config/types.js";
 
-/** Kernel command line for a stored civm image booted by its kernel. */
-export const STORED_IMAGE_CMDLINE = "console=ttyS0 root=LABEL=civm-root rw panic=-1 quiet";
+/**
+ * Kernel command line for a stored civm image booted by its kernel. Besides the root and
+ * console: `quiet` (printk writes the serial console synchronously, byte by byte through
+ * emulated port I/O);
+ * `tsc=reliable` (under TCG the kernel marks the TSC unstable and falls back to the HPET, an
+ * emulated MMIO read for every clock read, vDSO included; QEMU's TSC is one host clock for
+ * all vCPUs, and under KVM kvm-clock is preferred anyway); `no_timer_check` (skips the IO-APIC
+ * timer probe); `8250.nr_uarts=1` (QEMU gives one serial port; the kernel would register 4).
+ * No security-relevant switch (mitigations, lockdown, module signing) is touched.
+ */
+export const STORED_IMAGE_CMDLINE = "console=ttyS0 root=LABEL=civm-root rw panic=-1 quiet tsc=reliable no_timer_check 8250.nr_uarts=1";
 
 export function looksLikeImageName(ref: string | undefined): ref is string {
   return !!ref && !ref.includes("/") && !/\.(qcow2|img|raw|vhd|vmdk)$/i.test(ref);
