@@ -313,3 +313,19 @@ test("an unreadable instances file names the file and reason", async () => {
   const root = tempDir();
   assert.equal(await configError(join(root, "instances.json")), `${join(root, "instances.json")}: cannot read the file: no such file or directory`);
 });
+
+test("checks across keys (ram, kernel options) run unless a key has the wrong type", async () => {
+  // A value of the wrong kind hides them: the fix for it comes first.
+  const { file } = setup("instances.json", [base({ ram: "1K", "cpu-cores": 1.5, cmdline: "quiet" })]);
+  const msg = await configError(file);
+  assert.match(msg, /"cpu-cores" must be a whole number/);
+  assert.doesNotMatch(msg, /too little to boot|only applies to direct kernel boot/);
+  // A value of the right kind out of range, or an unknown key, does not.
+  const other = setup("instances.json", [base({ ram: "1K", "cpu-cores": 0, cmdline: "quiet", cpus: 2 })]);
+  const lines = (await configError(other.file)).split("\n").map((l) => l.replace(/^.*\(#1\): /, ""));
+  assert.equal(lines.length, 4);
+  assert.match(lines[0]!, /^"cpu-cores" must be a whole number/);
+  assert.match(lines[1]!, /^unknown key "cpus"; did you mean "cpu-cores"\?/);
+  assert.match(lines[2]!, /^"cmdline" only applies to direct kernel boot/);
+  assert.match(lines[3]!, /^"ram" is only 1024 bytes, too little to boot/);
+});
