@@ -6,11 +6,11 @@ import { createAppAuth } from "@octokit/auth-app";
 import { Octokit } from "@octokit/rest";
 import { retry } from "@octokit/plugin-retry";
 import { throttling } from "@octokit/plugin-throttling";
-import { createOctokit, type ClientOptions, type GitHubClient } from "./client.js";
+import { createOctokit, observeRequests, type ClientOptions, type GitHubClient } from "./client.js";
 import type { RunnerTarget } from "./registration-token.js";
 import { apiFailure } from "./runners.js";
 
-const AppOctokit = Octokit.plugin(retry, throttling);
+const AppOctokit = Octokit.plugin(observeRequests, retry, throttling);
 
 export type GitHubCredentials = { kind: "token"; token: string } | { kind: "app"; appId: number; privateKey: string; installationId?: number | undefined };
 
@@ -93,6 +93,7 @@ class AppAccess implements GitHubAccess {
       auth: { ...auth, cache: this.cache },
       baseUrl: this.opts.baseUrl.replace(/\/+$/, ""),
       userAgent: "civm",
+      ...(this.opts.onRequest ? { civmObserveRequest: this.opts.onRequest } : {}),
       log: { debug: () => {}, info: () => {}, warn, error: () => {} },
       retry: { retries: this.opts.retries ?? 2, retryAfterBaseValue: this.opts.retryBaseMs ?? 1000, doNotRetry: [400, 401, 403, 404, 409, 410, 422, 429, 451] },
       throttle: this.opts.throttle === false ? { enabled: false } : { onRateLimit: onLimit, onSecondaryRateLimit: onLimit },

@@ -7,7 +7,55 @@ import { throttling } from "@octokit/plugin-throttling";
 
 export const DEFAULT_GITHUB_API_URL = "https://api.github.com";
 
-const CivmOctokit = Octokit.plugin(retry, throttling);
+/** Called once per HTTP attempt (retries and rate-limit waits count again): the route template and the status (undefined: no response). */
+export type RequestObserver = (route: string, status: number | undefined) => void;
+
+/**
+ * "METHOD /template" of a request, never the expanded URL: a template passed to
+ * client.request is kept as it is; a path civm expanded itself (or a full URL) gets its
+ * owner, repository, organization and numeric ids put back as {placeholders}. No query.
+ */
+export function routeTemplate(method: string, url: string, baseUrl = ""): string {
+  let path = url.split("?")[0] ?? "";
+  if (baseUrl && path.startsWith(baseUrl)) path = path.slice(baseUrl.length);
+  else if (/^https?:\/\//i.test(path)) path = new URL(path).pathname;
+  if (!path.includes("{")) {
+    path = path
+      .replace(/^\/(orgs|enterprises|users)\/[^/]+/, (_m, k: string) => `/${k}/{${k === "orgs" ? "org" : k === "users" ? "username" : "enterprise"}}`)
+      .replace(/^\/repos\/[^/]+\/[^/]+/, "/repos/{owner}/{repo}")
+      .replace(/\/(runners|runs|jobs|runner-groups|installations)\/\d+(?=\/|$)/g, (_m, k: string) => `/${k}/{${ID_NAMES[k] ?? "id"}}`)
+      .replace(/\/\d+(?=\/|$)/g, "/{id}");
+  }
+  return `${method.toUpperCase()} ${path || "/"}`;
+}
+
+const ID_NAMES: Record<string, string> = { runners: "runner_id", runs: "run_id", jobs: "job_id", "runner-groups": "runner_group_id", installations: "installation_id" };
+
+/**
+ * Octokit plugin: reports every request to `options.civmObserveRequest`. Applied before
+ * retry and throttling, so its hook is the innermost and sees each attempt.
+ */
+export function observeRequests(octokit: { hook: Octokit["hook"] }, options: { civmObserveRequest?: RequestObserver; baseUrl?: string }): void {
+  const observe = options.civmObserveRequest;
+  if (!observe) return;
+  const base = (options.baseUrl ?? "").replace(/\/+$/, "");
+  const route = (o: { method?: string; url?: string }) => routeTemplate(o.method ?? "GET", o.url ?? "", base);
+  const safe = (r: string, s: number | undefined) => {
+    try {
+      observe(r, s);
+    } catch {
+      // metrics never fail a request
+    }
+  };
+  octokit.hook.after("request", (res, o) => safe(route(o), res.status));
+  octokit.hook.error("request", (err, o) => {
+    const status = (err as { status?: unknown }).status;
+    safe(route(o), typeof status === "number" ? status : undefined);
+    throw err;
+  });
+}
+
+const CivmOctokit = Octokit.plugin(observeRequests, retry, throttling);
 export type GitHubClient = InstanceType<typeof CivmOctokit>;
 
 export interface ClientOptions {
@@ -25,6 +73,8 @@ export interface ClientOptions {
    * spaces write requests 1 s apart. Tests turn it off to run fast.
    */
   throttle?: boolean;
+  /** Told about every request (metrics). */
+  onRequest?: RequestObserver;
 }
 
 /** GITHUB_API_URL without a trailing slash, or the public API. */
@@ -45,6 +95,7 @@ export function createOctokit(opts: ClientOptions): GitHubClient {
     auth: opts.token,
     baseUrl: (opts.baseUrl ?? githubApiUrl()).replace(/\/+$/, ""),
     userAgent: "civm",
+    ...(opts.onRequest ? { civmObserveRequest: opts.onRequest } : {}),
     // error: the request-log plugin reports each failed request; callers turn those into
     // their own messages, so stay quiet.
     log: { debug: () => {}, info: () => {}, warn: (m: string) => warn(m), error: () => {} },

@@ -24,6 +24,8 @@ export const SERVE_DEFAULTS = {
   apiUrl: "https://api.github.com",
   pollIntervalSeconds: 60,
   shutdownTimeoutSeconds: 3600,
+  /** Finished VMs, completed jobs and webhook deliveries are kept this long (7 days). */
+  retentionSeconds: 7 * 86400,
   maxWebhookBytes: 1024 * 1024,
   minRunners: 0,
   cpus: 2,
@@ -37,7 +39,7 @@ export const SERVE_DEFAULTS = {
   workFolder: "_work",
 } as const;
 
-export const SERVE_KEYS = ["listen", "stateDir", "github", "webhookSecret", "apiToken", "pools", "pollInterval", "shutdownTimeout", "maxWebhookBytes"] as const;
+export const SERVE_KEYS = ["listen", "stateDir", "github", "webhookSecret", "apiToken", "pools", "pollInterval", "shutdownTimeout", "retention", "maxWebhookBytes"] as const;
 export const GITHUB_KEYS = ["apiUrl", "appId", "privateKeyFile", "privateKey", "installationId", "token"] as const;
 export const POOL_KEYS = ["name", "maxRunners", "minRunners", "runner", "firecracker", "cpus", "ram", "disk", "timeout-seconds", "idleTimeout", "runnerGroup", "cmdline"] as const;
 export const RUNNER_KEYS = ["name", "image", "imagePullPolicy", "organization", "repository", "labels", "groupId", "registration", "workFolder"] as const;
@@ -135,7 +137,7 @@ class Fields {
     const s = parseDuration(v);
     if (s === undefined) {
       if (typeof v === "number" && v < 0) this.add(`${this.field(key)} must not be negative (got ${v}).`);
-      else this.add(`${this.field(key)} must be a number of seconds or a duration such as "90s", "5m", "1h30m" (got ${typeof v === "string" ? JSON.stringify(v) : kindOf(v)}).`);
+      else this.add(`${this.field(key)} must be a number of seconds or a duration such as "90s", "5m", "1h30m", "7d" (got ${typeof v === "string" ? JSON.stringify(v) : kindOf(v)}).`);
       return def;
     }
     if (s < min) {
@@ -174,15 +176,15 @@ class Fields {
   }
 }
 
-/** Seconds in 90, "90", "90s", "5m", "1h30m"; undefined when it is none of those. */
+/** Seconds in 90, "90", "90s", "5m", "1h30m", "7d"; undefined when it is none of those. */
 export function parseDuration(v: unknown): number | undefined {
   if (typeof v === "number") return Number.isInteger(v) && v >= 0 ? v : undefined;
   if (typeof v !== "string") return undefined;
   const t = v.trim();
   if (/^\d+$/.test(t)) return Number(t);
-  const m = /^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$/.exec(t);
+  const m = /^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$/.exec(t);
   if (!m || t === "") return undefined;
-  return Number(m[1] ?? 0) * 3600 + Number(m[2] ?? 0) * 60 + Number(m[3] ?? 0);
+  return Number(m[1] ?? 0) * 86400 + Number(m[2] ?? 0) * 3600 + Number(m[3] ?? 0) * 60 + Number(m[4] ?? 0);
 }
 
 /** "host:port", ":port", "[v6]:port" or a port number. */
@@ -222,6 +224,9 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
   }
   const pollIntervalSeconds = f.seconds("pollInterval", SERVE_DEFAULTS.pollIntervalSeconds, 5);
   const shutdownTimeoutSeconds = f.seconds("shutdownTimeout", SERVE_DEFAULTS.shutdownTimeoutSeconds, 0);
+  // At least an hour: pruning runs hourly, and a shorter window would forget delivery ids
+  // GitHub may still redeliver.
+  const retentionSeconds = f.seconds("retention", SERVE_DEFAULTS.retentionSeconds, 3600);
   const maxWebhookBytes = f.size("maxWebhookBytes") ?? SERVE_DEFAULTS.maxWebhookBytes;
 
   const { poolsFile, poolsBaseDir, entries } = await loadPoolEntries(top, file, baseDir, env, problems, secrets);
@@ -249,6 +254,7 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
     apiToken,
     pollIntervalSeconds,
     shutdownTimeoutSeconds,
+    retentionSeconds,
     maxWebhookBytes,
     poolsFile,
     pools,
@@ -563,7 +569,7 @@ export function summarizeServeConfig(c: ServeConfig): string[] {
   const auth = c.github.auth.kind === "app" ? `GitHub App ${c.github.auth.appId}` : "token";
   const lines = [
     `listen ${c.listen.host}:${c.listen.port}; GitHub ${c.github.apiUrl} (${auth}); webhook secret ${c.webhookSecret ? "set" : "not set (POST /webhook answers 401)"}; API token ${c.apiToken ? "set" : "not set (API answers 401)"}`,
-    `poll every ${c.pollIntervalSeconds}s; shutdown waits up to ${c.shutdownTimeoutSeconds}s for busy runners; webhook bodies up to ${c.maxWebhookBytes} bytes`,
+    `poll every ${c.pollIntervalSeconds}s; shutdown waits up to ${c.shutdownTimeoutSeconds}s for busy runners; state kept ${c.retentionSeconds}s; webhook bodies up to ${c.maxWebhookBytes} bytes`,
   ];
   for (const p of c.pools) {
     const t = p.runner.target.kind === "org" ? `org ${p.runner.target.org}` : `repo ${p.runner.target.owner}/${p.runner.target.repo}`;

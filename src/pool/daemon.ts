@@ -15,6 +15,7 @@ import type { RunnerTarget } from "../github/registration-token.js";
 import { createRegistrationToken, deleteRunner, generateJitConfig, getRunner, listRunners, registrationUrl, runnerGroupName, type RunnerInfo } from "../github/runners.js";
 import type { StateStore, VmRecord } from "../store/index.js";
 import { registrationLabels } from "./labels.js";
+import { observeVmTransition, serveMetrics } from "./metrics.js";
 import { backoffState, DEFAULT_BACKOFF, matchPool, planPool, planShutdown, type BackoffOptions, type RunnerView, type StopReason } from "./plan.js";
 import type { PoolSpec } from "./types.js";
 
@@ -85,7 +86,14 @@ export interface DaemonOptions {
   apiUrl?: string;
   /** Called once when a drain asked to exit has no VM left. */
   onDrained?: () => void;
+  /** Finished VMs, completed jobs and webhook deliveries older than this are pruned (ms; default 7 days). */
+  retentionMs?: number;
+  /** Pruning runs at start and this often (ms; default 1 h). */
+  pruneIntervalMs?: number;
 }
+
+export const DEFAULT_RETENTION_MS = 7 * 24 * 3600_000;
+const DEFAULT_PRUNE_INTERVAL_MS = 3600_000;
 
 /** What a reload changed in the pools. */
 export interface PoolChanges {
@@ -152,6 +160,7 @@ export class Daemon {
   /** Runners civm created that looked stale on the last pass: runner id → first seen. */
   private readonly staleMarks = new Map<number, number>();
   private nextPollAt = 0;
+  private nextPruneAt = 0;
   /** SIGTERM: the loop ends. */
   private stopping = false;
   private stopped = false;
@@ -181,6 +190,24 @@ export class Daemon {
       starts: new Counter({ name: "civm_vm_starts_total", help: "Runner VM starts by pool and result", labelNames: ["pool", "result"], registers }),
       exits: new Counter({ name: "civm_vm_exits_total", help: "Runner VM exits by pool and reason", labelNames: ["pool", "reason"], registers }),
     };
+    const timing = serveMetrics(opts.registry);
+    opts.store.onVmTransition = (vm, from) => observeVmTransition(timing, opts.store, vm, from);
+  }
+
+  /**
+   * Forgets finished VMs, completed jobs and webhook deliveries older than the retention
+   * (live VMs, queued and running jobs, and deliveries inside the window stay: a redelivery
+   * within it is still a duplicate). Runs at start and then hourly from the loop.
+   */
+  prune(): { vms: number; jobs: number; deliveries: number } {
+    const { store } = this.opts;
+    const now = this.now();
+    const before = now - (this.opts.retentionMs ?? DEFAULT_RETENTION_MS);
+    this.nextPruneAt = now + (this.opts.pruneIntervalMs ?? DEFAULT_PRUNE_INTERVAL_MS);
+    // Only finished VMs go: a VM this process runs is marked finished after it left `live`.
+    const pruned = store.transaction(() => ({ vms: store.pruneFinished(before), jobs: store.pruneJobs(before), deliveries: store.pruneDeliveries(before) }));
+    if (pruned.vms + pruned.jobs + pruned.deliveries > 0) this.log.info({ ...pruned, olderThan: new Date(before).toISOString() }, "pruned old state");
+    return pruned;
   }
 
   /** Webhook or API changed something: run a pass soon. */
@@ -191,11 +218,21 @@ export class Daemon {
   /** Start-up reconciliation, then the loop (in the background). */
   async start(): Promise<void> {
     await this.recover();
+    this.pruneSafely();
     this.loopDone = this.loop();
+  }
+
+  private pruneSafely(): void {
+    try {
+      this.prune();
+    } catch (e) {
+      this.log.warn({ err: messageOf(e) }, "pruning old state failed; trying again next hour");
+    }
   }
 
   private async loop(): Promise<void> {
     while (!this.stopping) {
+      if (this.now() >= this.nextPruneAt) this.pruneSafely();
       try {
         await this.pass();
       } catch (e) {
@@ -265,7 +302,7 @@ export class Daemon {
    * credentials; the poll interval and shutdown timeout apply at once. Queued jobs are
    * matched to the new pools again.
    */
-  reload(pools: readonly PoolSpec[], o: { access?: GitHubAccess; pollIntervalMs?: number; shutdownTimeoutMs?: number } = {}): PoolChanges {
+  reload(pools: readonly PoolSpec[], o: { access?: GitHubAccess; pollIntervalMs?: number; shutdownTimeoutMs?: number; retentionMs?: number } = {}): PoolChanges {
     const old = new Map(this.pools.map((p) => [p.name, p]));
     const next = new Set(pools.map((p) => p.name));
     const changes: PoolChanges = { added: [], removed: [], changed: [], unchanged: [] };
@@ -292,6 +329,7 @@ export class Daemon {
       this.nextPollAt = Math.min(this.nextPollAt, this.now() + o.pollIntervalMs);
     }
     if (o.shutdownTimeoutMs !== undefined) this.opts.shutdownTimeoutMs = o.shutdownTimeoutMs;
+    if (o.retentionMs !== undefined) this.opts.retentionMs = o.retentionMs;
     const matchable = this.pools.map((p) => ({ name: p.name, labels: p.runner.labels }));
     for (const j of this.opts.store.jobs({ status: "queued" })) {
       const pool = matchPool(matchable, j.labels)?.name;

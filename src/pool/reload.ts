@@ -31,6 +31,7 @@ export function settingsChanges(running: ServeConfig, next: ServeConfig, default
   if (running.apiToken !== next.apiToken) applied.push("apiToken");
   if (running.pollIntervalSeconds !== next.pollIntervalSeconds) applied.push("pollInterval");
   if (running.shutdownTimeoutSeconds !== next.shutdownTimeoutSeconds) applied.push("shutdownTimeout");
+  if (running.retentionSeconds !== next.retentionSeconds) applied.push("retention");
   if (running.maxWebhookBytes !== next.maxWebhookBytes) applied.push("maxWebhookBytes");
   return { applied, restartNeeded };
 }

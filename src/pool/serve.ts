@@ -15,6 +15,7 @@ import { StateStore } from "../store/index.js";
 import { redactAll } from "../vm/run.js";
 import { loadServeConfig } from "./config.js";
 import { Daemon, type VmLauncher } from "./daemon.js";
+import { githubRequestObserver } from "./metrics.js";
 import { findConsoleLog, VmRunLauncher } from "./launcher.js";
 import { effectiveConfig, restartMessage, settingsChanges } from "./reload.js";
 import type { ServeConfig } from "./types.js";
@@ -28,12 +29,12 @@ export interface RunServeOptions {
   logLevel: string;
 }
 
-function accessFor(config: ServeConfig, warn: (m: string) => void): GitHubAccess {
+function accessFor(config: ServeConfig, warn: (m: string) => void, registry: Registry): GitHubAccess {
   return createGitHubAccess(
     config.github.auth.kind === "token"
       ? { kind: "token", token: config.github.auth.token }
       : { kind: "app", appId: config.github.auth.appId, privateKey: config.github.auth.privateKey, installationId: config.github.auth.installationId },
-    { baseUrl: config.github.apiUrl, warn },
+    { baseUrl: config.github.apiUrl, warn, onRequest: githubRequestObserver(registry) },
   );
 }
 
@@ -49,7 +50,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
   const store = new StateStore(paths.stateDir);
   const registry = new Registry();
   const warn = (m: string) => logger.warn({}, m);
-  const access = accessFor(config, warn);
+  const access = accessFor(config, warn, registry);
   const accel = await detectAccel({ stateDir: paths.stateDir, ...(o.accel ? { env: { ...process.env, CIVM_ACCEL: o.accel } } : {}) });
   if (accel.accel === "tcg") logger.warn({ reason: accel.reason }, "KVM is not usable; runner VMs use TCG software emulation");
   const vmRun = new VmRunLauncher({ paths, accel: accel.accel, graceSeconds: o.graceSeconds, log: (line, fields) => logger.info({ ...fields, component: "vm" }, line) });
@@ -74,6 +75,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     registry,
     pollIntervalMs: config.pollIntervalSeconds * 1000,
     shutdownTimeoutMs: config.shutdownTimeoutSeconds * 1000,
+    retentionMs: config.retentionSeconds * 1000,
     apiUrl: config.github.apiUrl,
     onDrained: () => stop("drained"),
   });
@@ -98,9 +100,10 @@ export async function runServe(o: RunServeOptions): Promise<number> {
       for (const s of next.secrets) secrets.add(s);
       const settings = settingsChanges(config, next, paths.stateDir);
       const pools = daemon.reload(next.pools, {
-        ...(settings.applied.includes("github credentials") ? { access: accessFor(next, warn) } : {}),
+        ...(settings.applied.includes("github credentials") ? { access: accessFor(next, warn, registry) } : {}),
         pollIntervalMs: next.pollIntervalSeconds * 1000,
         shutdownTimeoutMs: next.shutdownTimeoutSeconds * 1000,
+        retentionMs: next.retentionSeconds * 1000,
       });
       config = effectiveConfig(config, next);
       serverOpts.webhookSecret = config.webhookSecret;

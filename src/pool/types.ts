@@ -67,6 +67,8 @@ export interface ServeConfig {
   pollIntervalSeconds: number;
   /** SIGTERM: how long to wait for busy runners before giving up on them. */
   shutdownTimeoutSeconds: number;
+  /** Finished VMs, completed jobs and webhook deliveries older than this are pruned (hourly). */
+  retentionSeconds: number;
   /** Largest webhook body accepted; larger gets 413. */
   maxWebhookBytes: number;
   /** Where the pools came from (the config file itself, or a separate pools file). */

@@ -12,6 +12,7 @@ import { Webhooks } from "@octokit/webhooks";
 import { Counter, Registry } from "prom-client";
 import type { StateStore, VmRecord } from "../store/index.js";
 import { matchPool } from "../pool/plan.js";
+import { pickupSeconds, serveMetrics } from "../pool/metrics.js";
 
 export interface ServerPool {
   name: string;
@@ -76,6 +77,7 @@ export function createApp(opts: ServerOptions): Hono {
     if (verifier?.secret !== secret) verifier = { secret, webhooks: new Webhooks({ secret }) };
     return verifier.webhooks;
   };
+  const metrics = serveMetrics(opts.registry);
   const deliveries = new Counter({ name: "civm_webhook_deliveries_total", help: "Webhook deliveries by result", labelNames: ["result"], registers: [opts.registry] });
   const count = (c: Context, result: WebhookResult, status: 200 | 202 | 400 | 401 | 413, extra: Record<string, unknown> = {}) => {
     deliveries.inc({ result });
@@ -103,7 +105,7 @@ export function createApp(opts: ServerOptions): Hono {
     if (delivery === "") return count(c, "malformed", 400, { error: "missing X-GitHub-Delivery" });
     if (!opts.store.recordDelivery({ id: delivery, event, ...(action ? { action } : {}), at: now() })) return count(c, "duplicate", 200);
     if (event !== "workflow_job") return count(c, "ignored", 202);
-    const job = payload.workflow_job as { id?: unknown; labels?: unknown; runner_name?: unknown; conclusion?: unknown } | undefined;
+    const job = payload.workflow_job as { id?: unknown; labels?: unknown; runner_name?: unknown; conclusion?: unknown; created_at?: unknown; started_at?: unknown } | undefined;
     const repo = (payload.repository as { full_name?: unknown } | undefined)?.full_name;
     if (!job || typeof job.id !== "number" || !Array.isArray(job.labels)) return count(c, "malformed", 400, { error: "workflow_job without id or labels" });
     const status = action === "queued" ? "queued" : action === "in_progress" ? "in_progress" : action === "completed" ? "completed" : undefined;
@@ -112,6 +114,7 @@ export function createApp(opts: ServerOptions): Hono {
     const pool = matchPool(pools().filter((p) => !p.removing), labels)?.name;
     const runnerName = typeof job.runner_name === "string" ? job.runner_name : undefined;
     opts.store.transaction(() => {
+      const before = opts.store.job(job.id as number);
       opts.store.upsertJob({
         id: job.id as number,
         labels,
@@ -123,7 +126,14 @@ export function createApp(opts: ServerOptions): Hono {
         ...(typeof job.conclusion === "string" ? { conclusion: job.conclusion } : {}),
       });
       const vm = runnerName ? opts.store.vmByName(runnerName) : undefined;
-      if (vm && status === "in_progress") opts.store.markBusy(vm.id, job.id as number, now());
+      if (vm && status === "in_progress") {
+        opts.store.markBusy(vm.id, job.id as number, now());
+        // First time in progress, on a civm runner: how long it waited.
+        if (before?.startedAt === undefined) {
+          const s = pickupSeconds(job, before?.queuedAt, now());
+          if (s !== undefined) metrics.pickup.observe({ pool: vm.pool }, s);
+        }
+      }
     });
     opts.onDemand?.();
     return count(c, "accepted", 202, { pool: pool ?? null });

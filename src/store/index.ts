@@ -38,6 +38,8 @@ export interface VmRecord {
   startedAt: number | undefined;
   idleSince: number | undefined;
   finishedAt: number | undefined;
+  /** When the VM became busy (undefined before it did, and for VMs of older civm versions). */
+  busySince: number | undefined;
   jobId: number | undefined;
   exitReason: string | undefined;
 }
@@ -100,7 +102,14 @@ export const MIGRATIONS: readonly string[] = [
    );`,
   // 2: the pool settings a VM was started with (a reload that changes them replaces idle runners).
   `ALTER TABLE vms ADD COLUMN config_key TEXT;`,
+  // 3: when a VM became busy (job duration metric); completed jobs are pruned by age.
+  `ALTER TABLE vms ADD COLUMN busy_since INTEGER;
+   CREATE INDEX jobs_completed_at ON jobs (completed_at);
+   CREATE INDEX deliveries_received_at ON deliveries (received_at);`,
 ];
+
+/** A VM state change (markIdle, markBusy, markFinished): the record after it and the state before. */
+export type VmTransitionListener = (vm: VmRecord, from: VmState) => void;
 
 const STATUS_ORDER: Record<JobStatus, number> = { queued: 0, in_progress: 1, completed: 2 };
 
@@ -118,6 +127,8 @@ function openDatabase(file: string): Sqlite.Database {
 export class StateStore {
   readonly file: string;
   private readonly db: Sqlite.Database;
+  /** Told about every VM state change, wherever it happens (the daemon's metrics). Errors are ignored. */
+  onVmTransition: VmTransitionListener | undefined;
 
   /** Opens (creating if needed) `<stateDir>/serve.db` and applies pending migrations; ":memory:" for tests. */
   constructor(stateDir: string | ":memory:", opts: { migrations?: readonly string[] } = {}) {
@@ -237,26 +248,44 @@ export class StateStore {
 
   /** starting → idle (VM up, runner registered). No effect on a VM already past it. */
   markIdle(id: string, at: number): boolean {
-    return this.db.prepare("UPDATE vms SET state = 'idle', started_at = COALESCE(started_at, ?), idle_since = ? WHERE id = ? AND state = 'starting'").run(at, at, id).changes === 1;
+    return this.transition(id, () => this.db.prepare("UPDATE vms SET state = 'idle', started_at = COALESCE(started_at, ?), idle_since = ? WHERE id = ? AND state = 'starting'").run(at, at, id).changes === 1);
   }
 
   /** starting|idle → busy with a job. */
   markBusy(id: string, jobId: number | undefined, at: number): boolean {
-    return (
-      this.db
-        .prepare("UPDATE vms SET state = 'busy', started_at = COALESCE(started_at, ?), idle_since = NULL, job_id = COALESCE(?, job_id) WHERE id = ? AND state IN ('starting','idle')")
-        .run(at, jobId ?? null, id).changes === 1
+    return this.transition(
+      id,
+      () =>
+        this.db
+          .prepare("UPDATE vms SET state = 'busy', started_at = COALESCE(started_at, ?), busy_since = COALESCE(busy_since, ?), idle_since = NULL, job_id = COALESCE(?, job_id) WHERE id = ? AND state IN ('starting','idle')")
+          .run(at, at, jobId ?? null, id).changes === 1,
     );
   }
 
   /** Any state → finished, once; the first exit reason wins. */
   markFinished(id: string, reason: string, at: number): boolean {
-    return this.db.prepare("UPDATE vms SET state = 'finished', finished_at = ?, exit_reason = ?, idle_since = NULL WHERE id = ? AND state != 'finished'").run(at, reason, id).changes === 1;
+    return this.transition(id, () => this.db.prepare("UPDATE vms SET state = 'finished', finished_at = ?, exit_reason = ?, idle_since = NULL WHERE id = ? AND state != 'finished'").run(at, reason, id).changes === 1);
   }
 
-  /** Forgets finished VMs that ended before `before` (ms epoch); returns how many. */
+  /** Runs a state-changing update; when it changed the row, tells the listener. */
+  private transition(id: string, update: () => boolean): boolean {
+    const listener = this.onVmTransition;
+    const from = listener ? this.vm(id)?.state : undefined;
+    const changed = update();
+    if (changed && listener && from !== undefined) {
+      const after = this.vm(id);
+      try {
+        if (after) listener(after, from);
+      } catch {
+        // a metrics listener never breaks a state change
+      }
+    }
+    return changed;
+  }
+
+  /** Forgets finished VMs that ended before `before` (ms epoch); returns how many. Live VMs are never touched. */
   pruneFinished(before: number): number {
-    return this.db.prepare("DELETE FROM vms WHERE state = 'finished' AND finished_at < ?").run(before).changes;
+    return this.db.prepare("DELETE FROM vms WHERE state = 'finished' AND finished_at IS NOT NULL AND finished_at < ?").run(before).changes;
   }
 
   // ---- jobs -------------------------------------------------------------------------------
@@ -313,6 +342,11 @@ export class StateStore {
     return row && toJob(row);
   }
 
+  /** Forgets completed jobs that completed before `before` (ms epoch); queued and running ones stay. */
+  pruneJobs(before: number): number {
+    return this.db.prepare("DELETE FROM jobs WHERE status = 'completed' AND completed_at IS NOT NULL AND completed_at < ?").run(before).changes;
+  }
+
   jobs(filter: { status?: JobStatus; pool?: string } = {}): JobRecord[] {
     const where: string[] = [];
     const args: unknown[] = [];
@@ -329,7 +363,10 @@ export class StateStore {
     return this.db.prepare("INSERT OR IGNORE INTO deliveries (id, event, action, received_at) VALUES (?, ?, ?, ?)").run(d.id, d.event, d.action ?? null, d.at).changes === 1;
   }
 
-  /** Forgets deliveries older than `before` (GitHub redelivers within days, not weeks). */
+  /**
+   * Forgets deliveries received before `before` (GitHub redelivers within days, not weeks):
+   * a delivery id stays known, and a redelivery of it a duplicate, until then.
+   */
   pruneDeliveries(before: number): number {
     return this.db.prepare("DELETE FROM deliveries WHERE received_at < ?").run(before).changes;
   }
@@ -357,6 +394,7 @@ function toVm(row: Row): VmRecord {
     startedAt: opt<number>(row.started_at),
     idleSince: opt<number>(row.idle_since),
     finishedAt: opt<number>(row.finished_at),
+    busySince: opt<number>(row.busy_since),
     jobId: opt<number>(row.job_id),
     exitReason: opt<string>(row.exit_reason),
   };

@@ -356,3 +356,17 @@ test("civm config check (bin/civm): seed 003's pools.json with a civm image load
   assert.equal(r.status, 0, r.stderr);
   assert.match(r.stdout, /pool default: 1\.\.10 runners, image runner-img \(stored\), 2 cpus, 4096 MiB, org your-org, labels/);
 });
+
+test("retention: default 7 days; \"7d\", \"36h\", \"1d12h\" or seconds; too short or not a duration is a clear error", async () => {
+  assert.equal((await load(setup(serve([pool()])))).retentionSeconds, 7 * 86400);
+  assert.equal(SERVE_DEFAULTS.retentionSeconds, 7 * 86400);
+  for (const [v, s] of [["7d", 604800], ["36h", 129600], ["1d12h", 129600], [7200, 7200]] as const) {
+    assert.equal((await load(setup(serve([pool()], { retention: v })))).retentionSeconds, s, String(v));
+  }
+  assert.equal(parseDuration("2d"), 172800);
+  assert.equal(parseDuration("d"), undefined);
+  const bad = await problems(setup(serve([pool()], { retention: "a week" })));
+  assert.match(bad, /"retention" must be a number of seconds or a duration such as "90s", "5m", "1h30m", "7d" \(got "a week"\)/);
+  assert.match(await problems(setup(serve([pool()], { retention: "10m" }))), /"retention" must be at least 3600 s \(got 600\)/);
+  assert.match(await problems(setup(serve([pool()], { retention: -5 }))), /"retention" must not be negative/);
+});

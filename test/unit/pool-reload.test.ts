@@ -15,6 +15,7 @@ function config(over: Partial<ServeConfig> = {}): ServeConfig {
     apiToken: "api",
     pollIntervalSeconds: 60,
     shutdownTimeoutSeconds: 3600,
+    retentionSeconds: 7 * 86400,
     maxWebhookBytes: 1024,
     poolsFile: "serve.yaml",
     pools: [],
@@ -37,10 +38,11 @@ test("credentials, secrets, limits and intervals apply; listen, stateDir and api
     apiToken: "api2",
     pollIntervalSeconds: 30,
     shutdownTimeoutSeconds: 60,
+    retentionSeconds: 86400,
     maxWebhookBytes: 2048,
   });
   const c = settingsChanges(config(), next, "/var/lib/civm");
-  assert.deepEqual(c.applied, ["github credentials", "webhookSecret", "apiToken", "pollInterval", "shutdownTimeout", "maxWebhookBytes"]);
+  assert.deepEqual(c.applied, ["github credentials", "webhookSecret", "apiToken", "pollInterval", "shutdownTimeout", "retention", "maxWebhookBytes"]);
   assert.deepEqual(c.restartNeeded, [
     { field: "listen", running: "127.0.0.1:8080", configured: "[::1]:9090" },
     { field: "stateDir", running: "/var/lib/civm", configured: "/srv/civm" },

@@ -69,7 +69,7 @@ test("VM lifecycle: starting → idle → busy → finished; transitions only mo
   assert.equal(s.markBusy("a1", 1, 160), false);
   assert.deepEqual(s.vm("a1"), {
     id: "a1", pool: "p", name: "r-a1", state: "finished", githubRunnerId: 42, imageKey: "k", configKey: "c1",
-    createdAt: 100, startedAt: 110, idleSince: undefined, finishedAt: 140, jobId: 7001, exitReason: "poweroff",
+    createdAt: 100, startedAt: 110, idleSince: undefined, finishedAt: 140, busySince: 120, jobId: 7001, exitReason: "poweroff",
   });
   assert.equal(s.vmByName("r-b2")?.id, "b2");
   assert.equal(s.vm("b2")?.configKey, undefined, "no config key recorded");
@@ -103,6 +103,58 @@ test("webhook deliveries are recorded once; a redelivery is recognized", () => {
   assert.equal(s.recordDelivery({ id: "d-2", event: "ping", at: 3 }), true);
   assert.equal(s.pruneDeliveries(3), 1);
   assert.equal(s.recordDelivery({ id: "d-1", event: "workflow_job", at: 4 }), true);
+});
+
+test("VM transitions are reported once each with the state before; a failing listener changes nothing", () => {
+  const s = new StateStore(":memory:");
+  const seen: string[] = [];
+  s.onVmTransition = (vm, from) => void seen.push(`${vm.id}:${from}→${vm.state}@${vm.finishedAt ?? vm.idleSince ?? vm.busySince}`);
+  s.insertVm({ id: "a1", pool: "p", name: "r-a1", imageKey: "k", createdAt: 100 });
+  s.markIdle("a1", 110);
+  s.markIdle("a1", 111);
+  s.markBusy("a1", 7, 120);
+  s.markBusy("a1", 7, 121);
+  s.markFinished("a1", "poweroff", 140);
+  s.markFinished("a1", "timeout", 150);
+  assert.deepEqual(seen, ["a1:starting→idle@110", "a1:idle→busy@120", "a1:busy→finished@140"]);
+  s.onVmTransition = () => {
+    throw new Error("listener bug");
+  };
+  s.insertVm({ id: "b2", pool: "p", name: "r-b2", imageKey: "k", createdAt: 200 });
+  assert.equal(s.markBusy("b2", undefined, 210), true);
+  assert.equal(s.vm("b2")?.busySince, 210);
+});
+
+test("pruning: only finished VMs and completed jobs older than the cut-off; live and open ones stay", () => {
+  const s = new StateStore(":memory:");
+  s.insertVm({ id: "old", pool: "p", name: "r-old", imageKey: "k", createdAt: 1 });
+  s.markFinished("old", "poweroff", 10);
+  s.insertVm({ id: "new", pool: "p", name: "r-new", imageKey: "k", createdAt: 1 });
+  s.markFinished("new", "poweroff", 100);
+  s.insertVm({ id: "busy", pool: "p", name: "r-busy", imageKey: "k", createdAt: 1 });
+  s.markBusy("busy", 3, 2);
+  s.insertVm({ id: "idle", pool: "p", name: "r-idle", imageKey: "k", createdAt: 1 });
+  assert.equal(s.pruneFinished(50), 1);
+  assert.deepEqual(s.vms().map((v) => v.id).sort(), ["busy", "idle", "new"]);
+  s.upsertJob({ id: 1, labels: [], status: "completed", at: 10 });
+  s.upsertJob({ id: 2, labels: [], status: "completed", at: 100 });
+  s.upsertJob({ id: 3, labels: [], status: "queued", at: 1 });
+  s.upsertJob({ id: 4, labels: [], status: "in_progress", at: 1 });
+  assert.equal(s.pruneJobs(50), 1);
+  assert.deepEqual(s.jobs().map((j) => j.id), [2, 3, 4]);
+});
+
+test("a version-2 store migrates to 3 keeping its VMs (busySince unknown)", () => {
+  const dir = tempDir();
+  const v2 = new StateStore(dir, { migrations: MIGRATIONS.slice(0, 2) });
+  v2.insertVm({ id: "a1", pool: "p", name: "r-a1", imageKey: "k", createdAt: 1 });
+  v2.close();
+  const v3 = new StateStore(dir);
+  assert.equal(v3.schemaVersion, MIGRATIONS.length);
+  assert.equal(v3.vm("a1")?.busySince, undefined);
+  assert.equal(v3.markBusy("a1", 1, 5), true);
+  assert.equal(v3.vm("a1")?.busySince, 5);
+  v3.close();
 });
 
 test("transaction rolls back together", () => {
