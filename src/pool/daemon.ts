@@ -3,7 +3,7 @@
 // single-use JIT config (or a registration token) each, follows their state (starting → idle
 // → busy → finished) from webhooks (server/) and the runners API, deregisters runners when
 // their VM ends, backs off after failed boots, polls queued jobs (lost webhooks), cleans up
-// after a crash, takes new pools on a reload and drains on request.
+// after a crash, takes new pools on a reload, drains on request and prunes old state hourly.
 // Clock, logger, metrics registry, GitHub access and launcher are injected.
 import { createHash, randomBytes } from "node:crypto";
 import { Counter, Gauge, type Registry } from "prom-client";
@@ -299,7 +299,7 @@ export class Daemon {
    * next pass; removed ones drain (idle runners stop, busy ones finish, then the pool is
    * gone); changed settings apply on the next pass, and runners started with another image
    * or other VM/registration settings are replaced once idle. `access`: new GitHub
-   * credentials; the poll interval and shutdown timeout apply at once. Queued jobs are
+   * credentials; the poll interval, shutdown timeout and retention apply at once. Queued jobs are
    * matched to the new pools again.
    */
   reload(pools: readonly PoolSpec[], o: { access?: GitHubAccess; pollIntervalMs?: number; shutdownTimeoutMs?: number; retentionMs?: number } = {}): PoolChanges {
