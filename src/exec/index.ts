@@ -20,6 +20,7 @@ export const PACKAGE_OF: Record<string, string> = {
   depmod: "kmod",
   cpio: "cpio",
   xz: "xz-utils",
+  unshare: "util-linux",
 };
 
 export interface RunOptions {

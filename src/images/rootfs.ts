@@ -10,7 +10,7 @@ import { mkdir, readFile, readdir, rm, writeFile } from "node:fs/promises";
 import { existsSync } from "node:fs";
 import { basename, join } from "node:path";
 import { CivmError, ConfigError, ExternalError, HostError } from "../errors/index.js";
-import { ToolError, run } from "../exec/index.js";
+import { ToolError, missingProgram, run, which } from "../exec/index.js";
 import { shq } from "./shell.js";
 import { describeImage } from "./spec.js";
 import type { ImageAction, ImageSpec, ProvisionAction } from "./types.js";
@@ -143,8 +143,12 @@ export async function buildRootTree(opts: BuildRootTreeOptions): Promise<RootTre
   const started = Date.now();
   const progress = new ProgressParser(started, log, opts.onProgress);
   progress.emit("setup", `mmdebstrap ${spec.suite} from ${spec.mirror}`);
+  // mmdebstrap bind-mounts /dev, /proc and /sys into the tree. In a private mount namespace
+  // of its own those mounts vanish with it, however it ends (SIGKILL, civm killed), so an
+  // interrupted build never leaves mounts behind under the work dir.
+  if (!(await which("mmdebstrap"))) throw missingProgram("mmdebstrap");
   try {
-    await run("mmdebstrap", args, {
+    await run("unshare", ["--mount", "--propagation", "private", "--", "mmdebstrap", ...args], {
       timeoutMs: opts.timeoutMs ?? 60 * 60 * 1000,
       onStderr: (c) => progress.feed(c),
       onStdout: (c) => progress.feed(c),

@@ -176,3 +176,38 @@ test("an unknown package fails with mmdebstrap's complaint as a ConfigError, and
   t.diagnostic(`failed after ${((Date.now() - started) / 1000).toFixed(1)} s`);
   assert.equal(existsSync(join(workDir, "rootfs")), false);
 });
+
+test("a build killed with SIGKILL while mmdebstrap works in the tree leaves no mount behind", { skip, timeout: 300_000 }, async (t) => {
+  const { spawn } = await import("node:child_process");
+  const { civmEnv } = await import("../support/civm-cli.js");
+  const { civmBin } = await import("../support/paths.js");
+  const env = civmEnv();
+  const child = spawn(civmBin, ["image", "build", "small", "-f", join(fixtures, "rootfs-small.yaml"), "--quiet"], { env: env.env, detached: true, stdio: "ignore" });
+  const killAll = () => {
+    try {
+      process.kill(-child.pid!, "SIGKILL");
+    } catch {
+      /* already gone */
+    }
+  };
+  t.after(() => {
+    killAll();
+    rmSync(env.root, { recursive: true, force: true });
+  });
+  // dpkg's status file fills up while mmdebstrap installs the essential packages inside the
+  // tree, i.e. with /proc, /sys and /dev bind-mounted: the moment a crash used to leak them.
+  const deadline = Date.now() + 240_000;
+  let status: string | undefined;
+  while (!status && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 250));
+    status = execFileSync("find", [env.stateDir, "-path", "*/rootfs/var/lib/dpkg/status", "-size", "+0"], { encoding: "utf8" }).trim().split("\n")[0] || undefined;
+  }
+  assert.ok(status, "mmdebstrap never got to installing packages");
+  killAll();
+  await new Promise((r) => setTimeout(r, 1000));
+  const mounts = readFileSync("/proc/self/mountinfo", "utf8").split("\n").filter((l) => l.includes(env.root));
+  assert.deepEqual(mounts, [], "no mount under the build's work dir after the kill");
+  const tree = status.slice(0, status.indexOf("/rootfs/") + "/rootfs".length);
+  await removeTree(tree); // refuses while anything is mounted inside
+  assert.equal(existsSync(tree), false);
+});
