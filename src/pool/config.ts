@@ -17,6 +17,7 @@ import { parseRunnerTarget, type RunnerTarget } from "../github/registration-tok
 import { resolvePaths } from "../host/paths.js";
 import { looksLikeImageName } from "../images/resolve.js";
 import { labelKey, normalizeLabels } from "./labels.js";
+import { kindOf } from "../config/kind.js";
 import type { GitHubAuthConfig, ImagePullPolicy, PoolImage, PoolSpec, RegistrationMode, ServeConfig } from "./types.js";
 
 export const SERVE_DEFAULTS = {
@@ -553,15 +554,6 @@ function osReason(e: unknown): string {
 
 function isObj(v: unknown): v is Obj {
   return typeof v === "object" && v !== null && !Array.isArray(v);
-}
-
-function kindOf(v: unknown): string {
-  if (v === null) return "null";
-  if (Array.isArray(v)) return "a list";
-  if (typeof v === "object") return "an object";
-  if (typeof v === "number") return Number.isInteger(v) ? "a whole number" : "a number";
-  if (typeof v === "string") return "a string";
-  return `a ${typeof v}`;
 }
 
 /** What `civm config check` prints: the effective settings, secrets shown as set/unset only. */

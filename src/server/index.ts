@@ -11,8 +11,22 @@ import { serve, type ServerType } from "@hono/node-server";
 import { Webhooks } from "@octokit/webhooks";
 import { Counter, Registry } from "prom-client";
 import type { StateStore, VmRecord } from "../store/index.js";
-import { matchPool } from "../pool/plan.js";
+import { backoffState, desiredRunners, matchPool } from "../pool/plan.js";
 import { pickupSeconds, serveMetrics } from "../pool/metrics.js";
+
+/** One pool as the API reports it (GET /api/pools, /api/pools/NAME, scale, pause, resume). */
+export interface ApiPool {
+  name: string;
+  state: "active" | "paused" | "degraded" | "draining" | "removing";
+  minRunners: number;
+  maxRunners: number;
+  desired: number;
+  queued: number;
+  starting: number;
+  idle: number;
+  busy: number;
+  failures: number;
+}
 
 export interface ServerPool {
   name: string;
@@ -148,7 +162,7 @@ export function createApp(opts: ServerOptions): Hono {
     await next();
   });
 
-  const poolJson = (p: ServerPool) => {
+  const poolJson = (p: ServerPool): ApiPool => {
     const st = opts.store.pool(p.name);
     const live = opts.store.vms({ pool: p.name, live: true });
     const n = (s: string) => live.filter((v) => v.state === s).length;
@@ -156,8 +170,9 @@ export function createApp(opts: ServerOptions): Hono {
     const queued = opts.store.jobs({ status: "queued", pool: p.name }).length;
     const daemon = opts.control?.status().state;
     const draining = daemon === "draining" || daemon === "drained" || daemon === "stopping";
-    const desired = st.paused || draining || p.removing ? 0 : Math.min(p.maxRunners, minRunners + queued + n("busy"));
-    const state = p.removing ? "removing" : draining ? "draining" : st.paused ? "paused" : st.failures >= 3 ? "degraded" : "active";
+    // The same rules the reconciler plans with (busy runners count as demand).
+    const desired = st.paused || draining || p.removing ? 0 : desiredRunners({ minRunners, maxRunners: p.maxRunners }, queued + n("busy"));
+    const state = p.removing ? "removing" : draining ? "draining" : backoffState(st).health;
     return { name: p.name, state, minRunners, maxRunners: p.maxRunners, desired, queued, starting: n("starting"), idle: n("idle"), busy: n("busy"), failures: st.failures };
   };
   const findPool = (name: string) => pools().find((p) => p.name === name && !p.removing);

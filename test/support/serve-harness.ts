@@ -12,6 +12,7 @@ import { readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { civmEnv, startCivm, type CivmEnv, type CivmResult } from "./civm-cli.js";
 import { sendWebhook, workflowJobPayload, type FakeGitHub, type FakeRunner } from "./fake-github.js";
+import type { ApiPool } from "../../src/server/index.js";
 
 export const SECRET = "serve-e2e-webhook-secret";
 export const TOKEN = "serve-e2e-api-token";
@@ -167,18 +168,7 @@ export interface ApiVm {
   exitReason: string | null;
 }
 
-export interface ApiPool {
-  name: string;
-  state: string;
-  minRunners: number;
-  maxRunners: number;
-  desired: number;
-  queued: number;
-  starting: number;
-  idle: number;
-  busy: number;
-  failures: number;
-}
+export type { ApiPool } from "../../src/server/index.js";
 
 export interface Serve {
   e: CivmEnv;

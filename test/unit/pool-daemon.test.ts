@@ -7,6 +7,7 @@ import { createGitHubAccess } from "../../src/github/app-auth.js";
 import { Daemon, type LaunchOutcome, type LaunchRequest, type VmHandle, type VmLauncher, type DaemonLogger } from "../../src/pool/daemon.js";
 import type { PoolSpec } from "../../src/pool/types.js";
 import { startFakeGitHub, type FakeGitHub } from "../support/fake-github.js";
+import { poolSpec } from "../support/pool-spec.js";
 
 interface FakeVm {
   req: LaunchRequest;
@@ -57,27 +58,7 @@ class FakeLauncher implements VmLauncher {
   }
 }
 
-function pool(over: Partial<PoolSpec> = {}): PoolSpec {
-  return {
-    name: "linux",
-    index: 0,
-    maxRunners: 3,
-    minRunners: 1,
-    runner: {
-      namePrefix: "civm-linux",
-      image: { ref: "runner", kind: "stored" },
-      imagePullPolicy: "IfNotPresent",
-      target: { kind: "repo", owner: "rust-lang-ci", repo: "rust" },
-      labels: ["linux", "x64"],
-      groupId: 1,
-      registration: "jit",
-      workFolder: "_work",
-    },
-    vm: { cpus: 1, ramBytes: 256 << 20, rootDiskBytes: undefined, timeoutSeconds: 600, cmdline: undefined },
-    idleTimeoutSeconds: 60,
-    ...over,
-  };
-}
+const pool = poolSpec;
 
 const quietLogger = (): DaemonLogger & { lines: { level: string; fields: Record<string, unknown>; msg: string }[] } => {
   const lines: { level: string; fields: Record<string, unknown>; msg: string }[] = [];

@@ -13,6 +13,7 @@ import { githubRequestObserver, pickupSeconds } from "../../src/pool/metrics.js"
 import type { PoolSpec } from "../../src/pool/types.js";
 import { createApp } from "../../src/server/index.js";
 import { signWebhook, startFakeGitHub, workflowJobPayload } from "../support/fake-github.js";
+import { poolSpec } from "../support/pool-spec.js";
 
 class FakeLauncher implements VmLauncher {
   vms: { req: LaunchRequest; exit: (o?: Partial<LaunchOutcome>) => void }[] = [];
@@ -28,27 +29,7 @@ class FakeLauncher implements VmLauncher {
   }
 }
 
-function pool(over: Partial<PoolSpec> = {}): PoolSpec {
-  return {
-    name: "linux",
-    index: 0,
-    maxRunners: 2,
-    minRunners: 1,
-    runner: {
-      namePrefix: "civm-linux",
-      image: { ref: "runner", kind: "stored" },
-      imagePullPolicy: "IfNotPresent",
-      target: { kind: "repo", owner: "rust-lang-ci", repo: "rust" },
-      labels: ["linux", "x64"],
-      groupId: 1,
-      registration: "jit",
-      workFolder: "_work",
-    },
-    vm: { cpus: 1, ramBytes: 256 << 20, rootDiskBytes: undefined, timeoutSeconds: 600, cmdline: undefined },
-    idleTimeoutSeconds: 600,
-    ...over,
-  };
-}
+const pool = (over: Partial<PoolSpec> = {}): PoolSpec => poolSpec({ maxRunners: 2, idleTimeoutSeconds: 600, ...over });
 
 const logger = (): DaemonLogger & { lines: { msg: string; fields: Record<string, unknown> }[] } => {
   const lines: { msg: string; fields: Record<string, unknown> }[] = [];

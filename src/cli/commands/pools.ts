@@ -4,6 +4,7 @@
 import { Option, type Command } from "commander";
 import { setTimeout as sleep } from "node:timers/promises";
 import { ConfigError, ExternalError } from "../../errors/index.js";
+import type { ApiPool } from "../../server/index.js";
 import { formatAge, say, table } from "../output.js";
 
 export interface ApiFlags {
@@ -55,20 +56,8 @@ export async function call(flags: ApiFlags, method: "GET" | "POST", path: string
   }
 }
 
-interface PoolRow {
-  name: string;
-  state: string;
-  minRunners: number;
-  maxRunners: number;
-  desired: number;
-  queued: number;
-  starting: number;
-  idle: number;
-  busy: number;
-  failures: number;
-}
 
-function printPools(rows: PoolRow[], json: boolean | undefined): void {
+function printPools(rows: ApiPool[], json: boolean | undefined): void {
   if (json) {
     process.stdout.write(JSON.stringify(rows, null, 2) + "\n");
     return;
@@ -80,18 +69,18 @@ function printPools(rows: PoolRow[], json: boolean | undefined): void {
 export function registerPools(program: Command): void {
   const pools = program.command("pools").description("Pools of a running civm serve (over its API).");
   apiOptions(pools.command("list", { isDefault: true }).description("List pools: state, min/max, desired, queued jobs, runners by state.")).action(async (flags: ApiFlags) => {
-    printPools((await call(flags, "GET", "/api/pools")) as PoolRow[], flags.json);
+    printPools((await call(flags, "GET", "/api/pools")) as ApiPool[], flags.json);
   });
   apiOptions(pools.command("scale").argument("<name>").argument("<n>", "minRunners, or \"reset\" for the config's value").description("Override a pool's minRunners (idle runners kept on top of demand).")).action(
     async (name: string, n: string, flags: ApiFlags) => {
       const value = n === "reset" ? null : Number(n);
       if (value !== null && !(Number.isInteger(value) && value >= 0)) throw new ConfigError(`N must be a whole number ≥ 0 or "reset" (got ${JSON.stringify(n)})`);
-      printPools([(await call(flags, "POST", `/api/pools/${encodeURIComponent(name)}/scale`, { minRunners: value })) as PoolRow], flags.json);
+      printPools([(await call(flags, "POST", `/api/pools/${encodeURIComponent(name)}/scale`, { minRunners: value })) as ApiPool], flags.json);
     },
   );
   for (const verb of ["pause", "resume"] as const) {
     apiOptions(pools.command(verb).argument("<name>").description(verb === "pause" ? "Start nothing, stop idle runners; busy ones finish." : "Resume a paused pool.")).action(async (name: string, flags: ApiFlags) => {
-      printPools([(await call(flags, "POST", `/api/pools/${encodeURIComponent(name)}/${verb}`)) as PoolRow], flags.json);
+      printPools([(await call(flags, "POST", `/api/pools/${encodeURIComponent(name)}/${verb}`)) as ApiPool], flags.json);
     });
   }
   apiOptions(
