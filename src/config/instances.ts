@@ -108,7 +108,7 @@ function parseInstance(entry: Record<string, unknown>): { value: ParsedInstance;
   const name = str("name");
   if (name !== undefined) {
     if (!NAME_RE.test(name)) fail("name", false);
-    if (name === "." || name === "..") fail("name", false, "Invalid input");
+    if (name === "." || name === "..") fail("name", false, `"name" cannot be "." or ".." (it names the VM's work and log files); use e.g. "vm-1"`);
   }
   const image = str("image", { nonEmpty: true });
   const cpus = int("cpu-cores", 2, 1);

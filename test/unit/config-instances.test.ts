@@ -329,3 +329,11 @@ test("checks across keys (ram, kernel options) run unless a key has the wrong ty
   assert.match(lines[2]!, /^"cmdline" only applies to direct kernel boot/);
   assert.match(lines[3]!, /^"ram" is only 1024 bytes, too little to boot/);
 });
+
+test('a name of "." or ".." is refused with a message of its own', async () => {
+  const { file } = setup("i.json", [base({ name: ".." }), base({ name: "." })]);
+  assert.deepEqual((await configError(file)).split("\n"), [
+    `${file}: instance ".." (#1): "name" cannot be "." or ".." (it names the VM's work and log files); use e.g. "vm-1".`,
+    `${file}: instance "." (#2): "name" cannot be "." or ".." (it names the VM's work and log files); use e.g. "vm-1".`,
+  ]);
+});
