@@ -33,9 +33,32 @@ civm_init() {
 }
 
 # EXIT trap. Not run when systemd kills the agent at shutdown (no double poweroff).
+# The VM is thrown away after this, so stopping every unit one by one (1.5-2.5 s under
+# emulation) buys nothing: `poweroff -f` has systemd kill what runs, unmount or remount
+# read-only, sync and power off. journald is flushed first so every line the job wrote
+# reaches the serial console (it forwards in order; the sync request is served after the
+# data already queued). A plain poweroff is the fallback.
 on_exit() {
   log "powering off"
-  poweroff || log "poweroff failed (status $?)"
+  if command -v journalctl >/dev/null; then
+    timeout 10 journalctl --sync 2>/dev/null || true
+  fi
+  sync
+  poweroff -f || {
+    log "poweroff -f failed (status $?); trying an orderly poweroff"
+    poweroff || log "poweroff failed (status $?)"
+  }
+}
+
+# The workload (a CI job) needs the network; reading the CD-ROM does not. So the unit is
+# not ordered after network-online.target (it only wants it) and the agent waits here,
+# after the CD-ROM work, which overlaps with DHCP and the resolver starting. Without
+# systemd (no /run/systemd/system) there is nothing to wait for.
+wait_for_network() {
+  [ -d "$(gpath /run/systemd/system)" ] || return 0
+  command -v systemctl >/dev/null || return 0
+  systemctl start network-online.target ||
+    log "warning: network-online.target failed (status $?); starting the workload anyway"
 }
 
 # VERSION sits next to the library once installed, one level up in the repo.
@@ -330,11 +353,13 @@ civm_agent_main() {
   install_authorized_keys
   mount_shares
   plan_workload
-  log "ready"
   if [ "$MODE" = none ]; then
+    log "ready"
     log "nothing to run: instance.json has no config.jitconfig, config.token (with config.repo) or config.command"
     exit 0
   fi
+  wait_for_network
+  log "ready"
   "run_$MODE"
   status=$?
   log "runner exited with status $status"

@@ -32,7 +32,11 @@ exit "\${STUB_9P_STATUS:-0}"`,
   runuser: `[ "$1" = -u ] && [ "$3" = -- ] || { echo "stub runuser: bad usage" >&2; exit 99; }
 shift 3
 exec "$@"`,
-  poweroff: `exit 0`,
+  poweroff: `exit "\${STUB_POWEROFF_STATUS:-0}"`,
+  journalctl: `exit 0`,
+  timeout: `shift; exec "$@"`,
+  sync: `exit 0`,
+  systemctl: `exit "\${STUB_SYSTEMCTL_STATUS:-0}"`,
   getent: `[ "$1" = passwd ] || exit 2
 grep "^$2:" "$STUB_PASSWD" || exit 2`,
   chown: `exit 0`,
@@ -112,9 +116,10 @@ function runAgent(h: Harness, instance: unknown, env: Record<string, string> = {
 
 const named = (calls: string[][], name: string) => calls.filter((c) => c[0] === name);
 
+/** The journal flushed (so the console has every line), a sync, then `poweroff -f`, last. */
 function assertPoweredOffLast(r: AgentRun): void {
   assert.equal(named(r.calls, "poweroff").length, 1, `poweroff once; output:\n${r.out}`);
-  assert.deepEqual(r.calls.at(-1), ["poweroff"], "poweroff is the last thing the agent does");
+  assert.deepEqual(r.calls.slice(-3), [["journalctl", "--sync"], ["sync"], ["poweroff", "-f"]], "journal flush, sync, poweroff -f: the last things the agent does");
   assert.match(r.stdout, /^civm-agent: powering off$/m);
 }
 
@@ -442,4 +447,45 @@ test("malformed ssh_authorized_keys, labels or config: one clear error each, not
     assert.match(r.stdout, /error: instance\.json is not a JSON object with an object "config"/);
     assertPoweredOffLast(r);
   }
+});
+
+test("network: with systemd running, the agent waits for network-online.target after the CD-ROM work and before ready", () => {
+  const h = makeHarness();
+  mkdirSync(join(h.root, "run/systemd/system"), { recursive: true });
+  const r = runAgent(h, { name: "vm-1", config: { command: "echo job" } });
+  assert.equal(r.status, 0, r.out);
+  const names = r.calls.map((c) => c.join(" "));
+  const wait = names.indexOf("systemctl start network-online.target");
+  assert.ok(wait >= 0, `systemctl start network-online.target was called; calls:\n${names.join("\n")}`);
+  assert.ok(names.indexOf("eject /dev/sr0") < wait, "the CD-ROM is read and ejected before the network wait");
+  assert.ok(wait < names.findIndex((n) => n.startsWith("runuser ")), "the workload starts after the network wait");
+  assertPoweredOffLast(r);
+});
+
+test("network: a failed network-online.target is a warning; the workload still runs", () => {
+  const h = makeHarness();
+  mkdirSync(join(h.root, "run/systemd/system"), { recursive: true });
+  const r = runAgent(h, { name: "vm-1", config: { command: "echo job ran" } }, { STUB_SYSTEMCTL_STATUS: "1" });
+  assert.equal(r.status, 0, r.out);
+  assert.match(r.stdout, /^civm-agent: warning: network-online\.target failed \(status 1\); starting the workload anyway$/m);
+  assert.match(r.stdout, /^job ran$/m);
+  assertPoweredOffLast(r);
+});
+
+test("network: without systemd (no /run/systemd/system) nothing is waited for; nothing to run means no wait either", () => {
+  const h = makeHarness();
+  const r = runAgent(h, { name: "vm-1", config: { command: "true" } });
+  assert.equal(r.status, 0, r.out);
+  assert.equal(named(r.calls, "systemctl").length, 0);
+  mkdirSync(join(h.root, "run/systemd/system"), { recursive: true });
+  const none = runAgent(h, { name: "vm-1", config: {} });
+  assert.equal(named(none.calls, "systemctl").length, 0, "no workload, no network wait");
+  assert.match(none.stdout, /^civm-agent: ready$/m);
+});
+
+test("poweroff: when poweroff -f fails, an orderly poweroff follows", () => {
+  const h = makeHarness();
+  const r = runAgent(h, { name: "vm-1", config: { command: "true" } }, { STUB_POWEROFF_STATUS: "1" });
+  assert.deepEqual(named(r.calls, "poweroff"), [["poweroff", "-f"], ["poweroff"]]);
+  assert.match(r.stdout, /^civm-agent: poweroff -f failed \(status 1\); trying an orderly poweroff$/m);
 });
