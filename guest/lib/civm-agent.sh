@@ -50,15 +50,19 @@ on_exit() {
   }
 }
 
-# The workload (a CI job) needs the network; reading the CD-ROM does not. So the unit is
-# not ordered after network-online.target (it only wants it) and the agent waits here,
-# after the CD-ROM work, which overlaps with DHCP and the resolver starting. Without
-# systemd (no /run/systemd/system) there is nothing to wait for.
-wait_for_network() {
+# The workload (a CI job) needs the network and the grown disk; reading the CD-ROM needs
+# neither. So the unit is not ordered after network-online.target or civm-growfs.service
+# (it only wants them) and the agent waits for both here, after the CD-ROM work, which
+# overlaps with DHCP, the resolver and the resize. A unit that fails is a warning, as
+# ordering alone would have been. Without systemd (no /run/systemd/system) there is
+# nothing to wait for.
+BOOT_UNITS="civm-growfs.service network-online.target"
+wait_for_boot_units() {
   [ -d "$(gpath /run/systemd/system)" ] || return 0
   command -v systemctl >/dev/null || return 0
-  systemctl start network-online.target ||
-    log "warning: network-online.target failed (status $?); starting the workload anyway"
+  # shellcheck disable=SC2086 # two unit names
+  systemctl start $BOOT_UNITS ||
+    log "warning: starting $BOOT_UNITS failed (status $?); starting the workload anyway"
 }
 
 # VERSION sits next to the library once installed, one level up in the repo.
@@ -358,7 +362,7 @@ civm_agent_main() {
     log "nothing to run: instance.json has no config.jitconfig, config.token (with config.repo) or config.command"
     exit 0
   fi
-  wait_for_network
+  wait_for_boot_units
   log "ready"
   "run_$MODE"
   status=$?

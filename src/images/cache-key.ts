@@ -11,7 +11,8 @@ import { guestVersionFile } from "./paths.js";
 import type { ImageAction, ImageSpec } from "./types.js";
 
 /** Bump when a change in how civm builds images must invalidate every cached image. */
-export const IMAGE_BUILDER_VERSION = 1;
+// 2: the store keeps a PVH vmlinux beside vmlinuz.
+export const IMAGE_BUILDER_VERSION = 2;
 
 export interface CacheKeyInputs {
   spec: ImageSpec;

@@ -449,30 +449,30 @@ test("malformed ssh_authorized_keys, labels or config: one clear error each, not
   }
 });
 
-test("network: with systemd running, the agent waits for network-online.target after the CD-ROM work and before ready", () => {
+test("boot units: with systemd running, the agent waits for growfs and network-online.target after the CD-ROM work, before ready", () => {
   const h = makeHarness();
   mkdirSync(join(h.root, "run/systemd/system"), { recursive: true });
   const r = runAgent(h, { name: "vm-1", config: { command: "echo job" } });
   assert.equal(r.status, 0, r.out);
   const names = r.calls.map((c) => c.join(" "));
-  const wait = names.indexOf("systemctl start network-online.target");
-  assert.ok(wait >= 0, `systemctl start network-online.target was called; calls:\n${names.join("\n")}`);
+  const wait = names.indexOf("systemctl start civm-growfs.service network-online.target");
+  assert.ok(wait >= 0, `systemctl start civm-growfs.service network-online.target was called; calls:\n${names.join("\n")}`);
   assert.ok(names.indexOf("eject /dev/sr0") < wait, "the CD-ROM is read and ejected before the network wait");
   assert.ok(wait < names.findIndex((n) => n.startsWith("runuser ")), "the workload starts after the network wait");
   assertPoweredOffLast(r);
 });
 
-test("network: a failed network-online.target is a warning; the workload still runs", () => {
+test("boot units: a failed growfs or network-online.target is a warning; the workload still runs", () => {
   const h = makeHarness();
   mkdirSync(join(h.root, "run/systemd/system"), { recursive: true });
   const r = runAgent(h, { name: "vm-1", config: { command: "echo job ran" } }, { STUB_SYSTEMCTL_STATUS: "1" });
   assert.equal(r.status, 0, r.out);
-  assert.match(r.stdout, /^civm-agent: warning: network-online\.target failed \(status 1\); starting the workload anyway$/m);
+  assert.match(r.stdout, /^civm-agent: warning: starting civm-growfs\.service network-online\.target failed \(status 1\); starting the workload anyway$/m);
   assert.match(r.stdout, /^job ran$/m);
   assertPoweredOffLast(r);
 });
 
-test("network: without systemd (no /run/systemd/system) nothing is waited for; nothing to run means no wait either", () => {
+test("boot units: without systemd (no /run/systemd/system) nothing is waited for; nothing to run means no wait either", () => {
   const h = makeHarness();
   const r = runAgent(h, { name: "vm-1", config: { command: "true" } });
   assert.equal(r.status, 0, r.out);

@@ -247,13 +247,12 @@ test("units: ordering, commands and console output", () => {
 
   const agent = unit("civm-agent.service");
   const after = (agent.match(/^After=(.*)$/m)?.[1] ?? "").split(/\s+/);
-  assert.ok(after.includes("civm-growfs.service"), "agent After=civm-growfs.service");
   // A CI job does not need sshd: waiting for host keys and ssh cost ~7 s of boot. The agent
-  // waits for network-online.target itself, after reading the CD-ROM (see wait_for_network).
-  for (const dep of ["civm-hostkeys.service", "ssh.service", "network-online.target"]) {
+  // waits for the network and growfs itself, after reading the CD-ROM (wait_for_boot_units).
+  for (const dep of ["civm-hostkeys.service", "ssh.service", "network-online.target", "civm-growfs.service"]) {
     assert.ok(!after.includes(dep), `agent must not wait for ${dep}`);
   }
-  assert.match(agent, /^Wants=network-online\.target$/m);
+  assert.match(agent, /^Wants=network-online\.target civm-growfs\.service$/m);
   assert.match(agent, /^ExecStart=\/usr\/local\/sbin\/civm-agent$/m);
   assert.match(agent, /^StandardOutput=journal\+console$/m);
   assert.match(agent, /^Restart=no$/m);
