@@ -10,7 +10,6 @@ PACKAGES=(
   busybox-static cpio kmod     # initramfs of the tiny test guest and of civm kernel add (depmod)
   openssh-client               # civm exec/ssh, per-VM keys
   zstd jq shellcheck ovmf      # compressed images, guest agent tests, lint
-  xz-utils                     # unpacks Debian's kernel for PVH direct boot
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

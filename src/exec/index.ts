@@ -20,7 +20,6 @@ export const PACKAGE_OF: Record<string, string> = {
   depmod: "kmod",
   cpio: "cpio",
   xz: "xz-utils",
-  gzip: "gzip",
   unshare: "util-linux",
 };
 

@@ -15,7 +15,6 @@ import { assembleDisk, convertRaw, compressArtifact } from "./disk.js";
 import { buildRootTree, actionHook, describeAction, removeTree } from "./rootfs.js";
 import { resolveBuildOrder, describeImage } from "./spec.js";
 import { shq } from "./shell.js";
-import { extractPvhKernel } from "./pvh-kernel.js";
 import { repoRoot } from "./paths.js";
 import type { ImageSpec, LoadedImageSpecs } from "./types.js";
 import type { ImageStore, StoredImage } from "./store.js";
@@ -129,7 +128,6 @@ async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey
     const finalInitrd = join(pending.dir, "initrd.img");
     await cp(join(out, "vmlinuz"), finalKernel);
     await cp(join(out, "initrd.img"), finalInitrd);
-    const pvh = (await extractPvhKernel(finalKernel, join(pending.dir, PVH_KERNEL))) ? { pvhKernel: PVH_KERNEL } : {};
     packages = parsePackages(await readFile(join(out, "packages.tsv"), "utf8"));
 
     ev("finish", `finishing ${spec.format} image`);
@@ -144,7 +142,7 @@ async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey
     await rm(work, { recursive: true, force: true });
     const stored = await pending.commit({
       name: spec.name, key, format: spec.format, disk: basename(finalDisk),
-      kernel: "vmlinuz", initrd: "initrd.img", ...pvh,
+      kernel: "vmlinuz", initrd: "initrd.img",
       ...(spec.parent ? { parent: spec.parent, ...(parentKey ? { parentKey } : {}) } : {}),
       packages, buildSeconds: (Date.now() - started) / 1000, createdAt: new Date().toISOString(), source: "build",
       ...(compressed ? { compressed } : {}),
@@ -156,9 +154,6 @@ async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey
     throw e;
   }
 }
-
-/** The uncompressed kernel for PVH direct boot, beside vmlinuz (see pvh-kernel.ts). */
-const PVH_KERNEL = "vmlinux";
 
 /** Packages the guest agent calls (besides what every Debian system has). */
 const AGENT_PACKAGES = ["jq", "eject", "cloud-guest-utils", "openssh-client"];

@@ -11,8 +11,7 @@ import { guestVersionFile } from "./paths.js";
 import type { ImageAction, ImageSpec } from "./types.js";
 
 /** Bump when a change in how civm builds images must invalidate every cached image. */
-// 2: the store keeps a PVH vmlinux beside vmlinuz.
-export const IMAGE_BUILDER_VERSION = 2;
+export const IMAGE_BUILDER_VERSION = 1;
 
 export interface CacheKeyInputs {
   spec: ImageSpec;

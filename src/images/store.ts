@@ -4,7 +4,6 @@
 //     disk.<fmt>            the disk (qcow2 | raw | vhd)
 //     disk.<fmt>.zst        optional compressed artifact (manifest.compressed)
 //     vmlinuz, initrd.img   optional, for direct kernel boot (manifest.kernel / .initrd)
-//     vmlinux               optional, vmlinuz unpacked for PVH boot (manifest.pvhKernel)
 //     manifest.json         written LAST: a folder without it is not an image
 //   <state>/images/.tmp-<name>-<rand>/   an image being built or pulled (.owner: its pid)
 //   <state>/images/.old-<name>-<rand>/   an image being replaced or removed
@@ -51,12 +50,6 @@ export interface ImageManifest {
   /** File names of the kernel and initrd beside the disk, for direct kernel boot. */
   kernel?: string;
   initrd?: string;
-  /**
-   * File name of the same kernel uncompressed, with its PVH entry note (vmlinux), when the
-   * build could extract one: booted instead of `kernel`, it skips the bzImage's own
-   * decompression (2.5-3 s under TCG). See pvh-kernel.ts.
-   */
-  pvhKernel?: string;
   /** Name and cache key of the parent image (children). */
   parent?: string;
   parentKey?: string;
@@ -86,7 +79,6 @@ export interface StoredImage {
   /** <state>/images/<name> */
   dir: string;
   diskPath: string;
-  /** The kernel to boot directly: the PVH vmlinux when the image has one, else vmlinuz. */
   kernelPath?: string;
   initrdPath?: string;
   manifest: ImageManifest;
@@ -296,7 +288,10 @@ export class ImageStore {
     } catch {
       return undefined;
     }
-    return storedImage(name, dir, manifest);
+    const image: StoredImage = { name, dir, diskPath, manifest };
+    if (manifest.kernel) image.kernelPath = join(dir, manifest.kernel);
+    if (manifest.initrd) image.initrdPath = join(dir, manifest.initrd);
+    return image;
   }
 
   /** The stored image, or a ConfigError naming the stored ones and how to get it. */
@@ -421,7 +416,10 @@ export class ImageStore {
     await this.swapIn(name, pendingDir, finalDir);
     await unlink(join(finalDir, OWNER)).catch(() => {});
     await fsyncPath(this.dir).catch(() => {});
-    return storedImage(name, finalDir, manifest);
+    const image: StoredImage = { name, dir: finalDir, diskPath: join(finalDir, manifest.disk), manifest };
+    if (manifest.kernel) image.kernelPath = join(finalDir, manifest.kernel);
+    if (manifest.initrd) image.initrdPath = join(finalDir, manifest.initrd);
+    return image;
   }
 
   /** rename(old → .old-*), rename(pending → final), delete the old one; retried if another commit races us. */
@@ -473,14 +471,6 @@ async function exists(path: string): Promise<boolean> {
   }
 }
 
-function storedImage(name: string, dir: string, manifest: ImageManifest): StoredImage {
-  const image: StoredImage = { name, dir, diskPath: join(dir, manifest.disk), manifest };
-  const kernel = manifest.pvhKernel ?? manifest.kernel;
-  if (kernel) image.kernelPath = join(dir, kernel);
-  if (manifest.initrd) image.initrdPath = join(dir, manifest.initrd);
-  return image;
-}
-
 function looksLikeManifest(m: unknown): m is ImageManifest {
   if (typeof m !== "object" || m === null) return false;
   const o = m as Record<string, unknown>;
@@ -494,7 +484,6 @@ function looksLikeManifest(m: unknown): m is ImageManifest {
     typeof o.diskBytes === "number" &&
     typeof o.virtualSize === "number" &&
     (o.kernel === undefined || (typeof o.kernel === "string" && isPlainFileName(o.kernel))) &&
-    (o.pvhKernel === undefined || (typeof o.pvhKernel === "string" && isPlainFileName(o.pvhKernel))) &&
     (o.initrd === undefined || (typeof o.initrd === "string" && isPlainFileName(o.initrd)))
   );
 }

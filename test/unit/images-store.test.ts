@@ -64,21 +64,6 @@ async function deadPid(): Promise<number> {
   return r.pid;
 }
 
-test("an image with a PVH vmlinux boots that kernel; the bzImage stays in the manifest", async () => {
-  const store = newStore();
-  const p = await store.begin("pvh");
-  qcow2(join(p.dir, "disk.qcow2"), "16M");
-  for (const f of ["vmlinuz", "vmlinux", "initrd.img"]) writeFileSync(join(p.dir, f), f);
-  const img = await p.commit(manifest("pvh", { kernel: "vmlinuz", initrd: "initrd.img", pvhKernel: "vmlinux" }));
-  assert.equal(img.kernelPath, join(store.dir, "pvh", "vmlinux"));
-  assert.equal(img.manifest.kernel, "vmlinuz");
-  assert.equal((await store.get("pvh"))?.kernelPath, join(store.dir, "pvh", "vmlinux"));
-  // A manifest naming a path instead of a file beside the disk is not an image.
-  const file = join(img.dir, "manifest.json");
-  writeFileSync(file, JSON.stringify({ ...img.manifest, pvhKernel: "../../etc/passwd" }));
-  assert.equal(await store.get("pvh"), undefined);
-});
-
 test("begin → commit stores the disk with a manifest (sha256, sizes) under <state>/images/<name>", async () => {
   const store = newStore();
   const p = await store.begin("base");
