@@ -172,6 +172,10 @@ export class Daemon {
   private access: GitHubAccess;
   private readonly groupNames = new Map<string, string>();
   private wakeUp: (() => void) | undefined;
+  /** A wake() that came while a pass ran: the loop runs again at once instead of sleeping a tick. */
+  private wakePending = false;
+  /** Loop iterations finished (pass done, prune checked); tests wait on it instead of sleeping. */
+  loopPasses = 0;
   private loopDone: Promise<void> | undefined;
   private readonly backoff: BackoffOptions;
   private readonly metrics: { runners: Gauge; desired: Gauge; starts: Counter; exits: Counter; health: Gauge };
@@ -212,7 +216,8 @@ export class Daemon {
 
   /** Webhook or API changed something: run a pass soon. */
   wake(): void {
-    this.wakeUp?.();
+    if (this.wakeUp) this.wakeUp();
+    else this.wakePending = true;
   }
 
   /** Start-up reconciliation, then the loop (in the background). */
@@ -238,7 +243,12 @@ export class Daemon {
       } catch (e) {
         this.log.error({ err: messageOf(e) }, "reconcile pass failed");
       }
+      this.loopPasses++;
       if (this.stopping) break;
+      if (this.wakePending) {
+        this.wakePending = false;
+        continue;
+      }
       await new Promise<void>((resolve) => {
         const t = setTimeout(resolve, this.opts.tickMs ?? 5000);
         this.wakeUp = () => {

@@ -21,9 +21,14 @@ class FakeLauncher implements VmLauncher {
   vms: FakeVm[] = [];
   key = "img-1";
   reconciled = 0;
+  imageKeyCalls = 0;
+  /** When set, imageKey() (so every pass) waits for it: a pass held open. */
+  gate: Promise<void> | undefined;
   /** true: stop() ends the VM at once (a guest that honours ACPI). */
   stopEnds = true;
   async imageKey(): Promise<string> {
+    this.imageKeyCalls++;
+    if (this.gate) await this.gate;
     return this.key;
   }
   async reconcileLeftovers(): Promise<void> {
@@ -66,7 +71,7 @@ const quietLogger = (): DaemonLogger & { lines: { level: string; fields: Record<
   return { lines, info: at("info"), warn: at("warn"), error: at("error") };
 };
 
-async function setup(t: { after: (fn: () => Promise<void> | void) => void }, pools: PoolSpec[] = [pool()], store = new StateStore(":memory:")) {
+async function setup(t: { after: (fn: () => Promise<void> | void) => void }, pools: PoolSpec[] = [pool()], store = new StateStore(":memory:"), tickMs?: number) {
   const gh: FakeGitHub = await startFakeGitHub();
   t.after(() => gh.close());
   let clock = 1_000_000;
@@ -74,7 +79,7 @@ async function setup(t: { after: (fn: () => Promise<void> | void) => void }, poo
   const logger = quietLogger();
   const registry = new Registry();
   const access = createGitHubAccess({ kind: "token", token: gh.validToken }, { baseUrl: gh.url, throttle: false, retries: 0, warn: () => {} });
-  const daemon = new Daemon({ pools, store, access, launcher, logger, registry, now: () => clock, pollIntervalMs: 60_000, shutdownTimeoutMs: 2_000, registrationTimeoutMs: 300_000, apiUrl: gh.url });
+  const daemon = new Daemon({ pools, store, access, launcher, logger, registry, now: () => clock, pollIntervalMs: 60_000, shutdownTimeoutMs: 2_000, registrationTimeoutMs: 300_000, apiUrl: gh.url, tickMs });
   const settle = () => daemon.settled();
   return { gh, store, launcher, logger, registry, daemon, settle, advance: (ms: number) => (clock += ms), now: () => clock };
 }
@@ -115,6 +120,28 @@ test("minRunners boot with a fresh JIT config each; online → idle; a queued jo
   assert.equal(names.size, 3);
   assert.equal(new Set(launcher.vms.map((v) => (v.req.config as { jitconfig: string }).jitconfig)).size, 3, "a fresh JIT config per VM");
   assert.match(await registry.metrics(), /civm_pool_desired_runners\{pool="linux"\} 3/);
+});
+
+test("a wake while a pass runs is not lost: the loop runs again at once instead of sleeping a tick", async (t) => {
+  const { launcher, daemon } = await setup(t, [pool()], new StateStore(":memory:"), 600_000);
+  let release!: () => void;
+  launcher.gate = new Promise<void>((r) => (release = r));
+  await daemon.start();
+  t.after(() => daemon.shutdown());
+  const deadline = Date.now() + 10_000;
+  while (launcher.imageKeyCalls < 1) {
+    assert.ok(Date.now() < deadline, "the first pass never asked for the image");
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  assert.equal(daemon.loopPasses, 0, "the first pass is held open");
+  daemon.wake(); // a webhook arrives mid-pass
+  launcher.gate = undefined;
+  release();
+  while (daemon.loopPasses < 2) {
+    assert.ok(Date.now() < deadline, `only ${daemon.loopPasses} pass(es) ran; the wake was lost until the next tick`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  assert.equal(launcher.imageKeyCalls, 2);
 });
 
 test("busy from the runners API; a busy runner is never stopped; its VM exit deregisters the runner and the pool returns to minRunners", async (t) => {

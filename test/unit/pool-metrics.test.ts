@@ -14,6 +14,7 @@ import type { PoolSpec } from "../../src/pool/types.js";
 import { createApp } from "../../src/server/index.js";
 import { signWebhook, startFakeGitHub, workflowJobPayload } from "../support/fake-github.js";
 import { poolSpec } from "../support/pool-spec.js";
+import { waitFor } from "../support/civm-cli.js";
 
 class FakeLauncher implements VmLauncher {
   vms: { req: LaunchRequest; exit: (o?: Partial<LaunchOutcome>) => void }[] = [];
@@ -191,6 +192,17 @@ test("the daemon's own GitHub calls are counted on its registry", async (t) => {
   assert.match(requests, /route="POST \/repos\/\{owner\}\/\{repo\}\/actions\/runners\/generate-jitconfig",status="201"\} 1/);
 });
 
+/** Wakes the daemon loop and waits (in real time, with a deadline) until a whole iteration has started after the wake. */
+async function nextLoopPass(daemon: Daemon): Promise<void> {
+  // Wake twice, one whole iteration each: an iteration under way at the first wake may have
+  // checked the prune time before the clock moved; the second then surely starts after it.
+  const before = daemon.loopPasses;
+  daemon.wake();
+  await waitFor(() => daemon.loopPasses >= before + 1, 30_000, "a daemon loop pass after a wake");
+  daemon.wake();
+  await waitFor(() => daemon.loopPasses >= before + 2, 30_000, "a second daemon loop pass after a wake");
+}
+
 test("pruning: old finished VMs, completed jobs and deliveries go; live VMs, open jobs and recent rows stay; on start and hourly", async (t) => {
   const day = 86_400_000;
   const { store, daemon, advance, now, log } = await setup(t, { retentionMs: 2 * day });
@@ -228,12 +240,10 @@ test("pruning: old finished VMs, completed jobs and deliveries go; live VMs, ope
   assert.equal(store.recordDelivery({ id: "d-2", event: "workflow_job", at: t0 }), true, "pruned at start");
   store.recordDelivery({ id: "d-3", event: "workflow_job", at: t0 - 3 * day });
   advance(30 * 60_000);
-  daemon.wake();
-  await new Promise((r) => setTimeout(r, 50));
+  await nextLoopPass(daemon);
   assert.equal(store.recordDelivery({ id: "d-3", event: "workflow_job", at: t0 }), false, "not pruned within the hour");
   store.recordDelivery({ id: "d-4", event: "workflow_job", at: t0 - 3 * day });
   advance(31 * 60_000);
-  daemon.wake();
-  await new Promise((r) => setTimeout(r, 50));
+  await nextLoopPass(daemon);
   assert.equal(store.recordDelivery({ id: "d-4", event: "workflow_job", at: t0 }), true, "pruned after an hour");
 });
