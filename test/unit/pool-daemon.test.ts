@@ -304,7 +304,7 @@ test("shutdown: idle runners stop, busy ones are waited for (then ended after th
   assert.equal(store.vm(a.req.id)?.state, "busy");
   assert.equal(launcher.vms.length, 3, "minRunners 2 idle on top of the busy one");
   const down = daemon.shutdown();
-  await new Promise((r) => setTimeout(r, 300));
+  for (const end = Date.now() + 10_000; (b.stopped === 0 || launcher.vms[2]!.stopped === 0) && Date.now() < end; ) await new Promise((r) => setTimeout(r, 20));
   assert.equal(b.stopped, 1);
   assert.equal(launcher.vms[2]!.stopped, 1, "a starting runner stops too");
   assert.equal(a.stopped, 0, "busy runner left to finish");
