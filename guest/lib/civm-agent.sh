@@ -357,13 +357,13 @@ civm_agent_main() {
   install_authorized_keys
   mount_shares
   plan_workload
+  # Nothing to run needs no network: ready at once.
+  [ "$MODE" = none ] || wait_for_boot_units
+  log "ready"
   if [ "$MODE" = none ]; then
-    log "ready"
     log "nothing to run: instance.json has no config.jitconfig, config.token (with config.repo) or config.command"
     exit 0
   fi
-  wait_for_boot_units
-  log "ready"
   "run_$MODE"
   status=$?
   log "runner exited with status $status"

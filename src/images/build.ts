@@ -246,12 +246,21 @@ async function stage2Script(spec: ImageSpec, share: string, isChild: boolean): P
     `cp "$k" ${GUEST_OUT}/vmlinuz`,
     `cp "/boot/initrd.img-\${k#/boot/vmlinuz-}" ${GUEST_OUT}/initrd.img`,
     `dpkg-query -W -f '\${Package}\\t\${Version}\\n' > ${GUEST_OUT}/packages.tsv`,
-    "# Forget this boot: every VM of the image makes its own identity.",
+    "# Forget this boot: every VM of the image makes its own identity. journald first lets go",
+    "# of /var/log/journal, so no deleted-but-open journal file is left on the disk.",
+    "journalctl --relinquish-var 2>/dev/null || true",
     "rm -f /etc/ssh/ssh_host_* /var/lib/dbus/machine-id",
     ": > /etc/machine-id",
-    "rm -rf /var/lib/apt/lists/* /var/log/journal/* /tmp/* /var/tmp/*",
+    "rm -rf /var/lib/apt/lists/* /var/log/journal/*",
+    "# Not the private /tmp of running services (PrivateTmp=): deleted while in use, they would stay",
+    "# on the disk as orphan inodes and keep / from being remounted read-only.",
+    "find /tmp /var/tmp -mindepth 1 -maxdepth 1 ! -name 'systemd-private-*' -exec rm -rf {} +",
     "fstrim -a >/dev/null 2>&1 || true",
+    "# Debian ships no systemd-update-done, so systemd-sysusers (ConditionNeedsUpdate=/etc) ran",
+    "# at every boot, on the critical path to basic.target; this boot already made the users.",
+    "touch -r /usr /etc/.updated /var/.updated",
     "sync",
+    ...CLEAN_ROOT_SCRIPT,
     `echo ${BUILD_OK} > ${GUEST_OUT}/status`,
     'echo "civm-build: stage 2 done"',
   );
@@ -259,6 +268,27 @@ async function stage2Script(spec: ImageSpec, share: string, isChild: boolean): P
   await writeFile(file, lines.join("\n") + "\n");
   return `sh -e ${GUEST_SHARE}/stage2.sh`;
 }
+
+/**
+ * The build VM ends with `poweroff -f` (the guest agent), which leaves a mounted root as it
+ * is: ext4 would keep `needs_recovery` and an orphan list, and every VM of the image would
+ * replay the journal at boot. Remounting / read-only first commits the journal and marks the
+ * filesystem clean. A / that some service keeps busy (a deleted file still open) refuses the
+ * remount; sysrq's emergency remount forces it (it runs in the background, hence the wait).
+ */
+export const CLEAN_ROOT_SCRIPT = [
+  'echo "civm-build: remounting / read-only (a clean filesystem: no journal replay at boot)"',
+  "if ! mount -o remount,ro / 2>/dev/null; then",
+  '  echo "civm-build: / is busy; forcing it read-only with sysrq (emergency remount)"',
+  "  echo 1 > /proc/sys/kernel/sysrq && echo u > /proc/sysrq-trigger || true",
+  "  for _ in 1 2 3 4 5 6 7 8 9 10; do",
+  "    awk '$2 == \"/\" && $4 ~ /^ro(,|$)/ { found = 1 } END { exit !found }' /proc/mounts && break",
+  "    sleep 0.5",
+  "  done",
+  "fi",
+  "awk '$2 == \"/\" && $4 ~ /^ro(,|$)/ { found = 1 } END { exit !found }' /proc/mounts ||",
+  '  echo "civm-build: warning: / is still read-write; VMs of this image will replay its journal at boot"',
+];
 
 async function bootBuildVm(
   o: BuildOptions,

@@ -11,7 +11,8 @@ import { guestVersionFile } from "./paths.js";
 import type { ImageAction, ImageSpec } from "./types.js";
 
 /** Bump when a change in how civm builds images must invalidate every cached image. */
-export const IMAGE_BUILDER_VERSION = 1;
+// 2 was the reverted PVH builder (dc893e5): never reuse a number, its images may still be cached.
+export const IMAGE_BUILDER_VERSION = 3;
 
 export interface CacheKeyInputs {
   spec: ImageSpec;

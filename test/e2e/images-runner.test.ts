@@ -5,7 +5,9 @@
 // leftover checks see only this file's VMs while other test files use the same store.
 import { test, before, type TestContext } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { spawnSync } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { basename, join } from "node:path";
 import { runCivm, startCivm, waitFor, qemuStarts, type CivmEnv, type CivmResult } from "../support/civm-cli.js";
 import { ensureRunnerImage, leftoversNamed, qemuProcessesNamed, runnerEnv, uniqueName, RUNNER_IMAGE, type RunnerImage } from "../support/runner-image.js";
@@ -143,6 +145,34 @@ test("root-disk larger than the image: the guest's root filesystem has grown to 
   assert.ok(size > 5 * GiB, `the root filesystem is ${size} bytes (${(size / GiB).toFixed(2)} GiB): not grown past the image's 4G`);
   assert.ok(size <= 6 * GiB, `the root filesystem (${size} bytes) is larger than the disk`);
   assertClean(e, name, r.stderr);
+});
+
+test("the stored image's root filesystem is clean (no journal to replay, no orphan inodes) and marked up to date for systemd", async (t) => {
+  // The build VM ends with poweroff -f; without remounting / read-only first, ext4 keeps
+  // needs_recovery and an orphan list, and every VM of the image replays the journal.
+  const dir = mkdtempSync(join(tmpdir(), "civm-fsck-"));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const raw = join(dir, "disk.raw");
+  const convert = spawnSync("qemu-img", ["convert", "-O", "raw", runner.diskPath, raw], { encoding: "utf8" });
+  assert.equal(convert.status, 0, convert.stderr);
+  // The root partition starts at 1 MiB (src/images/disk.ts); e2fsprogs read it at an offset.
+  const dump = spawnSync("dumpe2fs", ["-h", `${raw}?offset=${1024 ** 2}`], { encoding: "utf8" });
+  assert.equal(dump.status, 0, dump.stderr);
+  const features = /^Filesystem features:\s*(.*)$/m.exec(dump.stdout)?.[1] ?? "";
+  assert.match(features, /has_journal/, `not the ext4 root filesystem:\n${dump.stdout}`);
+  assert.doesNotMatch(features, /needs_recovery/, "the image's journal needs replaying at every boot");
+  assert.match(dump.stdout, /^Filesystem state:\s*clean$/m);
+  assert.doesNotMatch(dump.stdout, /^First orphan inode:/m, "the image carries an orphan list");
+  // /etc/.updated and /var/.updated as new as /usr: systemd's ConditionNeedsUpdate is false,
+  // so systemd-sysusers does not run at every boot.
+  const mtime = (path: string): number => {
+    const stat = spawnSync("debugfs", ["-R", `stat ${path}`, `${raw}?offset=${1024 ** 2}`], { encoding: "utf8" });
+    const m = /^ mtime: 0x([0-9a-f]+):([0-9a-f]+)/m.exec(stat.stdout);
+    assert.ok(m, `${path} is not in the image:\n${stat.stdout}${stat.stderr}`);
+    return Number.parseInt(m[1]!, 16) * 1e9 + (Number.parseInt(m[2]!, 16) >> 2);
+  };
+  const usr = mtime("/usr");
+  for (const p of ["/etc/.updated", "/var/.updated"]) assert.ok(mtime(p) >= usr, `${p} is older than /usr: systemd-sysusers would run at every boot`);
 });
 
 test("SSH host keys differ between two runs of the same image", async (t) => {
