@@ -207,7 +207,7 @@ function parsePackages(tsv: string): Record<string, string> {
 async function stage2Script(spec: ImageSpec, share: string, isChild: boolean): Promise<string> {
   const lines = ["set -eu", "export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8", `echo "civm-build: stage 2 of ${spec.name}"`];
   if (!isChild) {
-    lines.push('echo "civm-build: installing GRUB on /dev/vda"', "grub-install --target=i386-pc /dev/vda", "update-grub");
+    lines.push(...STAGE2_BOOTLOADER);
   }
   if (isChild && spec.packages.length) {
     lines.push(`echo "civm-build: installing ${spec.packages.length} packages"`, "apt-get update -q", `apt-get install -y -q --no-install-recommends ${spec.packages.map(shq).join(" ")}`, "apt-get clean");
@@ -240,30 +240,7 @@ async function stage2Script(spec: ImageSpec, share: string, isChild: boolean): P
     lines.push(`sh ${GUEST_SHARE}/hooks/${hook.name} /`);
   }
   if (isChild) lines.push("if [ -d /boot/grub ]; then update-grub; fi");
-  lines.push(
-    'echo "civm-build: exporting kernel, initrd and package list"',
-    'k=$(ls -1 /boot/vmlinuz-* | sort -V | tail -n 1)',
-    `cp "$k" ${GUEST_OUT}/vmlinuz`,
-    `cp "/boot/initrd.img-\${k#/boot/vmlinuz-}" ${GUEST_OUT}/initrd.img`,
-    `dpkg-query -W -f '\${Package}\\t\${Version}\\n' > ${GUEST_OUT}/packages.tsv`,
-    "# Forget this boot: every VM of the image makes its own identity. journald first lets go",
-    "# of /var/log/journal, so no deleted-but-open journal file is left on the disk.",
-    "journalctl --relinquish-var 2>/dev/null || true",
-    "rm -f /etc/ssh/ssh_host_* /var/lib/dbus/machine-id",
-    ": > /etc/machine-id",
-    "rm -rf /var/lib/apt/lists/* /var/log/journal/*",
-    "# Not the private /tmp of running services (PrivateTmp=): deleted while in use, they would stay",
-    "# on the disk as orphan inodes and keep / from being remounted read-only.",
-    "find /tmp /var/tmp -mindepth 1 -maxdepth 1 ! -name 'systemd-private-*' -exec rm -rf {} +",
-    "fstrim -a >/dev/null 2>&1 || true",
-    "# Debian ships no systemd-update-done, so systemd-sysusers (ConditionNeedsUpdate=/etc) ran",
-    "# at every boot, on the critical path to basic.target; this boot already made the users.",
-    "touch -r /usr /etc/.updated /var/.updated",
-    "sync",
-    ...CLEAN_ROOT_SCRIPT,
-    `echo ${BUILD_OK} > ${GUEST_OUT}/status`,
-    'echo "civm-build: stage 2 done"',
-  );
+  lines.push(...STAGE2_EPILOGUE);
   const file = join(share, "stage2.sh");
   await writeFile(file, lines.join("\n") + "\n");
   return `sh -e ${GUEST_SHARE}/stage2.sh`;
@@ -288,6 +265,39 @@ export const CLEAN_ROOT_SCRIPT = [
   "fi",
   "awk '$2 == \"/\" && $4 ~ /^ro(,|$)/ { found = 1 } END { exit !found }' /proc/mounts ||",
   '  echo "civm-build: warning: / is still read-write; VMs of this image will replay its journal at boot"',
+];
+
+/** A root image's bootloader, installed from inside the build VM. */
+export const STAGE2_BOOTLOADER: readonly string[] = ['echo "civm-build: installing GRUB on /dev/vda"', "grub-install --target=i386-pc /dev/vda", "update-grub"];
+
+/**
+ * The end of every build script: export the kernel, initrd and package list, forget this
+ * boot's identity, leave a clean filesystem. (A change here must bump IMAGE_BUILDER_VERSION;
+ * test/unit/images-builder-version.test.ts holds it to that.)
+ */
+export const STAGE2_EPILOGUE: readonly string[] = [
+  'echo "civm-build: exporting kernel, initrd and package list"',
+  'k=$(ls -1 /boot/vmlinuz-* | sort -V | tail -n 1)',
+  `cp "$k" ${GUEST_OUT}/vmlinuz`,
+  `cp "/boot/initrd.img-\${k#/boot/vmlinuz-}" ${GUEST_OUT}/initrd.img`,
+  `dpkg-query -W -f '\${Package}\\t\${Version}\\n' > ${GUEST_OUT}/packages.tsv`,
+  "# Forget this boot: every VM of the image makes its own identity. journald first lets go",
+  "# of /var/log/journal, so no deleted-but-open journal file is left on the disk.",
+  "journalctl --relinquish-var 2>/dev/null || true",
+  "rm -f /etc/ssh/ssh_host_* /var/lib/dbus/machine-id",
+  ": > /etc/machine-id",
+  "rm -rf /var/lib/apt/lists/* /var/log/journal/*",
+  "# Not the private /tmp of running services (PrivateTmp=): deleted while in use, they would stay",
+  "# on the disk as orphan inodes and keep / from being remounted read-only.",
+  "find /tmp /var/tmp -mindepth 1 -maxdepth 1 ! -name 'systemd-private-*' -exec rm -rf {} +",
+  "fstrim -a >/dev/null 2>&1 || true",
+  "# Debian ships no systemd-update-done, so systemd-sysusers (ConditionNeedsUpdate=/etc) ran",
+  "# at every boot, on the critical path to basic.target; this boot already made the users.",
+  "touch -r /usr /etc/.updated /var/.updated",
+  "sync",
+  ...CLEAN_ROOT_SCRIPT,
+  `echo ${BUILD_OK} > ${GUEST_OUT}/status`,
+  'echo "civm-build: stage 2 done"',
 ];
 
 async function bootBuildVm(

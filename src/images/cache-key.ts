@@ -10,7 +10,11 @@ import { basename, dirname, join } from "node:path";
 import { guestVersionFile } from "./paths.js";
 import type { ImageAction, ImageSpec } from "./types.js";
 
-/** Bump when a change in how civm builds images must invalidate every cached image. */
+/**
+ * Bump when a change in how civm builds images must invalidate every cached image.
+ * test/unit/images-builder-version.test.ts fingerprints the builder's fixed scripts and lists
+ * and fails when they change without a bump.
+ */
 // 2 was the reverted PVH builder (dc893e5): never reuse a number, its images may still be cached.
 export const IMAGE_BUILDER_VERSION = 3;
 
