@@ -255,16 +255,13 @@ async function stage2Script(spec: ImageSpec, share: string, isChild: boolean): P
  */
 export const CLEAN_ROOT_SCRIPT = [
   'echo "civm-build: remounting / read-only (a clean filesystem: no journal replay at boot)"',
+  "root_is_ro() { awk '$2 == \"/\" && $4 ~ /^ro(,|$)/ { found = 1 } END { exit !found }' /proc/mounts; }",
   "if ! mount -o remount,ro / 2>/dev/null; then",
   '  echo "civm-build: / is busy; forcing it read-only with sysrq (emergency remount)"',
   "  echo 1 > /proc/sys/kernel/sysrq && echo u > /proc/sysrq-trigger || true",
-  "  for _ in 1 2 3 4 5 6 7 8 9 10; do",
-  "    awk '$2 == \"/\" && $4 ~ /^ro(,|$)/ { found = 1 } END { exit !found }' /proc/mounts && break",
-  "    sleep 0.5",
-  "  done",
+  "  for _ in 1 2 3 4 5 6 7 8 9 10; do root_is_ro && break; sleep 0.5; done",
   "fi",
-  "awk '$2 == \"/\" && $4 ~ /^ro(,|$)/ { found = 1 } END { exit !found }' /proc/mounts ||",
-  '  echo "civm-build: warning: / is still read-write; VMs of this image will replay its journal at boot"',
+  'root_is_ro || echo "civm-build: warning: / is still read-write; VMs of this image will replay its journal at boot"',
 ];
 
 /** A root image's bootloader, installed from inside the build VM. */

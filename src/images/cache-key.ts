@@ -16,7 +16,8 @@ import type { ImageAction, ImageSpec } from "./types.js";
  * and fails when they change without a bump.
  */
 // 2 was the reverted PVH builder (dc893e5): never reuse a number, its images may still be cached.
-export const IMAGE_BUILDER_VERSION = 3;
+// 4: the clean-root script says its read-only check once (a shell function); same behaviour.
+export const IMAGE_BUILDER_VERSION = 4;
 
 export interface CacheKeyInputs {
   spec: ImageSpec;

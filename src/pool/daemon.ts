@@ -174,8 +174,7 @@ export class Daemon {
   private wakeUp: (() => void) | undefined;
   /** A wake() that came while a pass ran: the loop runs again at once instead of sleeping a tick. */
   private wakePending = false;
-  /** Loop iterations finished (pass done, prune checked); tests wait on it instead of sleeping. */
-  loopPasses = 0;
+  private passesDone = 0;
   private loopDone: Promise<void> | undefined;
   private readonly backoff: BackoffOptions;
   private readonly metrics: { runners: Gauge; desired: Gauge; starts: Counter; exits: Counter; health: Gauge };
@@ -214,6 +213,11 @@ export class Daemon {
     return pruned;
   }
 
+  /** Loop iterations finished (pass done, prune checked); tests wait on it instead of sleeping. */
+  get loopPasses(): number {
+    return this.passesDone;
+  }
+
   /** Webhook or API changed something: run a pass soon. */
   wake(): void {
     if (this.wakeUp) this.wakeUp();
@@ -243,7 +247,7 @@ export class Daemon {
       } catch (e) {
         this.log.error({ err: messageOf(e) }, "reconcile pass failed");
       }
-      this.loopPasses++;
+      this.passesDone++;
       if (this.stopping) break;
       if (this.wakePending) {
         this.wakePending = false;

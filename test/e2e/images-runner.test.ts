@@ -9,6 +9,7 @@ import { spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { basename, join } from "node:path";
+import { DISK_LAYOUT } from "../../src/images/disk.js";
 import { runCivm, startCivm, waitFor, qemuStarts, type CivmEnv, type CivmResult } from "../support/civm-cli.js";
 import { ensureRunnerImage, leftoversNamed, qemuProcessesNamed, runnerEnv, uniqueName, RUNNER_IMAGE, type RunnerImage } from "../support/runner-image.js";
 
@@ -155,8 +156,9 @@ test("the stored image's root filesystem is clean (no journal to replay, no orph
   const raw = join(dir, "disk.raw");
   const convert = spawnSync("qemu-img", ["convert", "-O", "raw", runner.diskPath, raw], { encoding: "utf8" });
   assert.equal(convert.status, 0, convert.stderr);
-  // The root partition starts at 1 MiB (src/images/disk.ts); e2fsprogs read it at an offset.
-  const dump = spawnSync("dumpe2fs", ["-h", `${raw}?offset=${1024 ** 2}`], { encoding: "utf8" });
+  // e2fsprogs read the root partition at its offset in the disk.
+  const fs = `${raw}?offset=${DISK_LAYOUT.partitionStartBytes}`;
+  const dump = spawnSync("dumpe2fs", ["-h", fs], { encoding: "utf8" });
   assert.equal(dump.status, 0, dump.stderr);
   const features = /^Filesystem features:\s*(.*)$/m.exec(dump.stdout)?.[1] ?? "";
   assert.match(features, /has_journal/, `not the ext4 root filesystem:\n${dump.stdout}`);
@@ -166,7 +168,7 @@ test("the stored image's root filesystem is clean (no journal to replay, no orph
   // /etc/.updated and /var/.updated as new as /usr: systemd's ConditionNeedsUpdate is false,
   // so systemd-sysusers does not run at every boot.
   const mtime = (path: string): number => {
-    const stat = spawnSync("debugfs", ["-R", `stat ${path}`, `${raw}?offset=${1024 ** 2}`], { encoding: "utf8" });
+    const stat = spawnSync("debugfs", ["-R", `stat ${path}`, fs], { encoding: "utf8" });
     const m = /^ mtime: 0x([0-9a-f]+):([0-9a-f]+)/m.exec(stat.stdout);
     assert.ok(m, `${path} is not in the image:\n${stat.stdout}${stat.stderr}`);
     return Number.parseInt(m[1]!, 16) * 1e9 + (Number.parseInt(m[2]!, 16) >> 2);

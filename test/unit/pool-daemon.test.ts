@@ -8,6 +8,7 @@ import { Daemon, type LaunchOutcome, type LaunchRequest, type VmHandle, type VmL
 import type { PoolSpec } from "../../src/pool/types.js";
 import { startFakeGitHub, type FakeGitHub } from "../support/fake-github.js";
 import { poolSpec } from "../support/pool-spec.js";
+import { waitFor } from "../support/civm-cli.js";
 
 interface FakeVm {
   req: LaunchRequest;
@@ -128,19 +129,13 @@ test("a wake while a pass runs is not lost: the loop runs again at once instead 
   launcher.gate = new Promise<void>((r) => (release = r));
   await daemon.start();
   t.after(() => daemon.shutdown());
-  const deadline = Date.now() + 10_000;
-  while (launcher.imageKeyCalls < 1) {
-    assert.ok(Date.now() < deadline, "the first pass never asked for the image");
-    await new Promise((r) => setTimeout(r, 10));
-  }
+  await waitFor(() => launcher.imageKeyCalls >= 1, 10_000, "the first pass to ask for the image");
   assert.equal(daemon.loopPasses, 0, "the first pass is held open");
   daemon.wake(); // a webhook arrives mid-pass
   launcher.gate = undefined;
   release();
-  while (daemon.loopPasses < 2) {
-    assert.ok(Date.now() < deadline, `only ${daemon.loopPasses} pass(es) ran; the wake was lost until the next tick`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
+  // The tick is 600 s: a second pass within 10 s comes only from the remembered wake.
+  await waitFor(() => daemon.loopPasses >= 2, 10_000, "a second pass (the wake was lost until the next tick)");
   assert.equal(launcher.imageKeyCalls, 2);
 });
 
@@ -304,7 +299,7 @@ test("shutdown: idle runners stop, busy ones are waited for (then ended after th
   assert.equal(store.vm(a.req.id)?.state, "busy");
   assert.equal(launcher.vms.length, 3, "minRunners 2 idle on top of the busy one");
   const down = daemon.shutdown();
-  for (const end = Date.now() + 10_000; (b.stopped === 0 || launcher.vms[2]!.stopped === 0) && Date.now() < end; ) await new Promise((r) => setTimeout(r, 20));
+  await waitFor(() => b.stopped > 0 && launcher.vms[2]!.stopped > 0, 10_000, "the idle and the starting runner to be stopped");
   assert.equal(b.stopped, 1);
   assert.equal(launcher.vms[2]!.stopped, 1, "a starting runner stops too");
   assert.equal(a.stopped, 0, "busy runner left to finish");
