@@ -2,6 +2,7 @@
 // Every problem in the file is collected and reported together, one paragraph each,
 // naming file, instance and key. Messages never echo config values (they may be secrets):
 // only keys, and for names, sizes and ports the offending value.
+import { parseNetworkValue, ALLOW_FORMS, type NetworkSpec } from "../net/policy.js";
 import { constants } from "node:fs";
 import { access, lstat, stat } from "node:fs/promises";
 import { dirname, resolve } from "node:path";
@@ -32,7 +33,7 @@ const MIN_RAM = 16 * 1024 ** 2;
 /** The keys of an instance, in the order problems with them are reported. */
 export const INSTANCE_KEYS: readonly string[] = [
   "name", "image", "cpu-cores", "ram", "root-disk", "timeout-seconds", "ssh-port", "config",
-  "kernel", "initrd", "cmdline", "machine", "qemu-args", "firmware-boot",
+  "kernel", "initrd", "cmdline", "machine", "qemu-args", "firmware-boot", "network",
 ];
 
 /** An instance as validated, defaults filled in. */
@@ -51,6 +52,7 @@ interface ParsedInstance {
   machine: MachineType;
   "qemu-args": string[];
   "firmware-boot": boolean;
+  network: NetworkSpec;
 }
 
 /**
@@ -127,6 +129,8 @@ function parseInstance(entry: Record<string, unknown>): { value: ParsedInstance;
   if (!Array.isArray(qemuArgs) || !qemuArgs.every((a) => typeof a === "string")) fail("qemu-args", true);
   const firmwareBoot = entry["firmware-boot"] === undefined ? false : entry["firmware-boot"];
   if (typeof firmwareBoot !== "boolean") fail("firmware-boot", true);
+  const net = parseNetworkValue(entry.network);
+  if (net.problems) fail("network", true, `"network" ${net.problems.join("; ")}`);
   const unknown = Object.keys(entry).filter((k) => !INSTANCE_KEYS.includes(k));
   for (const key of unknown) issues.push({ key, fatal: false, unknown: true });
 
@@ -147,6 +151,7 @@ function parseInstance(entry: Record<string, unknown>): { value: ParsedInstance;
     value: {
       name: name!, image: image!, "cpu-cores": cpus!, ram: ram!, "root-disk": rootDisk, "timeout-seconds": timeout!, "ssh-port": sshPort,
       config: config as JsonValue, kernel, initrd, cmdline, machine: machine as MachineType, "qemu-args": qemuArgs as string[], "firmware-boot": firmwareBoot as boolean,
+      network: net.value!,
     },
   };
 }
@@ -190,6 +195,7 @@ const HINTS: Record<string, string> = {
   machine: 'must be one of "pc", "q35" or "microvm"',
   "qemu-args": 'must be a list of strings, e.g. ["-device", "virtio-rng-pci"]',
   "firmware-boot": "must be true or false: true boots a stored image through its bootloader instead of its kernel",
+  network: `must be "restricted" (the default: the internet only), "none", "unrestricted", or {"allow": [...]} where ${ALLOW_FORMS}`,
 };
 
 const MISSING: Record<string, string> = {
@@ -285,6 +291,7 @@ function toSpec(v: ParsedInstance, index: number, file: string, dir: string): In
     cmdline: v.cmdline,
     machine: v.machine as MachineType,
     qemuArgs: v["qemu-args"],
+    network: v.network,
     source: { file, index, baseDir: dir },
   };
 }

@@ -1,6 +1,8 @@
 // Typed, validated instance definitions: what config/ hands to vm/.
 // Types only; loading and validation live in instances.ts.
 
+import type { NetworkSpec } from "../net/policy.js";
+
 export type MachineType = "pc" | "q35" | "microvm";
 export type JsonValue = string | number | boolean | null | JsonValue[] | { [k: string]: JsonValue };
 
@@ -31,6 +33,8 @@ export interface InstanceSpec {
   machine: MachineType;
   /** Extra QEMU arguments, appended last. */
   qemuArgs: string[];
+  /** What the guest may reach (undefined: restricted, no exceptions). */
+  network?: NetworkSpec;
   /**
    * Where it came from, for error messages: the file as named by the caller, the 0-based
    * position in its list (messages show it as #index+1), and the file's absolute folder,

@@ -4,6 +4,7 @@
 // environment (key file, images). Every problem is collected and reported at once, each
 // naming the file, the pool and the field. Messages never show the value of a string field
 // (it may be a secret); numbers, names and labels are shown.
+import { parseNetworkValue } from "../net/policy.js";
 import { readFile, stat } from "node:fs/promises";
 import { dirname, isAbsolute, resolve } from "node:path";
 import { ConfigError, messageOf } from "../errors/index.js";
@@ -42,7 +43,7 @@ export const SERVE_DEFAULTS = {
 
 export const SERVE_KEYS = ["listen", "stateDir", "github", "webhookSecret", "apiToken", "pools", "pollInterval", "shutdownTimeout", "retention", "maxWebhookBytes"] as const;
 export const GITHUB_KEYS = ["apiUrl", "appId", "privateKeyFile", "privateKey", "installationId", "token"] as const;
-export const POOL_KEYS = ["name", "maxRunners", "minRunners", "runner", "firecracker", "cpus", "ram", "disk", "timeout-seconds", "idleTimeout", "runnerGroup", "cmdline"] as const;
+export const POOL_KEYS = ["name", "maxRunners", "minRunners", "runner", "firecracker", "cpus", "ram", "disk", "timeout-seconds", "idleTimeout", "runnerGroup", "cmdline", "network"] as const;
 export const RUNNER_KEYS = ["name", "image", "imagePullPolicy", "organization", "repository", "labels", "groupId", "registration", "workFolder"] as const;
 export const FIRECRACKER_KEYS = ["vcpuCount", "memSizeMib", "kernelArgs"] as const;
 const PULL_POLICIES: readonly ImagePullPolicy[] = ["IfNotPresent", "Always", "Never"];
@@ -498,8 +499,10 @@ function validateVm(pool: Fields): PoolSpec["vm"] | undefined {
   if (ramBytes < MIN_RAM) pool.add(`the VM's memory (${Math.round(ramBytes / 1024 ** 2)} MiB) is too little for a runner; give it at least ${MIN_RAM / 1024 ** 2} MiB.`);
   const rootDiskBytes = pool.size("disk");
   const timeoutSeconds = pool.int("timeout-seconds", { min: 1, def: SERVE_DEFAULTS.timeoutSeconds }) ?? SERVE_DEFAULTS.timeoutSeconds;
+  const net = parseNetworkValue(pool.o.network ?? undefined);
+  if (net.problems) pool.add(`"network" ${net.problems.join("; ")}.`);
   if (pool.problems.length > start) return undefined;
-  return { cpus: cpus ?? vcpu ?? SERVE_DEFAULTS.cpus, ramBytes, rootDiskBytes, timeoutSeconds, cmdline: cmdline ?? kernelArgs };
+  return { cpus: cpus ?? vcpu ?? SERVE_DEFAULTS.cpus, ramBytes, rootDiskBytes, timeoutSeconds, cmdline: cmdline ?? kernelArgs, network: net.value! };
 }
 
 /** Duplicate names and label sets two pools share (a job could not pick between them). */

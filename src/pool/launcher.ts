@@ -43,6 +43,7 @@ export class VmRunLauncher implements VmLauncher {
       cmdline: pool.vm.cmdline,
       machine: "pc",
       qemuArgs: [],
+      network: pool.vm.network,
       source: { file: `pool ${pool.name}`, index: pool.index },
     };
     if (img.kind === "stored") {
@@ -79,7 +80,7 @@ export class VmRunLauncher implements VmLauncher {
   }
 
   async reconcileLeftovers(): Promise<void> {
-    await reconcile(new Registry(this.opts.paths.stateDir), (l) => this.opts.log(l, {}));
+    await reconcile(new Registry(this.opts.paths.stateDir), (l) => this.opts.log(l, {}), { sweep: true });
   }
 
   start(req: LaunchRequest): VmHandle {

@@ -1,5 +1,6 @@
 // Typed, validated `civm serve` configuration: what pool/config.ts hands to the daemon.
 // Types only; loading and validation live in config.ts.
+import type { NetworkSpec } from "../net/policy.js";
 import type { RunnerTarget } from "../github/registration-token.js";
 
 export type ImagePullPolicy = "IfNotPresent" | "Always" | "Never";
@@ -44,6 +45,8 @@ export interface PoolSpec {
     timeoutSeconds: number;
     /** Kernel command line (firecracker.kernelArgs or cmdline); undefined = the image's default. */
     cmdline: string | undefined;
+    /** What the runner's guest may reach (docs/security.md). */
+    network: NetworkSpec;
   };
   /** Idle runners above desired are stopped after this long idle. */
   idleTimeoutSeconds: number;

@@ -39,7 +39,12 @@ export interface QemuPlan {
   mounts: HostMount[];
   kernel: { path: string; initrd: string | undefined; cmdline: string } | undefined;
   extraArgs: string[];
+  /** "user": QEMU's user-mode network (fenced by the host's nftables); "none": no network device. */
+  network?: "user" | "none";
 }
+
+/** QEMU's seccomp filter: no obsolete syscalls, no set*id, no fork/exec, no scheduler/affinity changes. */
+export const SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /** Kernel command line used for direct kernel boot when the instance sets none. */
 export const DEFAULT_CMDLINE = "console=ttyS0 root=/dev/vda1 rw panic=-1";
@@ -63,7 +68,7 @@ export function machineSection(p: QemuPlan): string[] {
 export function baseSection(p: QemuPlan): string[] {
   // -S: start paused so that civm is connected to QMP before the guest runs a single
   // instruction and no event (tray, shutdown) can be missed.
-  return ["-name", qemuOptValue(p.name), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-S"];
+  return ["-name", qemuOptValue(p.name), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-S", "-sandbox", SANDBOX];
 }
 
 export function controlSection(p: QemuPlan): string[] {
@@ -100,8 +105,11 @@ export function hostfwd(f: PortForward): string {
 
 export function networkSection(p: QemuPlan): string[] {
   const b = bus(p.machine);
-  const netdev = ["user", `id=${DEVICE_IDS.net}`, ...p.forwards.map(hostfwd)].join(",");
-  const args = ["-netdev", netdev, "-device", `virtio-net-${b.suffix},netdev=${DEVICE_IDS.net}`];
+  const args: string[] = [];
+  if (p.network !== "none") {
+    const netdev = ["user", `id=${DEVICE_IDS.net}`, ...p.forwards.map(hostfwd)].join(",");
+    args.push("-netdev", netdev, "-device", `virtio-net-${b.suffix},netdev=${DEVICE_IDS.net}`);
+  }
   // Entropy for the guest: sshd host key generation at boot would otherwise wait on it.
   args.push("-device", `virtio-rng-${b.suffix}`);
   return args;

@@ -4,6 +4,7 @@
 import { rm } from "node:fs/promises";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Registry, liveness, isQemuOf, type RegistryEntry } from "./registry.js";
+import { deleteTable, sweepTables } from "../net/nft.js";
 
 export interface ReconcileReport {
   killed: string[];
@@ -18,7 +19,11 @@ async function endQemu(e: RegistryEntry): Promise<void> {
   for (let i = 0; i < 50 && isQemuOf(e); i++) await sleep(50);
 }
 
-export async function reconcile(registry: Registry, log: (line: string) => void = () => {}): Promise<ReconcileReport> {
+/**
+ * `sweep`: also delete nftables tables of VMs whose civm is gone, from any state dir (an nft
+ * listing: off civm run's start path, where VmRun sweeps once QEMU runs).
+ */
+export async function reconcile(registry: Registry, log: (line: string) => void = () => {}, opts: { sweep?: boolean } = {}): Promise<ReconcileReport> {
   const report: ReconcileReport = { killed: [], removed: [] };
   for (const e of await registry.list()) {
     const state = liveness(e);
@@ -28,9 +33,17 @@ export async function reconcile(registry: Registry, log: (line: string) => void 
       await endQemu(e);
       report.killed.push(e.id);
     }
+    if (e.net?.table) {
+      try {
+        await deleteTable(e.net.table);
+      } catch (err) {
+        log(`warning: could not remove the network policy table ${e.net.table} of ${e.name}: ${(err as Error).message}`);
+      }
+    }
     if (!e.keep) await rm(e.workDir, { recursive: true, force: true });
     await registry.remove(e.id);
     report.removed.push(e.id);
   }
+  if (opts.sweep) await sweepTables(log);
   return report;
 }

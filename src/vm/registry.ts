@@ -27,6 +27,8 @@ export interface RegistryEntry {
   meta?: Record<string, unknown>;
   /** "starting" until QEMU runs the guest (QMP cont done), then "running". Absent in older entries. */
   state?: "starting" | "running";
+  /** The VM's network policy: its nftables table and QEMU's group id (restricted mode). */
+  net?: { mode: string; table?: string; gid?: number } | undefined;
 }
 
 export type Liveness = "running" | "orphaned" | "stale";

@@ -2,21 +2,26 @@
 // supervisor → cleanup on every exit path. The caller (CLI, pool daemon) decides what to
 // do with the result; nothing here exits the process.
 import { randomBytes } from "node:crypto";
-import { mkdir, rm, readFile } from "node:fs/promises";
-import { join } from "node:path";
+import { chmod, chown, mkdir, rm, readFile, writeFile } from "node:fs/promises";
+import { statSync } from "node:fs";
+import { join, resolve, sep } from "node:path";
 import type { InstanceSpec, JsonValue } from "../config/types.js";
 import type { Paths } from "../host/paths.js";
 import { STATE_LAYOUT, ensureDir } from "../host/paths.js";
-import { CivmError, HostError } from "../errors/index.js";
+import { CivmError, ConfigError, HostError } from "../errors/index.js";
 import { trace } from "../errors/trace.js";
 import { buildQemuArgs, DEFAULT_CMDLINE, type HostMount, type PortForward, type QemuPlan } from "./argv.js";
 import { createOverlay } from "./disk.js";
 import { renderConfigDrive, writeConfigDrive, type ConfigDriveEntry } from "./config-drive.js";
 import { checkPortFree } from "./ports.js";
-import { Registry } from "./registry.js";
+import { Registry, type RegistryEntry } from "./registry.js";
 import { CleanupStack } from "./cleanup.js";
 import { Supervisor, EXIT_CODE_OF_REASON, type ExitReason, type StopReason } from "./supervisor.js";
 import { FileFollower, tailLines } from "./console.js";
+import { DEFAULT_NETWORK, describeNetwork, type NetworkSpec } from "../net/policy.js";
+import { hostResolvers, installTable, deleteTable, policyUnavailable, resolveAllow, sweepTables } from "../net/nft.js";
+import { accessProblem, qemuUser, setprivArgs, type QemuUser } from "../net/identity.js";
+import { processIdentity } from "../host/proc.js";
 
 /** Names inside a VM's work dir. */
 export const WORKDIR_LAYOUT = {
@@ -52,6 +57,13 @@ export interface RunVmRequest {
   onConsole?: (text: string) => void;
   /** Extra registry fields. */
   meta?: Record<string, unknown>;
+  /** What the guest may reach (default: spec.network, else restricted). */
+  network?: NetworkSpec;
+  /**
+   * Files and folders of civm's own (inside the state dir) that QEMU must write during this
+   * run (a disk being built, a results share): owned by QEMU's user while it runs, by root after.
+   */
+  qemuWritable?: string[];
   /** Builds the plan only and returns it (for --print-cmd). */
   dryRun?: boolean;
   /**
@@ -154,7 +166,43 @@ export class VmRun {
       mounts: this.req.mounts ?? [],
       kernel: spec.kernel ? { path: spec.kernel, initrd: spec.initrd, cmdline: spec.cmdline ?? DEFAULT_CMDLINE } : undefined,
       extraArgs: spec.qemuArgs,
+      network: this.network().mode === "none" ? "none" : "user",
     };
+  }
+
+  network(): NetworkSpec {
+    return this.req.network ?? this.req.spec.network ?? DEFAULT_NETWORK;
+  }
+
+  /**
+   * Refuses paths QEMU's user could not open (by mode bits), after making civm's own folders
+   * on the way enterable (the state dir may be a 0700 temp dir).
+   */
+  private async checkQemuAccess(user: QemuUser, gid: number, plan: QemuPlan): Promise<void> {
+    const { spec, paths } = this.req;
+    const state = resolve(paths.stateDir);
+    for (const dir of [state, join(state, STATE_LAYOUT.vms)]) {
+      const st = statSync(dir);
+      if ((st.mode & 0o001) === 0) await chmod(dir, (st.mode & 0o777) | 0o711);
+    }
+    const wants: { path: string; want: "r" | "rw" | "rx" | "rwx"; what: string }[] = [];
+    if (!this.req.directDisk) wants.push({ path: spec.image, want: "r", what: "image" });
+    if (spec.kernel) wants.push({ path: spec.kernel, want: "r", what: "kernel" });
+    if (spec.initrd) wants.push({ path: spec.initrd, want: "r", what: "initrd" });
+    for (const m of plan.mounts) wants.push({ path: m.path, want: m.readOnly ? "rx" : "rwx", what: `host mount ${m.tag}` });
+    const gids = [gid, ...user.groups];
+    const owned = new Set((this.req.qemuWritable ?? []).map((p) => resolve(p)));
+    for (const w of wants) {
+      if (owned.has(resolve(w.path))) continue;
+      const why = accessProblem(resolve(w.path), user.uid, gids, w.want, statSync);
+      if (!why) continue;
+      throw new HostError(
+        `${spec.source.file}: instance "${spec.name}": QEMU runs as the unprivileged user ${user.name} (uid ${user.uid}) and cannot use the ${w.what} ${w.path}: ${why}. ` +
+          (w.want.includes("w")
+            ? `Make the folder writable by ${user.name} (chown ${user.name} or setfacl -m u:${user.name}:rwx), mount it read-only, or run QEMU as the folder's owner with CIVM_QEMU_USER.`
+            : `Make it readable by ${user.name} (chmod o+r on the file and o+x on the folders above it, or keep images under ${state}), or run QEMU as another user with CIVM_QEMU_USER.`),
+      );
+    }
   }
 
   async run(): Promise<VmResult> {
@@ -166,6 +214,7 @@ export class VmRun {
     const registry = new Registry(req.paths.stateDir);
     let keep = req.keep ?? false;
     let follower: FileFollower | undefined;
+    let sweep: Promise<unknown> | undefined;
     try {
       trace("vm: start");
       for (const f of this.forwards()) await checkPortFree(f.hostAddr, f.hostPort, f.proto, `port forward for ${spec.name}`);
@@ -182,6 +231,7 @@ export class VmRun {
         sshPort: spec.sshPort, sshBind: spec.sshPort !== undefined ? (req.sshBind ?? "127.0.0.1") : undefined,
         startedAt: new Date().toISOString(), workDir: this.workDir, consoleLog: this.consoleLog, keep, meta: req.meta,
         state: "starting" as "starting" | "running",
+        net: undefined as RegistryEntry["net"],
       };
       await registry.put(entry);
       trace("vm: registry entry written");
@@ -201,16 +251,58 @@ export class VmRun {
         }
       }
 
-      // Independent: overlay and config drive are made at the same time.
+      // The network policy: refused rather than skipped when it cannot be applied.
+      const network = this.network();
+      const where = `${spec.source.file}: instance "${spec.name}"`;
+      if (network.mode === "restricted") {
+        const why = policyUnavailable();
+        if (why) {
+          throw new HostError(`${where}: ${why}. civm does not start a VM it cannot fence: run civm as root, or set network: unrestricted (instances, pools; --network unrestricted for dev VMs) to accept a guest that reaches this host and its networks.`);
+        }
+      } else if (network.mode === "none" && this.forwards().length) {
+        throw new ConfigError(`${where}: network is "none" but the VM has port forwards (${this.forwards().map((f) => `${f.hostAddr}:${f.hostPort}`).join(", ")}); a forward needs the network device: remove ssh-port/-p or use the restricted network`);
+      } else if (network.mode === "unrestricted") {
+        log(`warning: ${spec.name}: network: unrestricted: the guest can reach this host's own services (through 10.0.2.2), its private networks and a cloud's metadata service (169.254.169.254)`);
+      }
+      const user = process.getuid?.() === 0 ? await qemuUser() : undefined;
+      const policyP =
+        network.mode === "restricted"
+          ? resolveAllow(network.allow, where)
+              .then((allow) => installTable({ allow, resolvers: hostResolvers(), comment: `civm vm=${this.id} owner=${processIdentity(process.pid) ?? process.pid}` }))
+              .then((fence) => {
+                cleanup.push("network policy", () => deleteTable(fence.table));
+                entry.net = { mode: network.mode, table: fence.table, gid: fence.gid };
+                return fence;
+              })
+          : Promise.resolve(undefined);
+      // Independent: overlay, config drive and the nftables table are made at the same time.
       await allSettledOrThrow([
         req.directDisk
           ? Promise.resolve()
-          : createOverlay({ base: spec.image, overlay: plan.overlay, sizeBytes: spec.rootDiskBytes, where: `${spec.source.file}: instance "${spec.name}"` }),
+          : createOverlay({ base: spec.image, overlay: plan.overlay, sizeBytes: spec.rootDiskBytes, where }),
         writeConfigDrive(req.configDrive ?? renderConfigDrive(spec.name, config), plan.configIso!, join(this.workDir, WORKDIR_LAYOUT.configStaging)),
+        policyP,
       ]);
+      const fence = await policyP;
+      if (fence) await registry.put(entry);
+      trace("vm: overlay, config drive and network policy ready");
 
-      trace("vm: overlay and config drive ready");
-      const sup = new Supervisor({ binary: plan.binary, args: buildQemuArgs(plan), timeoutSeconds: spec.timeoutSeconds, graceSeconds: req.graceSeconds, log });
+      let binary = plan.binary;
+      let args = buildQemuArgs(plan);
+      if (user) {
+        const gid = fence?.gid ?? user.gid;
+        await this.checkQemuAccess(user, gid, plan);
+        // QEMU's own files: its user's, in the 0700 work dir.
+        await writeFile(this.consoleLog, "", { mode: 0o600, flag: "a" });
+        await Promise.all([this.workDir, plan.configIso!, this.consoleLog, ...(req.directDisk ? [] : [plan.overlay])].map((p) => chown(p, user.uid, gid)));
+        for (const p of req.qemuWritable ?? []) {
+          await chown(p, user.uid, gid);
+          cleanup.push(`ownership of ${p}`, () => chown(p, 0, 0));
+        }
+        args = [...setprivArgs(user, gid), binary, ...args];
+        binary = "setpriv";
+      }
+      const sup = new Supervisor({ binary, args, timeoutSeconds: spec.timeoutSeconds, graceSeconds: req.graceSeconds, log });
       this.supervisor = sup;
       cleanup.push("QEMU", () => sup.kill());
       if (req.onConsole) {
@@ -225,13 +317,16 @@ export class VmRun {
         await startP;
         entry.state = "running";
         await registry.put(entry);
-        log(`${spec.name}: running (pid ${sup.pid}, ${req.accel}${spec.sshPort !== undefined ? `, ssh ${entry.sshBind}:${spec.sshPort}` : ""}); console: ${this.consoleLog}`);
+        log(`${spec.name}: running (pid ${sup.pid}, ${req.accel}, network ${describeNetwork(network)}${spec.sshPort !== undefined ? `, ssh ${entry.sshBind}:${spec.sshPort}` : ""}); console: ${this.consoleLog}`);
+        // Tables of VMs whose civm died: swept off the start path.
+        sweep = sweepTables(log).catch((e: Error) => log(`warning: sweeping stale network policy tables: ${e.message}`));
         if (this.pendingStop) sup.stop(this.pendingStop.reason, { force: this.pendingStop.force });
       } catch (e) {
         if (sup.alive) throw e; // QMP trouble with a live QEMU is civm's failure
         // QEMU died while starting: fall through to its result.
       }
       const r = await sup.wait();
+      await sweep;
       await follower?.stop();
       follower = undefined;
       let detail: string | undefined;

@@ -76,7 +76,9 @@ export class Supervisor extends EventEmitter {
   /** Spawns QEMU paused, connects QMP, then lets the guest run. Resolves once running. */
   async start(qmpSocket: string): Promise<void> {
     this.spawnedAt = performance.now();
-    const child = spawn(this.o.binary, this.o.args, { stdio: ["ignore", "ignore", "pipe"] });
+    // A session of its own: a Ctrl-C in the terminal (or a signal to civm's process group)
+    // reaches civm only, which then stops the VM the documented way.
+    const child = spawn(this.o.binary, this.o.args, { stdio: ["ignore", "ignore", "pipe"], detached: true });
     trace("vm: QEMU spawned");
     this.child = child;
     child.stderr!.setEncoding("utf8").on("data", (d: string) => {

@@ -21,6 +21,9 @@ export function civmEnv(extra: NodeJS.ProcessEnv = {}): CivmEnv {
   const shimDir = join(root, "shim");
   const qemuStartsFile = join(root, "qemu-starts");
   mkdirSync(shimDir);
+  // The shim runs as QEMU's unprivileged user: it must be able to append here.
+  writeFileSync(qemuStartsFile, "", { mode: 0o666 });
+  chmodSync(qemuStartsFile, 0o666);
   // Records that QEMU was started, then becomes the real QEMU (same pid).
   writeFileSync(join(shimDir, "qemu-system-x86_64"), `#!/bin/sh\necho "$*" >> ${qemuStartsFile}\nexec /usr/bin/qemu-system-x86_64 "$@"\n`);
   chmodSync(join(shimDir, "qemu-system-x86_64"), 0o755);

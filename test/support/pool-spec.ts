@@ -1,4 +1,5 @@
 // A pool's settings as the daemon gets them from the config, for unit tests of the daemon.
+import { DEFAULT_NETWORK } from "../../src/net/policy.js";
 import type { PoolSpec } from "../../src/pool/types.js";
 
 export function poolSpec(over: Partial<PoolSpec> = {}): PoolSpec {
@@ -17,7 +18,7 @@ export function poolSpec(over: Partial<PoolSpec> = {}): PoolSpec {
       registration: "jit",
       workFolder: "_work",
     },
-    vm: { cpus: 1, ramBytes: 256 << 20, rootDiskBytes: undefined, timeoutSeconds: 600, cmdline: undefined },
+    vm: { cpus: 1, ramBytes: 256 << 20, rootDiskBytes: undefined, timeoutSeconds: 600, cmdline: undefined, network: DEFAULT_NETWORK },
     idleTimeoutSeconds: 60,
     ...over,
   };

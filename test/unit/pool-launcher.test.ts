@@ -1,5 +1,6 @@
 // VmRunLauncher's image identity: a stored image rebuilt under the same name (new build key
 // or disk) is a new image for the pool, so its idle runners are replaced; console logs by id.
+import { DEFAULT_NETWORK } from "../../src/net/policy.js";
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { mkdirSync, utimesSync, writeFileSync } from "node:fs";
@@ -16,7 +17,7 @@ function pool(image: PoolSpec["runner"]["image"]): PoolSpec {
     maxRunners: 1,
     minRunners: 0,
     runner: { namePrefix: "linux", image, imagePullPolicy: "IfNotPresent", target: { kind: "org", org: "o" }, labels: ["linux"], groupId: 1, registration: "jit", workFolder: "_work" },
-    vm: { cpus: 1, ramBytes: 256 << 20, rootDiskBytes: undefined, timeoutSeconds: 60, cmdline: undefined },
+    vm: { cpus: 1, ramBytes: 256 << 20, rootDiskBytes: undefined, timeoutSeconds: 60, cmdline: undefined, network: DEFAULT_NETWORK },
     idleTimeoutSeconds: 60,
   };
 }

@@ -11,7 +11,7 @@ export function registerLs(program: Command): void {
     .action(async (flags: { json?: boolean }, cmd: Command) => {
       const paths = pathsFrom(cmd);
       const registry = new Registry(paths.stateDir);
-      await reconcile(registry);
+      await reconcile(registry, undefined, { sweep: true });
       const live = (await registry.list()).filter((e) => liveness(e) === "running");
       const now = Date.now();
       if (flags.json) {
