@@ -39,8 +39,10 @@ export interface CivmResult {
   stderr: string;
 }
 
-export function startCivm(args: string[], e: CivmEnv, opts: { cwd?: string } = {}): { child: ChildProcess; done: Promise<CivmResult>; stderrSoFar: () => string } {
-  const child = spawn(process.execPath, [civmBin, ...args], { cwd: opts.cwd ?? e.root, env: e.env, stdio: ["ignore", "pipe", "pipe"] });
+/** opts.wrap: a command civm runs under (e.g. ["ip", "netns", "exec", NS]); opts.detached: civm leads a process group of its own. */
+export function startCivm(args: string[], e: CivmEnv, opts: { cwd?: string; wrap?: string[]; detached?: boolean } = {}): { child: ChildProcess; done: Promise<CivmResult>; stderrSoFar: () => string } {
+  const argv = [...(opts.wrap ?? []), process.execPath, civmBin, ...args];
+  const child = spawn(argv[0]!, argv.slice(1), { cwd: opts.cwd ?? e.root, env: e.env, stdio: ["ignore", "pipe", "pipe"], detached: opts.detached ?? false });
   let stdout = "";
   let stderr = "";
   child.stdout!.on("data", (d) => (stdout += d));
@@ -54,7 +56,7 @@ export function startCivm(args: string[], e: CivmEnv, opts: { cwd?: string } = {
   return { child, done, stderrSoFar: () => stderr };
 }
 
-export function runCivm(args: string[], e: CivmEnv, opts: { cwd?: string } = {}): Promise<CivmResult> {
+export function runCivm(args: string[], e: CivmEnv, opts: { cwd?: string; wrap?: string[] } = {}): Promise<CivmResult> {
   return startCivm(args, e, opts).done;
 }
 

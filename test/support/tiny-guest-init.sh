@@ -12,6 +12,10 @@
 #                       With panic=-1 on the kernel command line the kernel reboots at once and
 #                       -no-reboot makes QEMU exit; without panic=... the guest hangs after the
 #                       panic (the default panic timeout is 0 = wait forever).
+#   probe               bring eth0 up (or print "tiny-guest: probe: no eth0"), then for each
+#                       HOST:PORT in config.probe (one string, space-separated) fetch
+#                       http://HOST:PORT/ and print "tiny-guest: probe HOST:PORT ok BODY" or
+#                       "tiny-guest: probe HOST:PORT fail"; then power off.
 #   network             bring eth0 up with udhcpc, print "tiny-guest: network eth0 <ip>
 #                       gateway <gw>", then behave like acpi.
 #   runner              (also chosen when config.runner is "github", as `civm serve` writes it)
@@ -157,6 +161,25 @@ case "$mode" in
   fail)
     say "failing (init exits, the kernel panics)"
     exit 1
+    ;;
+  probe)
+    ip link set lo up
+    if ip link set eth0 up 2>/dev/null; then
+      udhcpc -i eth0 -s /etc/udhcpc.script -q -n -t 10 -T 1 >/tmp/udhcpc.log 2>&1 || say "probe: udhcpc failed"
+      say "probe: eth0 $(ip -4 -o addr show dev eth0 | sed -n 's/.* inet \([0-9.]*\).*/\1/p') routes $(ip route | tr '\n' ';')"
+    else
+      say "probe: no eth0"
+    fi
+    targets=$(tr -d '\n' </tmp/instance.json | sed -n 's/.*"probe"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p')
+    for t in $targets; do
+      if timeout 6 wget -q -O /tmp/probe "http://$t/" 2>/tmp/probe.err; then
+        say "probe $t ok $(head -c 60 /tmp/probe | tr -d '\n')"
+      else
+        say "probe $t fail $(head -c 100 /tmp/probe.err | tr -d '\n')"
+      fi
+    done
+    say "probe: done"
+    power_off
     ;;
   network | runner)
     ip link set lo up
