@@ -15,7 +15,7 @@ import { trace } from "../../errors/trace.js";
 import { looksLikeImageName, resolveStoredImage } from "../../images/resolve.js";
 import { buildQemuArgs } from "../../vm/argv.js";
 import { describeCommand } from "../../exec/index.js";
-import { ensureDir } from "../../host/paths.js";
+import { ensureLogsDir } from "../../host/paths.js";
 import { join } from "node:path";
 
 interface RunFlags {
@@ -243,7 +243,7 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
   }
   const ssh = `ssh ${plan.dev.ssh.host}:${plan.dev.ssh.port}`;
   if (flags.detach) {
-    ensureDir(paths.logsDir);
+    ensureLogsDir(paths.logsDir);
     const entry = await dev.startDetached(plan, paths, { entry: process.argv[1] ?? "civm", log: say });
     process.stdout.write(`${name}\n`);
     say(`${name}: running in the background (supervisor pid ${entry.ownerPid}, QEMU pid ${entry.qemuPid}, ${accel.accel}, ${ssh}); console: ${entry.consoleLog}`);
