@@ -1,6 +1,7 @@
 // Typed, validated `civm serve` configuration: what pool/config.ts hands to the daemon.
 // Types only; loading and validation live in config.ts.
 import type { RunnerTarget } from "../github/registration-token.js";
+import type { LogRetention } from "../host/log-retention.js";
 
 export type ImagePullPolicy = "IfNotPresent" | "Always" | "Never";
 
@@ -71,6 +72,8 @@ export interface ServeConfig {
   retentionSeconds: number;
   /** Largest webhook body accepted; larger gets 413. */
   maxWebhookBytes: number;
+  /** Console and supervisor log retention in the logs dir (applied with the hourly pruning). */
+  logs: LogRetention;
   /** Where the pools came from (the config file itself, or a separate pools file). */
   poolsFile: string;
   pools: PoolSpec[];
