@@ -30,7 +30,8 @@ program
     `
 Exit codes: 0 guest powered off, 1 internal error, 2 configuration error, 3 timeout,
 4 QEMU failed, 5 stopped by a signal, 6 guest rebooted, 7 GitHub (or another service) failed,
-8 host problem (missing tool, port in use). See docs/exit-codes.md.`,
+8 host problem (missing tool, port in use), 9 the firmware found nothing to boot.
+See docs/exit-codes.md.`,
   );
 
 registerRun(program);

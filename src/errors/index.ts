@@ -12,6 +12,8 @@ export const EXIT_CODES = {
   reboot: 6,
   external: 7,
   host: 8,
+  /** civm run: the firmware found nothing to boot (EXIT_CODE_OF_REASON["no-boot"]). */
+  "no-boot": 9,
 } as const;
 
 export type ErrorCode = keyof typeof EXIT_CODES;

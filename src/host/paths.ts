@@ -2,7 +2,7 @@
 // state. Both can be overridden by flag (--state-dir/--logs-dir) or env (CIVM_STATE_DIR/CIVM_LOGS_DIR).
 import { homedir } from "node:os";
 import { join } from "node:path";
-import { mkdirSync } from "node:fs";
+import { chmodSync, mkdirSync, statSync } from "node:fs";
 
 export interface Paths {
   stateDir: string;
@@ -39,4 +39,22 @@ export const STATE_LAYOUT = {
 export function ensureDir(path: string, mode = 0o755): string {
   mkdirSync(path, { recursive: true, mode });
   return path;
+}
+
+/** The most a logs dir may allow: console logs can hold what a guest printed. */
+export const LOGS_DIR_MODE = 0o750;
+
+/**
+ * Creates the logs dir (0750) or takes group write and every "other" bit off an existing
+ * one civm owns. A shared dir (sticky, e.g. /tmp) or someone else's is left alone. Returns
+ * what was changed, for a log line.
+ */
+export function ensureLogsDir(path: string): string | undefined {
+  mkdirSync(path, { recursive: true, mode: LOGS_DIR_MODE });
+  const st = statSync(path);
+  const mode = st.mode & 0o7777;
+  if ((mode & ~LOGS_DIR_MODE & 0o777) === 0 || mode & 0o1000) return undefined;
+  if (typeof process.getuid === "function" && st.uid !== process.getuid()) return undefined;
+  chmodSync(path, mode & LOGS_DIR_MODE);
+  return `mode ${mode.toString(8)} tightened to ${(mode & LOGS_DIR_MODE).toString(8)}`;
 }

@@ -17,6 +17,7 @@ import type { JsonValue } from "../config/types.js";
 import { parseRunnerTarget, type RunnerTarget } from "../github/registration-token.js";
 import { resolvePaths } from "../host/paths.js";
 import { looksLikeImageName } from "../images/resolve.js";
+import { LOG_RETENTION_DEFAULTS, parseKeepDays, parseMaxBytes, type LogRetention } from "../host/log-retention.js";
 import { labelKey, normalizeLabels } from "./labels.js";
 import { kindOf } from "../config/kind.js";
 import type { GitHubAuthConfig, ImagePullPolicy, PoolImage, PoolSpec, RegistrationMode, ServeConfig } from "./types.js";
@@ -41,7 +42,8 @@ export const SERVE_DEFAULTS = {
   workFolder: "_work",
 } as const;
 
-export const SERVE_KEYS = ["listen", "stateDir", "github", "webhookSecret", "apiToken", "pools", "pollInterval", "shutdownTimeout", "retention", "maxWebhookBytes"] as const;
+export const SERVE_KEYS = ["listen", "stateDir", "github", "webhookSecret", "apiToken", "pools", "pollInterval", "shutdownTimeout", "retention", "maxWebhookBytes", "logs"] as const;
+export const LOGS_KEYS = ["keepDays", "maxBytes"] as const;
 export const GITHUB_KEYS = ["apiUrl", "appId", "privateKeyFile", "privateKey", "installationId", "token"] as const;
 export const POOL_KEYS = ["name", "maxRunners", "minRunners", "runner", "firecracker", "cpus", "ram", "disk", "timeout-seconds", "idleTimeout", "runnerGroup", "cmdline", "network"] as const;
 export const RUNNER_KEYS = ["name", "image", "imagePullPolicy", "organization", "repository", "labels", "groupId", "registration", "workFolder"] as const;
@@ -230,6 +232,7 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
   // GitHub may still redeliver.
   const retentionSeconds = f.seconds("retention", SERVE_DEFAULTS.retentionSeconds, 3600);
   const maxWebhookBytes = f.size("maxWebhookBytes") ?? SERVE_DEFAULTS.maxWebhookBytes;
+  const logs = loadLogs(f);
 
   const { poolsFile, poolsBaseDir, entries } = await loadPoolEntries(top, file, baseDir, env, problems, secrets);
   const pools: PoolSpec[] = [];
@@ -258,10 +261,31 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
     shutdownTimeoutSeconds,
     retentionSeconds,
     maxWebhookBytes,
+    logs,
     poolsFile,
     pools,
     secrets: [...new Set(secrets)],
   };
+}
+
+/** `logs:` (console and supervisor log retention); defaults for what is missing. */
+function loadLogs(top: Fields): LogRetention {
+  const o = top.object("logs");
+  if (!o) return { ...LOG_RETENTION_DEFAULTS };
+  const f = new Fields(o, top.where, top.problems, "logs.");
+  f.unknownKeys(LOGS_KEYS);
+  const out = { ...LOG_RETENTION_DEFAULTS };
+  try {
+    if (f.has("keepDays")) out.keepDays = parseKeepDays(o.keepDays, `"logs.keepDays"`);
+  } catch (e) {
+    f.add(messageOf(e));
+  }
+  try {
+    if (f.has("maxBytes")) out.maxBytes = parseMaxBytes(o.maxBytes, `"logs.maxBytes"`);
+  } catch (e) {
+    f.add(messageOf(e));
+  }
+  return out;
 }
 
 /** Runs the pre-processor; its problems join the list (the raw data is validated anyway). */

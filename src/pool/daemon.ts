@@ -90,6 +90,8 @@ export interface DaemonOptions {
   retentionMs?: number;
   /** Pruning runs at start and this often (ms; default 1 h). */
   pruneIntervalMs?: number;
+  /** Runs with each pruning, in the background (console log retention); a failure is a warning. */
+  pruneLogs?: () => Promise<void>;
 }
 
 export const DEFAULT_RETENTION_MS = 7 * 24 * 3600_000;
@@ -237,6 +239,7 @@ export class Daemon {
     } catch (e) {
       this.log.warn({ err: messageOf(e) }, "pruning old state failed; trying again next hour");
     }
+    this.opts.pruneLogs?.().catch((e: unknown) => this.log.warn({ err: messageOf(e) }, "pruning old logs failed; trying again next hour"));
   }
 
   private async loop(): Promise<void> {

@@ -33,6 +33,7 @@ export function settingsChanges(running: ServeConfig, next: ServeConfig, default
   if (running.shutdownTimeoutSeconds !== next.shutdownTimeoutSeconds) applied.push("shutdownTimeout");
   if (running.retentionSeconds !== next.retentionSeconds) applied.push("retention");
   if (running.maxWebhookBytes !== next.maxWebhookBytes) applied.push("maxWebhookBytes");
+  if (JSON.stringify(running.logs) !== JSON.stringify(next.logs)) applied.push("logs");
   return { applied, restartNeeded };
 }
 

@@ -10,6 +10,7 @@ import { ConfigError, EXIT_CODES, messageOf } from "../errors/index.js";
 import { createGitHubAccess, type GitHubAccess } from "../github/app-auth.js";
 import { detectAccel } from "../host/kvm.js";
 import { resolvePaths } from "../host/paths.js";
+import { pruneLogs } from "../host/log-retention.js";
 import { createApp, listen, type ReloadOutcome, type ServerOptions, type ServerPool } from "../server/index.js";
 import { StateStore } from "../store/index.js";
 import { redactAll } from "../vm/run.js";
@@ -76,6 +77,11 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     pollIntervalMs: config.pollIntervalSeconds * 1000,
     shutdownTimeoutMs: config.shutdownTimeoutSeconds * 1000,
     retentionMs: config.retentionSeconds * 1000,
+    // Reads `config` when it runs: a reload's logs settings apply at the next pruning.
+    pruneLogs: async () => {
+      const r = await pruneLogs({ logsDir: paths.logsDir, stateDir: paths.stateDir, retention: config.logs });
+      if (r.deleted.length) logger.info({ deleted: r.deleted.length, freedBytes: r.freedBytes, keptBytes: r.keptBytes, logsDir: paths.logsDir }, "pruned old console logs");
+    },
     apiUrl: config.github.apiUrl,
     onDrained: () => stop("drained"),
   });

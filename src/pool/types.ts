@@ -2,6 +2,7 @@
 // Types only; loading and validation live in config.ts.
 import type { NetworkSpec } from "../net/policy.js";
 import type { RunnerTarget } from "../github/registration-token.js";
+import type { LogRetention } from "../host/log-retention.js";
 
 export type ImagePullPolicy = "IfNotPresent" | "Always" | "Never";
 
@@ -74,6 +75,8 @@ export interface ServeConfig {
   retentionSeconds: number;
   /** Largest webhook body accepted; larger gets 413. */
   maxWebhookBytes: number;
+  /** Console and supervisor log retention in the logs dir (applied with the hourly pruning). */
+  logs: LogRetention;
   /** Where the pools came from (the config file itself, or a separate pools file). */
   poolsFile: string;
   pools: PoolSpec[];

@@ -34,7 +34,14 @@ export interface QemuPlan {
   overlayFormat?: "qcow2" | "raw";
   configIso: string | undefined;
   qmpSocket: string;
-  consoleLog: string;
+  /** Unix socket QEMU listens on for the serial console; civm reads it and writes the log. */
+  consoleSocket: string;
+  /**
+   * A 2-byte file holding 0x3f8 (little-endian): SeaBIOS mirrors its screen to that serial
+   * port, so a firmware boot's messages ("No bootable device.") reach the console. Only
+   * used without -kernel.
+   */
+  serconPortFile?: string;
   forwards: PortForward[];
   mounts: HostMount[];
   kernel: { path: string; initrd: string | undefined; cmdline: string } | undefined;
@@ -71,12 +78,22 @@ export function baseSection(p: QemuPlan): string[] {
   return ["-name", qemuOptValue(p.name), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-S", "-sandbox", SANDBOX];
 }
 
+/** SeaBIOS reads its serial console port from this fw_cfg file (SeaBIOS's name, hence no "opt/"). */
+export const SERCON_FW_CFG = "etc/sercon-port";
+
+/** The content of serconPortFile: COM1's I/O port, little-endian. */
+export const SERCON_PORT_BYTES = Buffer.from([0xf8, 0x03]);
+
 export function controlSection(p: QemuPlan): string[] {
-  return [
+  // The console is a socket civm reads (and redacts) rather than a file QEMU writes: what
+  // reaches the disk has passed civm's redaction, and QEMU needs no access to the logs dir.
+  const args = [
     "-qmp", `unix:${qemuOptValue(p.qmpSocket)},server=on,wait=off`,
-    "-chardev", `file,id=console0,path=${qemuOptValue(p.consoleLog)}`,
+    "-chardev", `socket,id=console0,path=${qemuOptValue(p.consoleSocket)},server=on,wait=off`,
     "-serial", "chardev:console0",
   ];
+  if (!p.kernel && p.serconPortFile) args.push("-fw_cfg", `name=${SERCON_FW_CFG},file=${qemuOptValue(p.serconPortFile)}`);
+  return args;
 }
 
 export function diskSection(p: QemuPlan): string[] {

@@ -4,20 +4,21 @@
 import { randomBytes } from "node:crypto";
 import { chmod, chown, mkdir, rm, readFile, writeFile } from "node:fs/promises";
 import { statSync } from "node:fs";
-import { join, resolve, sep } from "node:path";
+import { join, resolve } from "node:path";
 import type { InstanceSpec, JsonValue } from "../config/types.js";
 import type { Paths } from "../host/paths.js";
-import { STATE_LAYOUT, ensureDir } from "../host/paths.js";
+import { STATE_LAYOUT, ensureDir, ensureLogsDir } from "../host/paths.js";
+import { redact } from "../config/preprocess.js";
 import { CivmError, ConfigError, HostError } from "../errors/index.js";
 import { trace } from "../errors/trace.js";
-import { buildQemuArgs, DEFAULT_CMDLINE, type HostMount, type PortForward, type QemuPlan } from "./argv.js";
+import { buildQemuArgs, DEFAULT_CMDLINE, SERCON_PORT_BYTES, type HostMount, type PortForward, type QemuPlan } from "./argv.js";
 import { createOverlay } from "./disk.js";
 import { renderConfigDrive, writeConfigDrive, type ConfigDriveEntry } from "./config-drive.js";
 import { checkPortFree } from "./ports.js";
 import { Registry, type RegistryEntry } from "./registry.js";
 import { CleanupStack } from "./cleanup.js";
 import { Supervisor, EXIT_CODE_OF_REASON, type ExitReason, type StopReason } from "./supervisor.js";
-import { FileFollower, tailLines } from "./console.js";
+import { ConsoleStream, NoBootWatch, tailLines } from "./console.js";
 import { DEFAULT_NETWORK, describeNetwork, type NetworkSpec } from "../net/policy.js";
 import { hostResolvers, installTable, deleteTable, policyUnavailable, resolveAllow, sweepTables } from "../net/nft.js";
 import { accessProblem, qemuUser, setprivArgs, type QemuUser } from "../net/identity.js";
@@ -29,6 +30,10 @@ export const WORKDIR_LAYOUT = {
   configIso: "config.iso",
   configStaging: "config",
   qmpSocket: "qmp.sock",
+  /** QEMU listens here for the serial console; civm reads it and writes the log. */
+  consoleSocket: "console.sock",
+  /** SeaBIOS's serial console port, for firmware boots (see argv.ts). */
+  serconPort: "sercon-port",
 } as const;
 
 export interface RunVmRequest {
@@ -53,8 +58,10 @@ export interface RunVmRequest {
   /** Resolved secrets: redacted from anything civm prints. */
   secrets?: string[];
   log: (line: string) => void;
-  /** Receives the serial console as it is written. */
+  /** Receives the serial console as it is written to the log (redacted). */
   onConsole?: (text: string) => void;
+  /** Called once the guest runs (QMP cont done): work that must not delay the boot starts here. */
+  onRunning?: () => void;
   /** Extra registry fields. */
   meta?: Record<string, unknown>;
   /** What the guest may reach (default: spec.network, else restricted). */
@@ -104,10 +111,9 @@ export function newVmId(): string {
   return randomBytes(4).toString("hex");
 }
 
+/** Every secret (4+ characters; a multi-line one also line by line) becomes "***". */
 export function redactAll(text: string, secrets: readonly string[]): string {
-  let out = text;
-  for (const s of secrets) if (s.length >= 4) out = out.split(s).join("***");
-  return out;
+  return secrets.length ? redact(text, secrets) : text;
 }
 
 /** Waits for every promise (so none still writes into a dir being cleaned up), then throws the first failure. */
@@ -161,7 +167,8 @@ export class VmRun {
       overlayFormat: this.req.directDisk?.format ?? "qcow2",
       configIso: join(this.workDir, WORKDIR_LAYOUT.configIso),
       qmpSocket: join(this.workDir, WORKDIR_LAYOUT.qmpSocket),
-      consoleLog: this.consoleLog,
+      consoleSocket: join(this.workDir, WORKDIR_LAYOUT.consoleSocket),
+      ...(spec.kernel ? {} : { serconPortFile: join(this.workDir, WORKDIR_LAYOUT.serconPort) }),
       forwards: this.forwards(),
       mounts: this.req.mounts ?? [],
       kernel: spec.kernel ? { path: spec.kernel, initrd: spec.initrd, cmdline: spec.cmdline ?? DEFAULT_CMDLINE } : undefined,
@@ -213,17 +220,19 @@ export class VmRun {
     const cleanup = new CleanupStack();
     const registry = new Registry(req.paths.stateDir);
     let keep = req.keep ?? false;
-    let follower: FileFollower | undefined;
+    const secrets = req.secrets ?? [];
+    let consoleStream: ConsoleStream | undefined;
     let sweep: Promise<unknown> | undefined;
     try {
       trace("vm: start");
       for (const f of this.forwards()) await checkPortFree(f.hostAddr, f.hostPort, f.proto, `port forward for ${spec.name}`);
       const plan = this.plan();
-      if (Buffer.byteLength(plan.qmpSocket) > 107) {
-        throw new HostError(`the QMP socket path ${plan.qmpSocket} is longer than a unix socket allows (107 bytes); use a shorter --state-dir`);
+      for (const sock of [plan.qmpSocket, plan.consoleSocket]) {
+        if (Buffer.byteLength(sock) > 107) throw new HostError(`the socket path ${sock} is longer than a unix socket allows (107 bytes); use a shorter --state-dir`);
       }
       ensureDir(join(req.paths.stateDir, STATE_LAYOUT.vms), 0o700);
-      ensureDir(req.paths.logsDir);
+      const tightened = ensureLogsDir(req.paths.logsDir);
+      if (tightened) log(`logs dir ${req.paths.logsDir}: ${tightened}`);
 
       // Recorded before it is taken: a crash from here on is reconciled by the next start.
       const entry = {
@@ -275,8 +284,27 @@ export class VmRun {
                 return fence;
               })
           : Promise.resolve(undefined);
-      // Independent: overlay, config drive and the nftables table are made at the same time.
+      // Civm writes the console log itself, redacted (QEMU only sees a socket in the work dir).
+      let noBoot: string | undefined;
+      const noBootWatch = plan.kernel ? undefined : new NoBootWatch();
+      consoleStream = new ConsoleStream({
+        logPath: this.consoleLog,
+        redact: (t) => redactAll(t, secrets),
+        longestSecret: Math.max(0, ...secrets.map((x) => x.length)),
+        onText: (t) => {
+          req.onConsole?.(t);
+          const m = noBootWatch?.push(t);
+          if (m === undefined || noBoot !== undefined) return;
+          noBoot = m;
+          log(`${spec.name}: the firmware found nothing to boot ("${m}"); ending QEMU`);
+          this.supervisor?.stop("no-boot", { force: true });
+        },
+      });
+
+      // Independent: overlay, config drive, console log and the nftables table are made at the same time.
       await allSettledOrThrow([
+        consoleStream.openLog(),
+        plan.serconPortFile ? writeFile(plan.serconPortFile, SERCON_PORT_BYTES, { mode: 0o644 }) : Promise.resolve(),
         req.directDisk
           ? Promise.resolve()
           : createOverlay({ base: spec.image, overlay: plan.overlay, sizeBytes: spec.rootDiskBytes, where }),
@@ -293,8 +321,7 @@ export class VmRun {
         const gid = fence?.gid ?? user.gid;
         await this.checkQemuAccess(user, gid, plan);
         // QEMU's own files: its user's, in the 0700 work dir.
-        await writeFile(this.consoleLog, "", { mode: 0o600, flag: "a" });
-        await Promise.all([this.workDir, plan.configIso!, this.consoleLog, ...(req.directDisk ? [] : [plan.overlay])].map((p) => chown(p, user.uid, gid)));
+        await Promise.all([this.workDir, plan.configIso!, ...(req.directDisk ? [] : [plan.overlay])].map((p) => chown(p, user.uid, gid)));
         for (const p of req.qemuWritable ?? []) {
           await chown(p, user.uid, gid);
           cleanup.push(`ownership of ${p}`, () => chown(p, 0, 0));
@@ -302,16 +329,20 @@ export class VmRun {
         args = [...setprivArgs(user, gid), binary, ...args];
         binary = "setpriv";
       }
-      const sup = new Supervisor({ binary, args, timeoutSeconds: spec.timeoutSeconds, graceSeconds: req.graceSeconds, log });
+      const stream = consoleStream;
+      let consoleP: Promise<void> | undefined;
+      const sup = new Supervisor({
+        binary, args, timeoutSeconds: spec.timeoutSeconds, graceSeconds: req.graceSeconds, log,
+        // The console is connected before the guest runs, so its first byte is read.
+        beforeCont: () => consoleP ?? Promise.resolve(),
+      });
       this.supervisor = sup;
       cleanup.push("QEMU", () => sup.kill());
-      if (req.onConsole) {
-        const onConsole = req.onConsole;
-        follower = new FileFollower(this.consoleLog, (t) => onConsole(redactAll(t, req.secrets ?? [])));
-        follower.start();
-      }
       try {
         const startP = sup.start(plan.qmpSocket);
+        // In parallel with the QMP connect (QEMU is spawned synchronously by start()).
+        consoleP = stream.connect(plan.consoleSocket, () => sup.alive);
+        consoleP.catch(() => undefined);
         entry.qemuPid = sup.pid;
         await registry.put(entry);
         await startP;
@@ -321,16 +352,24 @@ export class VmRun {
         // Tables of VMs whose civm died: swept off the start path.
         sweep = sweepTables(log).catch((e: Error) => log(`warning: sweeping stale network policy tables: ${e.message}`));
         if (this.pendingStop) sup.stop(this.pendingStop.reason, { force: this.pendingStop.force });
+        req.onRunning?.();
       } catch (e) {
         if (sup.alive) throw e; // QMP trouble with a live QEMU is civm's failure
         // QEMU died while starting: fall through to its result.
       }
       const r = await sup.wait();
       await sweep;
-      await follower?.stop();
-      follower = undefined;
+      // Everything QEMU wrote is in the log before the result is returned.
+      const writeErr = await stream.finish();
+      if (writeErr) log(`warning: the console log ${this.consoleLog} is incomplete: ${writeErr.message}`);
+      // QEMU may have ended by itself (e.g. a firmware reboot) before civm's stop.
+      if (noBoot !== undefined && (r.reason === "reboot" || r.reason === "qemu-failed")) r.reason = "no-boot";
       let detail: string | undefined;
-      if (r.reason === "qemu-failed") {
+      if (r.reason === "no-boot") {
+        detail =
+          `The firmware found nothing to boot ("${noBoot ?? "no bootable device"}"): ${req.directDisk?.path ?? spec.image} has no bootloader. ` +
+          `Check that the image is bootable, or boot a kernel directly ("kernel"/"initrd", or a stored image with a kernel and no "firmware-boot").`;
+      } else if (r.reason === "qemu-failed") {
         const consoleText = await readFile(this.consoleLog, "utf8").catch(() => "");
         detail = redactAll(
           `QEMU exited ${r.qemuSignal ? `on ${r.qemuSignal}` : `with status ${r.qemuExitCode}`} without a guest power-off.` +
@@ -348,11 +387,11 @@ export class VmRun {
         timings: { spawnedAt: r.spawnedAt, exitedAt: r.exitedAt, doneAt: performance.now() },
       };
     } catch (e) {
-      await follower?.stop();
       if (this.supervisor?.alive) {
         this.supervisor.kill();
         await this.supervisor.wait().catch(() => undefined);
       }
+      await consoleStream?.finish(500).catch(() => undefined);
       const err = await cleanup.run();
       if (err) log(`warning: ${err.message}`);
       if (e instanceof CivmError) throw e;

@@ -7,7 +7,7 @@ import { QmpClient, type QmpEvent } from "./qmp.js";
 import { DEVICE_IDS } from "./argv.js";
 import { trace } from "../errors/trace.js";
 
-export type ExitReason = "poweroff" | "timeout" | "signal" | "reboot" | "qemu-failed" | "stopped";
+export type ExitReason = "poweroff" | "timeout" | "signal" | "reboot" | "qemu-failed" | "stopped" | "no-boot";
 
 /** Exit status of `civm run` for each reason (see docs/exit-codes.md). */
 export const EXIT_CODE_OF_REASON: Record<ExitReason, number> = {
@@ -17,9 +17,11 @@ export const EXIT_CODE_OF_REASON: Record<ExitReason, number> = {
   signal: 5,
   reboot: 6,
   stopped: 5,
+  "no-boot": 9,
 };
 
-export type StopReason = "timeout" | "signal" | "stopped";
+/** no-boot: the firmware found nothing to boot (seen on the console); QEMU is ended at once. */
+export type StopReason = "timeout" | "signal" | "stopped" | "no-boot";
 
 export interface SupervisorOptions {
   binary: string;
@@ -28,6 +30,8 @@ export interface SupervisorOptions {
   graceSeconds: number;
   /** Called for progress and warnings (one line each). */
   log: (line: string) => void;
+  /** Awaited after QMP connects and before `cont` (the guest has not run yet). */
+  beforeCont?: () => Promise<void>;
 }
 
 export interface SupervisorResult {
@@ -97,6 +101,7 @@ export class Supervisor extends EventEmitter {
     const qmp = await QmpClient.connect(qmpSocket, { timeoutMs: 30_000, isAlive: () => this.alive });
     this.qmp = qmp;
     qmp.on("event", (ev: QmpEvent) => this.onEvent(ev));
+    await this.o.beforeCont?.();
     await qmp.execute("cont");
     if (this.o.timeoutSeconds > 0) {
       this.timers.push(setTimeout(() => this.stop("timeout"), this.o.timeoutSeconds * 1000));

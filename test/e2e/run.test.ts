@@ -1,7 +1,7 @@
 // civm run end to end on real QEMU (TCG) with the tiny guest.
 import { test, before } from "node:test";
 import assert from "node:assert/strict";
-import { writeFileSync, existsSync, mkdirSync, readFileSync, symlinkSync } from "node:fs";
+import { writeFileSync, existsSync, mkdirSync, readFileSync, symlinkSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { createServer } from "node:net";
 import { buildTinyGuest, type TinyGuest } from "../support/tiny-guest.js";
@@ -47,9 +47,11 @@ test("a guest that powers off: config pre-processed, disc ejected and removed, w
   ]);
   const r = await runCivm(["run", "vm-1"], e);
   assert.equal(r.code, 0, r.stderr);
+  // The guest printed its instance.json: the resolved values are secrets, redacted on disk too.
   const consoleText = consoleLogOf(r.stderr);
-  assert.match(consoleText, /"token": ?"s3cr3t-value-42"/);
-  assert.match(consoleText, /a-from-a-file-b/);
+  assert.match(consoleText, /"token": ?"\*\*\*"/);
+  assert.match(consoleText, /a-\*\*\*-b/);
+  assert.doesNotMatch(consoleText, /s3cr3t-value-42|from-a-file/, "a resolved secret reached the console log");
   assert.match(r.stderr, /medium removed \(confirmed by query-block\)/);
   assert.match(r.stderr, /vm-1: poweroff after [\d.]+ s \(exit 0\)/);
   assert.doesNotMatch(r.stderr, /s3cr3t-value-42/, "a resolved secret was printed by civm");
@@ -211,7 +213,9 @@ test("gha-install-token: fetched from GitHub before boot and delivered to the gu
     assert.equal(req.method, "POST");
     assert.equal(req.path, "/repos/rust-lang-ci/rust/actions/runners/registration-token");
     assert.match(String(req.headers.authorization), new RegExp(`^(token|Bearer) ${gh.validToken}$`));
-    assert.match(consoleLogOf(r.stderr), new RegExp(gh.registrationToken));
+    // The guest printed the token it got; on disk it is redacted.
+    assert.match(consoleLogOf(r.stderr), /"token": ?"\*\*\*"/);
+    assert.doesNotMatch(consoleLogOf(r.stderr), new RegExp(gh.registrationToken));
     assert.doesNotMatch(r.stderr, new RegExp(gh.registrationToken));
   } finally {
     await gh.close();
@@ -276,5 +280,44 @@ test("an error inside civm after the work dir exists (no ISO tool) still release
   assert.equal(r.code, 8, r.stderr);
   assert.match(r.stderr, /Neither xorriso nor genisoimage is installed[\s\S]*apt-get install -y xorriso/);
   assert.equal(qemuStarts(e), 0);
+  assertClean(e);
+});
+
+test("console log: written by civm at 0600 in a logs dir of at most 0750, a printed secret is *** on disk and on --console", async () => {
+  const e = civmEnv({ CIVM_TEST_SECRET: "console-secret-9f3a7c" });
+  // An existing, too open logs dir is tightened.
+  mkdirSync(e.logsDir, { recursive: true, mode: 0o777 });
+  writeInstances(e, [tiny("vm-log", { tiny: "poweroff", token: "${{ env:CIVM_TEST_SECRET }}" })]);
+  const r = await runCivm(["run", "vm-log", "--console"], e);
+  assert.equal(r.code, 0, r.stderr);
+  const m = /console log: (\S+\.log)/.exec(r.stderr);
+  assert.ok(m, r.stderr);
+  assert.equal(statSync(m[1]!).mode & 0o777, 0o600, "console log mode");
+  assert.equal(statSync(e.logsDir).mode & 0o027, 0, `logs dir mode ${(statSync(e.logsDir).mode & 0o777).toString(8)} allows more than 0750`);
+  const text = readFileSync(m[1]!, "utf8");
+  assert.match(text, /tiny-guest: instance\.json:/, "the guest's output is in the log");
+  assert.match(text, /"token": ?"\*\*\*"/);
+  assert.doesNotMatch(text, /console-secret-9f3a7c/);
+  assert.match(r.stdout, /"token": ?"\*\*\*"/, "--console gets the same redacted text");
+  assert.doesNotMatch(r.stdout, /console-secret-9f3a7c/);
+  // QEMU never opens the log: its argv names no file in the logs dir.
+  assert.doesNotMatch(readFileSync(e.qemuStartsFile, "utf8"), new RegExp(e.logsDir));
+  assertClean(e);
+});
+
+test("firmware boot of a disk without a bootloader ends at once with no-boot, exit 9", async () => {
+  const e = civmEnv();
+  const disk = join(e.root, "blank.raw");
+  writeFileSync(disk, Buffer.alloc(1024 * 1024));
+  writeInstances(e, [{ name: "vm-noboot", image: disk, "cpu-cores": 1, ram: "128M", "timeout-seconds": 120, "firmware-boot": true, config: {} }]);
+  const t0 = Date.now();
+  const r = await runCivm(["run", "vm-noboot", "--grace", "60"], e);
+  const secs = (Date.now() - t0) / 1000;
+  assert.equal(r.code, 9, r.stderr);
+  assert.match(r.stderr, /vm-noboot: no-boot after/);
+  assert.match(r.stderr, /found nothing to boot \("No bootable device\."\).*has no bootloader/);
+  assert.match(consoleLogOf(r.stderr), /No bootable device\./);
+  // SeaBIOS would retry for 60 s and the timeout is 120 s: neither was waited for.
+  assert.ok(secs < 30, `no-boot took ${secs} s`);
   assertClean(e);
 });

@@ -370,3 +370,22 @@ test("retention: default 7 days; \"7d\", \"36h\", \"1d12h\" or seconds; too shor
   assert.match(await problems(setup(serve([pool()], { retention: "10m" }))), /"retention" must be at least 3600 s \(got 600\)/);
   assert.match(await problems(setup(serve([pool()], { retention: -5 }))), /"retention" must not be negative/);
 });
+
+test("logs: console log retention defaults to 14 days / 1 GiB and takes keepDays and maxBytes", async () => {
+  const d = await load(setup(serve([pool()])));
+  assert.deepEqual(d.logs, { keepDays: 14, maxBytes: 1024 ** 3 });
+  const c = await load(setup(serve([pool()], { logs: { keepDays: 3, maxBytes: "500M" } })));
+  assert.deepEqual(c.logs, { keepDays: 3, maxBytes: 500 * MiB });
+  const off = await load(setup(serve([pool()], { logs: { keepDays: 0, maxBytes: 0 } })));
+  assert.deepEqual(off.logs, { keepDays: 0, maxBytes: 0 });
+});
+
+test("logs: bad values and unknown keys are named with the file, the field and the fix", async () => {
+  const s = setup(serve([pool()], { logs: { keepDays: -1, maxBytes: "lots", keepdays: 2 } }));
+  const msg = await problems(s);
+  assert.match(msg, new RegExp(`${s.file.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}: "logs.keepDays" must be a whole number of days \\(0 keeps logs regardless of age\\), not -1`));
+  assert.match(msg, /"logs.maxBytes" must be a size such as 500M or 2G \(binary units\), or 0 for no limit, not "lots"/);
+  assert.match(msg, /unknown key "logs.keepdays"; did you mean "logs.keepDays"\?/);
+  const notObj = await problems(setup(serve([pool()], { logs: 7 })));
+  assert.match(notObj, /"logs" must be an object/);
+});

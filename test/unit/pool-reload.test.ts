@@ -17,6 +17,7 @@ function config(over: Partial<ServeConfig> = {}): ServeConfig {
     shutdownTimeoutSeconds: 3600,
     retentionSeconds: 7 * 86400,
     maxWebhookBytes: 1024,
+    logs: { keepDays: 14, maxBytes: 1024 ** 3 },
     poolsFile: "serve.yaml",
     pools: [],
     secrets: ["ghp_old_secret"],

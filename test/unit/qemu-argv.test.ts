@@ -13,7 +13,7 @@ function plan(over: Partial<QemuPlan> = {}): QemuPlan {
     overlay: "/s/vms/x/disk.qcow2",
     configIso: "/s/vms/x/config.iso",
     qmpSocket: "/s/vms/x/qmp.sock",
-    consoleLog: "/l/vm-1.log",
+    consoleSocket: "/s/vms/x/console.sock",
     forwards: [{ proto: "tcp", hostAddr: "127.0.0.1", hostPort: 2201, guestPort: 22 }],
     mounts: [],
     kernel: undefined,
@@ -69,11 +69,19 @@ test("microvm uses virtio-mmio devices and a SCSI CD-ROM", () => {
   assert.deepEqual(optAfter(a, "-machine"), ["microvm,rtc=on,accel=tcg"]);
 });
 
-test("QMP socket and serial console to a file", () => {
+test("QMP socket, and the serial console to a socket civm reads (QEMU writes no log file)", () => {
   const a = buildQemuArgs(plan());
   assert.deepEqual(optAfter(a, "-qmp"), ["unix:/s/vms/x/qmp.sock,server=on,wait=off"]);
-  assert.deepEqual(optAfter(a, "-chardev"), ["file,id=console0,path=/l/vm-1.log"]);
+  assert.deepEqual(optAfter(a, "-chardev"), ["socket,id=console0,path=/s/vms/x/console.sock,server=on,wait=off"]);
   assert.deepEqual(optAfter(a, "-serial"), ["chardev:console0"]);
+  assert.ok(!a.some((x) => x.includes(".log")), `no log path in QEMU's argv: ${a.join(" ")}`);
+});
+
+test("firmware boot mirrors SeaBIOS's screen to the serial console; direct kernel boot does not", () => {
+  const fw = buildQemuArgs(plan({ serconPortFile: "/s/vms/x/sercon-port" }));
+  assert.deepEqual(optAfter(fw, "-fw_cfg"), ["name=etc/sercon-port,file=/s/vms/x/sercon-port"]);
+  const k = buildQemuArgs(plan({ serconPortFile: "/s/vms/x/sercon-port", kernel: { path: "/k", initrd: undefined, cmdline: "console=ttyS0" } }));
+  assert.deepEqual(optAfter(k, "-fw_cfg"), []);
 });
 
 test("direct kernel boot, default and custom command lines", () => {

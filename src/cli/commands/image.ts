@@ -3,7 +3,7 @@ import { createWriteStream, existsSync } from "node:fs";
 import { join } from "node:path";
 import { pathsFrom } from "../global.js";
 import { say } from "../output.js";
-import { ensureDir } from "../../host/paths.js";
+import { ensureLogsDir } from "../../host/paths.js";
 import { formatBytes } from "../../vm/format.js";
 
 interface BuildFlags {
@@ -44,7 +44,7 @@ export function registerImage(program: Command): void {
       const store = new ImageStore(paths.stateDir);
       await sweepStale(store);
       const accel = await detectAccel({ stateDir: paths.stateDir });
-      ensureDir(paths.logsDir);
+      ensureLogsDir(paths.logsDir);
       const logFile = join(paths.logsDir, `image-build-${name}-${stamp()}.log`);
       const logStream = createWriteStream(logFile, { mode: 0o600 });
       const emit = (obj: Record<string, unknown>) => process.stdout.write(JSON.stringify(obj) + "\n");

@@ -15,11 +15,14 @@ import { trace } from "../../errors/trace.js";
 import { looksLikeImageName, resolveStoredImage } from "../../images/resolve.js";
 import { buildQemuArgs } from "../../vm/argv.js";
 import { describeCommand } from "../../exec/index.js";
-import { ensureDir } from "../../host/paths.js";
+import { ensureLogsDir } from "../../host/paths.js";
+import { LOG_RETENTION_DEFAULTS, parseKeepDays, parseMaxBytes, pruneLogs, type LogRetention } from "../../host/log-retention.js";
 import { join } from "node:path";
 
 interface RunFlags {
   file?: string;
+  logsKeepDays?: string;
+  logsMaxBytes?: string;
   console?: boolean;
   keep?: boolean;
   grace: string;
@@ -74,6 +77,8 @@ export function registerRun(program: Command): void {
     .option("--ssh-bind <addr>", "address the ssh-port forward listens on", "127.0.0.1")
     .addOption(new Option("--accel <accel>", "force the accelerator instead of probing KVM").choices(["kvm", "tcg"]))
     .addOption(new Option("--timings-file <file>").hideHelp())
+    .addOption(new Option("--logs-keep-days <days>", `delete civm's console and supervisor logs in the logs dir not written for this many days; 0 = keep (default ${LOG_RETENTION_DEFAULTS.keepDays})`).env("CIVM_LOGS_KEEP_DAYS"))
+    .addOption(new Option("--logs-max-bytes <size>", `then delete the oldest of them until they total at most this, e.g. 500M; 0 = no limit (default ${LOG_RETENTION_DEFAULTS.maxBytes / 1024 ** 3}G)`).env("CIVM_LOGS_MAX_BYTES"))
     .option("--image <image>", "ad-hoc VM: a stored image (civm image ls) or a disk image path; no instances file")
     .option("--kernel <kernel>", "ad-hoc: boot a stored kernel (civm kernel ls; its modules are mounted in the guest) or a bzImage file")
     .option("--initrd <file>", "ad-hoc: initrd for a --kernel file")
@@ -104,10 +109,16 @@ for this VM, mounts the --host-mount folders and keeps the VM up until civm stop
 --timeout or a power-off in the guest. Use civm wait, exec, ssh, logs and stop with its
 name. See docs/dev-vms.md.
 
+Logs: civm writes each VM's serial console (redacted, 0600) to the logs dir. Once the VM
+runs, civm run deletes its own logs (by name; never a VM's that is still running) older
+than --logs-keep-days, then the oldest until --logs-max-bytes is met.
+
 Exit code 0 only when the guest powered itself off; see "civm --help" for the others.`,
     )
     .action(async (name: string | undefined, flags: AdHocFlags, cmd: Command) => {
       trace("cli: modules loaded");
+      // Checked before anything starts: a typo must not surface after the VM ran.
+      logRetentionOf(flags);
       if (flags.image !== undefined) {
         if (name !== undefined) throw new ConfigError(`give either an instance NAME or --image, not both (the ad-hoc VM's name is --name ${name})`);
         if (flags.file !== undefined) throw new ConfigError("-f/--file is for instances; an ad-hoc VM (--image) takes no instances file");
@@ -133,7 +144,7 @@ Exit code 0 only when the guest powered itself off; see "civm --help" for the ot
           : "";
         throw new ConfigError(missing.join("\n") + hint);
       }
-      const code = await bootInstance({ spec, file, baseDir: loaded.baseDir, paths, graceSeconds, stop, flags });
+      const code = await bootInstance({ spec, file, baseDir: loaded.baseDir, paths, graceSeconds, stop, flags, logRetention: logRetentionOf(flags) });
       process.exit(code);
     });
 }
@@ -174,6 +185,34 @@ export interface BootRequest {
   graceSeconds: number;
   stop: StopControl;
   flags: Partial<Pick<RunFlags, "console" | "keep" | "sshBind" | "accel" | "timingsFile">>;
+  /** Log retention applied once the VM runs; default LOG_RETENTION_DEFAULTS. */
+  logRetention?: LogRetention;
+}
+
+/** --logs-keep-days / --logs-max-bytes (or their env), validated. */
+export function logRetentionOf(flags: Pick<RunFlags, "logsKeepDays" | "logsMaxBytes">): LogRetention {
+  return {
+    keepDays: flags.logsKeepDays === undefined ? LOG_RETENTION_DEFAULTS.keepDays : parseKeepDays(flags.logsKeepDays, "--logs-keep-days (or CIVM_LOGS_KEEP_DAYS)"),
+    maxBytes: flags.logsMaxBytes === undefined ? LOG_RETENTION_DEFAULTS.maxBytes : parseMaxBytes(flags.logsMaxBytes, "--logs-max-bytes (or CIVM_LOGS_MAX_BYTES)"),
+  };
+}
+
+/**
+ * Log retention in the background, started once the VM runs (off the boot's critical path);
+ * await the returned promise before exiting. A failure is a warning, never the run's result.
+ */
+function logPruner(paths: Paths, retention: LogRetention): { start: () => void; done: () => Promise<void> } {
+  let p: Promise<void> | undefined;
+  return {
+    start: () => {
+      p ??= pruneLogs({ logsDir: paths.logsDir, stateDir: paths.stateDir, retention })
+        .then((r) => {
+          if (r.deleted.length) say(`logs: deleted ${r.deleted.length} old log${r.deleted.length > 1 ? "s" : ""} (${(r.freedBytes / 1024 ** 2).toFixed(1)} MiB) from ${paths.logsDir}`);
+        })
+        .catch((e: Error) => warn(`could not prune old logs in ${paths.logsDir}: ${e.message}`));
+    },
+    done: () => p ?? Promise.resolve(),
+  };
 }
 
 /** Pre-processes the config, boots the VM, waits for it; returns civm's exit code. */
@@ -196,6 +235,7 @@ export async function bootInstance(b: BootRequest): Promise<number> {
   if (accel.accel === "tcg" && !flags.accel && !process.env.CIVM_ACCEL) warn(`KVM is not usable (${accel.reason}); using TCG software emulation, guests run several times slower.`);
 
   trace("cli: accelerator chosen");
+  const pruner = logPruner(paths, b.logRetention ?? LOG_RETENTION_DEFAULTS);
   const vm = new VmRun({
     spec: { ...spec, config },
     paths,
@@ -206,9 +246,11 @@ export async function bootInstance(b: BootRequest): Promise<number> {
     secrets,
     log: say,
     ...(flags.console ? { onConsole: (t: string) => process.stdout.write(t) } : {}),
+    onRunning: pruner.start,
   });
   b.stop.attach(vm);
   const r = await vm.run();
+  await pruner.done();
   if (r.detail) process.stderr.write(r.detail.replace(/^/gm, "  ") + "\n");
   if (r.workDirKept) say(`work dir kept: ${r.workDir}`);
   say(`${r.name}: ${r.reason} after ${formatSeconds(r.durationMs)} (exit ${r.exitCode}); console log: ${r.consoleLog}`);
@@ -242,24 +284,28 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
     return 0;
   }
   const ssh = `ssh ${plan.dev.ssh.host}:${plan.dev.ssh.port}`;
+  const pruner = logPruner(paths, logRetentionOf(flags));
   if (flags.detach) {
-    ensureDir(paths.logsDir);
+    ensureLogsDir(paths.logsDir);
     const entry = await dev.startDetached(plan, paths, { entry: process.argv[1] ?? "civm", log: say });
     process.stdout.write(`${name}\n`);
     say(`${name}: running in the background (supervisor pid ${entry.ownerPid}, QEMU pid ${entry.qemuPid}, ${accel.accel}, ${ssh}); console: ${entry.consoleLog}`);
+    pruner.start();
     if (flags.wait) {
       const ms = await dev.waitUntilReady(entry, plan.dev, { mode: "both", timeoutMs: positiveInt(flags.waitTimeout, "--wait-timeout") * 1000, stateDir: paths.stateDir });
       say(`${name}: ready (${formatSeconds(ms)} after QEMU started)`);
     } else {
       say(`next: civm wait ${name} && civm exec ${name} -- CMD; civm stop ${name}`);
     }
+    await pruner.done();
     return 0;
   }
   const stop = trapSignals(name);
-  const vm = new VmRun(dev.devRunRequest(plan, { paths, log: say, ...(flags.console ? { onConsole: (t: string) => process.stdout.write(t) } : {}) }));
+  const vm = new VmRun({ ...dev.devRunRequest(plan, { paths, log: say, ...(flags.console ? { onConsole: (t: string) => process.stdout.write(t) } : {}) }), onRunning: pruner.start });
   stop.attach(vm);
   say(`${name}: starting (${ssh}); from another shell: civm wait ${name}, civm exec ${name} -- CMD, civm stop ${name}`);
   const r = await vm.run();
+  await pruner.done();
   if (r.detail) process.stderr.write(r.detail.replace(/^/gm, "  ") + "\n");
   if (r.workDirKept) say(`work dir kept: ${r.workDir}`);
   say(`${r.name}: ${r.reason} after ${formatSeconds(r.durationMs)} (exit ${r.exitCode}); console log: ${r.consoleLog}`);
