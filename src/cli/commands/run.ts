@@ -235,6 +235,7 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
   if (accel.accel === "tcg" && !flags.accel && !process.env.CIVM_ACCEL && !flags.printCmd) warn(`KVM is not usable (${accel.reason}); using TCG software emulation, guests run several times slower.`);
   plan.accel = accel.accel;
   const name = plan.spec.name;
+  if (!flags.printCmd) for (const w of plan.warnings) warn(w);
   if (flags.printCmd) {
     const vm = new VmRun(dev.devRunRequest(plan, { paths, log: say }));
     const p = vm.plan();
