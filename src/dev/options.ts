@@ -1,5 +1,5 @@
 // Parsing the ad-hoc flags of `civm run --image` into typed values: host mounts
-// (DIR[:TAG][:GUEST-PATH][:ro|:rw]) and port forwards ([ADDR:]HOST[:GUEST][/tcp|/udp]).
+// (DIR[:TAG][:GUEST-PATH][:ro|:rw|:passthrough]) and port forwards ([ADDR:]HOST[:GUEST][/tcp|/udp]).
 // Pure (the caller checks that folders exist and ports are free); table-tested.
 import { isAbsolute, resolve, basename } from "node:path";
 import { ConfigError } from "../errors/index.js";
@@ -17,6 +17,8 @@ export interface HostMountSpec {
   /** Where the guest agent mounts it. */
   guestPath: string;
   readOnly: boolean;
+  /** :passthrough: guest owners and modes reach the host as they are (setuid, devices). */
+  passthrough?: true;
 }
 
 interface ParsedMount {
@@ -24,17 +26,31 @@ interface ParsedMount {
   tag?: string;
   guestPath?: string;
   readOnly: boolean;
+  passthrough?: true;
+}
+
+const MOUNT_FORM = "DIR[:TAG][:GUEST-PATH][:ro|:rw|:passthrough]";
+
+/** Printed at every start of a VM with a :passthrough mount. */
+export function passthroughWarning(m: { hostPath: string; tag: string }): string {
+  return `--host-mount ${m.hostPath} (tag ${m.tag}) is :passthrough: guest root can create setuid-root files and device nodes in it that are real on the host (QEMU's security_model=passthrough); drop :passthrough unless the guest is trusted`;
 }
 
 export function parseHostMount(arg: string, cwd: string): ParsedMount {
   const parts = arg.split(":");
   const dir = parts.shift() ?? "";
-  if (!dir) throw new ConfigError(`--host-mount ${JSON.stringify(arg)}: no folder; write DIR[:TAG][:GUEST-PATH][:ro]`);
+  if (!dir) throw new ConfigError(`--host-mount ${JSON.stringify(arg)}: no folder; write ${MOUNT_FORM}`);
   let readOnly = false;
+  let passthrough = false;
   const last = parts[parts.length - 1];
-  if (last === "ro" || last === "rw") {
+  if (last === "ro" || last === "rw" || last === "passthrough") {
     readOnly = last === "ro";
+    passthrough = last === "passthrough";
     parts.pop();
+  }
+  const also = parts[parts.length - 1];
+  if (also === "ro" || also === "rw" || also === "passthrough") {
+    throw new ConfigError(`--host-mount ${JSON.stringify(arg)}: give one of ro, rw or passthrough (passthrough is read-write; a :ro mount needs no passthrough, the guest cannot write to it)`);
   }
   let tag: string | undefined;
   let guestPath: string | undefined;
@@ -44,17 +60,17 @@ export function parseHostMount(arg: string, cwd: string): ParsedMount {
       guestPath = p;
     } else if (tag === undefined && guestPath === undefined) {
       if (!TAG_RE.test(p)) {
-        throw new ConfigError(`--host-mount ${JSON.stringify(arg)}: tag ${JSON.stringify(p)} is not valid (1-31 letters, digits, "_", "." or "-"; or give ro, rw, or a guest path starting with /)`);
+        throw new ConfigError(`--host-mount ${JSON.stringify(arg)}: tag ${JSON.stringify(p)} is not valid (1-31 letters, digits, "_", "." or "-"; or give ro, rw, passthrough, or a guest path starting with /)`);
       }
       tag = p;
     } else {
-      throw new ConfigError(`--host-mount ${JSON.stringify(arg)}: unexpected ${JSON.stringify(p)}; write DIR[:TAG][:GUEST-PATH][:ro]`);
+      throw new ConfigError(`--host-mount ${JSON.stringify(arg)}: unexpected ${JSON.stringify(p)}; write ${MOUNT_FORM}`);
     }
   }
   if (guestPath !== undefined && (guestPath === "/" || guestPath.split("/").includes(".."))) {
     throw new ConfigError(`--host-mount ${JSON.stringify(arg)}: guest path ${guestPath} is not allowed`);
   }
-  return { hostPath: resolve(cwd, dir), ...(tag ? { tag } : {}), ...(guestPath ? { guestPath } : {}), readOnly };
+  return { hostPath: resolve(cwd, dir), ...(tag ? { tag } : {}), ...(guestPath ? { guestPath } : {}), readOnly, ...(passthrough ? { passthrough: true as const } : {}) };
 }
 
 function tagFromPath(p: string): string {
@@ -86,7 +102,7 @@ export function planHostMounts(args: readonly string[], cwd: string): HostMountS
     const guestPath = p.guestPath ?? (i === 0 ? "/host" : `/host-${tag}`);
     if (paths.has(guestPath)) throw new ConfigError(`--host-mount: two mounts at ${guestPath} in the guest`);
     paths.add(guestPath);
-    out.push({ hostPath: p.hostPath, tag, guestPath, readOnly: p.readOnly });
+    out.push({ hostPath: p.hostPath, tag, guestPath, readOnly: p.readOnly, ...(p.passthrough ? { passthrough: true as const } : {}) });
   });
   return out;
 }

@@ -15,7 +15,8 @@ import { checkPortFree } from "../vm/ports.js";
 import { newVmId, type RunVmRequest } from "../vm/run.js";
 import { looksLikeImageName, STORED_IMAGE_CMDLINE } from "../images/resolve.js";
 import { formatBytes } from "../vm/format.js";
-import { checkForwardsDistinct, checkVmName, parsePortSpec, planHostMounts } from "./options.js";
+import { securityModelFor } from "../vm/ninep.js";
+import { checkForwardsDistinct, checkVmName, parsePortSpec, passthroughWarning, planHostMounts } from "./options.js";
 import { freePort, makeKeyPair, SSH_DIR, SSH_KEY_FILE } from "./ssh.js";
 import { liveEntries, type DevMeta } from "./meta.js";
 
@@ -52,6 +53,8 @@ export interface DevPlan {
   accel: "kvm" | "tcg";
   graceSeconds: number;
   keep: boolean;
+  /** Printed at every start (a :passthrough mount, a folder shared with mapped-file). */
+  warnings: string[];
 }
 
 export interface PlanContext {
@@ -155,6 +158,7 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
 
   // Host folders.
   const hostMounts = planHostMounts(f.hostMount ?? [], cwd);
+  const warnings: string[] = [];
   for (const m of hostMounts) {
     let st;
     try {
@@ -163,7 +167,10 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
       throw new ConfigError(`--host-mount: ${m.hostPath} does not exist; create it or fix the path`);
     }
     if (!st.isDirectory()) throw new ConfigError(`--host-mount: ${m.hostPath} is not a folder (9p shares folders)`);
-    mounts.push({ path: m.hostPath, tag: m.tag, readOnly: m.readOnly });
+    const choice = await securityModelFor(m.hostPath, { passthrough: !!m.passthrough });
+    if (choice.note) warnings.push(`--host-mount: ${choice.note}`);
+    if (m.passthrough) warnings.push(passthroughWarning(m));
+    mounts.push({ path: m.hostPath, tag: m.tag, readOnly: m.readOnly, securityModel: choice.model });
   }
 
   // Ports: -p HOST:22 picks the SSH port, otherwise a free one is chosen.
@@ -197,7 +204,7 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
     ...(ctx.supervisorLog ? { supervisorLog: ctx.supervisorLog(name, id) } : {}),
     graceSeconds,
   };
-  return { id, spec, mounts, forwards, dev, sshBind: sshHost, accel: ctx.accel ?? "tcg", graceSeconds, keep: !!f.keep };
+  return { id, spec, mounts, forwards, dev, sshBind: sshHost, accel: ctx.accel ?? "tcg", graceSeconds, keep: !!f.keep, warnings };
 }
 
 export interface DevRequestOptions {

@@ -123,6 +123,7 @@ export async function runSupervisor(): Promise<number> {
   const { plan, paths } = JSON.parse(raw) as SupervisorInput;
   const log = (line: string) => process.stderr.write(`${new Date().toISOString()} civm: ${line}\n`);
   log(`supervisor (pid ${process.pid}) for ${plan.spec.name} (id ${plan.id})`);
+  for (const w of plan.warnings ?? []) log(`warning: ${w}`);
   const vm = new VmRun(devRunRequest(plan, { paths, log }));
   let signals = 0;
   const onSignal = (sig: NodeJS.Signals) => {

@@ -9,7 +9,7 @@ import { CivmError, ConfigError } from "../errors/index.js";
 import { run } from "../exec/index.js";
 import type { Paths } from "../host/paths.js";
 import type { InstanceSpec } from "../config/types.js";
-import { VmRun, type HostMount } from "../vm/index.js";
+import { VmRun, securityModelFor, type HostMount } from "../vm/index.js";
 import { cacheKeysFor } from "./cache-key.js";
 import { assembleDisk, convertRaw, compressArtifact } from "./disk.js";
 import { buildRootTree, actionHook, describeAction, removeTree } from "./rootfs.js";
@@ -325,9 +325,13 @@ async function bootBuildVm(
     qemuArgs: [],
     source: { file: spec.source.file, index: spec.source.index },
   };
+  // mapped-xattr (or mapped-file where xattrs may be missing): the build's root cannot put
+  // setuid or device files into civm's state dir; what it writes is 0644 for civm to read.
+  const choice = await securityModelFor(b.out);
+  if (choice.note) o.log(`build vm: ${choice.note}`);
   const mounts: HostMount[] = [
-    { path: b.share, tag: "civmbuild", readOnly: true },
-    { path: b.out, tag: "civmout", readOnly: false },
+    { path: b.share, tag: "civmbuild", readOnly: true, securityModel: choice.model },
+    { path: b.out, tag: "civmout", readOnly: false, securityModel: choice.model },
   ];
   let partial = "";
   const vm = new VmRun({

@@ -39,6 +39,9 @@ function accessFor(config: ServeConfig, warn: (m: string) => void, registry: Reg
   );
 }
 
+/** After a shutdown, the process exits this long later even if something keeps it alive. */
+export const EXIT_AFTER_SHUTDOWN_MS = 2000;
+
 /** Runs until SIGTERM/SIGINT (or a drain that asked to exit); returns the exit code. */
 export async function runServe(o: RunServeOptions): Promise<number> {
   let config = await loadServeConfig(o.configFile, { checkImages: true, ...(o.stateDir ? { stateDir: o.stateDir } : {}) });
@@ -178,7 +181,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
         logger.info({}, "stopped");
         resolve(0);
         // Nothing should keep the process alive now; if something does, do not hang.
-        setTimeout(() => process.exit(0), 2000).unref();
+        setTimeout(() => process.exit(0), EXIT_AFTER_SHUTDOWN_MS).unref();
       })();
     };
     stop = onSignal;

@@ -16,11 +16,26 @@ export interface PortForward {
   guestPort: number;
 }
 
+/**
+ * How QEMU stores what the guest sets (owner, mode, device nodes) for a 9p share.
+ * mapped-xattr (default): in user.virtfs.* xattrs; host files stay plain files owned by
+ * QEMU's user, so guest root cannot plant setuid or device files on the host.
+ * mapped-file: the same, kept in .virtfs_metadata folders (filesystems without xattrs).
+ * passthrough: guest owners and modes land on the host as they are (only when asked).
+ */
+export type NinePSecurityModel = "mapped-xattr" | "mapped-file" | "passthrough";
+
 export interface HostMount {
   path: string;
   tag: string;
   readOnly: boolean;
+  /** Default mapped-xattr. */
+  securityModel?: NinePSecurityModel;
 }
+
+/** Host modes of files and folders the guest creates in a mapped share (readable by the host user). */
+export const MAPPED_FILE_MODE = "0644";
+export const MAPPED_DIR_MODE = "0755";
 
 export interface QemuPlan {
   binary: string;
@@ -134,10 +149,15 @@ export function networkSection(p: QemuPlan): string[] {
 
 export function mountSection(p: QemuPlan): string[] {
   const b = bus(p.machine);
-  return p.mounts.flatMap((m, i) => [
-    "-fsdev", `local,id=fsdev${i},path=${qemuOptValue(m.path)},security_model=none${m.readOnly ? ",readonly=on" : ""}`,
-    "-device", `virtio-9p-${b.suffix},fsdev=fsdev${i},mount_tag=${qemuOptValue(m.tag)}`,
-  ]);
+  return p.mounts.flatMap((m, i) => {
+    const model = m.securityModel ?? "mapped-xattr";
+    // fmode/dmode: QEMU's default (0600/0700) would hide the guest's results from the host user.
+    const modes = model === "passthrough" ? "" : `,fmode=${MAPPED_FILE_MODE},dmode=${MAPPED_DIR_MODE}`;
+    return [
+      "-fsdev", `local,id=fsdev${i},path=${qemuOptValue(m.path)},security_model=${model}${modes}${m.readOnly ? ",readonly=on" : ""}`,
+      "-device", `virtio-9p-${b.suffix},fsdev=fsdev${i},mount_tag=${qemuOptValue(m.tag)}`,
+    ];
+  });
 }
 
 export function kernelSection(p: QemuPlan): string[] {

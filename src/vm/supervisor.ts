@@ -48,7 +48,7 @@ export interface SupervisorResult {
 
 const STDERR_KEEP = 16 * 1024;
 /** After SIGTERM, how long QEMU gets before SIGKILL. */
-const TERM_TO_KILL_MS = 5_000;
+export const TERM_TO_KILL_MS = 5_000;
 /** During the grace period, the ACPI power button is pressed again this often. */
 const POWERDOWN_REPEAT_MS = 5_000;
 

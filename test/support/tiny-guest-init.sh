@@ -25,6 +25,11 @@
 #                       job", POST http://HUB/done and power off. HUB is tiny.hub=HOST:PORT on
 #                       the kernel command line (e.g. 10.0.2.2:PORT, the host under QEMU user
 #                       networking). The ACPI power button powers it off at any time.
+#   mounts              (also chosen by tiny.mode=mounts on the kernel command line, for
+#                       civm run --image ... --append) mount every 9p share in config.mounts
+#                       ({tag, path, ro}, as civm run --host-mount writes them), run
+#                       PATH/tiny-script.sh of each share that has one (its output prefixed
+#                       "tiny-guest: script: "), print "tiny-guest: scripts done", power off.
 # Every line goes to /dev/console (console=ttyS0 on the kernel command line).
 
 /bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
@@ -89,6 +94,7 @@ fi
 # --- act on config.tiny -----------------------------------------------------------------
 mode=$(tr -d '\n' </tmp/instance.json | sed -n 's/.*"tiny"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p')
 if [ -z "$mode" ] && tr -d '\n' </tmp/instance.json | grep -q '"runner"[[:space:]]*:[[:space:]]*"github"'; then mode=runner; fi
+[ -n "$mode" ] || mode=$(sed -n 's/.*tiny\.mode=\([^ ]*\).*/\1/p' /proc/cmdline)
 [ -n "$mode" ] || mode=poweroff
 say "mode $mode"
 
@@ -141,7 +147,28 @@ wait_power_button() {
   power_off
 }
 
+# One "TAG PATH RO" line per object of config.mounts.
+share_list() {
+  tr -d '\n' </tmp/instance.json | sed 's/}/}\n/g' |
+    sed -n 's/.*"tag"[[:space:]]*:[[:space:]]*"\([^"]*\)"[[:space:]]*,[[:space:]]*"path"[[:space:]]*:[[:space:]]*"\([^"]*\)"[[:space:]]*,[[:space:]]*"ro"[[:space:]]*:[[:space:]]*\([a-z]*\).*/\1 \2 \3/p'
+}
+
 case "$mode" in
+  mounts)
+    share_list >/tmp/shares
+    while read -r tag path ro; do
+      opts=trans=virtio,version=9p2000.L
+      [ "$ro" = true ] && opts="$opts,ro"
+      mkdir -p "$path"
+      if out=$(mount -t 9p -o "$opts" "$tag" "$path" 2>&1); then say "mounted $tag at $path ($opts)"; else say "mount $tag failed: $out"; fi
+    done </tmp/shares
+    while read -r tag path ro; do
+      [ -f "$path/tiny-script.sh" ] || continue
+      (cd "$path" && sh "$path/tiny-script.sh" 2>&1) | sed 's/^/tiny-guest: script: /'
+    done </tmp/shares
+    say "scripts done"
+    power_off
+    ;;
   poweroff)
     power_off
     ;;

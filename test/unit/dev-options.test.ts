@@ -1,7 +1,10 @@
 // Parsing of civm run's ad-hoc flags: host mounts, port forwards, VM names; SSH command lines.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { parseHostMount, planHostMounts, parsePortSpec, checkForwardsDistinct, checkVmName } from "../../src/dev/options.js";
+import { parseHostMount, passthroughWarning, planHostMounts, parsePortSpec, checkForwardsDistinct, checkVmName } from "../../src/dev/options.js";
+import { lacksUserXattrs, securityModelFor } from "../../src/vm/ninep.js";
+import { statfs } from "node:fs/promises";
+import { release, tmpdir } from "node:os";
 import { remoteCommand, shellQuote, sshArgv } from "../../src/dev/ssh.js";
 import { devMetaOf } from "../../src/dev/meta.js";
 import type { RegistryEntry } from "../../src/vm/registry.js";
@@ -26,9 +29,44 @@ test("parseHostMount: bad forms are ConfigErrors (exit 2) with the argument in t
     ["/a:/", /not allowed/],
     ["/a:/x/../etc", /not allowed/],
     ["/a:" + "t".repeat(32), /is not valid/],
+    ["/a:ro:passthrough", /give one of ro, rw or passthrough/],
+    ["/a:passthrough:rw", /give one of ro, rw or passthrough/],
   ] as const) {
     assert.throws(() => parseHostMount(arg, "/w"), (e: Error & { exitCode?: number }) => re.test(e.message) && e.exitCode === 2, arg);
   }
+});
+
+test("parseHostMount: :passthrough (read-write, asked for explicitly), alone or after a tag and guest path", () => {
+  assert.deepEqual(parseHostMount("/a:passthrough", "/w"), { hostPath: "/a", readOnly: false, passthrough: true });
+  assert.deepEqual(parseHostMount("/a:data:/mnt/x:passthrough", "/w"), { hostPath: "/a", tag: "data", guestPath: "/mnt/x", readOnly: false, passthrough: true });
+  // the existing forms carry no passthrough at all
+  assert.equal("passthrough" in parseHostMount("/a:data:rw", "/w"), false);
+  assert.deepEqual(planHostMounts(["/a:passthrough", "/b:ro"], "/w"), [
+    { hostPath: "/a", tag: "host", guestPath: "/host", readOnly: false, passthrough: true },
+    { hostPath: "/b", tag: "b", guestPath: "/host-b", readOnly: true },
+  ]);
+  assert.match(passthroughWarning({ hostPath: "/a", tag: "host" }), /--host-mount \/a .*passthrough.*setuid-root files and device nodes/);
+});
+
+test("9p security model: mapped-xattr by default, mapped-file where user xattrs may be missing, passthrough only when asked", async () => {
+  const dir = tmpdir();
+  const expected = lacksUserXattrs(Number((await statfs(dir)).type), release()) ? "mapped-file" : "mapped-xattr";
+  assert.equal((await securityModelFor(dir)).model, expected);
+  if (Number((await statfs("/dev/shm").catch(() => ({ type: 0 }))).type) === 0x01021994) {
+    // tmpfs on a kernel before 6.6: mapped-file, and the note says why
+    const old = await securityModelFor("/dev/shm", { kernelRelease: "6.1.0-28-amd64" });
+    assert.equal(old.model, "mapped-file");
+    assert.match(old.note ?? "", /\/dev\/shm is on tmpfs \(before Linux 6\.6\).*security_model=mapped-file/);
+    assert.deepEqual(await securityModelFor("/dev/shm", { kernelRelease: "6.6.0" }), { model: "mapped-xattr" });
+  }
+  assert.deepEqual(await securityModelFor(tmpdir(), { passthrough: true }), { model: "passthrough" });
+  assert.equal(lacksUserXattrs(0xef53, "6.1.0"), undefined); // ext4
+  assert.equal(lacksUserXattrs(0x58465342, "6.1.0"), undefined); // xfs
+  assert.equal(lacksUserXattrs(0x4d44, "6.1.0"), "vfat");
+  assert.equal(lacksUserXattrs(0x65735546, "6.1.0"), "fuse");
+  assert.equal(lacksUserXattrs(0x01021994, "6.1.0-28-amd64"), "tmpfs (before Linux 6.6)");
+  assert.equal(lacksUserXattrs(0x01021994, "6.6.0"), undefined);
+  assert.equal(lacksUserXattrs(0x01021994, "7.0.1"), undefined);
 });
 
 test("planHostMounts: first at /host (tag host), others at /host-TAG tagged after the folder; explicit tags and paths win", () => {

@@ -98,10 +98,27 @@ test("commas in paths are escaped for QEMU's option syntax", () => {
   assert.ok(optAfter(a, "-drive")[0]!.startsWith("file=/a,,b/disk.qcow2,"));
 });
 
-test("9p host mounts, read-only when asked", () => {
+test("9p host mounts: mapped-xattr by default (guest files 0644/0755 on the host), read-only when asked", () => {
   const a = buildQemuArgs(plan({ mounts: [{ path: "/src", tag: "host", readOnly: false }, { path: "/ro", tag: "data", readOnly: true }] }));
-  assert.deepEqual(optAfter(a, "-fsdev"), ["local,id=fsdev0,path=/src,security_model=none", "local,id=fsdev1,path=/ro,security_model=none,readonly=on"]);
+  assert.deepEqual(optAfter(a, "-fsdev"), [
+    "local,id=fsdev0,path=/src,security_model=mapped-xattr,fmode=0644,dmode=0755",
+    "local,id=fsdev1,path=/ro,security_model=mapped-xattr,fmode=0644,dmode=0755,readonly=on",
+  ]);
   assert.ok(optAfter(a, "-device").includes("virtio-9p-pci,fsdev=fsdev1,mount_tag=data"));
+  assert.ok(!a.some((x) => x.includes("security_model=none")));
+});
+
+test("9p host mounts: mapped-file and passthrough only when the mount says so (passthrough takes no fmode)", () => {
+  const a = buildQemuArgs(plan({ mounts: [
+    { path: "/vfat", tag: "a", readOnly: false, securityModel: "mapped-file" },
+    { path: "/trusted", tag: "b", readOnly: false, securityModel: "passthrough" },
+    { path: "/x,y", tag: "c", readOnly: true, securityModel: "mapped-xattr" },
+  ] }));
+  assert.deepEqual(optAfter(a, "-fsdev"), [
+    "local,id=fsdev0,path=/vfat,security_model=mapped-file,fmode=0644,dmode=0755",
+    "local,id=fsdev1,path=/trusted,security_model=passthrough",
+    "local,id=fsdev2,path=/x,,y,security_model=mapped-xattr,fmode=0644,dmode=0755,readonly=on",
+  ]);
 });
 
 test("extra qemu-args come last", () => {

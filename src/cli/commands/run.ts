@@ -86,7 +86,7 @@ export function registerRun(program: Command): void {
     .option("--cpus <n>", "ad-hoc: vCPUs (default 2)")
     .option("--mem <size>", "ad-hoc: memory, e.g. 1G (default 2G)")
     .option("--disk <size>", "ad-hoc: virtual disk size, at least the image's (default the image's)")
-    .option("--host-mount <dir[:tag][:guest-path][:ro]>", "ad-hoc: share a host folder over 9p (first at /host, others at /host-TAG); repeatable", collect, [])
+    .option("--host-mount <dir[:tag][:guest-path][:ro|:rw|:passthrough]>", "ad-hoc: share a host folder over 9p (first at /host, others at /host-TAG; mapped-xattr: no setuid or device files reach the host; :passthrough only for a trusted guest); repeatable", collect, [])
     .option("-p, --port <[addr:]host[:guest][/udp]>", "ad-hoc: forward a host port to the guest (HOST:22 sets the SSH port, else one is picked); repeatable", collect, [])
     .option("--name <name>", "ad-hoc: the VM's name for wait/exec/ssh/stop/logs (default dev-<id>)")
     .option("--detach", "ad-hoc: run in the background (a supervisor owns the VM); print the name and return once QEMU runs")
@@ -277,6 +277,7 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
   if (accel.accel === "tcg" && !flags.accel && !process.env.CIVM_ACCEL && !flags.printCmd) warn(`KVM is not usable (${accel.reason}); using TCG software emulation, guests run several times slower.`);
   plan.accel = accel.accel;
   const name = plan.spec.name;
+  if (!flags.printCmd) for (const w of plan.warnings) warn(w);
   if (flags.printCmd) {
     const vm = new VmRun(dev.devRunRequest(plan, { paths, log: say }));
     const p = vm.plan();
