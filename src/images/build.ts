@@ -337,6 +337,8 @@ async function bootBuildVm(
   const vm = new VmRun({
     spec: instance, paths: o.paths, accel: o.accel, graceSeconds: 30, mounts,
     directDisk: { path: b.disk, format: b.format },
+    // The disk being built and the results share: QEMU's (its per-VM group) while it runs.
+    qemuWritable: [b.disk, b.out],
     log: (l) => o.log(`build vm: ${l}`),
     onConsole: (text) => {
       partial += text.replace(/\r/g, "");

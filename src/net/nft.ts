@@ -17,6 +17,11 @@ export const TABLE_PREFIX = "civm_g";
 export const VM_GID_BASE = 2_100_000_000;
 export const VM_GID_COUNT = 1 << 24;
 
+/** A per-VM group id for a VM without a fence (network none or unrestricted): no lock needed, a clash only shares a group. */
+export function randomVmGid(): number {
+  return VM_GID_BASE + randomInt(VM_GID_COUNT);
+}
+
 export function tableName(gid: number): string {
   return `${TABLE_PREFIX}${gid}`;
 }
@@ -128,7 +133,7 @@ export function policyUnavailable(): string | undefined {
  * Creates the VM's table under a fresh group id (retrying while a chosen id is taken) and
  * returns both. The caller runs QEMU with that group and deletes the table after QEMU exits.
  */
-export async function installTable(r: Omit<TableRules, "gid">, pickGid: () => number = () => VM_GID_BASE + randomInt(VM_GID_COUNT)): Promise<{ table: string; gid: number }> {
+export async function installTable(r: Omit<TableRules, "gid">, pickGid: () => number = randomVmGid): Promise<{ table: string; gid: number }> {
   for (let attempt = 0; ; attempt++) {
     const gid = pickGid();
     const table = tableName(gid);

@@ -2,7 +2,7 @@
 // supervisor → cleanup on every exit path. The caller (CLI, pool daemon) decides what to
 // do with the result; nothing here exits the process.
 import { randomBytes } from "node:crypto";
-import { chmod, chown, mkdir, rm, readFile, writeFile } from "node:fs/promises";
+import { chmod, chown, lchown, lstat, mkdir, readdir, rm, readFile, writeFile } from "node:fs/promises";
 import { statSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { InstanceSpec, JsonValue } from "../config/types.js";
@@ -20,7 +20,7 @@ import { CleanupStack } from "./cleanup.js";
 import { Supervisor, EXIT_CODE_OF_REASON, type ExitReason, type StopReason } from "./supervisor.js";
 import { ConsoleStream, NoBootWatch, tailLines } from "./console.js";
 import { DEFAULT_NETWORK, describeNetwork, type NetworkSpec } from "../net/policy.js";
-import { hostResolvers, installTable, deleteTable, policyUnavailable, resolveAllow, sweepTables } from "../net/nft.js";
+import { hostResolvers, installTable, deleteTable, policyUnavailable, resolveAllow, sweepTables, randomVmGid } from "../net/nft.js";
 import { accessProblem, qemuUser, setprivArgs, type QemuUser } from "../net/identity.js";
 import { processIdentity } from "../host/proc.js";
 
@@ -114,6 +114,23 @@ export function newVmId(): string {
 /** Every secret (4+ characters; a multi-line one also line by line) becomes "***". */
 export function redactAll(text: string, secrets: readonly string[]): string {
   return secrets.length ? redact(text, secrets) : text;
+}
+
+/** Gives QEMU's per-VM group write access to a file or folder tree of civm's own (a disk being built, a results share). */
+async function grantTree(path: string, gid: number): Promise<void> {
+  const st = await lstat(path);
+  await chown(path, 0, gid);
+  await chmod(path, (st.mode & 0o7777) | (st.isDirectory() ? 0o070 : 0o060));
+  if (st.isDirectory()) for (const n of await readdir(path)) await grantTree(join(path, n), gid);
+}
+
+/** Takes a tree back after QEMU ran: root's again (files the guest wrote through 9p included), without group write. */
+async function reclaimTree(path: string): Promise<void> {
+  const st = await lstat(path);
+  if (st.isSymbolicLink()) return void (await lchown(path, 0, 0));
+  await chown(path, 0, 0);
+  await chmod(path, st.mode & 0o7757 & ~0o020);
+  if (st.isDirectory()) for (const n of await readdir(path)) await reclaimTree(join(path, n));
 }
 
 /** Waits for every promise (so none still writes into a dir being cleaned up), then throws the first failure. */
@@ -318,13 +335,20 @@ export class VmRun {
       let binary = plan.binary;
       let args = buildQemuArgs(plan);
       if (user) {
-        const gid = fence?.gid ?? user.gid;
+        // Every VM's QEMU has a group of its own (the fence's key when restricted); QEMU's
+        // files are root's and that group's, so one QEMU cannot open another VM's files even
+        // though all run as the same user.
+        const gid = fence?.gid ?? randomVmGid();
         await this.checkQemuAccess(user, gid, plan);
-        // QEMU's own files: its user's, in the 0700 work dir.
-        await Promise.all([this.workDir, plan.configIso!, ...(req.directDisk ? [] : [plan.overlay])].map((p) => chown(p, user.uid, gid)));
+        const grants: [string, number][] = [[this.workDir, 0o770], [plan.configIso!, 0o640], ...(req.directDisk ? [] : [[plan.overlay, 0o660] as [string, number]])];
+        if (plan.serconPortFile) grants.push([plan.serconPortFile, 0o640]);
+        await Promise.all(grants.map(async ([p, mode]) => {
+          await chown(p, 0, gid);
+          await chmod(p, mode);
+        }));
         for (const p of req.qemuWritable ?? []) {
-          await chown(p, user.uid, gid);
-          cleanup.push(`ownership of ${p}`, () => chown(p, 0, 0));
+          await grantTree(p, gid);
+          cleanup.push(`ownership of ${p}`, () => reclaimTree(p));
         }
         args = [...setprivArgs(user, gid), binary, ...args];
         binary = "setpriv";

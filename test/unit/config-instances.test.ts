@@ -82,6 +82,7 @@ test("seed 001 fixed loads with the file's values and absolute paths", async () 
     cmdline: undefined,
     machine: "pc",
     qemuArgs: [],
+    network: { mode: "restricted", allow: [] },
     source: { file, index: 0, baseDir: join(root, "run") },
   });
   const vm2 = selectInstance(loaded, "vm-2");
@@ -172,7 +173,7 @@ test("unknown keys get a suggestion", async () => {
     `${file}: instance "vm-2" (#2): unknown key "cpu-core"; did you mean "cpu-cores"?`,
     `${file}: instance "vm-2" (#2): unknown key "timeout"; did you mean "timeout-seconds"?`,
     `${file}: instance "vm-2" (#2): unknown key "sshport"; did you mean "ssh-port"?`,
-    `${file}: instance "vm-2" (#2): unknown key "frobnicate"; the known keys are name, image, cpu-cores, ram, root-disk, timeout-seconds, ssh-port, config, kernel, initrd, cmdline, machine, qemu-args, firmware-boot.`,
+    `${file}: instance "vm-2" (#2): unknown key "frobnicate"; the known keys are name, image, cpu-cores, ram, root-disk, timeout-seconds, ssh-port, config, kernel, initrd, cmdline, machine, qemu-args, firmware-boot, network.`,
   ]);
 });
 

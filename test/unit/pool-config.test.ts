@@ -75,7 +75,7 @@ test("seed 003's example pools.json maps field by field onto civm's pool setting
   assert.deepEqual(p.runner.labels, ["self-hosted", "fireactions", "linux"]);
   assert.equal(p.runner.groupId, 1);
   assert.equal(p.runner.registration, "jit");
-  assert.deepEqual(p.vm, { cpus: 2, ramBytes: 4096 * MiB, rootDiskBytes: undefined, timeoutSeconds: SERVE_DEFAULTS.timeoutSeconds, cmdline: "console=ttyS0 reboot=k panic=1 pci=off" });
+  assert.deepEqual(p.vm, { cpus: 2, ramBytes: 4096 * MiB, rootDiskBytes: undefined, timeoutSeconds: SERVE_DEFAULTS.timeoutSeconds, cmdline: "console=ttyS0 reboot=k panic=1 pci=off", network: { mode: "restricted", allow: [] } });
   assert.equal(p.idleTimeoutSeconds, 300);
   assert.equal(c.poolsFile, join(s.dir, "pools.json"));
 });
@@ -138,7 +138,7 @@ pools:
   assert.deepEqual(p.runner.image, { ref: "disk.qcow2", kind: "path", path: join(s.dir, "disk.qcow2") });
   assert.equal(p.runner.namePrefix, "small");
   assert.equal(p.runner.groupId, 7);
-  assert.deepEqual(p.vm, { cpus: 1, ramBytes: 1024 * MiB, rootDiskBytes: 20 * 1024 * MiB, timeoutSeconds: 600, cmdline: undefined });
+  assert.deepEqual(p.vm, { cpus: 1, ramBytes: 1024 * MiB, rootDiskBytes: 20 * 1024 * MiB, timeoutSeconds: 600, cmdline: undefined, network: { mode: "restricted", allow: [] } });
   assert.equal(p.idleTimeoutSeconds, 90);
   for (const secret of ["webhook-secret-value", "tok-from-env-123", KEY]) assert.ok(c.secrets.includes(secret));
 });
