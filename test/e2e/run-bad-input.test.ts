@@ -11,6 +11,8 @@ interface Case {
   file: string;
   content: string;
   name?: string;
+  /** Extra civm run arguments. */
+  args?: string[];
   message: RegExp;
 }
 
@@ -32,6 +34,9 @@ const cases: Case[] = [
   { what: "unknown pre-processor function", file: "instances.json", content: json([{ ...base, config: { t: "${{ vault:x }}" } }]), message: /unknown function "vault"[\s\S]*env/i },
   { what: "missing environment variable", file: "instances.json", content: json([{ ...base, config: { t: "${{ env:CIVM_NOPE_NOT_SET }}" } }]), message: /CIVM_NOPE_NOT_SET/ },
   { what: "missing file for file:", file: "instances.json", content: json([{ ...base, config: { t: "${{ file:secret.txt }}" } }]), message: /config\.t.*secret\.txt|secret\.txt.*config\.t/s },
+  { what: "timeout-seconds past the timer limit", file: "instances.json", content: json([{ ...base, "timeout-seconds": 99999999 }]), message: /instances\.json: instance "vm-1" \(#1\): "timeout-seconds" must be a whole number of seconds from 1 to 2147483 seconds \(about 24\.8 days, the longest a timer can wait\) \(got 99999999\)/ },
+  { what: "--grace that is not a number", file: "instances.json", content: json([base]), args: ["--grace", "abc"], message: /--grace "abc" is not accepted: --grace must be a whole number of seconds from 0 to 2147483 seconds/ },
+  { what: "--grace past the timer limit", file: "instances.json", content: json([base]), args: ["--grace", "99999999"], message: /--grace "99999999" is not accepted/ },
 ];
 
 for (const c of cases) {
@@ -39,7 +44,7 @@ for (const c of cases) {
     const e = civmEnv();
     writeFileSync(join(e.root, "base.qcow2"), "");
     writeFileSync(join(e.root, c.file), c.content);
-    const r = await runCivm(["run", c.name ?? "vm-1", ...(c.file === "instances.json" ? [] : ["-f", c.file])], e);
+    const r = await runCivm(["run", c.name ?? "vm-1", ...(c.file === "instances.json" ? [] : ["-f", c.file]), ...(c.args ?? [])], e);
     assert.equal(r.code, 2, r.stderr);
     assert.match(r.stderr, /^civm: error: /m);
     assert.match(r.stderr, c.message);

@@ -10,6 +10,7 @@ import type { InstanceSpec } from "../../config/types.js";
 import type { Paths } from "../../host/paths.js";
 import type { DevFlags } from "../../dev/plan.js";
 import { ConfigError, EXIT_CODES } from "../../errors/index.js";
+import { parseSecondsFlag } from "../../config/durations.js";
 import { formatSeconds } from "../../vm/format.js";
 import { trace } from "../../errors/trace.js";
 import { looksLikeImageName, resolveStoredImage } from "../../images/resolve.js";
@@ -56,11 +57,6 @@ export function defaultInstancesFile(): string {
   return "instances.json";
 }
 
-function positiveInt(v: string, flag: string): number {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < 0) throw new ConfigError(`${flag} must be a whole number of seconds (0 or more), not "${v}".`);
-  return n;
-}
 
 export function registerRun(program: Command): void {
   program
@@ -119,7 +115,7 @@ Exit code 0 only when the guest powered itself off; see "civm --help" for the ot
       if (adHoc.length) throw new ConfigError(`${adHoc.join(", ")} ${adHoc.length > 1 ? "are" : "is"} for ad-hoc VMs: add --image IMAGE${name !== undefined ? ` (and drop the instance name ${name})` : ""}`);
       if (name === undefined) throw new ConfigError("civm run needs an instance NAME (from instances.json) or --image IMAGE for an ad-hoc VM");
       const paths = pathsFrom(cmd);
-      const graceSeconds = positiveInt(flags.grace, "--grace");
+      const graceSeconds = parseSecondsFlag(flags.grace, "--grace");
       const stop = trapSignals(name);
       const file = flags.file ?? defaultInstancesFile();
       // Only the chosen instance's files must exist: others may be for another host.
@@ -248,7 +244,7 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
     process.stdout.write(`${name}\n`);
     say(`${name}: running in the background (supervisor pid ${entry.ownerPid}, QEMU pid ${entry.qemuPid}, ${accel.accel}, ${ssh}); console: ${entry.consoleLog}`);
     if (flags.wait) {
-      const ms = await dev.waitUntilReady(entry, plan.dev, { mode: "both", timeoutMs: positiveInt(flags.waitTimeout, "--wait-timeout") * 1000, stateDir: paths.stateDir });
+      const ms = await dev.waitUntilReady(entry, plan.dev, { mode: "both", timeoutMs: parseSecondsFlag(flags.waitTimeout, "--wait-timeout", { min: 1 }) * 1000, stateDir: paths.stateDir });
       say(`${name}: ready (${formatSeconds(ms)} after QEMU started)`);
     } else {
       say(`next: civm wait ${name} && civm exec ${name} -- CMD; civm stop ${name}`);
