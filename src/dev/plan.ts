@@ -11,7 +11,7 @@ import { parseSecondsFlag } from "../config/durations.js";
 import { ConfigError } from "../errors/index.js";
 import { STATE_LAYOUT, type Paths } from "../host/paths.js";
 import { DEFAULT_CMDLINE, qemuOptValue, type HostMount, type PortForward } from "../vm/argv.js";
-import { imageInfo } from "../vm/disk.js";
+import { imageInfo, sniffImage } from "../vm/disk.js";
 import { checkPortFree } from "../vm/ports.js";
 import { newVmId, type RunVmRequest } from "../vm/run.js";
 import { looksLikeImageName, STORED_IMAGE_CMDLINE } from "../images/resolve.js";
@@ -108,8 +108,9 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
 
   // Image (a stored name or a path) and the kernel that boots it.
   const image = await resolveImage(f.image, cwd, paths.stateDir);
+  await sniffImage(image.path, `--image ${f.image}:`);
   if (rootDiskBytes !== undefined) {
-    const info = await imageInfo(image.path);
+    const info = await imageInfo(image.path, `--image ${f.image}:`);
     if (rootDiskBytes < info.virtualSize) {
       throw new ConfigError(`--disk ${f.disk} is smaller than the image ${f.image} (${formatBytes(info.virtualSize)}); a disk can only grow`);
     }

@@ -70,3 +70,39 @@ test("the seed examples load: seed 001 (duplicate fixed) and seed 002 through th
     assert.doesNotMatch(r.stderr, /unknown key|duplicate/i);
   }
 });
+
+test("an image that is a text file is refused before any QEMU starts (instances file and --image), exit 2", async () => {
+  const e = civmEnv();
+  writeFileSync(join(e.root, "notes.txt"), "this is a README, not a disk\n".repeat(50));
+  writeFileSync(join(e.root, "instances.json"), json([{ ...base, image: "notes.txt" }]));
+  const runs = [
+    { args: ["run", "vm-1"], message: /instances\.json: instance "vm-1": "image" .*notes\.txt is not a disk image: it is text\. Point it at a disk image/ },
+    { args: ["run", "--image", "notes.txt"], message: /--image notes\.txt: .*notes\.txt is not a disk image: it is text\./ },
+    { args: ["run", "--image", "notes.txt", "--detach"], message: /--image notes\.txt: .*notes\.txt is not a disk image: it is text\./ },
+  ];
+  for (const { args, message } of runs) {
+    const r = await runCivm(args, e);
+    assert.equal(r.code, 2, `${args.join(" ")}: ${r.stderr}`);
+    assert.match(r.stderr, /^civm: error: /m);
+    assert.match(r.stderr, message);
+    assert.doesNotMatch(r.stderr, /\n\s+at .+:\d+:\d+\)?\n/, "a stack trace was printed");
+  }
+  assert.equal(qemuStarts(e), 0, "QEMU was started");
+  assert.deepEqual(leftovers(e), []);
+});
+
+test("ad-hoc duration flags: --timeout past the timer limit and --grace abc are refused, exit 2", async () => {
+  const e = civmEnv();
+  writeFileSync(join(e.root, "disk.img"), Buffer.alloc(65536));
+  for (const [flag, value, message] of [
+    ["--timeout", "99999999", /--timeout "99999999" is not accepted: --timeout must be a whole number of seconds from 0 to 2147483 seconds \(about 24\.8 days, the longest a timer can wait\); 0 = never/],
+    ["--grace", "abc", /--grace "abc" is not accepted/],
+    ["--wait-timeout", "-5", /--wait-timeout "-5" is not accepted/],
+  ] as const) {
+    const r = await runCivm(["run", "--image", "disk.img", "--detach", "--wait", flag, value], e);
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr, message);
+  }
+  assert.equal(qemuStarts(e), 0, "QEMU was started");
+  assert.deepEqual(leftovers(e), []);
+});

@@ -15,6 +15,7 @@ import { formatSeconds } from "../../vm/format.js";
 import { trace } from "../../errors/trace.js";
 import { looksLikeImageName, resolveStoredImage } from "../../images/resolve.js";
 import { buildQemuArgs } from "../../vm/argv.js";
+import { sniffImage } from "../../vm/disk.js";
 import { describeCommand } from "../../exec/index.js";
 import { ensureDir } from "../../host/paths.js";
 import { join } from "node:path";
@@ -184,6 +185,8 @@ export async function bootInstance(b: BootRequest): Promise<number> {
     baseDir: b.baseDir,
   });
   trace("cli: config pre-processed");
+  // Before the KVM probe and the registry: a text file as "image" starts nothing.
+  await sniffImage(spec.image, `${b.file}: instance "${spec.name}": "image"`);
   if (b.stop.count()) {
     say(`${spec.name}: interrupted before boot; nothing was started`);
     return EXIT_CODES.signal;
@@ -220,6 +223,8 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
   const dev = await import("../../dev/index.js");
   if (flags.wait && !flags.detach) throw new ConfigError("--wait is for --detach (a foreground VM is waited on by civm wait from another shell)");
   if (flags.detach && flags.console) throw new ConfigError("--console streams a foreground VM's console; with --detach use civm logs -f NAME");
+  // Checked before anything starts (it is used once the VM runs).
+  const waitTimeoutMs = parseSecondsFlag(flags.waitTimeout, "--wait-timeout", { min: 1 }) * 1000;
   if (!flags.printCmd) await reconcile(new Registry(paths.stateDir), say);
   const stamp = new Date().toISOString().replace(/[-:]/g, "").replace(/\..*/, "").replace("T", "-");
   // Every check first (nothing started, no KVM probe for bad input), then the accelerator.
@@ -244,7 +249,7 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
     process.stdout.write(`${name}\n`);
     say(`${name}: running in the background (supervisor pid ${entry.ownerPid}, QEMU pid ${entry.qemuPid}, ${accel.accel}, ${ssh}); console: ${entry.consoleLog}`);
     if (flags.wait) {
-      const ms = await dev.waitUntilReady(entry, plan.dev, { mode: "both", timeoutMs: parseSecondsFlag(flags.waitTimeout, "--wait-timeout", { min: 1 }) * 1000, stateDir: paths.stateDir });
+      const ms = await dev.waitUntilReady(entry, plan.dev, { mode: "both", timeoutMs: waitTimeoutMs, stateDir: paths.stateDir });
       say(`${name}: ready (${formatSeconds(ms)} after QEMU started)`);
     } else {
       say(`next: civm wait ${name} && civm exec ${name} -- CMD; civm stop ${name}`);
