@@ -13,7 +13,7 @@ import { buildQemuArgs, DEFAULT_CMDLINE, type HostMount, type PortForward, type 
 import { createOverlay } from "./disk.js";
 import { renderConfigDrive, writeConfigDrive, type ConfigDriveEntry } from "./config-drive.js";
 import { checkPortFree } from "./ports.js";
-import { Registry } from "./registry.js";
+import { Registry, procIdentity, type ProcIdentity } from "./registry.js";
 import { CleanupStack } from "./cleanup.js";
 import { Supervisor, EXIT_CODE_OF_REASON, type ExitReason, type StopReason } from "./supervisor.js";
 import { FileFollower, tailLines } from "./console.js";
@@ -182,6 +182,7 @@ export class VmRun {
         sshPort: spec.sshPort, sshBind: spec.sshPort !== undefined ? (req.sshBind ?? "127.0.0.1") : undefined,
         startedAt: new Date().toISOString(), workDir: this.workDir, consoleLog: this.consoleLog, keep, meta: req.meta,
         state: "starting" as "starting" | "running",
+        owner: procIdentity(process.pid), qemu: undefined as ProcIdentity | undefined,
       };
       await registry.put(entry);
       trace("vm: registry entry written");
@@ -221,8 +222,11 @@ export class VmRun {
       try {
         const startP = sup.start(plan.qmpSocket);
         entry.qemuPid = sup.pid;
+        // Start time now (kept across exec); the command line once QMP answers (QEMU has exec'd).
+        entry.qemu = sup.pid ? procIdentity(sup.pid, { cmdline: false }) : undefined;
         await registry.put(entry);
         await startP;
+        entry.qemu = sup.pid ? (procIdentity(sup.pid) ?? entry.qemu) : undefined;
         entry.state = "running";
         await registry.put(entry);
         log(`${spec.name}: running (pid ${sup.pid}, ${req.accel}${spec.sshPort !== undefined ? `, ssh ${entry.sshBind}:${spec.sshPort}` : ""}); console: ${this.consoleLog}`);
