@@ -1,7 +1,8 @@
 // Every bad input to `civm run` is one clear error, exit 2, and nothing is started.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { writeFileSync, cpSync, mkdirSync } from "node:fs";
+import { writeFileSync, cpSync, mkdirSync, existsSync, readFileSync, readdirSync } from "node:fs";
+import { spawn } from "node:child_process";
 import { join } from "node:path";
 import { civmEnv, runCivm, qemuStarts, leftovers } from "../support/civm-cli.js";
 import { repoRoot } from "../support/paths.js";
@@ -105,4 +106,44 @@ test("ad-hoc duration flags: --timeout past the timer limit and --grace abc are 
   }
   assert.equal(qemuStarts(e), 0, "QEMU was started");
   assert.deepEqual(leftovers(e), []);
+});
+
+test("tampered registry entries: civm ls reports them refused; nothing is deleted and no process is signalled", async (t) => {
+  const e = civmEnv();
+  const reg = join(e.stateDir, "registry");
+  mkdirSync(reg, { recursive: true });
+  mkdirSync(join(e.stateDir, "vms"), { recursive: true });
+  const now = new Date().toISOString();
+  const dead = 4194301; // above the usual pid_max: no such process
+  // A work dir outside <state>/vms, holding a marker that must survive.
+  const outside = join(e.root, "precious", "evil-a1b2c3d4");
+  mkdirSync(outside, { recursive: true });
+  writeFileSync(join(outside, "marker"), "keep");
+  writeFileSync(join(reg, "a1b2c3d4.json"), JSON.stringify({ id: "a1b2c3d4", name: "evil", ownerPid: dead, startedAt: now, workDir: outside, consoleLog: "/dev/null", keep: false }));
+  // A live process the test started whose argv names the entry's work dir (the old check would
+  // have signalled it), recorded with a start time that is not its own.
+  const workDir = join(e.stateDir, "vms", "vm-b1b2c3d4");
+  mkdirSync(workDir);
+  writeFileSync(join(workDir, "marker"), "keep");
+  const victim = spawn("sh", ["-c", "sleep 600; true", workDir], { stdio: "ignore" });
+  t.after(() => victim.kill("SIGKILL"));
+  await new Promise((r) => setTimeout(r, 200));
+  const startTime = Number(readFileSync(`/proc/${victim.pid}/stat`, "utf8").split(") ")[1]!.split(" ")[19]);
+  writeFileSync(join(reg, "b1b2c3d4.json"), JSON.stringify({ id: "b1b2c3d4", name: "vm", ownerPid: dead, owner: { startTime: 1 }, qemuPid: victim.pid, qemu: { startTime: startTime + 1000 }, startedAt: now, workDir, consoleLog: "/dev/null", keep: false }));
+
+  const ls = await runCivm(["ls"], e);
+  assert.equal(ls.code, 0, ls.stderr);
+  assert.match(ls.stdout, /^REFUSED \(left untouched/m);
+  assert.match(ls.stdout, /a1b2c3d4\.json: its work dir ".*precious\/evil-a1b2c3d4" is not inside .*state\/vms/);
+  assert.match(ls.stdout, new RegExp(`b1b2c3d4\\.json: its QEMU pid ${victim.pid} names the work dir but started at tick ${startTime}, not the recorded ${startTime + 1000}: it is not the VM's QEMU`));
+  const json = JSON.parse((await runCivm(["ls", "--json"], e)).stdout) as { id: string; state: string; reason?: string }[];
+  assert.deepEqual(json.map((j) => [j.id, j.state]).sort(), [["a1b2c3d4", "refused"], ["b1b2c3d4", "refused"]]);
+  // civm stop cannot pick them either.
+  const stop = await runCivm(["stop", "vm"], e);
+  assert.equal(stop.code, 2, stop.stderr);
+  assert.equal(existsSync(join(outside, "marker")), true, "a folder outside the state dir was deleted");
+  assert.equal(existsSync(join(workDir, "marker")), true, "the work dir of a refused entry was deleted");
+  assert.deepEqual(readdirSync(reg).sort(), ["a1b2c3d4.json", "b1b2c3d4.json"]);
+  assert.equal(victim.exitCode, null, "the process was signalled");
+  assert.equal(victim.signalCode, null, "the process was signalled");
 });
