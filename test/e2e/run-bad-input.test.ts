@@ -125,8 +125,9 @@ test("tampered registry entries: civm ls reports them refused; nothing is delete
   const workDir = join(e.stateDir, "vms", "vm-b1b2c3d4");
   mkdirSync(workDir);
   writeFileSync(join(workDir, "marker"), "keep");
-  const victim = spawn("sh", ["-c", "sleep 600; true", workDir], { stdio: "ignore" });
-  t.after(() => victim.kill("SIGKILL"));
+  const victim = spawn("sh", ["-c", "sleep 600; true", workDir], { stdio: "ignore", detached: true });
+  t.after(() => process.kill(-victim.pid!, "SIGKILL")); // sh and its sleep
+
   await new Promise((r) => setTimeout(r, 200));
   const startTime = Number(readFileSync(`/proc/${victim.pid}/stat`, "utf8").split(") ")[1]!.split(" ")[19]);
   writeFileSync(join(reg, "b1b2c3d4.json"), JSON.stringify({ id: "b1b2c3d4", name: "vm", ownerPid: dead, owner: { startTime: 1 }, qemuPid: victim.pid, qemu: { startTime: startTime + 1000 }, startedAt: now, workDir, consoleLog: "/dev/null", keep: false }));

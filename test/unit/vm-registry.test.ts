@@ -20,7 +20,8 @@ function state(): { stateDir: string; vms: string } {
 
 /** A live process whose command line names `workDir` (as a QEMU of that VM would). */
 async function victim(workDir: string): Promise<ChildProcess & { pid: number }> {
-  const p = spawn("sh", ["-c", "sleep 600; true", workDir], { stdio: "ignore" });
+  // Its own process group: the test ends sh and its sleep together.
+  const p = spawn("sh", ["-c", "sleep 600; true", workDir], { stdio: "ignore", detached: true });
   for (let i = 0; i < 50 && !procIdentity(p.pid!)?.cmdlineSha256; i++) await sleep(20);
   return p as ChildProcess & { pid: number };
 }
@@ -82,7 +83,7 @@ test("a QEMU pid is trusted only with the recorded start time and command line",
   const { vms } = state();
   const workDir = join(vms, "vm-a1b2c3d4");
   const p = await victim(workDir);
-  t.after(() => p.kill("SIGKILL"));
+  t.after(() => process.kill(-p.pid, "SIGKILL"));
   const real = procIdentity(p.pid)!;
   assert.ok(real.cmdlineSha256);
   const base = entry({ workDir, qemuPid: p.pid });
@@ -140,7 +141,7 @@ test("reconcile refuses tampered entries (work dir outside the state dir, a live
   mkdirSync(workDir);
   writeFileSync(join(workDir, "marker"), "keep me");
   const p = await victim(workDir);
-  t.after(() => p.kill("SIGKILL"));
+  t.after(() => process.kill(-p.pid, "SIGKILL"));
   const real = procIdentity(p.pid)!;
   await registry.put(entry({ id: "b1b2c3d4", workDir, qemuPid: p.pid, qemu: { ...real, startTime: real.startTime + 7 }, owner: { startTime: 1 } }));
   // 3. An id that does not name its file (registry.remove deletes by id).
