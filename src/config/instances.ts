@@ -11,6 +11,7 @@ import { kindOf } from "./kind.js";
 import { ConfigError } from "../errors/index.js";
 import { loadStructuredFile } from "./load-file.js";
 import { SIZE_FORMS, parseSize } from "./sizes.js";
+import { durationProblem, durationRange } from "./durations.js";
 import { closestMatch } from "./suggest.js";
 import type { InstanceSpec, JsonValue, MachineType } from "./types.js";
 
@@ -96,6 +97,14 @@ function parseInstance(entry: Record<string, unknown>): { value: ParsedInstance;
     if (v < min || v > max) fail(key, false);
     return v;
   };
+  const seconds = (key: string, dflt: number, min: number): number | undefined => {
+    const v = entry[key];
+    if (v === undefined) return dflt;
+    if (!finite(v) || !Number.isInteger(v)) return void fail(key, true);
+    const problem = durationProblem(v, { min });
+    if (problem) fail(key, false, `"${key}" ${problem} (got ${v})`);
+    return v;
+  };
   const size = (key: string, dflt: number | undefined): number | undefined => {
     const v = entry[key];
     if (v === undefined) return dflt;
@@ -116,7 +125,7 @@ function parseInstance(entry: Record<string, unknown>): { value: ParsedInstance;
   const cpus = int("cpu-cores", 2, 1);
   const ram = size("ram", 2 * 1024 ** 3);
   const rootDisk = size("root-disk", undefined);
-  const timeout = int("timeout-seconds", 3600, 1);
+  const timeout = seconds("timeout-seconds", 3600, 1);
   const sshPort = int("ssh-port", undefined, 1, 65535);
   const config = entry.config === undefined ? {} : entry.config;
   if (!isJson(config)) fail("config", true);
@@ -186,7 +195,7 @@ const HINTS: Record<string, string> = {
   "cpu-cores": "must be a whole number of CPU cores, at least 1, e.g. 4",
   ram: `must be a size: ${SIZE_FORMS}`,
   "root-disk": `must be a size: ${SIZE_FORMS}`,
-  "timeout-seconds": "must be a whole number of seconds, at least 1, e.g. 3600",
+  "timeout-seconds": `must be a whole number of seconds ${durationRange({ min: 1 })}, e.g. 3600`,
   "ssh-port": "must be a TCP port number from 1 to 65535, e.g. 2201",
   config: "must be JSON data: an object, list, string, number, boolean or null",
   kernel: "must be the path of a kernel image, as a string",
@@ -204,7 +213,7 @@ const MISSING: Record<string, string> = {
 };
 
 /** Keys whose offending value may be quoted in messages (never secrets). */
-const QUOTABLE = new Set(["name", "ssh-port", "ram", "root-disk"]);
+const QUOTABLE = new Set(["name", "ssh-port", "ram", "root-disk", "timeout-seconds"]);
 
 /** Reads, validates and resolves every instance in `file`; throws one ConfigError listing all problems. */
 export async function loadInstances(file: string, opts: LoadOptions = {}): Promise<LoadedInstances> {

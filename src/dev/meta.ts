@@ -4,7 +4,7 @@ import { existsSync } from "node:fs";
 import { readdir, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { ConfigError } from "../errors/index.js";
-import { Registry, liveness, type RegistryEntry } from "../vm/registry.js";
+import { Registry, type RegistryEntry } from "../vm/registry.js";
 import type { PortForward } from "../vm/argv.js";
 import type { HostMountSpec } from "./options.js";
 import type { SshTarget } from "./ssh.js";
@@ -39,7 +39,8 @@ export function devMetaOf(e: RegistryEntry): DevMeta | undefined {
 
 /** Live entries (owner running) of the registry. */
 export async function liveEntries(stateDir: string): Promise<RegistryEntry[]> {
-  return (await new Registry(stateDir).list()).filter((e) => liveness(e) === "running");
+  const registry = new Registry(stateDir);
+  return (await registry.list()).filter((e) => registry.verdict(e).state === "running");
 }
 
 /** The running VM called `nameOrId` (its name, or its 8-hex id); a ConfigError otherwise. */

@@ -7,10 +7,11 @@ import { stat } from "node:fs/promises";
 import { isAbsolute, join, resolve } from "node:path";
 import type { InstanceSpec, JsonValue } from "../config/types.js";
 import { parseSize } from "../config/sizes.js";
+import { parseSecondsFlag } from "../config/durations.js";
 import { ConfigError } from "../errors/index.js";
 import { STATE_LAYOUT, type Paths } from "../host/paths.js";
 import { DEFAULT_CMDLINE, qemuOptValue, type HostMount, type PortForward } from "../vm/argv.js";
-import { imageInfo } from "../vm/disk.js";
+import { imageInfo, sniffImage } from "../vm/disk.js";
 import { checkPortFree } from "../vm/ports.js";
 import { newVmId, type RunVmRequest } from "../vm/run.js";
 import { looksLikeImageName, STORED_IMAGE_CMDLINE } from "../images/resolve.js";
@@ -104,14 +105,15 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
   const cpus = f.cpus !== undefined ? wholeNumber(f.cpus, "--cpus", 1) : 2;
   const ramBytes = f.mem !== undefined ? size(f.mem, "--mem") : 2 * 1024 ** 3;
   const rootDiskBytes = f.disk !== undefined ? size(f.disk, "--disk") : undefined;
-  const timeoutSeconds = f.timeout !== undefined ? wholeNumber(f.timeout, "--timeout", 0) : 3600;
-  const graceSeconds = f.grace !== undefined ? wholeNumber(f.grace, "--grace", 0) : 30;
+  const timeoutSeconds = f.timeout !== undefined ? parseSecondsFlag(f.timeout, "--timeout", { zeroMeans: "= never" }) : 3600;
+  const graceSeconds = f.grace !== undefined ? parseSecondsFlag(f.grace, "--grace") : 30;
   const sshBind = f.sshBind ?? "127.0.0.1";
 
   // Image (a stored name or a path) and the kernel that boots it.
   const image = await resolveImage(f.image, cwd, paths.stateDir);
+  await sniffImage(image.path, `--image ${f.image}:`);
   if (rootDiskBytes !== undefined) {
-    const info = await imageInfo(image.path);
+    const info = await imageInfo(image.path, `--image ${f.image}:`);
     if (rootDiskBytes < info.virtualSize) {
       throw new ConfigError(`--disk ${f.disk} is smaller than the image ${f.image} (${formatBytes(info.virtualSize)}); a disk can only grow`);
     }

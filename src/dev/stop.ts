@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { CivmError } from "../errors/index.js";
 import { STATE_LAYOUT } from "../host/paths.js";
-import { Registry, liveness, type RegistryEntry } from "../vm/registry.js";
+import { Registry, isOwnerVerified, liveness, type RegistryEntry } from "../vm/registry.js";
 import { reconcile } from "../vm/reconcile.js";
 import { formatSeconds } from "../vm/format.js";
 
@@ -23,6 +23,8 @@ export async function stopVm(e: RegistryEntry, o: StopOptions): Promise<number> 
   const started = Date.now();
   const entryFile = join(o.stateDir, STATE_LAYOUT.registry, `${e.id}.json`);
   const signal = (): void => {
+    // Only the process that wrote the entry (start time and command line as recorded).
+    if (!isOwnerVerified(e)) return;
     try {
       process.kill(e.ownerPid, "SIGTERM");
     } catch {

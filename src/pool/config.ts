@@ -12,6 +12,7 @@ import { duplicateNameProblems } from "../config/duplicates.js";
 import { loadStructuredFile } from "../config/load-file.js";
 import { preprocessConfig } from "../config/preprocess.js";
 import { parseSize, SIZE_FORMS } from "../config/sizes.js";
+import { durationProblem } from "../config/durations.js";
 import { closestMatch } from "../config/suggest.js";
 import type { JsonValue } from "../config/types.js";
 import { parseRunnerTarget, type RunnerTarget } from "../github/registration-token.js";
@@ -135,7 +136,8 @@ class Fields {
     return def;
   }
 
-  seconds(key: string, def: number, min = 1): number {
+  /** Whole seconds or a duration string; timerLimit: false for ages that never reach a timer (retention). */
+  seconds(key: string, def: number, min = 1, timerLimit = true): number {
     const v = this.o[key];
     if (v === undefined || v === null) return def;
     const s = parseDuration(v);
@@ -146,6 +148,11 @@ class Fields {
     }
     if (s < min) {
       this.add(`${this.field(key)} must be at least ${min} s (got ${s}).`);
+      return def;
+    }
+    const problem = timerLimit ? durationProblem(s, { min }) : undefined;
+    if (problem) {
+      this.add(`${this.field(key)} ${problem} (got ${typeof v === "string" ? JSON.stringify(v) : v}).`);
       return def;
     }
     return s;
@@ -230,7 +237,7 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
   const shutdownTimeoutSeconds = f.seconds("shutdownTimeout", SERVE_DEFAULTS.shutdownTimeoutSeconds, 0);
   // At least an hour: pruning runs hourly, and a shorter window would forget delivery ids
   // GitHub may still redeliver.
-  const retentionSeconds = f.seconds("retention", SERVE_DEFAULTS.retentionSeconds, 3600);
+  const retentionSeconds = f.seconds("retention", SERVE_DEFAULTS.retentionSeconds, 3600, false);
   const maxWebhookBytes = f.size("maxWebhookBytes") ?? SERVE_DEFAULTS.maxWebhookBytes;
   const logs = loadLogs(f);
 
@@ -522,7 +529,12 @@ function validateVm(pool: Fields): PoolSpec["vm"] | undefined {
   const ramBytes = ram ?? (mem ?? SERVE_DEFAULTS.memSizeMib) * 1024 ** 2;
   if (ramBytes < MIN_RAM) pool.add(`the VM's memory (${Math.round(ramBytes / 1024 ** 2)} MiB) is too little for a runner; give it at least ${MIN_RAM / 1024 ** 2} MiB.`);
   const rootDiskBytes = pool.size("disk");
-  const timeoutSeconds = pool.int("timeout-seconds", { min: 1, def: SERVE_DEFAULTS.timeoutSeconds }) ?? SERVE_DEFAULTS.timeoutSeconds;
+  let timeoutSeconds = pool.int("timeout-seconds", { min: 1, def: SERVE_DEFAULTS.timeoutSeconds }) ?? SERVE_DEFAULTS.timeoutSeconds;
+  const tooLong = durationProblem(timeoutSeconds, { min: 1 });
+  if (tooLong) {
+    pool.add(`${pool.field("timeout-seconds")} ${tooLong} (got ${timeoutSeconds}).`);
+    timeoutSeconds = SERVE_DEFAULTS.timeoutSeconds;
+  }
   const net = parseNetworkValue(pool.o.network ?? undefined);
   if (net.problems) pool.add(`"network" ${net.problems.join("; ")}.`);
   if (pool.problems.length > start) return undefined;

@@ -15,7 +15,7 @@ import { buildQemuArgs, DEFAULT_CMDLINE, SERCON_PORT_BYTES, type HostMount, type
 import { createOverlay } from "./disk.js";
 import { renderConfigDrive, writeConfigDrive, type ConfigDriveEntry } from "./config-drive.js";
 import { checkPortFree } from "./ports.js";
-import { Registry, type RegistryEntry } from "./registry.js";
+import { Registry, procIdentity, type ProcIdentity, type RegistryEntry } from "./registry.js";
 import { CleanupStack } from "./cleanup.js";
 import { Supervisor, EXIT_CODE_OF_REASON, type ExitReason, type StopReason } from "./supervisor.js";
 import { ConsoleStream, NoBootWatch, tailLines } from "./console.js";
@@ -258,6 +258,7 @@ export class VmRun {
         startedAt: new Date().toISOString(), workDir: this.workDir, consoleLog: this.consoleLog, keep, meta: req.meta,
         state: "starting" as "starting" | "running",
         net: undefined as RegistryEntry["net"],
+        owner: procIdentity(process.pid), qemu: undefined as ProcIdentity | undefined,
       };
       await registry.put(entry);
       trace("vm: registry entry written");
@@ -368,8 +369,11 @@ export class VmRun {
         consoleP = stream.connect(plan.consoleSocket, () => sup.alive);
         consoleP.catch(() => undefined);
         entry.qemuPid = sup.pid;
+        // Start time now (kept across exec); the command line once QMP answers (QEMU has exec'd).
+        entry.qemu = sup.pid ? procIdentity(sup.pid, { cmdline: false }) : undefined;
         await registry.put(entry);
         await startP;
+        entry.qemu = sup.pid ? (procIdentity(sup.pid) ?? entry.qemu) : undefined;
         entry.state = "running";
         await registry.put(entry);
         log(`${spec.name}: running (pid ${sup.pid}, ${req.accel}, network ${describeNetwork(network)}${spec.sshPort !== undefined ? `, ssh ${entry.sshBind}:${spec.sshPort}` : ""}); console: ${this.consoleLog}`);

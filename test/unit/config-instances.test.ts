@@ -234,9 +234,9 @@ test("non-positive and non-integer numbers", async () => {
   const { file } = setup("i.json", [base({ "cpu-cores": 0, "timeout-seconds": -5 }), base({ name: "vm-2", "cpu-cores": 1.5, "timeout-seconds": "60" })]);
   assert.deepEqual((await configError(file)).split("\n"), [
     `${file}: instance "vm-1" (#1): "cpu-cores" must be a whole number of CPU cores, at least 1, e.g. 4 (got a whole number).`,
-    `${file}: instance "vm-1" (#1): "timeout-seconds" must be a whole number of seconds, at least 1, e.g. 3600 (got a whole number).`,
+    `${file}: instance "vm-1" (#1): "timeout-seconds" must be a whole number of seconds from 1 to 2147483 seconds (about 24.8 days, the longest a timer can wait) (got -5).`,
     `${file}: instance "vm-2" (#2): "cpu-cores" must be a whole number of CPU cores, at least 1, e.g. 4 (got a number).`,
-    `${file}: instance "vm-2" (#2): "timeout-seconds" must be a whole number of seconds, at least 1, e.g. 3600 (got a string).`,
+    `${file}: instance "vm-2" (#2): "timeout-seconds" must be a whole number of seconds from 1 to 2147483 seconds (about 24.8 days, the longest a timer can wait), e.g. 3600 (got "60").`,
   ]);
 });
 
@@ -337,4 +337,14 @@ test('a name of "." or ".." is refused with a message of its own', async () => {
     `${file}: instance ".." (#1): "name" cannot be "." or ".." (it names the VM's work and log files); use e.g. "vm-1".`,
     `${file}: instance "." (#2): "name" cannot be "." or ".." (it names the VM's work and log files); use e.g. "vm-1".`,
   ]);
+});
+
+test("timeout-seconds past the timer limit (2^31-1 ms) is refused with the value and the range; the limit itself loads", async () => {
+  const { file } = setup("instances.json", [base({ "timeout-seconds": 99999999 }), base({ name: "vm-2", "timeout-seconds": 2147484 }), base({ name: "vm-3", "timeout-seconds": -5 })]);
+  const msg = await configError(file);
+  assert.match(msg, /instance "vm-1" \(#1\): "timeout-seconds" must be a whole number of seconds from 1 to 2147483 seconds \(about 24\.8 days, the longest a timer can wait\) \(got 99999999\)\./);
+  assert.match(msg, /instance "vm-2" \(#2\): "timeout-seconds" .*\(got 2147484\)/);
+  assert.match(msg, /instance "vm-3" \(#3\): "timeout-seconds" .*\(got -5\)/);
+  const ok = setup("instances.json", [base({ "timeout-seconds": 2147483 })]);
+  assert.equal((await loadInstances(ok.file)).instances[0]!.timeoutSeconds, 2147483);
 });

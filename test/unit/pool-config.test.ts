@@ -389,3 +389,17 @@ test("logs: bad values and unknown keys are named with the file, the field and t
   const notObj = await problems(setup(serve([pool()], { logs: 7 })));
   assert.match(notObj, /"logs" must be an object/);
 });
+
+test("durations past the timer limit (2^31-1 ms) are refused by field; retention, an age, is not limited", async () => {
+  const msg = await problems(
+    setup(serve([pool({ "timeout-seconds": 99999999, idleTimeout: "30d" })], { pollInterval: 3000000, shutdownTimeout: "25d" })),
+  );
+  const expect = [
+    /"pollInterval" must be a whole number of seconds from 5 to 2147483 seconds \(about 24\.8 days, the longest a timer can wait\) \(got 3000000\)/,
+    /"shutdownTimeout" must be a whole number of seconds from 0 to 2147483 seconds .* \(got "25d"\)/,
+    /pool "default" \(#1\): "idleTimeout" must be a whole number of seconds from 0 to 2147483 seconds .* \(got "30d"\)/,
+    /pool "default" \(#1\): "timeout-seconds" must be a whole number of seconds from 1 to 2147483 seconds .* \(got 99999999\)/,
+  ];
+  for (const re of expect) assert.ok(msg.split("\n").some((l) => re.test(l)), `no line matches ${re}:\n${msg}`);
+  assert.equal((await load(setup(serve([pool({ "timeout-seconds": 2147483, idleTimeout: "24d" })], { retention: "90d" })))).retentionSeconds, 90 * 86400);
+});

@@ -9,6 +9,7 @@ import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { pathsFrom } from "../global.js";
 import { say } from "../output.js";
+import { MAX_DURATION_SECONDS } from "../../config/durations.js";
 import { ConfigError } from "../../errors/index.js";
 import { STATE_LAYOUT } from "../../host/paths.js";
 import { FileFollower } from "../../vm/console.js";
@@ -38,7 +39,7 @@ export function registerLogs(program: Command): void {
     .action(async (name: string, flags: LogsFlags, cmd: Command) => {
       if (flags.apiUrl && !flags.supervisor) {
         const interval = Number(flags.interval);
-        if (!(interval > 0)) throw new ConfigError(`--interval must be a positive number of seconds (got ${JSON.stringify(flags.interval)})`);
+        if (!(interval > 0) || interval > MAX_DURATION_SECONDS) throw new ConfigError(`--interval ${JSON.stringify(flags.interval)} is not accepted: --interval must be a positive number of seconds, at most ${MAX_DURATION_SECONDS} (about 24.8 days, the longest a timer can wait).`);
         if (await apiLogs(name, { apiUrl: flags.apiUrl, ...(flags.apiToken ? { apiToken: flags.apiToken } : {}) }, flags.follow === true, interval * 1000)) return;
       }
       await localLogs(name, flags, cmd);

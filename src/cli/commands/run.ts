@@ -10,10 +10,12 @@ import type { InstanceSpec } from "../../config/types.js";
 import type { Paths } from "../../host/paths.js";
 import type { DevFlags } from "../../dev/plan.js";
 import { ConfigError, EXIT_CODES } from "../../errors/index.js";
+import { parseSecondsFlag } from "../../config/durations.js";
 import { formatSeconds } from "../../vm/format.js";
 import { trace } from "../../errors/trace.js";
 import { looksLikeImageName, resolveStoredImage } from "../../images/resolve.js";
 import { buildQemuArgs } from "../../vm/argv.js";
+import { sniffImage } from "../../vm/disk.js";
 import { describeCommand } from "../../exec/index.js";
 import { ensureLogsDir } from "../../host/paths.js";
 import { LOG_RETENTION_DEFAULTS, parseKeepDays, parseMaxBytes, pruneLogs, type LogRetention } from "../../host/log-retention.js";
@@ -59,11 +61,6 @@ export function defaultInstancesFile(): string {
   return "instances.json";
 }
 
-function positiveInt(v: string, flag: string): number {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < 0) throw new ConfigError(`${flag} must be a whole number of seconds (0 or more), not "${v}".`);
-  return n;
-}
 
 export function registerRun(program: Command): void {
   program
@@ -130,7 +127,7 @@ Exit code 0 only when the guest powered itself off; see "civm --help" for the ot
       if (adHoc.length) throw new ConfigError(`${adHoc.join(", ")} ${adHoc.length > 1 ? "are" : "is"} for ad-hoc VMs: add --image IMAGE${name !== undefined ? ` (and drop the instance name ${name})` : ""}`);
       if (name === undefined) throw new ConfigError("civm run needs an instance NAME (from instances.json) or --image IMAGE for an ad-hoc VM");
       const paths = pathsFrom(cmd);
-      const graceSeconds = positiveInt(flags.grace, "--grace");
+      const graceSeconds = parseSecondsFlag(flags.grace, "--grace");
       const stop = trapSignals(name);
       const file = flags.file ?? defaultInstancesFile();
       // Only the chosen instance's files must exist: others may be for another host.
@@ -227,6 +224,8 @@ export async function bootInstance(b: BootRequest): Promise<number> {
     baseDir: b.baseDir,
   });
   trace("cli: config pre-processed");
+  // Before the KVM probe and the registry: a text file as "image" starts nothing.
+  await sniffImage(spec.image, `${b.file}: instance "${spec.name}": "image"`);
   if (b.stop.count()) {
     say(`${spec.name}: interrupted before boot; nothing was started`);
     return EXIT_CODES.signal;
@@ -266,6 +265,8 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
   const dev = await import("../../dev/index.js");
   if (flags.wait && !flags.detach) throw new ConfigError("--wait is for --detach (a foreground VM is waited on by civm wait from another shell)");
   if (flags.detach && flags.console) throw new ConfigError("--console streams a foreground VM's console; with --detach use civm logs -f NAME");
+  // Checked before anything starts (it is used once the VM runs).
+  const waitTimeoutMs = parseSecondsFlag(flags.waitTimeout, "--wait-timeout", { min: 1 }) * 1000;
   if (!flags.printCmd) await reconcile(new Registry(paths.stateDir), say);
   const stamp = new Date().toISOString().replace(/[-:]/g, "").replace(/\..*/, "").replace("T", "-");
   // Every check first (nothing started, no KVM probe for bad input), then the accelerator.
@@ -293,7 +294,7 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
     say(`${name}: running in the background (supervisor pid ${entry.ownerPid}, QEMU pid ${entry.qemuPid}, ${accel.accel}, ${ssh}); console: ${entry.consoleLog}`);
     pruner.start();
     if (flags.wait) {
-      const ms = await dev.waitUntilReady(entry, plan.dev, { mode: "both", timeoutMs: positiveInt(flags.waitTimeout, "--wait-timeout") * 1000, stateDir: paths.stateDir });
+      const ms = await dev.waitUntilReady(entry, plan.dev, { mode: "both", timeoutMs: waitTimeoutMs, stateDir: paths.stateDir });
       say(`${name}: ready (${formatSeconds(ms)} after QEMU started)`);
     } else {
       say(`next: civm wait ${name} && civm exec ${name} -- CMD; civm stop ${name}`);

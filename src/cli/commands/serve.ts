@@ -32,8 +32,10 @@ export function registerServe(program: Command): void {
     .option("--grace <seconds>", "ACPI grace period before a stopping VM is killed", "30")
     .option("--log-level <level>", "pino level (trace, debug, info, warn, error)", "info")
     .action(async (flags: { config: string; accel?: "kvm" | "tcg"; grace: string; logLevel: string }, cmd: Command) => {
+      const { parseSecondsFlag } = await import("../../config/durations.js");
+      const graceSeconds = parseSecondsFlag(flags.grace, "--grace");
       const { runServe } = await import("../../pool/serve.js");
       const root = cmd.optsWithGlobals() as { stateDir?: string; logsDir?: string };
-      process.exitCode = await runServe({ configFile: flags.config, stateDir: root.stateDir, logsDir: root.logsDir, accel: flags.accel, graceSeconds: Number(flags.grace), logLevel: flags.logLevel });
+      process.exitCode = await runServe({ configFile: flags.config, stateDir: root.stateDir, logsDir: root.logsDir, accel: flags.accel, graceSeconds, logLevel: flags.logLevel });
     });
 }

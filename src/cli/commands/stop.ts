@@ -1,7 +1,7 @@
 import type { Command } from "commander";
 import { pathsFrom } from "../global.js";
 import { say } from "../output.js";
-import { ConfigError } from "../../errors/index.js";
+import { parseSecondsFlag } from "../../config/durations.js";
 import { Registry, reconcile } from "../../vm/index.js";
 import { formatSeconds } from "../../vm/format.js";
 
@@ -14,7 +14,7 @@ export function registerStop(program: Command): void {
     .option("--timeout <seconds>", "give up waiting after this long (default: the VM's grace period + 30 s)")
     .action(async (names: string[], flags: { force?: boolean; timeout?: string }, cmd: Command) => {
       const paths = pathsFrom(cmd);
-      if (flags.timeout !== undefined && !/^\d+$/.test(flags.timeout)) throw new ConfigError(`--timeout must be a whole number of seconds, not "${flags.timeout}"`);
+      const timeout = flags.timeout !== undefined ? parseSecondsFlag(flags.timeout, "--timeout") : undefined;
       const { findVm, devMetaOf, stopVm } = await import("../../dev/index.js");
       await reconcile(new Registry(paths.stateDir), say);
       const entries = [];
@@ -22,7 +22,7 @@ export function registerStop(program: Command): void {
       await Promise.all(
         entries.map(async (e) => {
           const grace = devMetaOf(e)?.graceSeconds ?? 30;
-          const timeoutMs = (flags.timeout !== undefined ? Number(flags.timeout) : grace + 30) * 1000;
+          const timeoutMs = (timeout ?? grace + 30) * 1000;
           const ms = await stopVm(e, { stateDir: paths.stateDir, force: !!flags.force, timeoutMs, log: say });
           say(`${e.name}: stopped and removed (${formatSeconds(ms)})`);
         }),

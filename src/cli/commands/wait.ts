@@ -2,6 +2,7 @@ import type { Command } from "commander";
 import { pathsFrom } from "../global.js";
 import { say } from "../output.js";
 import { ConfigError } from "../../errors/index.js";
+import { parseSecondsFlag } from "../../config/durations.js";
 import { formatSeconds } from "../../vm/format.js";
 
 export function registerWait(program: Command): void {
@@ -15,8 +16,7 @@ export function registerWait(program: Command): void {
     .action(async (name: string, flags: { ssh?: boolean; console?: boolean; timeout: string }, cmd: Command) => {
       const paths = pathsFrom(cmd);
       if (flags.ssh && flags.console) throw new ConfigError("--ssh and --console exclude each other (without either, civm wait checks both)");
-      const seconds = Number(flags.timeout);
-      if (!/^\d+$/.test(flags.timeout) || seconds < 1) throw new ConfigError(`--timeout must be a whole number of seconds (1 or more), not "${flags.timeout}"`);
+      const seconds = parseSecondsFlag(flags.timeout, "--timeout", { min: 1 });
       const { findVm, devMetaOf, waitUntilReady } = await import("../../dev/index.js");
       const e = await findVm(paths.stateDir, name);
       const ms = await waitUntilReady(e, devMetaOf(e), { mode: flags.ssh ? "ssh" : flags.console ? "console" : "both", timeoutMs: seconds * 1000, stateDir: paths.stateDir });
