@@ -6,6 +6,7 @@ import { existsSync } from "node:fs";
 import { stat } from "node:fs/promises";
 import { isAbsolute, join, resolve } from "node:path";
 import type { InstanceSpec, JsonValue } from "../config/types.js";
+import { parseAllowEntry, type AllowRule, type NetworkSpec } from "../net/policy.js";
 import { parseSize } from "../config/sizes.js";
 import { parseSecondsFlag } from "../config/durations.js";
 import { ConfigError } from "../errors/index.js";
@@ -39,6 +40,10 @@ export interface DevFlags {
   sshBind?: string;
   grace?: string;
   keep?: boolean;
+  /** --allow: network policy exceptions (repeatable). */
+  allow?: string[];
+  /** --network restricted|unrestricted (a dev VM always has its network: SSH needs it). */
+  network?: string;
 }
 
 export interface DevPlan {
@@ -192,7 +197,7 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
   };
   const spec: InstanceSpec = {
     name, image: image.path, imageRef: f.image, cpus, ramBytes, rootDiskBytes, timeoutSeconds, sshPort, config,
-    kernel, initrd, cmdline, machine: "pc", qemuArgs, source: { file: "(civm run --image)", index: 0, baseDir: cwd },
+    kernel, initrd, cmdline, machine: "pc", qemuArgs, network: devNetwork(f), source: { file: "(civm run --image)", index: 0, baseDir: cwd },
   };
   const workDir = join(paths.stateDir, STATE_LAYOUT.vms, `${name}-${id}`);
   const dev: DevMeta = {
@@ -235,4 +240,22 @@ export function devRunRequest(plan: DevPlan, o: DevRequestOptions): RunVmRequest
       return { config: { ...(plan.spec.config as Record<string, JsonValue>), ssh_authorized_keys: [publicKey] } };
     },
   };
+}
+
+/** --network and --allow as a policy; the errors name the flag. */
+export function devNetwork(f: Pick<DevFlags, "allow" | "network">): NetworkSpec {
+  const mode = f.network ?? "restricted";
+  if (mode !== "restricted" && mode !== "unrestricted") {
+    throw new ConfigError(`--network ${JSON.stringify(mode)}: a dev VM's network is "restricted" (the default: the internet, not this host or its private networks) or "unrestricted"; "none" would leave no way in for SSH`);
+  }
+  const allow: AllowRule[] = [];
+  for (const a of f.allow ?? []) {
+    try {
+      allow.push(parseAllowEntry(a));
+    } catch (e) {
+      throw new ConfigError(`--allow ${(e as Error).message}`);
+    }
+  }
+  if (allow.length && mode === "unrestricted") throw new ConfigError("--allow only applies to the restricted network; with --network unrestricted everything is reachable already: drop one of them");
+  return { mode, allow };
 }

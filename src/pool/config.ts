@@ -43,7 +43,7 @@ export const SERVE_DEFAULTS = {
   workFolder: "_work",
 } as const;
 
-export const SERVE_KEYS = ["listen", "stateDir", "github", "webhookSecret", "apiToken", "pools", "pollInterval", "shutdownTimeout", "retention", "maxWebhookBytes", "logs"] as const;
+export const SERVE_KEYS = ["listen", "stateDir", "github", "webhookSecret", "apiToken", "pools", "pollInterval", "shutdownTimeout", "retention", "maxWebhookBytes", "logs", "qemuUser"] as const;
 export const LOGS_KEYS = ["keepDays", "maxBytes"] as const;
 export const GITHUB_KEYS = ["apiUrl", "appId", "privateKeyFile", "privateKey", "installationId", "token"] as const;
 export const POOL_KEYS = ["name", "maxRunners", "minRunners", "runner", "firecracker", "cpus", "ram", "disk", "timeout-seconds", "idleTimeout", "runnerGroup", "cmdline", "network"] as const;
@@ -240,6 +240,8 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
   const retentionSeconds = f.seconds("retention", SERVE_DEFAULTS.retentionSeconds, 3600, false);
   const maxWebhookBytes = f.size("maxWebhookBytes") ?? SERVE_DEFAULTS.maxWebhookBytes;
   const logs = loadLogs(f);
+  const qemuUserName = f.str("qemuUser");
+  if (qemuUserName !== undefined && !/^[a-z_][a-z0-9_-]*\$?$/.test(qemuUserName)) f.add(`"qemuUser" must be a user name such as "civm-qemu" (the unprivileged user QEMU runs as), not ${JSON.stringify(qemuUserName)}.`);
 
   const { poolsFile, poolsBaseDir, entries } = await loadPoolEntries(top, file, baseDir, env, problems, secrets);
   const pools: PoolSpec[] = [];
@@ -269,6 +271,7 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
     retentionSeconds,
     maxWebhookBytes,
     logs,
+    qemuUser: qemuUserName,
     poolsFile,
     pools,
     secrets: [...new Set(secrets)],

@@ -19,6 +19,8 @@ export interface VmRunLauncherOptions {
   accel: "kvm" | "tcg";
   /** ACPI grace before QEMU is killed on stop (s). */
   graceSeconds: number;
+  /** The user QEMU runs as (undefined: civm-qemu). */
+  qemuUser?: string | undefined;
   /** Lines from VmRun (already redacted). */
   log: (line: string, fields: Record<string, unknown>) => void;
 }
@@ -95,6 +97,7 @@ export class VmRunLauncher implements VmLauncher {
         paths: this.opts.paths,
         accel: this.opts.accel,
         graceSeconds: this.opts.graceSeconds,
+        qemuUser: this.opts.qemuUser,
         secrets: req.secrets,
         log: (l) => this.opts.log(l, fields),
         meta: { pool: req.pool.name, runner: req.name },

@@ -5,7 +5,7 @@
 import type { ServeConfig } from "./types.js";
 
 export interface RestartNeeded {
-  field: "listen" | "stateDir" | "github.apiUrl";
+  field: "listen" | "stateDir" | "github.apiUrl" | "qemuUser";
   running: string;
   configured: string;
 }
@@ -26,6 +26,8 @@ export function settingsChanges(running: ServeConfig, next: ServeConfig, default
   const sd = (c: ServeConfig) => c.stateDir ?? defaultStateDir;
   if (sd(running) !== sd(next)) restartNeeded.push({ field: "stateDir", running: sd(running), configured: sd(next) });
   if (running.github.apiUrl !== next.github.apiUrl) restartNeeded.push({ field: "github.apiUrl", running: running.github.apiUrl, configured: next.github.apiUrl });
+  const qu = (c: ServeConfig) => c.qemuUser ?? "civm-qemu";
+  if (qu(running) !== qu(next)) restartNeeded.push({ field: "qemuUser", running: qu(running), configured: qu(next) });
   if (JSON.stringify(running.github.auth) !== JSON.stringify(next.github.auth)) applied.push("github credentials");
   if (running.webhookSecret !== next.webhookSecret) applied.push("webhookSecret");
   if (running.apiToken !== next.apiToken) applied.push("apiToken");

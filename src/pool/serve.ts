@@ -57,7 +57,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
   const access = accessFor(config, warn, registry);
   const accel = await detectAccel({ stateDir: paths.stateDir, ...(o.accel ? { env: { ...process.env, CIVM_ACCEL: o.accel } } : {}) });
   if (accel.accel === "tcg") logger.warn({ reason: accel.reason }, "KVM is not usable; runner VMs use TCG software emulation");
-  const vmRun = new VmRunLauncher({ paths, accel: accel.accel, graceSeconds: o.graceSeconds, log: (line, fields) => logger.info({ ...fields, component: "vm" }, line) });
+  const vmRun = new VmRunLauncher({ paths, accel: accel.accel, graceSeconds: o.graceSeconds, qemuUser: config.qemuUser, log: (line, fields) => logger.info({ ...fields, component: "vm" }, line) });
   // JIT configs and registration tokens are secrets while their VM lives (and a minute after).
   const launcher: VmLauncher = {
     imageKey: (p) => vmRun.imageKey(p),

@@ -77,6 +77,8 @@ export interface ServeConfig {
   maxWebhookBytes: number;
   /** Console and supervisor log retention in the logs dir (applied with the hourly pruning). */
   logs: LogRetention;
+  /** The unprivileged user QEMU runs as (undefined: civm-qemu, created on demand). */
+  qemuUser: string | undefined;
   /** Where the pools came from (the config file itself, or a separate pools file). */
   poolsFile: string;
   pools: PoolSpec[];

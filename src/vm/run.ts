@@ -64,6 +64,8 @@ export interface RunVmRequest {
   onRunning?: () => void;
   /** Extra registry fields. */
   meta?: Record<string, unknown>;
+  /** The unprivileged user QEMU runs as when civm is root (default CIVM_QEMU_USER, else civm-qemu). */
+  qemuUser?: string | undefined;
   /** What the guest may reach (default: spec.network, else restricted). */
   network?: NetworkSpec;
   /**
@@ -291,7 +293,7 @@ export class VmRun {
       } else if (network.mode === "unrestricted") {
         log(`warning: ${spec.name}: network: unrestricted: the guest can reach this host's own services (through 10.0.2.2), its private networks and a cloud's metadata service (169.254.169.254)`);
       }
-      const user = process.getuid?.() === 0 ? await qemuUser() : undefined;
+      const user = process.getuid?.() === 0 ? await qemuUser(req.qemuUser) : undefined;
       const policyP =
         network.mode === "restricted"
           ? resolveAllow(network.allow, where)

@@ -5,7 +5,7 @@
 import { test, before } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { runCivm } from "../support/civm-cli.js";
 import { ensureRunnerImage, runnerEnv, uniqueName, RUNNER_IMAGE, type RunnerImage } from "../support/runner-image.js";
@@ -63,6 +63,7 @@ test("--kernel: a second Debian kernel (apt) boots civm-runner; uname -r is its 
   });
   const hostDir = join(e.root, "tree");
   mkdirSync(hostDir);
+  chmodSync(hostDir, 0o777); // QEMU runs as civm-qemu: a rw share must be writable by it
   writeFileSync(join(hostDir, "Makefile"), "test:\n\t@echo kernel-tests-passed on $$(uname -r)\n");
   const run = await runCivm(["run", "--image", RUNNER_IMAGE, "--kernel", kname, "--name", name, "--detach", "--wait", "--mem", "1G", "--host-mount", hostDir], e);
   const entry = entryOf(e, name);

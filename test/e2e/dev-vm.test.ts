@@ -6,7 +6,7 @@
 import { test, before, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer, type Server } from "node:net";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -47,6 +47,7 @@ test("detached dev VM on civm-runner: run --detach, wait, exec (output, exit cod
   const rw = join(e.root, "src");
   const ro = join(e.root, "data");
   mkdirSync(rw);
+  chmodSync(rw, 0o777); // QEMU runs as civm-qemu: a rw share must be writable by it
   mkdirSync(ro);
   writeFileSync(join(rw, "from-host.txt"), "written on the host\n");
   writeFileSync(join(ro, "ro-file.txt"), "read-only share\n");

@@ -18,6 +18,7 @@ function config(over: Partial<ServeConfig> = {}): ServeConfig {
     retentionSeconds: 7 * 86400,
     maxWebhookBytes: 1024,
     logs: { keepDays: 14, maxBytes: 1024 ** 3 },
+    qemuUser: undefined,
     poolsFile: "serve.yaml",
     pools: [],
     secrets: ["ghp_old_secret"],

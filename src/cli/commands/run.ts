@@ -37,11 +37,12 @@ interface RunFlags {
  * All of civm run's flags: an ad-hoc VM's (civm run --image ...; the dev VM's DevFlags, see
  * src/dev/plan.ts) and the instance run's. image is absent for an instance run.
  */
-interface AdHocFlags extends RunFlags, Omit<DevFlags, "image" | "hostMount" | "port" | keyof RunFlags> {
+interface AdHocFlags extends RunFlags, Omit<DevFlags, "image" | "hostMount" | "port" | "allow" | keyof RunFlags> {
   image?: string;
   /** Repeatable flags: commander starts them as []. */
   hostMount: string[];
   port: string[];
+  allow: string[];
   detach?: boolean;
   wait?: boolean;
   waitTimeout: string;
@@ -50,7 +51,7 @@ interface AdHocFlags extends RunFlags, Omit<DevFlags, "image" | "hostMount" | "p
 
 const AD_HOC_ONLY: [keyof AdHocFlags, string][] = [
   ["kernel", "--kernel"], ["initrd", "--initrd"], ["append", "--append"], ["cpus", "--cpus"], ["mem", "--mem"], ["disk", "--disk"],
-  ["name", "--name"], ["detach", "--detach"], ["wait", "--wait"], ["timeout", "--timeout"], ["printCmd", "--print-cmd"],
+  ["name", "--name"], ["network", "--network"], ["detach", "--detach"], ["wait", "--wait"], ["timeout", "--timeout"], ["printCmd", "--print-cmd"],
 ];
 
 const collect = (v: string, all: string[]): string[] => [...all, v];
@@ -85,6 +86,8 @@ export function registerRun(program: Command): void {
     .option("--disk <size>", "ad-hoc: virtual disk size, at least the image's (default the image's)")
     .option("--host-mount <dir[:tag][:guest-path][:ro|:rw|:passthrough]>", "ad-hoc: share a host folder over 9p (first at /host, others at /host-TAG; mapped-xattr: no setuid or device files reach the host; :passthrough only for a trusted guest); repeatable", collect, [])
     .option("-p, --port <[addr:]host[:guest][/udp]>", "ad-hoc: forward a host port to the guest (HOST:22 sets the SSH port, else one is picked); repeatable", collect, [])
+    .option("--allow <entry>", "ad-hoc: let the guest reach this despite the network policy: host:PORT (this host), CIDR, CIDR:PORT or NAME:PORT; repeatable (docs/security.md)", collect, [])
+    .addOption(new Option("--network <mode>", "ad-hoc: restricted (default: the internet, never this host, link-local or private networks) or unrestricted (no policy; warned)").choices(["restricted", "unrestricted"]))
     .option("--name <name>", "ad-hoc: the VM's name for wait/exec/ssh/stop/logs (default dev-<id>)")
     .option("--detach", "ad-hoc: run in the background (a supervisor owns the VM); print the name and return once QEMU runs")
     .option("--wait", "with --detach: also wait until the VM answers SSH (as civm wait)")
@@ -124,6 +127,7 @@ Exit code 0 only when the guest powered itself off; see "civm --help" for the ot
       const adHoc = AD_HOC_ONLY.filter(([k]) => flags[k] !== undefined).map(([, f]) => f);
       if (flags.hostMount.length) adHoc.push("--host-mount");
       if (flags.port.length) adHoc.push("-p");
+      if (flags.allow.length) adHoc.push("--allow (instances take network.allow)");
       if (adHoc.length) throw new ConfigError(`${adHoc.join(", ")} ${adHoc.length > 1 ? "are" : "is"} for ad-hoc VMs: add --image IMAGE${name !== undefined ? ` (and drop the instance name ${name})` : ""}`);
       if (name === undefined) throw new ConfigError("civm run needs an instance NAME (from instances.json) or --image IMAGE for an ad-hoc VM");
       const paths = pathsFrom(cmd);
