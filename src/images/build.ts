@@ -10,6 +10,7 @@ import { run } from "../exec/index.js";
 import type { Paths } from "../host/paths.js";
 import type { InstanceSpec } from "../config/types.js";
 import { VmRun, securityModelFor, type HostMount } from "../vm/index.js";
+import { parseAllowEntry, type NetworkSpec } from "../net/policy.js";
 import { cacheKeysFor } from "./cache-key.js";
 import { assembleDisk, convertRaw, compressArtifact } from "./disk.js";
 import { buildRootTree, actionHook, describeAction, removeTree } from "./rootfs.js";
@@ -323,6 +324,7 @@ async function bootBuildVm(
     cmdline: "console=ttyS0 root=LABEL=civm-root rw panic=-1",
     machine: "pc",
     qemuArgs: [],
+    network: buildNetwork(spec.mirror),
     source: { file: spec.source.file, index: spec.source.index },
   };
   // mapped-xattr (or mapped-file where xattrs may be missing): the build's root cannot put
@@ -351,5 +353,27 @@ async function bootBuildVm(
   if (partial) o.log(`console: ${partial}`);
   if (r.reason !== "poweroff") {
     throw new CivmError(r.reason === "timeout" ? "timeout" : "qemu", `${describeImage(spec)}: the build VM ended with ${r.reason} (console log: ${r.consoleLog})`, { ...(r.detail ? { details: r.detail } : {}) });
+  }
+}
+
+/**
+ * The build VM's network: the default policy, plus the spec's Debian mirror wherever it is
+ * (an apt cache on the host or a private network is common), so apt works inside.
+ */
+export function buildNetwork(mirror: string): NetworkSpec {
+  let url: URL;
+  try {
+    url = new URL(mirror);
+  } catch {
+    return { mode: "restricted", allow: [] };
+  }
+  if (url.protocol !== "http:" && url.protocol !== "https:") return { mode: "restricted", allow: [] };
+  const port = url.port || (url.protocol === "https:" ? "443" : "80");
+  const host = url.hostname;
+  const isLocal = host === "localhost" || host === "127.0.0.1" || host === "[::1]";
+  try {
+    return { mode: "restricted", allow: [parseAllowEntry(isLocal ? `host:${port}` : `${host.includes(":") && !host.startsWith("[") ? `[${host}]` : host}:${port}`)] };
+  } catch {
+    return { mode: "restricted", allow: [] };
   }
 }

@@ -150,3 +150,12 @@ test("QEMU's argv: seccomp sandbox always; network none has no network device", 
   const none = buildQemuArgs({ ...plan, network: "none" });
   assert.ok(!none.includes("-netdev") && !none.some((a) => a.startsWith("virtio-net")), none.join(" "));
 });
+
+test("image build VMs may reach their Debian mirror, wherever it is", async () => {
+  const { buildNetwork } = await import("../../src/images/build.js");
+  assert.deepEqual(buildNetwork("http://deb.debian.org/debian").allow.map((a: { raw: string }) => a.raw), ["deb.debian.org:80"]);
+  assert.deepEqual(buildNetwork("https://10.0.0.5:3142/debian").allow.map((a: { raw: string }) => a.raw), ["10.0.0.5:3142"]);
+  assert.deepEqual(buildNetwork("http://localhost:3142/debian").allow.map((a: { raw: string }) => a.raw), ["host:3142"]);
+  assert.deepEqual(buildNetwork("http://[fd00::5]/debian").allow.map((a: { raw: string }) => a.raw), ["[fd00::5]:80"]);
+  assert.deepEqual(buildNetwork("file:///srv/mirror").allow, []);
+});
