@@ -7,6 +7,7 @@
 // a pid is signalled only when its start time and command line are the ones recorded.
 import { mkdir, readdir, readFile, rm, writeFile, rename } from "node:fs/promises";
 import { lstatSync, readFileSync, realpathSync } from "node:fs";
+import { processStartTime } from "../host/proc.js";
 import { createHash } from "node:crypto";
 import { basename, dirname, isAbsolute, join, resolve } from "node:path";
 import { STATE_LAYOUT } from "../host/paths.js";
@@ -161,18 +162,8 @@ function cmdlineOf(pid: number): Buffer | undefined {
   }
 }
 
-/** Field 22 of /proc/<pid>/stat; the fields after the command name, which may hold spaces and ")". */
-export function startTimeOf(pid: number): number | undefined {
-  let stat: string;
-  try {
-    stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-  } catch {
-    return undefined;
-  }
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  const v = Number(fields[22 - 3]);
-  return Number.isSafeInteger(v) ? v : undefined;
-}
+/** Field 22 of /proc/<pid>/stat (src/host/proc.ts), re-exported for the registry's callers. */
+export const startTimeOf = processStartTime;
 
 const sha256 = (b: Buffer) => createHash("sha256").update(b).digest("hex");
 
