@@ -10,6 +10,8 @@ PACKAGES=(
   busybox-static cpio kmod     # initramfs of the tiny test guest and of civm kernel add (depmod)
   openssh-client               # civm exec/ssh, per-VM keys
   zstd jq shellcheck ovmf      # compressed images, guest agent tests, lint
+  nftables                     # the per-VM network policy
+  iproute2                     # tests: network namespaces for the policy tests
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

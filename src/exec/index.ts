@@ -21,6 +21,9 @@ export const PACKAGE_OF: Record<string, string> = {
   cpio: "cpio",
   xz: "xz-utils",
   unshare: "util-linux",
+  setpriv: "util-linux",
+  nft: "nftables",
+  useradd: "passwd",
 };
 
 export interface RunOptions {

@@ -67,6 +67,8 @@ export const TOOLS: readonly ToolSpec[] = [
     severity: "required",
     purpose: "writes the config drive (genisoimage also works)",
   },
+  { name: "nft", programs: ["nft"], versionArgs: { nft: ["--version"] }, severity: "required", purpose: "applies each VM's network policy (nftables)" },
+  { name: "setpriv", programs: ["setpriv"], versionArgs: { setpriv: ["--version"] }, severity: "required", purpose: "starts QEMU as its unprivileged user" },
   { name: "mmdebstrap", programs: ["mmdebstrap"], versionArgs: { mmdebstrap: ["--version"] }, severity: "optional", purpose: "needed only to build images" },
   { name: "mke2fs", programs: ["mke2fs"], versionArgs: { mke2fs: ["-V"] }, severity: "optional", purpose: "needed only to build images" },
   { name: "sfdisk", programs: ["sfdisk"], versionArgs: { sfdisk: ["--version"] }, severity: "optional", purpose: "needed only to build images" },

@@ -13,6 +13,8 @@ const FAKES: Record<string, { args: string; out: string; toStderr?: boolean }> =
   "qemu-img": { args: "--version", out: "qemu-img version 8.2.2 (fake)" },
   xorriso: { args: "-version", out: "xorriso 1.5.6 : RockRidge filesystem manipulator, libburnia project." },
   genisoimage: { args: "--version", out: "genisoimage 1.1.11 (Linux)" },
+  nft: { args: "--version", out: "nftables v1.0.6 (Lester Gooch #5)" },
+  setpriv: { args: "--version", out: "setpriv from util-linux 2.38.1" },
   mmdebstrap: { args: "--version", out: "mmdebstrap 1.4.3" },
   mke2fs: { args: "-V", out: "mke2fs 1.47.0 (5-Feb-2023)", toStderr: true },
   sfdisk: { args: "--version", out: "sfdisk from util-linux 2.38.1" },
@@ -114,6 +116,16 @@ test("missing qemu-img fails the report, with the Debian package to install", as
   assert.equal(c.fix, "apt-get install -y qemu-utils");
   assert.equal(r.ok, false);
   assert.match(formatDoctorReport(r), /civm doctor: NOT ready: 1 failed check/);
+});
+
+test("missing nft (the network policy) fails the report with nftables to install", async () => {
+  const h = fakeHost();
+  h.remove("nft");
+  const r = await doctor(h);
+  const c = byName(r, "nft");
+  assert.equal(c.status, "fail");
+  assert.equal(c.fix, "apt-get install -y nftables");
+  assert.equal(r.ok, false);
 });
 
 test("missing qemu-system-x86_64: failed, no version check, KVM cannot be probed", async () => {
