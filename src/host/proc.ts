@@ -29,7 +29,7 @@ export function identityAlive(identity: string): boolean {
   return processStartTime(Number(m[1])) === Number(m[2]);
 }
 
-/** Whether any process has `gid` as its real, effective, saved or filesystem group. */
+/** Whether any live (not zombie) process has `gid` as its real, effective, saved or filesystem group. */
 export function anyProcessWithGid(gid: number): boolean {
   let pids: string[];
   try {
@@ -44,6 +44,8 @@ export function anyProcessWithGid(gid: number): boolean {
     } catch {
       continue;
     }
+    // A zombie (an orphan its new parent has not reaped yet) holds nothing any more.
+    if (/^State:\s+Z/m.test(status)) continue;
     const m = /^Gid:\s+(.*)$/m.exec(status);
     if (m && m[1]!.split(/\s+/).map(Number).includes(gid)) return true;
   }
