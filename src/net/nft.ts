@@ -17,7 +17,7 @@ export const TABLE_PREFIX = "civm_g";
 export const VM_GID_BASE = 2_100_000_000;
 export const VM_GID_COUNT = 1 << 24;
 
-/** A per-VM group id for a VM without a fence (network none or unrestricted): no lock needed, a clash only shares a group. */
+/** A random per-VM group id (see reserveVmGid). */
 export function randomVmGid(): number {
   return VM_GID_BASE + randomInt(VM_GID_COUNT);
 }
@@ -130,23 +130,47 @@ export function policyUnavailable(): string | undefined {
 }
 
 /**
- * Creates the VM's table under a fresh group id (retrying while a chosen id is taken) and
- * returns both. The caller runs QEMU with that group and deletes the table after QEMU exits.
+ * Reserves a fresh per-VM group id for as long as this process holds it: an abstract unix
+ * socket named after it (bound atomically in this network namespace, where the tables live
+ * too, and released by the kernel when civm dies). Costs well under a millisecond, so the
+ * table itself can be made while QEMU starts.
  */
-export async function installTable(r: Omit<TableRules, "gid">, pickGid: () => number = randomVmGid): Promise<{ table: string; gid: number }> {
+export async function reserveVmGid(): Promise<{ gid: number; release: () => void }> {
+  const { createServer } = await import("node:net");
   for (let attempt = 0; ; attempt++) {
-    const gid = pickGid();
-    const table = tableName(gid);
+    const gid = randomVmGid();
+    const server = createServer();
     try {
-      await run("nft", ["-f", "-"], { input: renderTable(table, { ...r, gid }), failCode: "host", timeoutMs: 10_000 });
-      return { table, gid };
+      await new Promise<void>((resolve, reject) => {
+        server.once("error", reject);
+        server.listen({ path: `\0civm-vm-gid-${gid}` }, () => resolve());
+      });
     } catch (e) {
-      if (e instanceof ToolError && /File exists/.test(e.stderr) && attempt < 20) continue;
-      if (e instanceof ToolError) {
-        throw new HostError(`cannot apply the VM's network policy with nftables (nft exited ${e.exitStatus}); civm does not start a VM it cannot fence. Check that the kernel has nf_tables (lsmod | grep nf_tables) and that civm runs as root, or set network: unrestricted for this VM.`, { cause: e, details: e.stderr.trim() });
-      }
+      if ((e as NodeJS.ErrnoException).code === "EADDRINUSE" && attempt < 20) continue;
       throw e;
     }
+    server.unref();
+    return { gid, release: () => server.close() };
+  }
+}
+
+/**
+ * Creates the VM's table for QEMU's group `gid`. The caller runs QEMU with that group,
+ * lets the guest run only once this resolved, and deletes the table after QEMU exits.
+ */
+export async function installTable(r: TableRules): Promise<{ table: string; gid: number }> {
+  const table = tableName(r.gid);
+  try {
+    await run("nft", ["-f", "-"], { input: renderTable(table, r), failCode: "host", timeoutMs: 10_000 });
+    return { table, gid: r.gid };
+  } catch (e) {
+    if (e instanceof ToolError && /File exists/.test(e.stderr)) {
+      throw new HostError(`the network policy table ${table} already exists: a VM whose civm died still holds group ${r.gid}. Run civm ls (it ends orphaned VMs and removes their tables), then start again.`);
+    }
+    if (e instanceof ToolError) {
+      throw new HostError(`cannot apply the VM's network policy with nftables (nft exited ${e.exitStatus}); civm does not start a VM it cannot fence. Check that the kernel has nf_tables (lsmod | grep nf_tables) and that civm runs as root, or set network: unrestricted for this VM.`, { cause: e, details: e.stderr.trim() });
+    }
+    throw e;
   }
 }
 

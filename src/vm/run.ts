@@ -20,7 +20,7 @@ import { CleanupStack } from "./cleanup.js";
 import { Supervisor, EXIT_CODE_OF_REASON, type ExitReason, type StopReason } from "./supervisor.js";
 import { ConsoleStream, NoBootWatch, tailLines } from "./console.js";
 import { DEFAULT_NETWORK, describeNetwork, type NetworkSpec } from "../net/policy.js";
-import { hostResolvers, installTable, deleteTable, policyUnavailable, resolveAllow, sweepTables, randomVmGid } from "../net/nft.js";
+import { hostResolvers, installTable, deleteTable, policyUnavailable, resolveAllow, sweepTables, reserveVmGid } from "../net/nft.js";
 import { accessProblem, qemuUser, setprivArgs, type QemuUser } from "../net/identity.js";
 import { processIdentity } from "../host/proc.js";
 
@@ -294,16 +294,15 @@ export class VmRun {
         log(`warning: ${spec.name}: network: unrestricted: the guest can reach this host's own services (through 10.0.2.2), its private networks and a cloud's metadata service (169.254.169.254)`);
       }
       const user = process.getuid?.() === 0 ? await qemuUser(req.qemuUser) : undefined;
-      const policyP =
-        network.mode === "restricted"
-          ? resolveAllow(network.allow, where)
-              .then((allow) => installTable({ allow, resolvers: hostResolvers(), comment: `civm vm=${this.id} owner=${processIdentity(process.pid) ?? process.pid}` }))
-              .then((fence) => {
-                cleanup.push("network policy", () => deleteTable(fence.table));
-                entry.net = { mode: network.mode, table: fence.table, gid: fence.gid };
-                return fence;
-              })
-          : Promise.resolve(undefined);
+      // QEMU's own group: reserved now, its nftables table made while QEMU starts (paused).
+      const reserved = user ? await reserveVmGid() : undefined;
+      if (reserved) cleanup.push("group id reservation", () => reserved.release());
+      const allowP = network.mode === "restricted" ? resolveAllow(network.allow, where) : Promise.resolve([]);
+      // Before "QEMU" on the stack, so it runs after QEMU is gone.
+      let fence: { table: string; gid: number } | undefined;
+      cleanup.push("network policy", async () => {
+        if (fence) await deleteTable(fence.table);
+      });
       // Civm writes the console log itself, redacted (QEMU only sees a socket in the work dir).
       let noBoot: string | undefined;
       const noBootWatch = plan.kernel ? undefined : new NoBootWatch();
@@ -329,11 +328,9 @@ export class VmRun {
           ? Promise.resolve()
           : createOverlay({ base: spec.image, overlay: plan.overlay, sizeBytes: spec.rootDiskBytes, where }),
         writeConfigDrive(req.configDrive ?? renderConfigDrive(spec.name, config), plan.configIso!, join(this.workDir, WORKDIR_LAYOUT.configStaging)),
-        policyP,
+        allowP,
       ]);
-      const fence = await policyP;
-      if (fence) await registry.put(entry);
-      trace("vm: overlay, config drive and network policy ready");
+      trace("vm: overlay and config drive ready");
 
       let binary = plan.binary;
       let args = buildQemuArgs(plan);
@@ -341,7 +338,7 @@ export class VmRun {
         // Every VM's QEMU has a group of its own (the fence's key when restricted); QEMU's
         // files are root's and that group's, so one QEMU cannot open another VM's files even
         // though all run as the same user.
-        const gid = fence?.gid ?? randomVmGid();
+        const gid = reserved!.gid;
         await this.checkQemuAccess(user, gid, plan);
         const grants: [string, number][] = [[this.workDir, 0o770], [plan.configIso!, 0o640], ...(req.directDisk ? [] : [[plan.overlay, 0o660] as [string, number]])];
         if (plan.serconPortFile) grants.push([plan.serconPortFile, 0o640]);
@@ -358,10 +355,11 @@ export class VmRun {
       }
       const stream = consoleStream;
       let consoleP: Promise<void> | undefined;
+      let fenceP: Promise<unknown> | undefined;
       const sup = new Supervisor({
         binary, args, timeoutSeconds: spec.timeoutSeconds, graceSeconds: req.graceSeconds, log,
-        // The console is connected before the guest runs, so its first byte is read.
-        beforeCont: () => consoleP ?? Promise.resolve(),
+        // The console is connected, and the network fenced, before the guest runs.
+        beforeCont: () => Promise.all([consoleP, fenceP]).then(() => undefined),
       });
       this.supervisor = sup;
       cleanup.push("QEMU", () => sup.kill());
@@ -370,6 +368,17 @@ export class VmRun {
         // In parallel with the QMP connect (QEMU is spawned synchronously by start()).
         consoleP = stream.connect(plan.consoleSocket, () => sup.alive);
         consoleP.catch(() => undefined);
+        if (network.mode === "restricted") {
+          fenceP = allowP
+            .then((allow) => installTable({ gid: reserved!.gid, allow, resolvers: hostResolvers(), comment: `civm vm=${this.id} owner=${processIdentity(process.pid) ?? process.pid}` }))
+            .then((f) => {
+              // Recorded with the entry's next write (once QMP answers); a crash before
+              // that leaves a table the next civm sweeps by its owner comment.
+              fence = f;
+              entry.net = { mode: network.mode, table: f.table, gid: f.gid };
+            });
+          fenceP.catch(() => undefined);
+        }
         entry.qemuPid = sup.pid;
         // Start time now (kept across exec); the command line once QMP answers (QEMU has exec'd).
         entry.qemu = sup.pid ? procIdentity(sup.pid, { cmdline: false }) : undefined;

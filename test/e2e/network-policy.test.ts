@@ -133,3 +133,18 @@ function safeRead(path: string): string {
     return "";
   }
 }
+
+test("a policy nftables refuses: the VM never runs a guest instruction, exit 8, nothing left", async () => {
+  const e = civmEnv();
+  // An nft that fails to load any ruleset (but lists and deletes as usual).
+  writeFileSync(join(e.shimDir, "nft"), `#!/bin/sh\nif [ "$1" = "-f" ]; then echo "Error: Could not process rule: Operation not supported" >&2; exit 1; fi\nexec /usr/sbin/nft "$@"\n`, { mode: 0o755 });
+  instances(e, "vm-nofence", { tiny: "poweroff" });
+  const r = await runCivm(["run", "vm-nofence"], e, { wrap: net.wrap });
+  assert.equal(r.code, 8, r.stderr);
+  assert.match(r.stderr, /cannot apply the VM's network policy with nftables[\s\S]*Operation not supported/);
+  const logs = existsSync(e.logsDir) ? readdirSync(e.logsDir).filter((n) => n.endsWith(".log")) : [];
+  for (const l of logs) assert.doesNotMatch(readFileSync(join(e.logsDir, l), "utf8"), /tiny-guest|Linux version/, "the guest ran");
+  assert.deepEqual(leftovers(e), []);
+  assert.deepEqual(qemuProcessesOf(e), []);
+  assert.deepEqual(net.civmTables(), []);
+});
