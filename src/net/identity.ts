@@ -59,18 +59,23 @@ const cache = new Map<string, QemuUser>();
  * The QEMU user, looked up (and, for the default name, created as a system user with no
  * home and no login shell). A named user that does not exist is an error.
  */
-export async function qemuUser(name: string = process.env.CIVM_QEMU_USER || DEFAULT_QEMU_USER): Promise<QemuUser> {
+export async function qemuUser(name: string = process.env.CIVM_QEMU_USER || DEFAULT_QEMU_USER, opts: { create?: boolean } = {}): Promise<QemuUser> {
+  const create = opts.create ?? name === DEFAULT_QEMU_USER;
   const hit = cache.get(name);
   if (hit) return hit;
   let ent = passwdEntry(name) ?? (await getent(name));
-  if (!ent && name === DEFAULT_QEMU_USER) {
+  // Several civm processes may start at once on a new host: useradd then finds the user
+  // made (exit 9) or /etc/passwd locked by another (exit 1/10); look again and retry.
+  for (let attempt = 0; !ent && create; attempt++) {
     try {
       await run("useradd", ["--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", "--comment", "civm QEMU processes", name], { failCode: "host", timeoutMs: 30_000 });
     } catch (e) {
-      // Exit 9: created meanwhile by another civm.
-      if (!(e instanceof ToolError && e.exitStatus === 9)) {
+      ent = passwdEntry(name);
+      if (!ent && attempt >= 10) {
         throw new HostError(`cannot create the system user ${name} that QEMU runs as; create it yourself (useradd --system --user-group --no-create-home --shell /usr/sbin/nologin ${name}) or name an existing one with CIVM_QEMU_USER`, { cause: e, ...(e instanceof ToolError ? { details: e.stderr.trim() } : {}) });
       }
+      if (!ent) await new Promise((r) => setTimeout(r, 100 + Math.floor(Math.random() * 200)));
+      continue;
     }
     ent = passwdEntry(name) ?? (await getent(name));
   }

@@ -7,6 +7,7 @@ import { join } from "node:path";
 import { buildTinyGuest, type TinyGuest } from "../support/tiny-guest.js";
 import { civmEnv, runCivm, startCivm, waitFor, leftovers, qemuProcessesOf, consoleLogOf, type CivmEnv } from "../support/civm-cli.js";
 import { createTestNet, type TestNet } from "../support/netns.js";
+import { testQemuUser } from "../support/paths.js";
 
 let guest: TinyGuest;
 let net: TestNet;
@@ -79,7 +80,7 @@ test("network: unrestricted turns the policy off, with a warning", async () => {
   assert.deepEqual(results, { hostViaGateway: "ok", hostOther: "ok", hostDirect: "ok", metadata: "ok", private: "ok", public: "ok" });
 });
 
-test("QEMU runs as civm-qemu with a group of its own and seccomp; SIGINT to civm's process group stops the VM through ACPI (exit 5)", async () => {
+test("QEMU runs as its unprivileged user with a group of its own and seccomp; SIGINT to civm's process group stops the VM through ACPI (exit 5)", async () => {
   const e = civmEnv();
   instances(e, "vm-int", { tiny: "acpi" });
   const p = startCivm(["run", "vm-int", "--grace", "20"], e, { wrap: net.wrap, detached: true });
@@ -89,9 +90,11 @@ test("QEMU runs as civm-qemu with a group of its own and seccomp; SIGINT to civm
   const status = readFileSync(`/proc/${pid}/status`, "utf8");
   const uid = Number(/^Uid:\s+(\d+)/m.exec(status)![1]);
   const gid = Number(/^Gid:\s+(\d+)/m.exec(status)![1]);
-  const passwd = readFileSync("/etc/passwd", "utf8").split("\n").find((l) => l.startsWith("civm-qemu:"));
-  assert.ok(passwd, "civm-qemu was not created");
-  assert.equal(uid, Number(passwd.split(":")[2]), "QEMU does not run as civm-qemu");
+  // The suite runs QEMU as a user of its own (test/support/paths.ts), named like civm-qemu.
+  const qemuUserName = testQemuUser ?? "civm-qemu";
+  const passwd = readFileSync("/etc/passwd", "utf8").split("\n").find((l) => l.startsWith(`${qemuUserName}:`));
+  assert.ok(passwd, `${qemuUserName} does not exist`);
+  assert.equal(uid, Number(passwd.split(":")[2]), `QEMU does not run as ${qemuUserName}`);
   assert.ok(gid >= 2_100_000_000, `QEMU's group ${gid} is not a per-VM group`);
   assert.match(status, /^Seccomp:\s+2$/m, "QEMU has no seccomp filter");
   assert.match(status, /^CapEff:\s+0+$/m, "QEMU kept capabilities");

@@ -2,7 +2,8 @@
 // three levels above this file's compiled location (dist/test/support).
 import { fileURLToPath } from "node:url";
 import { dirname, join, resolve } from "node:path";
-import { chmodSync, mkdtempSync, statSync } from "node:fs";
+import { chmodSync, mkdtempSync, readFileSync, statSync } from "node:fs";
+import { execFileSync } from "node:child_process";
 import { tmpdir } from "node:os";
 
 export const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..", "..");
@@ -26,4 +27,52 @@ export function tempDir(prefix = "civm-test-"): string {
   const d = mkdtempSync(join(tmpdir(), prefix));
   chmodSync(d, 0o755);
   return d;
+}
+
+/**
+ * The user QEMU runs as in tests: one made for this test process (civmt<pid>) and removed
+ * when it exits, passed to every civm the tests start through CIVM_QEMU_USER, so the suite
+ * leaves no system user behind (civm itself creates civm-qemu on demand; that path has a
+ * test of its own). Users of test processes that died without cleaning up are removed here.
+ */
+export const testQemuUser: string | undefined = (() => {
+  if (process.getuid?.() !== 0) return undefined;
+  if (process.env.CIVM_QEMU_USER) return process.env.CIVM_QEMU_USER;
+  const passwd = () => readFileSync("/etc/passwd", "utf8");
+  const exists = (n: string) => passwd().split("\n").some((l) => l.startsWith(`${n}:`));
+  for (const m of passwd().matchAll(/^civmt(\d+):/gm)) {
+    const pid = Number(m[1]);
+    let alive = true;
+    try {
+      process.kill(pid, 0);
+    } catch {
+      alive = false;
+    }
+    if (!alive) removeUser(`civmt${pid}`);
+  }
+  const name = `civmt${process.pid}`;
+  for (let attempt = 0; !exists(name); attempt++) {
+    try {
+      execFileSync("useradd", ["--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name], { stdio: "ignore" });
+    } catch (e) {
+      // /etc/passwd locked by another test process: wait and try again.
+      if (attempt > 20) throw e;
+      execFileSync("sleep", ["0.2"]);
+    }
+  }
+  process.env.CIVM_QEMU_USER = name;
+  process.on("exit", () => removeUser(name));
+  return name;
+})();
+
+function removeUser(name: string): void {
+  for (let attempt = 0; attempt < 20; attempt++) {
+    try {
+      execFileSync("userdel", ["-f", name], { stdio: "ignore" });
+      return;
+    } catch (e) {
+      if ((e as { status?: number }).status === 6) return; // no such user
+      execFileSync("sleep", ["0.1"]);
+    }
+  }
 }

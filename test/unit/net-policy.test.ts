@@ -159,3 +159,23 @@ test("image build VMs may reach their Debian mirror, wherever it is", async () =
   assert.deepEqual(buildNetwork("http://[fd00::5]/debian").allow.map((a: { raw: string }) => a.raw), ["[fd00::5]:80"]);
   assert.deepEqual(buildNetwork("file:///srv/mirror").allow, []);
 });
+
+test("the QEMU user: created on demand as a system user without home or login; named users must exist; root is refused", { skip: process.getuid?.() !== 0 }, async () => {
+  const { qemuUser } = await import("../../src/net/identity.js");
+  const { readFileSync } = await import("node:fs");
+  const name = `civmt-mk${process.pid}`;
+  try {
+    const u = await qemuUser(name, { create: true });
+    const line = readFileSync("/etc/passwd", "utf8").split("\n").find((l) => l.startsWith(`${name}:`))!;
+    const [, , uid, gid, , home, shell] = line.split(":");
+    assert.equal(u.uid, Number(uid));
+    assert.ok(u.uid > 0 && u.uid < 1000, `not a system uid: ${u.uid}`);
+    assert.ok(u.groups.includes(Number(gid)));
+    assert.equal(home, "/nonexistent");
+    assert.equal(shell, "/usr/sbin/nologin");
+  } finally {
+    execFileSync("userdel", ["-f", name], { stdio: "ignore" });
+  }
+  await assert.rejects(qemuUser(`civmt-none${process.pid}`, { create: false }), /does not exist; create it or leave the setting out/);
+  await assert.rejects(qemuUser("root"), /must not run as root/);
+});
