@@ -74,6 +74,8 @@ test("civm serve: kill -9 with runners up, restart: no orphan QEMU or work dir, 
   // Start-up reconciliation ends the orphans and removes their files.
   await s.poll(() => oldPids.every((p) => !alive(p)), 30_000, "the orphan QEMU processes to be ended");
   await s.poll(() => !leftovers(e).some((l) => before.some((v) => l.includes(v.id))), 30_000, "the old VMs' work dirs and registry entries to be removed");
+  // Marked once start-up reconciliation (which also sweeps stale nftables tables) returns.
+  await s.poll(async () => (await s.allVms()).filter((v) => oldNames.includes(v.name) && v.state === "finished").length === 2, 30_000, "the old VMs to be marked finished");
   const finishedOld = (await s.allVms()).filter((v) => oldNames.includes(v.name));
   assert.deepEqual(finishedOld.map((v) => [v.state, v.exitReason]), [["finished", "civm-restarted"], ["finished", "civm-restarted"]]);
 
