@@ -20,6 +20,7 @@ import { githubRequestObserver } from "./metrics.js";
 import { findConsoleLog, VmRunLauncher } from "./launcher.js";
 import { effectiveConfig, restartMessage, settingsChanges } from "./reload.js";
 import type { ServeConfig } from "./types.js";
+import { JobRouter, routable } from "./routing.js";
 
 export interface RunServeOptions {
   configFile: string;
@@ -70,7 +71,11 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     },
   };
   let stop: (why: NodeJS.Signals | "drained") => void = () => {};
+  // One router for the webhook and the poll: one runner-group cache, each ignored job counted once.
+  let daemonRef: Daemon | undefined;
+  const router = new JobRouter({ registry, access: () => daemonRef?.githubAccess, warn: (f, m) => logger.warn(f, m) });
   const daemon = new Daemon({
+    router,
     pools: config.pools,
     store,
     access,
@@ -88,9 +93,10 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     apiUrl: config.github.apiUrl,
     onDrained: () => stop("drained"),
   });
+  daemonRef = daemon;
   const serverPools = (): ServerPool[] => [
-    ...daemon.currentPools().map((p) => ({ name: p.name, labels: p.runner.labels, minRunners: p.minRunners, maxRunners: p.maxRunners })),
-    ...daemon.removingPools().map((p) => ({ name: p.name, labels: p.runner.labels, minRunners: p.minRunners, maxRunners: p.maxRunners, removing: true })),
+    ...daemon.currentPools().map((p) => ({ ...routable(p), minRunners: p.minRunners, maxRunners: p.maxRunners })),
+    ...daemon.removingPools().map((p) => ({ ...routable(p), minRunners: p.minRunners, maxRunners: p.maxRunners, removing: true })),
   ];
   let stopping = false;
   let reloads: Promise<unknown> = Promise.resolve();
@@ -150,6 +156,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
       return found;
     },
     redact: (text) => redactAll(text, [...secrets]),
+    router,
   };
   const app = createApp(serverOpts);
   const server = await listen(app, config.listen.host, config.listen.port);

@@ -186,6 +186,13 @@ test("a label set shared by two pools (case-insensitive, self-hosted implied)", 
   assert.match(await problems(s), /pool "a" \(#1\) and pool "b" \(#2\) have the same "runner\.labels" \(linux, self-hosted, x64, ignoring case/);
 });
 
+test("pools of different organizations or repositories may share labels; an org pool and a repository of that org may not", async () => {
+  const ok = setup(serve([pool({ name: "a" }, { organization: "org-a" }), pool({ name: "b" }, { organization: "Org-B" }), pool({ name: "c" }, { organization: undefined, repository: "org-b2/app" })]));
+  assert.deepEqual((await load(ok)).pools.map((p) => p.name), ["a", "b", "c"]);
+  const clash = setup(serve([pool({ name: "a" }, { organization: "org-a" }), pool({ name: "b" }, { organization: undefined, repository: "Org-A/app" })]));
+  assert.match(await problems(clash), /pool "a" \(#1\) and pool "b" \(#2\) have the same "runner\.labels" .* and serve the same repositories/);
+});
+
 test("an unreadable key file names the field and the path, not the contents", async (t) => {
   const s = setup(serve([pool()]));
   if (process.getuid?.() === 0) {
