@@ -442,7 +442,8 @@ function validatePool(entry: unknown, index: number, file: string, baseDir: stri
   const vm = validateVm(f);
   const idleTimeoutSeconds = f.seconds("idleTimeout", SERVE_DEFAULTS.idleTimeoutSeconds, 0);
   if (problems.length > start || !name || maxRunners === undefined || minRunners === undefined || !runner || !vm) return undefined;
-  return { name, index, maxRunners, minRunners, runner, vm, idleTimeoutSeconds };
+  const cmdlineFrom = vm.cmdline === undefined ? undefined : f.has("cmdline") ? "cmdline" : "firecracker.kernelArgs";
+  return { name, index, maxRunners, minRunners, runner, vm, idleTimeoutSeconds, ...(cmdlineFrom ? { cmdlineFrom } : {}) };
 }
 
 function validateRunner(pool: Fields, poolName: string | undefined, baseDir: string): PoolSpec["runner"] | undefined {

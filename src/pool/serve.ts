@@ -21,6 +21,7 @@ import { findConsoleLog, VmRunLauncher } from "./launcher.js";
 import { effectiveConfig, restartMessage, settingsChanges } from "./reload.js";
 import type { ServeConfig } from "./types.js";
 import { JobRouter, routable } from "./routing.js";
+import { poolCmdlineWarnings } from "./cmdline.js";
 
 export interface RunServeOptions {
   configFile: string;
@@ -51,6 +52,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     { level: o.logLevel, base: { pid: process.pid }, timestamp: pino.stdTimeFunctions.isoTime, formatters: { level: (label) => ({ level: label }) } },
     { write: (line: string) => void process.stdout.write(redactAll(line, [...secrets])) },
   );
+  for (const w of poolCmdlineWarnings(config.pools, config.poolsFile)) logger.warn({}, w);
   const paths = resolvePaths({ stateDir: config.stateDir ?? o.stateDir, logsDir: o.logsDir });
   const store = new StateStore(paths.stateDir);
   const registry = new Registry();
@@ -113,6 +115,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
         return { ok: false, error };
       }
       for (const s of next.secrets) secrets.add(s);
+      for (const w of poolCmdlineWarnings(next.pools, next.poolsFile)) logger.warn({ trigger }, w);
       const settings = settingsChanges(config, next, paths.stateDir);
       const pools = daemon.reload(next.pools, {
         ...(settings.applied.includes("github credentials") ? { access: accessFor(next, warn, registry) } : {}),
