@@ -362,6 +362,8 @@ test("civm config check (bin/civm): seed 003's pools.json with a civm image load
   const r = spawnSync(process.execPath, [civmBin, "config", "check", s.file], { cwd: s.dir, encoding: "utf8", env: { ...process.env, CIVM_STATE_DIR: s.stateDir } });
   assert.equal(r.status, 0, r.stderr);
   assert.match(r.stdout, /pool default: 1\.\.10 runners, image runner-img \(stored\), 2 cpus, 4096 MiB, org your-org, labels/);
+  // Its kernelArgs end in pci=off, which would hide the runner's disk: dropped, and said so.
+  assert.match(r.stderr, /civm: warning: .*pools\.json: pool "default" \(#1\): "firecracker\.kernelArgs" option "pci=off" is dropped: civm's pc machine puts the root disk/);
 });
 
 test("retention: default 7 days; \"7d\", \"36h\", \"1d12h\" or seconds; too short or not a duration is a clear error", async () => {
