@@ -442,7 +442,8 @@ function validatePool(entry: unknown, index: number, file: string, baseDir: stri
   const vm = validateVm(f);
   const idleTimeoutSeconds = f.seconds("idleTimeout", SERVE_DEFAULTS.idleTimeoutSeconds, 0);
   if (problems.length > start || !name || maxRunners === undefined || minRunners === undefined || !runner || !vm) return undefined;
-  return { name, index, maxRunners, minRunners, runner, vm, idleTimeoutSeconds };
+  const cmdlineFrom = vm.cmdline === undefined ? undefined : f.has("cmdline") ? "cmdline" : "firecracker.kernelArgs";
+  return { name, index, maxRunners, minRunners, runner, vm, idleTimeoutSeconds, ...(cmdlineFrom ? { cmdlineFrom } : {}) };
 }
 
 function validateRunner(pool: Fields, poolName: string | undefined, baseDir: string): PoolSpec["runner"] | undefined {
@@ -544,7 +545,11 @@ function validateVm(pool: Fields): PoolSpec["vm"] | undefined {
   return { cpus: cpus ?? vcpu ?? SERVE_DEFAULTS.cpus, ramBytes, rootDiskBytes, timeoutSeconds, cmdline: cmdline ?? kernelArgs, network: net.value! };
 }
 
-/** Duplicate names and label sets two pools share (a job could not pick between them). */
+/**
+ * Duplicate names, and label sets two pools share where their targets overlap (a job of a
+ * repository both serve could go to either). Pools of different organizations or
+ * repositories may share labels: a job goes only to a pool that covers its repository.
+ */
 function crossPoolProblems(entries: unknown[], pools: PoolSpec[], file: string): string[] {
   const names = entries.map((e) => (isObj(e) && typeof e.name === "string" && e.name !== "" ? e.name : undefined));
   const out = duplicateNameProblems(file, names, "pools", "the API, the metrics and the logs pick a pool by name");
@@ -554,11 +559,25 @@ function crossPoolProblems(entries: unknown[], pools: PoolSpec[], file: string):
     byLabels.set(key, [...(byLabels.get(key) ?? []), p]);
   }
   for (const [key, ps] of byLabels) {
-    if (ps.length < 2) continue;
-    const names = ps.map((p) => poolLabel(p.name, p.index)).join(" and ");
-    out.push(`${file}: ${names} have the same "runner.labels" (${key.split(",").join(", ")}, ignoring case, "self-hosted" implied), so a job asking for them could go to either; give each pool a label of its own.`);
+    const reported = new Set<PoolSpec>();
+    for (const p of ps) {
+      if (reported.has(p)) continue;
+      const clash = ps.filter((q) => q === p || targetsOverlap(p.runner.target, q.runner.target));
+      if (clash.length < 2) continue;
+      clash.forEach((q) => reported.add(q));
+      const names = clash.map((q) => poolLabel(q.name, q.index)).join(" and ");
+      out.push(`${file}: ${names} have the same "runner.labels" (${key.split(",").join(", ")}, ignoring case, "self-hosted" implied) and serve the same repositories, so a job asking for them could go to either; give each pool a label of its own.`);
+    }
   }
   return out;
+}
+
+/** Whether two targets can serve a common repository (same org or repository, or an org and one of its repositories). */
+function targetsOverlap(a: RunnerTarget, b: RunnerTarget): boolean {
+  const owner = (t: RunnerTarget) => (t.kind === "org" ? t.org : t.owner).toLowerCase();
+  if (owner(a) !== owner(b)) return false;
+  if (a.kind === "org" || b.kind === "org") return true;
+  return a.repo.toLowerCase() === b.repo.toLowerCase();
 }
 
 async function checkImage(image: PoolImage, stateDir: string): Promise<string | undefined> {

@@ -16,7 +16,8 @@ import { createRegistrationToken, deleteRunner, generateJitConfig, getRunner, li
 import type { StateStore, VmRecord } from "../store/index.js";
 import { registrationLabels } from "./labels.js";
 import { observeVmTransition, serveMetrics } from "./metrics.js";
-import { backoffState, DEFAULT_BACKOFF, matchPool, planPool, planShutdown, type BackoffOptions, type RunnerView, type StopReason } from "./plan.js";
+import { JobRouter, routable } from "./routing.js";
+import { backoffState, DEFAULT_BACKOFF, planPool, planShutdown, type BackoffOptions, type RunnerView, type StopReason } from "./plan.js";
 import type { PoolSpec } from "./types.js";
 
 /** pino-compatible subset: structured fields first, then the message. */
@@ -92,6 +93,8 @@ export interface DaemonOptions {
   pruneIntervalMs?: number;
   /** Runs with each pruning, in the background (console log retention); a failure is a warning. */
   pruneLogs?: () => Promise<void>;
+  /** Job → pool (shared with the webhook server); default: one of its own on `registry`. */
+  router?: JobRouter;
 }
 
 export const DEFAULT_RETENTION_MS = 7 * 24 * 3600_000;
@@ -179,6 +182,7 @@ export class Daemon {
   private passesDone = 0;
   private loopDone: Promise<void> | undefined;
   private readonly backoff: BackoffOptions;
+  private readonly router: JobRouter;
   private readonly metrics: { runners: Gauge; desired: Gauge; starts: Counter; exits: Counter; health: Gauge };
 
   constructor(private readonly opts: DaemonOptions) {
@@ -187,6 +191,7 @@ export class Daemon {
     this.pools = [...opts.pools];
     this.access = opts.access;
     this.backoff = opts.backoff ?? DEFAULT_BACKOFF;
+    this.router = opts.router ?? new JobRouter({ registry: opts.registry, access: () => this.access, now: this.now, warn: (f, m) => this.log.warn(f, m) });
     const registers = [opts.registry];
     this.metrics = {
       runners: new Gauge({ name: "civm_pool_runners", help: "Runner VMs by pool and state", labelNames: ["pool", "state"], registers }),
@@ -301,6 +306,11 @@ export class Daemon {
     return [...m.values()];
   }
 
+  /** The GitHub access in use (a reload may replace it). */
+  get githubAccess(): GitHubAccess {
+    return this.access;
+  }
+
   /** The pools in use now (the API shows these). */
   currentPools(): readonly PoolSpec[] {
     return this.pools;
@@ -347,9 +357,10 @@ export class Daemon {
     }
     if (o.shutdownTimeoutMs !== undefined) this.opts.shutdownTimeoutMs = o.shutdownTimeoutMs;
     if (o.retentionMs !== undefined) this.opts.retentionMs = o.retentionMs;
-    const matchable = this.pools.map((p) => ({ name: p.name, labels: p.runner.labels }));
+    // With what the router has cached; the next poll routes them again with fresh access.
+    const matchable = this.pools.map(routable);
     for (const j of this.opts.store.jobs({ status: "queued" })) {
-      const pool = matchPool(matchable, j.labels)?.name;
+      const pool = this.router.routeCached(matchable, { repository: j.repository, labels: j.labels }).pool?.name;
       if (pool !== j.pool) this.opts.store.setJobPool(j.id, pool);
     }
     this.log.info({ added: changes.added, removed: changes.removed, changed: changes.changed.map((c) => `${c.name} (${c.fields.join(", ")})`) }, "pools reloaded");
@@ -698,12 +709,21 @@ export class Daemon {
     const client = await this.access.client(target);
     const repos = await targetRepositories(client, target);
     const queuedIds = new Set<number>();
+    const matchable = this.pools.map(routable);
     for (const repo of repos) {
       for (const j of await listQueuedJobs(client, repo)) {
         queuedIds.add(j.id);
-        const pool = matchPool(this.pools.map((p) => ({ name: p.name, labels: p.runner.labels })), j.labels)?.name;
+        const route = await this.router.route(matchable, { repository: j.repository, labels: j.labels });
+        const pool = route.pool?.name;
         const old = store.job(j.id);
+        if (route.ignored) {
+          this.router.ignored(j.id, route.ignored);
+          // A job recorded for a pool that no longer serves it (a reload, a runner group change) is no demand.
+          if (old?.pool !== undefined && old.status === "queued") store.setJobPool(j.id, undefined);
+          if (!old) continue;
+        }
         store.upsertJob({ id: j.id, labels: j.labels, status: "queued", at: started, repository: j.repository, ...(pool ? { pool } : {}) });
+        if (pool && old && old.pool !== pool && old.status === "queued") store.setJobPool(j.id, pool);
         if (!old && pool) this.log.info({ pool, job: j.id, repository: j.repository }, "queued job found by polling");
       }
     }

@@ -45,3 +45,5 @@ export {
   type LaunchOutcome,
 } from "./daemon.js";
 export { settingsChanges, effectiveConfig, restartMessage, type SettingsChanges, type RestartNeeded } from "./reload.js";
+export { combineCmdline, poolCmdlineWarnings, splitCmdline, type CombinedCmdline, type DroppedOption } from "./cmdline.js";
+export { JobRouter, routeJob, targetCovers, type IgnoreReason, type RoutablePool, type Route } from "./routing.js";

@@ -12,6 +12,7 @@ import { Registry } from "../vm/registry.js";
 import { reconcile } from "../vm/reconcile.js";
 import { VmRun } from "../vm/run.js";
 import type { LaunchRequest, VmHandle, VmLauncher } from "./daemon.js";
+import { combineCmdline } from "./cmdline.js";
 import type { PoolSpec } from "./types.js";
 
 export interface VmRunLauncherOptions {
@@ -42,7 +43,8 @@ export class VmRunLauncher implements VmLauncher {
       config: null,
       kernel: undefined,
       initrd: undefined,
-      cmdline: pool.vm.cmdline,
+      // civm's own command line for the image, with the pool's options appended (cmdline.ts).
+      cmdline: undefined,
       machine: "pc",
       qemuArgs: [],
       network: pool.vm.network,
@@ -56,9 +58,9 @@ export class VmRunLauncher implements VmLauncher {
       if (existsSync(join(dir, "vmlinuz")) && existsSync(join(dir, "initrd.img"))) {
         spec.kernel = join(dir, "vmlinuz");
         spec.initrd = join(dir, "initrd.img");
-        spec.cmdline = pool.vm.cmdline ?? STORED_IMAGE_CMDLINE;
       }
     }
+    if (spec.kernel) spec.cmdline = combineCmdline(spec.cmdline ?? STORED_IMAGE_CMDLINE, pool.vm.cmdline, spec.machine).cmdline;
     void id;
     return spec;
   }

@@ -48,8 +48,8 @@ export function desiredRunners(pool: { minRunners: number; maxRunners: number },
 }
 
 /**
- * The pool that serves a job: one whose labels (case-insensitive, "self-hosted" implied)
- * include all the job's labels. Several match: the one with the fewest labels (the most
+ * Among pools that may serve a job's repository (routing.ts picks those first), the one
+ * whose labels (case-insensitive, "self-hosted" implied) include all the job's labels. Several match: the one with the fewest labels (the most
  * specific), then the first in the config. undefined: no pool serves it.
  */
 export function matchPool<P extends { name: string; labels: readonly string[] }>(pools: readonly P[], jobLabels: readonly string[]): P | undefined {

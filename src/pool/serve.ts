@@ -20,6 +20,8 @@ import { githubRequestObserver } from "./metrics.js";
 import { findConsoleLog, VmRunLauncher } from "./launcher.js";
 import { effectiveConfig, restartMessage, settingsChanges } from "./reload.js";
 import type { ServeConfig } from "./types.js";
+import { JobRouter, routable } from "./routing.js";
+import { poolCmdlineWarnings } from "./cmdline.js";
 
 export interface RunServeOptions {
   configFile: string;
@@ -50,6 +52,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     { level: o.logLevel, base: { pid: process.pid }, timestamp: pino.stdTimeFunctions.isoTime, formatters: { level: (label) => ({ level: label }) } },
     { write: (line: string) => void process.stdout.write(redactAll(line, [...secrets])) },
   );
+  for (const w of poolCmdlineWarnings(config.pools, config.poolsFile)) logger.warn({}, w);
   const paths = resolvePaths({ stateDir: config.stateDir ?? o.stateDir, logsDir: o.logsDir });
   const store = new StateStore(paths.stateDir);
   const registry = new Registry();
@@ -70,7 +73,11 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     },
   };
   let stop: (why: NodeJS.Signals | "drained") => void = () => {};
+  // One router for the webhook and the poll: one runner-group cache, each ignored job counted once.
+  let daemonRef: Daemon | undefined;
+  const router = new JobRouter({ registry, access: () => daemonRef?.githubAccess, warn: (f, m) => logger.warn(f, m) });
   const daemon = new Daemon({
+    router,
     pools: config.pools,
     store,
     access,
@@ -88,9 +95,10 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     apiUrl: config.github.apiUrl,
     onDrained: () => stop("drained"),
   });
+  daemonRef = daemon;
   const serverPools = (): ServerPool[] => [
-    ...daemon.currentPools().map((p) => ({ name: p.name, labels: p.runner.labels, minRunners: p.minRunners, maxRunners: p.maxRunners })),
-    ...daemon.removingPools().map((p) => ({ name: p.name, labels: p.runner.labels, minRunners: p.minRunners, maxRunners: p.maxRunners, removing: true })),
+    ...daemon.currentPools().map((p) => ({ ...routable(p), minRunners: p.minRunners, maxRunners: p.maxRunners })),
+    ...daemon.removingPools().map((p) => ({ ...routable(p), minRunners: p.minRunners, maxRunners: p.maxRunners, removing: true })),
   ];
   let stopping = false;
   let reloads: Promise<unknown> = Promise.resolve();
@@ -107,6 +115,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
         return { ok: false, error };
       }
       for (const s of next.secrets) secrets.add(s);
+      for (const w of poolCmdlineWarnings(next.pools, next.poolsFile)) logger.warn({ trigger }, w);
       const settings = settingsChanges(config, next, paths.stateDir);
       const pools = daemon.reload(next.pools, {
         ...(settings.applied.includes("github credentials") ? { access: accessFor(next, warn, registry) } : {}),
@@ -150,6 +159,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
       return found;
     },
     redact: (text) => redactAll(text, [...secrets]),
+    router,
   };
   const app = createApp(serverOpts);
   const server = await listen(app, config.listen.host, config.listen.port);

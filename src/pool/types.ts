@@ -51,6 +51,8 @@ export interface PoolSpec {
   };
   /** Idle runners above desired are stopped after this long idle. */
   idleTimeoutSeconds: number;
+  /** Where vm.cmdline came from, for messages (outside `vm`: not a VM setting). */
+  cmdlineFrom?: "cmdline" | "firecracker.kernelArgs";
 }
 
 export type GitHubAuthConfig =

@@ -3,7 +3,7 @@
 // injected), and the bearer-token JSON API over the state store: pools, VMs, a VM's console
 // log, and reload/drain through the injected control. No decisions here: it records what
 // GitHub says and what the operator asks; the reconciler acts on it.
-import { timingSafeEqual } from "node:crypto";
+import { createHash, timingSafeEqual } from "node:crypto";
 import { open } from "node:fs/promises";
 import type { AddressInfo } from "node:net";
 import { Hono, type Context } from "hono";
@@ -11,7 +11,9 @@ import { serve, type ServerType } from "@hono/node-server";
 import { Webhooks } from "@octokit/webhooks";
 import { Counter, Registry } from "prom-client";
 import type { StateStore, VmRecord } from "../store/index.js";
-import { backoffState, desiredRunners, matchPool } from "../pool/plan.js";
+import { backoffState, desiredRunners } from "../pool/plan.js";
+import { JobRouter } from "../pool/routing.js";
+import type { RunnerTarget } from "../github/registration-token.js";
 import { pickupSeconds, serveMetrics } from "../pool/metrics.js";
 
 /** One pool as the API reports it (GET /api/pools, /api/pools/NAME, scale, pause, resume). */
@@ -31,6 +33,10 @@ export interface ApiPool {
 export interface ServerPool {
   name: string;
   labels: readonly string[];
+  /** Where its runners are registered: jobs of repositories it does not cover are not its. */
+  target: RunnerTarget;
+  /** Runner group id (1: the organization's default group, every repository). */
+  groupId: number;
   minRunners: number;
   maxRunners: number;
   /** A reload removed the pool; it is listed until its last runner has finished. */
@@ -74,12 +80,14 @@ export interface ServerOptions {
   consoleLog?: (vm: VmRecord) => Promise<string | undefined>;
   /** Applied to console text before it is served (secrets of running VMs). */
   redact?: (text: string) => string;
+  /** Job → pool (runner groups through GitHub); default: one without GitHub access, on `registry`. */
+  router?: JobRouter;
 }
 
 /** Most console bytes one GET /api/vms/ID/log answers (the client asks again from the offset). */
 export const LOG_CHUNK_BYTES = 1024 * 1024;
 
-export type WebhookResult = "accepted" | "duplicate" | "ignored" | "bad-signature" | "malformed" | "too-large";
+export type WebhookResult = "accepted" | "duplicate" | "ignored" | "bad-signature" | "malformed" | "too-large" | "failed";
 
 export function createApp(opts: ServerOptions): Hono {
   const now = opts.now ?? Date.now;
@@ -93,7 +101,8 @@ export function createApp(opts: ServerOptions): Hono {
   };
   const metrics = serveMetrics(opts.registry);
   const deliveries = new Counter({ name: "civm_webhook_deliveries_total", help: "Webhook deliveries by result", labelNames: ["result"], registers: [opts.registry] });
-  const count = (c: Context, result: WebhookResult, status: 200 | 202 | 400 | 401 | 413, extra: Record<string, unknown> = {}) => {
+  const router = opts.router ?? new JobRouter({ registry: opts.registry, access: () => undefined });
+  const count = (c: Context, result: WebhookResult, status: 200 | 202 | 400 | 401 | 413 | 500, extra: Record<string, unknown> = {}) => {
     deliveries.inc({ result });
     return c.json({ result, ...extra }, status);
   };
@@ -117,38 +126,59 @@ export function createApp(opts: ServerOptions): Hono {
     const delivery = c.req.header("x-github-delivery") ?? "";
     const action = typeof payload.action === "string" ? payload.action : undefined;
     if (delivery === "") return count(c, "malformed", 400, { error: "missing X-GitHub-Delivery" });
-    if (!opts.store.recordDelivery({ id: delivery, event, ...(action ? { action } : {}), at: now() })) return count(c, "duplicate", 200);
-    if (event !== "workflow_job") return count(c, "ignored", 202);
-    const job = payload.workflow_job as { id?: unknown; labels?: unknown; runner_name?: unknown; conclusion?: unknown; created_at?: unknown; started_at?: unknown } | undefined;
-    const repo = (payload.repository as { full_name?: unknown } | undefined)?.full_name;
-    if (!job || typeof job.id !== "number" || !Array.isArray(job.labels)) return count(c, "malformed", 400, { error: "workflow_job without id or labels" });
-    const status = action === "queued" ? "queued" : action === "in_progress" ? "in_progress" : action === "completed" ? "completed" : undefined;
-    if (!status) return count(c, "ignored", 202);
-    const labels = job.labels.filter((l): l is string => typeof l === "string");
-    const pool = matchPool(pools().filter((p) => !p.removing), labels)?.name;
-    const runnerName = typeof job.runner_name === "string" ? job.runner_name : undefined;
-    opts.store.transaction(() => {
-      const before = opts.store.job(job.id as number);
-      opts.store.upsertJob({
-        id: job.id as number,
-        labels,
-        status,
-        at: now(),
-        ...(pool ? { pool } : {}),
-        ...(typeof repo === "string" ? { repository: repo } : {}),
-        ...(runnerName ? { runnerName } : {}),
-        ...(typeof job.conclusion === "string" ? { conclusion: job.conclusion } : {}),
-      });
-      const vm = runnerName ? opts.store.vmByName(runnerName) : undefined;
-      if (vm && status === "in_progress") {
-        opts.store.markBusy(vm.id, job.id as number, now());
-        // First time in progress, on a civm runner: how long it waited.
-        if (before?.startedAt === undefined) {
-          const s = pickupSeconds(job, before?.queuedAt, now());
-          if (s !== undefined) metrics.pickup.observe({ pool: vm.pool }, s);
+    const job = event === "workflow_job" ? (payload.workflow_job as { id?: unknown; labels?: unknown; runner_name?: unknown; conclusion?: unknown; created_at?: unknown; started_at?: unknown } | undefined) : undefined;
+    const repoInfo = payload.repository as { full_name?: unknown; private?: unknown } | undefined;
+    const repo = typeof repoInfo?.full_name === "string" ? repoInfo.full_name : undefined;
+    const jobId = typeof job?.id === "number" ? job.id : undefined;
+    // A replay of the same signed body under a new delivery id is a duplicate too.
+    const key = { id: delivery, event, ...(action ? { action } : {}), ...(jobId !== undefined ? { jobId } : {}), digest: createHash("sha256").update(raw).digest("hex") };
+    if (opts.store.knowsDelivery(key)) return count(c, "duplicate", 200);
+    if (event === "workflow_job" && (!job || jobId === undefined || !Array.isArray(job.labels))) return count(c, "malformed", 400, { error: "workflow_job without id or labels" });
+    const status = event !== "workflow_job" ? undefined : action === "queued" ? "queued" : action === "in_progress" ? "in_progress" : action === "completed" ? "completed" : undefined;
+    const labels = Array.isArray(job?.labels) ? job.labels.filter((l): l is string => typeof l === "string") : [];
+    // Routing may ask GitHub (runner groups): before the transaction, which must not wait.
+    const route = status ? await router.route(pools().filter((p) => !p.removing), { repository: repo, labels, private: typeof repoInfo?.private === "boolean" ? repoInfo.private : undefined }) : undefined;
+    const pool = route?.pool?.name;
+    const runnerName = typeof job?.runner_name === "string" ? job.runner_name : undefined;
+    let outcome: "duplicate" | "ignored" | "accepted";
+    try {
+      // The delivery and what it says are recorded together: a failure in between records
+      // neither, so GitHub's redelivery is processed instead of answered "duplicate".
+      outcome = opts.store.transaction(() => {
+        if (!opts.store.recordDelivery({ ...key, at: now() })) return "duplicate";
+        if (!status || jobId === undefined) return "ignored";
+        const before = opts.store.job(jobId);
+        const vm = runnerName ? opts.store.vmByName(runnerName) : undefined;
+        // Not a job for any pool, not one already followed, not on a civm runner: not ours.
+        if (!pool && !before && !vm) return "ignored";
+        opts.store.upsertJob({
+          id: jobId,
+          labels,
+          status,
+          at: now(),
+          ...(pool ? { pool } : {}),
+          ...(repo !== undefined ? { repository: repo } : {}),
+          ...(runnerName ? { runnerName } : {}),
+          ...(typeof job?.conclusion === "string" ? { conclusion: job.conclusion } : {}),
+        });
+        if (vm && status === "in_progress") {
+          opts.store.markBusy(vm.id, jobId, now());
+          // First time in progress, on a civm runner: how long it waited.
+          if (before?.startedAt === undefined) {
+            const s = pickupSeconds(job ?? {}, before?.queuedAt, now());
+            if (s !== undefined) metrics.pickup.observe({ pool: vm.pool }, s);
+          }
         }
-      }
-    });
+        return "accepted";
+      });
+    } catch {
+      return count(c, "failed", 500, { error: "the delivery could not be recorded; GitHub may redeliver it" });
+    }
+    if (outcome === "duplicate") return count(c, "duplicate", 200);
+    if (outcome === "ignored") {
+      if (route?.ignored && jobId !== undefined) router.ignored(jobId, route.ignored);
+      return count(c, "ignored", 202, route?.ignored ? { reason: route.ignored } : {});
+    }
     opts.onDemand?.();
     return count(c, "accepted", 202, { pool: pool ?? null });
   });

@@ -106,6 +106,11 @@ export const MIGRATIONS: readonly string[] = [
   `ALTER TABLE vms ADD COLUMN busy_since INTEGER;
    CREATE INDEX jobs_completed_at ON jobs (completed_at);
    CREATE INDEX deliveries_received_at ON deliveries (received_at);`,
+  // 4: a delivery's job and body digest: a signed body replayed under a new delivery id is a
+  // duplicate too.
+  `ALTER TABLE deliveries ADD COLUMN job_id INTEGER;
+   ALTER TABLE deliveries ADD COLUMN digest TEXT;
+   CREATE UNIQUE INDEX deliveries_job_action_digest ON deliveries (job_id, action, digest) WHERE job_id IS NOT NULL AND digest IS NOT NULL;`,
 ];
 
 /** A VM state change (markIdle, markBusy, markFinished): the record after it and the state before. */
@@ -358,9 +363,24 @@ export class StateStore {
 
   // ---- webhook deliveries -------------------------------------------------------------------
 
-  /** true the first time a delivery id is seen, false for a redelivery. */
-  recordDelivery(d: { id: string; event: string; action?: string; at: number }): boolean {
-    return this.db.prepare("INSERT OR IGNORE INTO deliveries (id, event, action, received_at) VALUES (?, ?, ?, ?)").run(d.id, d.event, d.action ?? null, d.at).changes === 1;
+  /**
+   * true the first time a delivery is seen; false for a redelivery (same id) or a replay (the
+   * same job, action and body digest under another id). Call it in the transaction that
+   * records what the delivery says, so a failure in between records neither.
+   */
+  recordDelivery(d: { id: string; event: string; action?: string; at: number; jobId?: number; digest?: string }): boolean {
+    return (
+      this.db
+        .prepare("INSERT OR IGNORE INTO deliveries (id, event, action, received_at, job_id, digest) VALUES (?, ?, ?, ?, ?, ?)")
+        .run(d.id, d.event, d.action ?? null, d.at, d.jobId ?? null, d.digest ?? null).changes === 1
+    );
+  }
+
+  /** Whether recordDelivery would answer false (a cheap check before any work). */
+  knowsDelivery(d: { id: string; action?: string; jobId?: number; digest?: string }): boolean {
+    if (this.db.prepare("SELECT 1 FROM deliveries WHERE id = ?").get(d.id)) return true;
+    if (d.jobId === undefined || d.digest === undefined) return false;
+    return this.db.prepare("SELECT 1 FROM deliveries WHERE job_id = ? AND action IS ? AND digest = ?").get(d.jobId, d.action ?? null, d.digest) !== undefined;
   }
 
   /**

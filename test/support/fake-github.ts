@@ -33,6 +33,19 @@ export interface FakeGitHubState {
   installationTokens: Map<string, { installation: number; expires: number }>;
   /** Lifetime of installation tokens (default 1 h). */
   installationTokenTtlMs: number;
+  /** Organization runner groups by "org/id" (org lower-cased); group 1 (Default) of every org is implied. */
+  runnerGroups: Map<string, FakeRunnerGroup>;
+  /** Repositories ("owner/repo") that are private; others are public. */
+  privateRepos: Set<string>;
+}
+
+export interface FakeRunnerGroup {
+  id: number;
+  name: string;
+  visibility: "all" | "selected" | "private";
+  /** "owner/repo" the group may serve when visibility is "selected". */
+  repositories: string[];
+  allowsPublicRepositories: boolean;
 }
 
 export interface FakeRunner {
@@ -84,6 +97,8 @@ export interface FakeGitHub {
   addJob(job: { repository: string; labels: string[]; status?: FakeJob["status"]; id?: number; runId?: number }): FakeJob;
   /** The runner of that name or id. */
   runner(nameOrId: string | number): FakeRunner | undefined;
+  /** Adds (or replaces) an organization runner group; returns it. */
+  addRunnerGroup(org: string, g: Partial<FakeRunnerGroup> & { id: number }): FakeRunnerGroup;
   /** Marks a runner online/offline and busy/idle (what a real runner would report). */
   setRunner(nameOrId: string | number, change: Partial<Pick<FakeRunner, "status" | "busy">>): void;
   close(): Promise<void>;
@@ -241,7 +256,49 @@ function installationReply(state: FakeGitHubState, req: IncomingMessage, owner: 
   return id === undefined ? notFound() : { status: 200, body: { id, account: { login: owner }, app_id: state.app?.id } };
 }
 
+function runnerGroup(state: FakeGitHubState, org: string | undefined, id: string | undefined): FakeRunnerGroup | undefined {
+  const known = [...state.orgs].some((o) => o.toLowerCase() === (org ?? "").toLowerCase());
+  if (!known) return undefined;
+  const g = state.runnerGroups.get(`${(org ?? "").toLowerCase()}/${id}`);
+  if (g) return g;
+  return Number(id) === 1 ? { id: 1, name: "Default", visibility: "all", repositories: [], allowsPublicRepositories: true } : undefined;
+}
+
+function apiRepo(state: FakeGitHubState, full: string, i: number): Record<string, unknown> {
+  return { id: i + 1, full_name: full, name: full.split("/")[1], private: state.privateRepos.has(full), archived: false };
+}
+
 const ROUTES: Route[] = [
+  {
+    method: "GET",
+    pattern: /^\/orgs\/([^/]+)\/actions\/runner-groups\/(\d+)$/,
+    auth: true,
+    handle: ({ params: [org, id], state }) => {
+      const g = runnerGroup(state, org, id);
+      if (!g) return notFound();
+      return { status: 200, body: { id: g.id, name: g.name, visibility: g.visibility, default: g.id === 1, allows_public_repositories: g.allowsPublicRepositories, restricted_to_workflows: false } };
+    },
+  },
+  {
+    method: "GET",
+    pattern: /^\/orgs\/([^/]+)\/actions\/runner-groups\/(\d+)\/repositories$/,
+    auth: true,
+    handle: ({ params: [org, id], state, url }) => {
+      const g = runnerGroup(state, org, id);
+      if (!g) return notFound();
+      const repos = g.repositories.map((full, i) => apiRepo(state, full, i));
+      return { status: 200, body: { total_count: repos.length, repositories: page(repos, url) } };
+    },
+  },
+  {
+    method: "GET",
+    pattern: /^\/repos\/([^/]+)\/([^/]+)$/,
+    auth: true,
+    handle: ({ params: [owner, repo], state }) => {
+      const full = [...state.repos].find((r) => r.toLowerCase() === `${owner}/${repo}`.toLowerCase());
+      return full ? { status: 200, body: apiRepo(state, full, 0) } : notFound();
+    },
+  },
   {
     method: "POST",
     pattern: /^\/orgs\/([^/]+)\/actions\/runners\/generate-jitconfig$/,
@@ -391,6 +448,8 @@ export async function startFakeGitHub(opts: FakeGitHubOptions = {}): Promise<Fak
     app: opts.app && { id: opts.app.id, publicKey: opts.app.publicKey, installations: new Map(Object.entries(opts.app.installations)) },
     installationTokens: new Map(),
     installationTokenTtlMs: 3600_000,
+    runnerGroups: new Map(),
+    privateRepos: new Set(),
   };
   let nextJobId = 1000;
   const requests: RecordedRequest[] = [];
@@ -429,6 +488,11 @@ export async function startFakeGitHub(opts: FakeGitHubOptions = {}): Promise<Fak
       const job: FakeJob = { id, runId: j.runId ?? id + 500_000, repository: j.repository, labels: j.labels, status: j.status ?? "queued", runnerName: null, createdAt: new Date().toISOString() };
       state.jobs.push(job);
       return job;
+    },
+    addRunnerGroup(org, g) {
+      const group: FakeRunnerGroup = { name: `group ${g.id}`, visibility: "all", repositories: [], allowsPublicRepositories: true, ...g };
+      state.runnerGroups.set(`${org.toLowerCase()}/${g.id}`, group);
+      return group;
     },
     runner(nameOrId) {
       return [...state.runners.values()].find((r) => r.id === nameOrId || r.name === nameOrId);

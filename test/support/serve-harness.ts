@@ -131,6 +131,8 @@ export interface PoolOptions {
   labels?: string[];
   /** Kernel command line additions after the hub address. */
   cmdline?: string;
+  /** Given: the pool sets fireactions' `firecracker.kernelArgs` (these, then the hub address) instead of `cmdline`. */
+  kernelArgs?: string;
 }
 
 /** A serve config (JSON) for one or more tiny-guest pools against the fake GitHub and the hub. */
@@ -151,7 +153,9 @@ export function serveConfig(o: { port: number; gh: FakeGitHub; hub: Hub; image: 
       cpus: 1,
       ram: p.ram ?? "256M",
       "timeout-seconds": 600,
-      cmdline: `console=ttyS0 panic=-1 quiet tiny.hub=10.0.2.2:${o.hub.port}${p.cmdline ? ` ${p.cmdline}` : ""}`,
+      ...(p.kernelArgs !== undefined
+        ? { firecracker: { kernelArgs: `${p.kernelArgs} tiny.hub=10.0.2.2:${o.hub.port}` } }
+        : { cmdline: `console=ttyS0 panic=-1 quiet tiny.hub=10.0.2.2:${o.hub.port}${p.cmdline ? ` ${p.cmdline}` : ""}` }),
       // The pretend runner reaches the hub on the host: the one exception to the policy.
       network: { allow: [`host:${o.hub.port}`] },
       runner: { name: p.name ?? "tiny", image: o.image, repository: REPO, labels: p.labels ?? [p.name ?? "tiny"] },

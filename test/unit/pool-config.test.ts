@@ -186,6 +186,13 @@ test("a label set shared by two pools (case-insensitive, self-hosted implied)", 
   assert.match(await problems(s), /pool "a" \(#1\) and pool "b" \(#2\) have the same "runner\.labels" \(linux, self-hosted, x64, ignoring case/);
 });
 
+test("pools of different organizations or repositories may share labels; an org pool and a repository of that org may not", async () => {
+  const ok = setup(serve([pool({ name: "a" }, { organization: "org-a" }), pool({ name: "b" }, { organization: "Org-B" }), pool({ name: "c" }, { organization: undefined, repository: "org-b2/app" })]));
+  assert.deepEqual((await load(ok)).pools.map((p) => p.name), ["a", "b", "c"]);
+  const clash = setup(serve([pool({ name: "a" }, { organization: "org-a" }), pool({ name: "b" }, { organization: undefined, repository: "Org-A/app" })]));
+  assert.match(await problems(clash), /pool "a" \(#1\) and pool "b" \(#2\) have the same "runner\.labels" .* and serve the same repositories/);
+});
+
 test("an unreadable key file names the field and the path, not the contents", async (t) => {
   const s = setup(serve([pool()]));
   if (process.getuid?.() === 0) {
@@ -355,6 +362,8 @@ test("civm config check (bin/civm): seed 003's pools.json with a civm image load
   const r = spawnSync(process.execPath, [civmBin, "config", "check", s.file], { cwd: s.dir, encoding: "utf8", env: { ...process.env, CIVM_STATE_DIR: s.stateDir } });
   assert.equal(r.status, 0, r.stderr);
   assert.match(r.stdout, /pool default: 1\.\.10 runners, image runner-img \(stored\), 2 cpus, 4096 MiB, org your-org, labels/);
+  // Its kernelArgs end in pci=off, which would hide the runner's disk: dropped, and said so.
+  assert.match(r.stderr, /civm: warning: .*pools\.json: pool "default" \(#1\): "firecracker\.kernelArgs" option "pci=off" is dropped: civm's pc machine puts the root disk/);
 });
 
 test("retention: default 7 days; \"7d\", \"36h\", \"1d12h\" or seconds; too short or not a duration is a clear error", async () => {

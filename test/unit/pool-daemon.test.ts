@@ -266,6 +266,35 @@ test("the poll finds a queued job whose webhook was lost", async (t) => {
   assert.equal(launcher.vms.length, 1);
 });
 
+test("the poll gives a job only to a pool of its repository's organization (same labels in two orgs); jobs no pool covers are ignored and counted", async (t) => {
+  const a = pool({ name: "a-linux", minRunners: 0, runner: { ...pool().runner, namePrefix: "civm-a", target: { kind: "org", org: "org-a" }, labels: ["linux"] } });
+  const b = pool({ name: "b-linux", index: 1, minRunners: 0, runner: { ...pool().runner, namePrefix: "civm-b", target: { kind: "org", org: "org-b" }, labels: ["linux"] } });
+  const sec = pool({ name: "a-secure", index: 2, minRunners: 0, runner: { ...pool().runner, namePrefix: "civm-s", target: { kind: "org", org: "org-a" }, labels: ["linux", "secure"], groupId: 5 } });
+  const s = await setup(t, [a, b, sec]);
+  const { gh, store, launcher, daemon, registry } = s;
+  for (const o of ["org-a", "org-b"]) gh.state.orgs.add(o);
+  for (const r of ["org-a/web", "org-a/api", "org-b/app", "org-b/docs"]) gh.state.repos.add(r);
+  gh.addRunnerGroup("org-a", { id: 5, visibility: "selected", repositories: ["org-a/api"] });
+  const jb = gh.addJob({ repository: "org-b/app", labels: ["self-hosted", "linux"] });
+  const jb2 = gh.addJob({ repository: "org-b/docs", labels: ["self-hosted", "linux"] });
+  const js = gh.addJob({ repository: "org-a/api", labels: ["linux", "secure"] });
+  const jx = gh.addJob({ repository: "org-a/web", labels: ["linux", "secure"] });
+  const jw = gh.addJob({ repository: "org-b/app", labels: ["windows"] });
+  await daemon.pass({ poll: true });
+  assert.equal(store.job(jb.id)?.pool, "b-linux");
+  assert.equal(store.job(jb2.id)?.pool, "b-linux");
+  assert.equal(store.job(js.id)?.pool, "a-secure");
+  assert.equal(store.job(jx.id), undefined, "outside the runner group: no demand");
+  assert.equal(store.job(jw.id), undefined);
+  const started = (p: string) => launcher.vms.filter((v) => v.req.pool.name === p).length;
+  assert.deepEqual([started("a-linux"), started("b-linux"), started("a-secure")], [0, 2, 1], "org B's demand starts org B's runners, none in org A's pool");
+  // The next poll sees the same ignored jobs again: each is counted once.
+  await daemon.pass({ poll: true });
+  const m = await registry.metrics();
+  assert.match(m, /civm_jobs_ignored_total\{reason="repository_not_in_runner_group"\} 1\n/);
+  assert.match(m, /civm_jobs_ignored_total\{reason="no_pool_for_labels"\} 1\n/);
+});
+
 test("start-up: leftovers of a crashed run are finished; their offline runners are deleted on the next pass; other runners are left alone", async (t) => {
   const store = new StateStore(":memory:");
   const { gh, launcher, daemon, advance } = await setup(t, [pool({ minRunners: 0 })], store);

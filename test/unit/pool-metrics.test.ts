@@ -48,13 +48,13 @@ async function setup(t: { after: (fn: () => Promise<void> | void) => void }, ove
   const log = logger();
   const access = createGitHubAccess({ kind: "token", token: gh.validToken }, { baseUrl: gh.url, throttle: false, retries: 0, warn: () => {}, onRequest: githubRequestObserver(registry) });
   const daemon = new Daemon({ pools: [pool()], store, access, launcher, logger: log, registry, now: () => clock, pollIntervalMs: 60_000, shutdownTimeoutMs: 2_000, apiUrl: gh.url, ...over });
-  const app = createApp({ store, pools: [{ name: "linux", labels: ["linux", "x64"], minRunners: 1, maxRunners: 2 }], webhookSecret: "s3cret", apiToken: undefined, maxWebhookBytes: 1 << 20, registry, now: () => clock });
-  const webhook = async (payload: Record<string, unknown>) => {
+  const app = createApp({ store, pools: [{ name: "linux", labels: ["linux", "x64"], target: { kind: "repo", owner: "rust-lang-ci", repo: "rust" }, groupId: 1, minRunners: 1, maxRunners: 2 }], webhookSecret: "s3cret", apiToken: undefined, maxWebhookBytes: 1 << 20, registry, now: () => clock });
+  const webhook = async (payload: Record<string, unknown>, status = 202) => {
     // app.request: no socket needed; signed, with GitHub's headers and a fresh delivery id.
     const body = JSON.stringify(payload);
     const headers = { "content-type": "application/json", "x-github-event": "workflow_job", "x-github-delivery": crypto.randomUUID(), "x-hub-signature-256": signWebhook(body, "s3cret") };
     const res = await app.request("/webhook", { method: "POST", headers, body });
-    assert.equal(res.status, 202, await res.text());
+    assert.equal(res.status, status, await res.text());
   };
   return { gh, store, registry, launcher, daemon, log, webhook, advance: (ms: number) => (clock += ms), now: () => clock };
 }
@@ -89,8 +89,8 @@ test("boot, pickup and job histograms: one observation each, labelled with the p
   await webhook(running);
   assert.equal(store.vm(vm.req.id)?.state, "busy");
   assert.deepEqual(await histogram(registry, "civm_job_pickup_seconds", "linux"), { count: 1, sum: 7 });
-  // A redelivery with a new id changes nothing (the job was already in progress).
-  await webhook(running);
+  // A replay under a new id is a duplicate: it changes nothing.
+  await webhook(running, 200);
   assert.equal((await histogram(registry, "civm_job_pickup_seconds", "linux")).count, 1);
 
   // The job runs 120 s and completes; the VM powers off 3 s later: job = 120 s.
@@ -125,10 +125,10 @@ test("job time without a completed webhook ends at the VM exit; pickup falls bac
   assert.notEqual(vm2, vm);
   gh.setRunner(vm2.req.name, { status: "online" });
   await daemon.pass({ poll: true });
-  const queued = await workflowJobPayload("queued", { id: 601, labels: ["linux", "x64"] });
+  const queued = await workflowJobPayload("queued", { id: 601, labels: ["linux", "x64"], repository: "rust-lang-ci/rust" });
   await webhook(queued);
   advance(2_500);
-  const running = await workflowJobPayload("in_progress", { id: 601, labels: ["linux", "x64"], runnerName: vm2.req.name });
+  const running = await workflowJobPayload("in_progress", { id: 601, labels: ["linux", "x64"], repository: "rust-lang-ci/rust", runnerName: vm2.req.name });
   delete (running.workflow_job as Record<string, unknown>).created_at;
   await webhook(running);
   assert.deepEqual(await histogram(registry, "civm_job_pickup_seconds", "linux"), { count: 1, sum: 2.5 });

@@ -19,7 +19,7 @@ function civm(args: string[], env: NodeJS.ProcessEnv): Promise<{ code: number; s
 
 test("civm pools, pools scale/pause/resume and civm vms over the API (--json and tables)", async (t) => {
   const store = new StateStore(":memory:");
-  const pools = [{ name: "linux", labels: ["linux"], minRunners: 1, maxRunners: 3 }];
+  const pools = [{ name: "linux", labels: ["linux"], target: { kind: "repo" as const, owner: "o", repo: "r" }, groupId: 1, minRunners: 1, maxRunners: 3 }];
   const srv = await listen(createApp({ store, pools, webhookSecret: "s", apiToken: TOKEN, maxWebhookBytes: 1024, registry: new Registry() }), "127.0.0.1", 0);
   t.after(() => srv.close());
   store.insertVm({ id: "abcd0001", pool: "linux", name: "linux-abcd0001", imageKey: "k", createdAt: Date.now() - 65_000 });
@@ -184,7 +184,7 @@ test("civm logs VM [-f] --api-url: a runner VM's console over the API, followed 
   const file = joinPath(e.root, "linux-20261122-061200-cccc0003.log");
   writeFile(file, "tiny-guest: booted\n");
   const srv = await listen(
-    createApp({ store, pools: [{ name: "linux", labels: ["linux"], minRunners: 0, maxRunners: 1 }], webhookSecret: "s", apiToken: TOKEN, maxWebhookBytes: 1024, registry: new Registry(), consoleLog: async (v) => (v.id === "cccc0003" ? file : undefined) }),
+    createApp({ store, pools: [{ name: "linux", labels: ["linux"], target: { kind: "repo" as const, owner: "o", repo: "r" }, groupId: 1, minRunners: 0, maxRunners: 1 }], webhookSecret: "s", apiToken: TOKEN, maxWebhookBytes: 1024, registry: new Registry(), consoleLog: async (v) => (v.id === "cccc0003" ? file : undefined) }),
     "127.0.0.1",
     0,
   );

@@ -14,7 +14,7 @@ const TOKEN = "api-token-control";
 
 async function start(t: { after: (fn: () => Promise<void> | void) => void }, extra: Partial<ServerOptions> = {}) {
   const store = new StateStore(":memory:");
-  const opts: ServerOptions = { store, pools: [{ name: "linux", labels: ["linux"], minRunners: 1, maxRunners: 3 }], webhookSecret: "s1", apiToken: TOKEN, maxWebhookBytes: 64 * 1024, registry: new Registry(), ...extra };
+  const opts: ServerOptions = { store, pools: [{ name: "linux", labels: ["linux"], target: { kind: "repo" as const, owner: "o", repo: "r" }, groupId: 1, minRunners: 1, maxRunners: 3 }], webhookSecret: "s1", apiToken: TOKEN, maxWebhookBytes: 64 * 1024, registry: new Registry(), ...extra };
   const srv = await listen(createApp(opts), "127.0.0.1", 0);
   t.after(() => srv.close());
   const api = (path: string, init: RequestInit = {}, token = TOKEN) => fetch(`${srv.url}${path}`, { ...init, headers: { authorization: `Bearer ${token}`, ...(init.headers as Record<string, string>) } });
@@ -76,19 +76,19 @@ test("drain: POST /api/drain (exit flag), /api/undrain, /api/status; pools repor
 });
 
 test("pools, apiToken and webhookSecret are read per request (a reload changes them); removed pools show as removing", async (t) => {
-  let pools = [{ name: "linux", labels: ["linux"], minRunners: 1, maxRunners: 3 }];
+  let pools = [{ name: "linux", labels: ["linux"], target: { kind: "repo" as const, owner: "o", repo: "r" }, groupId: 1, minRunners: 1, maxRunners: 3 }];
   const { api, opts, srv, store } = await start(t);
   opts.pools = () => pools;
   pools = [
-    { name: "gpu", labels: ["gpu"], minRunners: 0, maxRunners: 1 },
-    { name: "linux", labels: ["linux"], minRunners: 1, maxRunners: 3, removing: true } as (typeof pools)[number],
+    { name: "gpu", labels: ["gpu"], target: { kind: "repo" as const, owner: "o", repo: "r" }, groupId: 1, minRunners: 0, maxRunners: 1 },
+    { name: "linux", labels: ["linux"], target: { kind: "repo" as const, owner: "o", repo: "r" }, groupId: 1, minRunners: 1, maxRunners: 3, removing: true } as (typeof pools)[number],
   ];
   const list = (await (await api("/api/pools")).json()) as { name: string; state: string; desired: number }[];
   assert.deepEqual(list.map((p) => [p.name, p.state, p.desired]), [["gpu", "active", 0], ["linux", "removing", 0]]);
   assert.equal((await api("/api/pools/linux/pause", { method: "POST" })).status, 404, "a removed pool takes no commands");
   // A job for the removed pool's labels goes to no pool.
   const r = await sendWebhook(`${srv.url}/webhook`, { secret: "s1", payload: await workflowJobPayload("queued", { id: 3, labels: ["linux"], repository: "o/r" }) });
-  assert.deepEqual(JSON.parse(r.body), { result: "accepted", pool: null });
+  assert.deepEqual(JSON.parse(r.body), { result: "ignored", reason: "no_pool_for_labels" });
   opts.apiToken = "rotated";
   assert.equal((await api("/api/pools")).status, 401);
   assert.equal((await api("/api/pools", {}, "rotated")).status, 200);

@@ -2,6 +2,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { existsSync, statSync } from "node:fs";
 import { join } from "node:path";
+import { createRequire } from "node:module";
 import { MIGRATIONS, STORE_FILE, StateStore } from "../../src/store/index.js";
 import { tempDir } from "../support/paths.js";
 
@@ -166,4 +167,26 @@ test("transaction rolls back together", () => {
     }),
   );
   assert.equal(s.pool("p").paused, false);
+});
+
+test("deliveries: the same job, action and body digest under a new id is a duplicate; a version-3 store migrates keeping its delivery ids", () => {
+  const dir = tempDir();
+  new StateStore(dir, { migrations: MIGRATIONS.slice(0, 3) }).close();
+  // A delivery as a version-3 civm wrote it (its recordDelivery knew no job or digest).
+  const Db = createRequire(import.meta.url)("better-sqlite3") as new (f: string) => { prepare(sql: string): { run(...a: unknown[]): unknown }; close(): void };
+  const raw = new Db(join(dir, STORE_FILE));
+  raw.prepare("INSERT INTO deliveries (id, event, action, received_at) VALUES (?, ?, ?, ?)").run("old", "workflow_job", "queued", 1);
+  raw.close();
+  const s = new StateStore(dir);
+  assert.equal(s.knowsDelivery({ id: "old" }), true, "ids recorded before the migration are still known");
+  const d = { event: "workflow_job", action: "queued", jobId: 7, digest: "ab".repeat(32), at: 2 };
+  assert.equal(s.knowsDelivery({ ...d, id: "d-1" }), false);
+  assert.equal(s.recordDelivery({ ...d, id: "d-1" }), true);
+  assert.equal(s.knowsDelivery({ ...d, id: "d-2" }), true);
+  assert.equal(s.recordDelivery({ ...d, id: "d-2" }), false, "a replay under another id");
+  assert.equal(s.recordDelivery({ ...d, id: "d-3", action: "completed" }), true, "another action of the same job");
+  assert.equal(s.recordDelivery({ ...d, id: "d-4", digest: "cd".repeat(32) }), true, "another body");
+  assert.equal(s.recordDelivery({ id: "p-1", event: "ping", at: 3, digest: "ef".repeat(32) }), true);
+  assert.equal(s.recordDelivery({ id: "p-2", event: "ping", at: 3, digest: "ef".repeat(32) }), true, "no job: the delivery id alone decides");
+  s.close();
 });

@@ -2,7 +2,7 @@
 // process, JSON logs (pino) on stdout. `civm config check FILE` validates a config without
 // starting anything. Register with registerServe(program) in main.ts.
 import { Option, type Command } from "commander";
-import { say } from "../output.js";
+import { say, warn } from "../output.js";
 
 export function registerServe(program: Command): void {
   const config = program.command("config").description("Work with `civm serve` configuration files.");
@@ -13,9 +13,10 @@ export function registerServe(program: Command): void {
     .option("--no-images", "skip checking that each pool's image exists (stored image or disk file)")
     .option("--json", "print the effective pools as JSON (no secrets)")
     .action(async (file: string, flags: { images?: boolean; json?: boolean }, cmd: Command) => {
-      const { loadServeConfig, summarizeServeConfig } = await import("../../pool/index.js");
+      const { loadServeConfig, summarizeServeConfig, poolCmdlineWarnings } = await import("../../pool/index.js");
       const root = cmd.optsWithGlobals() as { stateDir?: string };
       const c = await loadServeConfig(file, { checkImages: flags.images !== false, ...(root.stateDir ? { stateDir: root.stateDir } : {}) });
+      for (const w of poolCmdlineWarnings(c.pools, c.poolsFile)) warn(w);
       if (flags.json) {
         process.stdout.write(JSON.stringify({ file: c.file, listen: c.listen, pools: c.pools }, null, 2) + "\n");
         return;
