@@ -13,6 +13,7 @@ import { resolvePaths } from "../host/paths.js";
 import { pruneLogs } from "../host/log-retention.js";
 import { createApp, listen, type ReloadOutcome, type ServerOptions, type ServerPool } from "../server/index.js";
 import { StateStore } from "../store/index.js";
+import { lockStateDir } from "../host/serve-lock.js";
 import { redactAll } from "../vm/run.js";
 import { loadServeConfig } from "./config.js";
 import { Daemon, type VmLauncher } from "./daemon.js";
@@ -51,6 +52,8 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     { write: (line: string) => void process.stdout.write(redactAll(line, [...secrets])) },
   );
   const paths = resolvePaths({ stateDir: config.stateDir ?? o.stateDir, logsDir: o.logsDir });
+  // Before anything reads the store: a second daemon would take the first's VMs for leftovers.
+  const lock = lockStateDir(paths.stateDir);
   const store = new StateStore(paths.stateDir);
   const registry = new Registry();
   const warn = (m: string) => logger.warn({}, m);
@@ -178,6 +181,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
         }
         await server.close();
         store.close();
+        lock.release();
         logger.info({}, "stopped");
         resolve(0);
         // Nothing should keep the process alive now; if something does, do not hang.

@@ -13,6 +13,7 @@ import { Counter, Registry } from "prom-client";
 import type { StateStore, VmRecord } from "../store/index.js";
 import { backoffState, desiredRunners, matchPool } from "../pool/plan.js";
 import { pickupSeconds, serveMetrics } from "../pool/metrics.js";
+import { HostError } from "../errors/index.js";
 
 /** One pool as the API reports it (GET /api/pools, /api/pools/NAME, scale, pause, resume). */
 export interface ApiPool {
@@ -311,9 +312,20 @@ export interface RunningServer {
   close(): Promise<void>;
 }
 
+/** Why a listener could not be opened, as an error naming the address and what to do (exit 8). */
+export function listenError(e: NodeJS.ErrnoException, host: string, port: number, field = "listen"): HostError {
+  const at = `${host.includes(":") ? `[${host}]` : host}:${port}`;
+  const why: Record<string, string> = {
+    EADDRINUSE: `the port is already in use (another civm serve, or another program: ss -ltnp 'sport = :${port}' shows which); stop it or set "${field}" to a free port`,
+    EACCES: `permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE); use a port from 1024 up`,
+    EADDRNOTAVAIL: `no network interface of this host has that address; use one it has, 127.0.0.1 or 0.0.0.0`,
+  };
+  return new HostError(`cannot listen on ${at} ("${field}"): ${(e.code && why[e.code]) ?? e.message}.`, { cause: e });
+}
+
 /** Listens on host:port (port 0: a free one) and resolves once it accepts connections. */
-export function listen(app: Hono, host: string, port: number): Promise<RunningServer> {
-  return new Promise((resolve) => {
+export function listen(app: Hono, host: string, port: number, o: { field?: string } = {}): Promise<RunningServer> {
+  return new Promise((resolve, reject) => {
     const server: ServerType = serve({ fetch: app.fetch, hostname: host, port }, (info: AddressInfo) => {
       const h = info.address.includes(":") ? `[${info.address}]` : info.address;
       resolve({
@@ -329,6 +341,8 @@ export function listen(app: Hono, host: string, port: number): Promise<RunningSe
           }),
       });
     });
+    // Before it listens, an error (port in use) is the caller's to report, not a crash.
+    server.once("error", (e: NodeJS.ErrnoException) => reject(listenError(e, host, port, o.field)));
   });
 }
 

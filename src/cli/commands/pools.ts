@@ -21,8 +21,22 @@ export function apiOptions(c: Command, o: { defaultUrl?: boolean; json?: boolean
   return o.json === false ? c : c.option("--json", "print JSON");
 }
 
+/** A malformed --api-url is the user's flag (exit 2), not a service that failed (7). */
+export function checkApiUrl(text: string): void {
+  let u: URL | undefined;
+  try {
+    u = new URL(text);
+  } catch {
+    // reported below
+  }
+  if (!u || (u.protocol !== "http:" && u.protocol !== "https:")) {
+    throw new ConfigError(`--api-url / CIVM_API_URL must be an http(s) URL such as ${DEFAULT_API_URL} (the "listen" address of civm serve), not ${JSON.stringify(text)}`);
+  }
+}
+
 /** A request to the API; the Response when it answered 2xx, typed errors otherwise (400/404: ConfigError). */
 export async function request(flags: ApiFlags, method: "GET" | "POST", path: string, body?: unknown): Promise<Response> {
+  checkApiUrl(flags.apiUrl);
   if (!flags.apiToken) throw new ConfigError("no API token: pass --api-token or set CIVM_API_TOKEN (the apiToken of the civm serve config)");
   const url = `${flags.apiUrl.replace(/\/+$/, "")}${path}`;
   let res: Response;
