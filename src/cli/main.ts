@@ -2,6 +2,7 @@
 import { Command, CommanderError, Option } from "commander";
 import { reportError } from "./output.js";
 import { EXIT_CODES } from "../errors/index.js";
+import { CIVM_VERSION } from "../version.js";
 import { registerRun, registerSupervisor } from "./commands/run.js";
 import { registerWait } from "./commands/wait.js";
 import { registerExec } from "./commands/exec.js";
@@ -20,7 +21,7 @@ const program = new Command();
 program
   .name("civm")
   .description("Throw-away QEMU virtual machines for CI: one ephemeral VM per job, built from a base image and deleted afterwards.")
-  .version("0.1.0")
+  .version(CIVM_VERSION)
   .addOption(new Option("--state-dir <dir>", "where civm keeps VM work dirs, images and its registry").env("CIVM_STATE_DIR"))
   .addOption(new Option("--logs-dir <dir>", "where console logs are written").env("CIVM_LOGS_DIR"))
   .showHelpAfterError("(run with --help for usage)")

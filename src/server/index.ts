@@ -5,6 +5,7 @@
 // GitHub says and what the operator asks; the reconciler acts on it.
 import { timingSafeEqual } from "node:crypto";
 import { open } from "node:fs/promises";
+import { createServer as createHttpsServer } from "node:https";
 import type { AddressInfo } from "node:net";
 import { Hono, type Context } from "hono";
 import { serve, type ServerType } from "@hono/node-server";
@@ -75,6 +76,8 @@ export interface ServerOptions {
   consoleLog?: (vm: VmRecord) => Promise<string | undefined>;
   /** Applied to console text before it is served (secrets of running VMs). */
   redact?: (text: string) => string;
+  /** false: GET /metrics is served on a listener of its own (metricsListen), not here. */
+  metrics?: boolean;
 }
 
 /** Most console bytes one GET /api/vms/ID/log answers (the client asks again from the offset). */
@@ -155,7 +158,7 @@ export function createApp(opts: ServerOptions): Hono {
   });
 
   app.get("/healthz", (c) => c.json({ ok: true }));
-  app.get("/metrics", async (c) => c.text(await opts.registry.metrics(), 200, { "content-type": opts.registry.contentType }));
+  if (opts.metrics !== false) app.get("/metrics", metricsHandler(opts.registry));
 
   app.use("/api/*", async (c, next) => {
     const got = /^Bearer\s+(.+)$/i.exec(c.req.header("authorization") ?? "")?.[1];
@@ -312,6 +315,17 @@ export interface RunningServer {
   close(): Promise<void>;
 }
 
+const metricsHandler = (registry: Registry) => async (c: Context) => c.text(await registry.metrics(), 200, { "content-type": registry.contentType });
+
+/** GET /metrics (and /healthz) alone, for "metricsListen". */
+export function createMetricsApp(registry: Registry): Hono {
+  const app = new Hono();
+  app.get("/metrics", metricsHandler(registry));
+  app.get("/healthz", (c) => c.json({ ok: true }));
+  app.notFound((c) => c.json({ error: "not found" }, 404));
+  return app;
+}
+
 /** Why a listener could not be opened, as an error naming the address and what to do (exit 8). */
 export function listenError(e: NodeJS.ErrnoException, host: string, port: number, field = "listen"): HostError {
   const at = `${host.includes(":") ? `[${host}]` : host}:${port}`;
@@ -324,12 +338,13 @@ export function listenError(e: NodeJS.ErrnoException, host: string, port: number
 }
 
 /** Listens on host:port (port 0: a free one) and resolves once it accepts connections. */
-export function listen(app: Hono, host: string, port: number, o: { field?: string } = {}): Promise<RunningServer> {
+export function listen(app: Hono, host: string, port: number, o: { field?: string; tls?: { cert: string; key: string } } = {}): Promise<RunningServer> {
   return new Promise((resolve, reject) => {
-    const server: ServerType = serve({ fetch: app.fetch, hostname: host, port }, (info: AddressInfo) => {
+    const tls = o.tls ? { createServer: createHttpsServer, serverOptions: { cert: o.tls.cert, key: o.tls.key } } : {};
+    const server: ServerType = serve({ fetch: app.fetch, hostname: host, port, ...tls }, (info: AddressInfo) => {
       const h = info.address.includes(":") ? `[${info.address}]` : info.address;
       resolve({
-        url: `http://${h}:${info.port}`,
+        url: `${o.tls ? "https" : "http"}://${h}:${info.port}`,
         // Requests in flight (e.g. the answer to the drain that ends the process) are
         // finished; connections still open after 2 s are cut.
         close: () =>

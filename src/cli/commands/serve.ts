@@ -2,7 +2,7 @@
 // process, JSON logs (pino) on stdout. `civm config check FILE` validates a config without
 // starting anything. Register with registerServe(program) in main.ts.
 import { Option, type Command } from "commander";
-import { say } from "../output.js";
+import { say, warn } from "../output.js";
 
 export function registerServe(program: Command): void {
   const config = program.command("config").description("Work with `civm serve` configuration files.");
@@ -17,10 +17,11 @@ export function registerServe(program: Command): void {
       const root = cmd.optsWithGlobals() as { stateDir?: string };
       const c = await loadServeConfig(file, { checkImages: flags.images !== false, ...(root.stateDir ? { stateDir: root.stateDir } : {}) });
       if (flags.json) {
-        process.stdout.write(JSON.stringify({ file: c.file, listen: c.listen, pools: c.pools }, null, 2) + "\n");
+        process.stdout.write(JSON.stringify({ file: c.file, listen: c.listen, metricsListen: c.metricsListen ?? null, tls: c.tls ? { cert: c.tls.certFile, key: c.tls.keyFile } : null, warnings: c.warnings ?? [], pools: c.pools }, null, 2) + "\n");
         return;
       }
       for (const line of summarizeServeConfig(c)) process.stdout.write(`${line}\n`);
+      for (const w of c.warnings ?? []) warn(w);
       say(`${file}: valid (${c.pools.length} pool${c.pools.length === 1 ? "" : "s"}).`);
     });
 
