@@ -59,3 +59,13 @@ function hostProblem(e: unknown): string | undefined {
   if (!why || typeof err?.path !== "string") return undefined;
   return `cannot use ${err.path}: ${why}. Check --state-dir / CIVM_STATE_DIR and --logs-dir / CIVM_LOGS_DIR (they must be directories civm may write).`;
 }
+
+/** --json output: one JSON value on stdout (lists are always arrays). */
+export function printJson(v: unknown): void {
+  process.stdout.write(JSON.stringify(v, null, 2) + "\n");
+}
+
+/** -q: names only, one a line (for scripts: civm ls -q | xargs civm stop). */
+export function printNames(names: readonly string[]): void {
+  if (names.length) process.stdout.write(names.join("\n") + "\n");
+}

@@ -5,12 +5,13 @@ import { Option, type Command } from "commander";
 import { setTimeout as sleep } from "node:timers/promises";
 import { ConfigError, ExternalError } from "../../errors/index.js";
 import type { ApiPool } from "../../server/index.js";
-import { formatAge, say, table } from "../output.js";
+import { formatAge, printNames, say, table } from "../output.js";
 
 export interface ApiFlags {
   apiUrl: string;
   apiToken?: string;
   json?: boolean;
+  quiet?: boolean;
 }
 
 export const DEFAULT_API_URL = "http://127.0.0.1:8080";
@@ -71,20 +72,23 @@ export async function call(flags: ApiFlags, method: "GET" | "POST", path: string
 }
 
 
-function printPools(rows: ApiPool[], json: boolean | undefined): void {
+function printPools(rows: ApiPool[], json: boolean | undefined, quiet?: boolean): void {
   if (json) {
     process.stdout.write(JSON.stringify(rows, null, 2) + "\n");
     return;
   }
+  if (quiet) return printNames(rows.map((p) => p.name));
   const head = ["POOL", "STATE", "MIN", "MAX", "DESIRED", "QUEUED", "STARTING", "IDLE", "BUSY", "FAILURES"];
   process.stdout.write(table([head, ...rows.map((p) => [p.name, p.state, p.minRunners, p.maxRunners, p.desired, p.queued, p.starting, p.idle, p.busy, p.failures].map(String))]));
 }
 
 export function registerPools(program: Command): void {
   const pools = program.command("pools").description("Pools of a running civm serve (over its API).");
-  apiOptions(pools.command("list", { isDefault: true }).description("List pools: state, min/max, desired, queued jobs, runners by state.")).action(async (flags: ApiFlags) => {
-    printPools((await call(flags, "GET", "/api/pools")) as ApiPool[], flags.json);
-  });
+  apiOptions(pools.command("list", { isDefault: true }).alias("ls").description("List pools: state, min/max, desired, queued jobs, runners by state."))
+    .option("-q, --quiet", "print names only, one a line")
+    .action(async (flags: ApiFlags) => {
+      printPools((await call(flags, "GET", "/api/pools")) as ApiPool[], flags.json, flags.quiet);
+    });
   apiOptions(pools.command("scale").argument("<name>").argument("<n>", "minRunners, or \"reset\" for the config's value").description("Override a pool's minRunners (idle runners kept on top of demand).")).action(
     async (name: string, n: string, flags: ApiFlags) => {
       const value = n === "reset" ? null : Number(n);
@@ -149,9 +153,11 @@ export function registerPools(program: Command): void {
       say(describeDrain(st));
     });
 
-  apiOptions(program.command("vms").description("Runner VMs of a running civm serve (over its API)."))
+  const vms = program.command("vms").description("Runner VMs of a running civm serve (over its API).");
+  apiOptions(vms.command("list", { isDefault: true }).alias("ls").description("List runner VMs: id, pool, runner name, state, runner id, job, age (--all: finished ones too, with their exit reason)."))
     .option("--pool <name>", "only this pool")
     .option("--all", "include finished VMs")
+    .option("-q, --quiet", "print VM ids only, one a line")
     .action(async (flags: ApiFlags & { pool?: string; all?: boolean }) => {
       const q = new URLSearchParams();
       if (flags.pool) q.set("pool", flags.pool);
@@ -161,6 +167,7 @@ export function registerPools(program: Command): void {
         process.stdout.write(JSON.stringify(rows, null, 2) + "\n");
         return;
       }
+      if (flags.quiet) return printNames(rows.map((v) => v.id));
       const head = ["ID", "POOL", "RUNNER", "STATE", "RUNNER ID", "JOB", "AGE", "EXIT"];
       process.stdout.write(table([head, ...rows.map((v) => [v.id, v.pool, v.name, v.state, String(v.runnerId ?? "-"), String(v.job ?? "-"), formatAge(v.ageSeconds * 1000), v.exitReason ?? "-"])]));
     });
