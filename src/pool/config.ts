@@ -21,6 +21,7 @@ import { looksLikeImageName } from "../images/resolve.js";
 import { LOG_RETENTION_DEFAULTS, parseKeepDays, parseMaxBytes, type LogRetention } from "../host/log-retention.js";
 import { labelKey, normalizeLabels } from "./labels.js";
 import { kindOf } from "../config/kind.js";
+import { isFireactionsConfig, translateFireactions } from "./fireactions.js";
 import type { GitHubAuthConfig, ImagePullPolicy, PoolImage, PoolSpec, RegistrationMode, ServeConfig } from "./types.js";
 
 export const SERVE_DEFAULTS = {
@@ -218,7 +219,13 @@ export function parseListen(v: unknown): { host: string; port: number } | undefi
 export async function loadServeConfig(file: string, opts: LoadServeOptions = {}): Promise<ServeConfig> {
   const env = opts.env ?? process.env;
   const baseDir = dirname(resolve(file));
-  const raw = await loadStructuredFile(file);
+  let raw = await loadStructuredFile(file);
+  let fireactionsNote: string | undefined;
+  if (isFireactionsConfig(raw)) {
+    const t = translateFireactions(raw);
+    raw = t.config;
+    if (t.ignored.length) fireactionsNote = `${file}: read as a fireactions config.yaml; civm does not use ${t.ignored.join(", ")}; remove these keys to silence this warning.`;
+  }
   if (!isObj(raw)) {
     throw new ConfigError(`${file}: the file must contain an object with "github", "pools" and other keys, but it contains ${raw == null ? "nothing" : kindOf(raw)}.`);
   }
@@ -272,7 +279,8 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
     }
   }
   if (problems.length > 0) throw new ConfigError(problems.join("\n"));
-  const warnings = unsafeSettings({ file, listen: listen!, metricsListen, tls: tls !== undefined, webhookSecret, apiToken, apiUrl: github?.apiUrl ?? SERVE_DEFAULTS.apiUrl, maxWebhookBytes });
+  const warnings = fireactionsNote ? [fireactionsNote] : [];
+  warnings.push(...unsafeSettings({ file, listen: listen!, metricsListen, tls: tls !== undefined, webhookSecret, apiToken, apiUrl: github?.apiUrl ?? SERVE_DEFAULTS.apiUrl, maxWebhookBytes }));
   return {
     metricsListen,
     tls,
