@@ -115,3 +115,11 @@ test("civm completion bash|zsh|fish: scripts generated from the command tree", a
   assert.match(fish.stdout, /^complete -c civm -n '__fish_seen_subcommand_from image; and not __fish_seen_subcommand_from build ls list path rm pull' -a ls/m);
   assert.equal((await runCivm(["completion", "tcsh"], e)).code, 2);
 });
+
+test("civm --version and civm_build_info use CIVM_VERSION, which is package.json's version", async () => {
+  const { CIVM_VERSION } = await import("../../src/version.js");
+  const { readFileSync } = await import("node:fs");
+  const { repoRoot } = await import("../support/paths.js");
+  assert.equal(CIVM_VERSION, (JSON.parse(readFileSync(join(repoRoot, "package.json"), "utf8")) as { version: string }).version);
+  assert.equal((await runCivm(["--version"], civmEnv())).stdout.trim(), CIVM_VERSION);
+});
