@@ -109,6 +109,8 @@ test("civm serve with tls and metricsListen: /metrics only on its own listener, 
       metricsListen: "127.0.0.1:0",
       tls: { cert: "cert.pem", key: "key.pem" },
       github: { apiUrl: gh.url, token: gh.validToken },
+      // A fireactions key: its warning must reach the start-up log.
+      log_level: "info",
       pools: [{ name: "linux", maxRunners: 1, runner: { image: "./disk.img", repository: "rust-lang-ci/rust", labels: ["linux"] } }],
     }),
   );
@@ -127,6 +129,8 @@ test("civm serve with tls and metricsListen: /metrics only on its own listener, 
     else await new Promise((r) => setTimeout(r, 100));
   }
   assert.match(started.url, /^https:/);
+  const warned = out.split("\n").filter((l) => l.includes('"level":"warn"')).map((l) => JSON.parse(l) as { msg: string });
+  assert.ok(warned.some((w) => /read as a fireactions config\.yaml; civm does not use log_level/.test(w.msg)), `start-up warnings: ${JSON.stringify(warned)}`);
   assert.equal((await httpsGet(`${started.url}/healthz`, cert)).status, 200);
   assert.equal((await httpsGet(`${started.url}/metrics`, cert)).status, 404, "no /metrics on the main listener");
   const metrics = await (await fetch(`${started.metricsUrl}/metrics`)).text();
