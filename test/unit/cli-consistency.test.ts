@@ -33,6 +33,10 @@ test("ls and list on every local noun; --json lists are arrays; -q prints names 
     assert.deepEqual(JSON.parse(a.stdout), JSON.parse(b.stdout));
   }
   assert.equal((await runCivm(["image", "ls", "-q"], e)).stdout, "runner-img\n");
+  // Overwriting takes --force, as with kernel add (checked before any download).
+  const again = await runCivm(["image", "pull", "http://127.0.0.1:9/runner-img.qcow2"], e);
+  assert.equal(again.code, 2, again.stderr);
+  assert.match(again.stderr, /an image named "runner-img" is already stored \(civm image ls\); pass --force to replace it/);
   assert.equal((await runCivm(["kernel", "ls", "-q"], e)).stdout, "");
   assert.equal((await runCivm(["ls", "-q"], e)).stdout, "");
   const rm = await runCivm(["image", "rm", "runner-img", "--json"], e);

@@ -4,6 +4,7 @@ import { join } from "node:path";
 import { pathsFrom } from "../global.js";
 import { printJson, printNames, say } from "../output.js";
 import { ensureLogsDir } from "../../host/paths.js";
+import { ConfigError } from "../../errors/index.js";
 import { formatBytes } from "../../vm/format.js";
 
 interface BuildFlags {
@@ -120,10 +121,16 @@ export function registerImage(program: Command): void {
     .option("--name <name>", "store it under this name (default: the file name without .qcow2[.zst])")
     .option("-q, --quiet", "no progress")
     .option("--json", "print the stored image (name, diskPath, sha256) as JSON")
-    .action(async (url: string, flags: { name?: string; quiet?: boolean; json?: boolean }, cmd: Command) => {
+    .option("--force", "replace a stored image of the same name")
+    .action(async (url: string, flags: { name?: string; quiet?: boolean; json?: boolean; force?: boolean }, cmd: Command) => {
       const { ImageStore } = await import("../../images/store.js");
-      const { pullImage } = await import("../../images/pull.js");
+      const { pullImage, describePullUrl } = await import("../../images/pull.js");
       const store = new ImageStore(pathsFrom(cmd).stateDir);
+      // As kernel add: replacing what is stored takes --force (checked before downloading).
+      const target = flags.name ?? describePullUrl(url).defaultName;
+      if (!flags.force && (await store.get(target).catch(() => undefined))) {
+        throw new ConfigError(`an image named "${target}" is already stored (civm image ls); pass --force to replace it, or --name for another name`);
+      }
       const img = await pullImage({
         url, store, log: flags.quiet ? () => {} : say,
         ...(flags.name ? { name: flags.name } : {}),
