@@ -18,6 +18,11 @@ export function reportError(e: unknown): number {
     if (process.env.CIVM_DEBUG === "1" && e.stack) process.stderr.write(e.stack + "\n");
     return e.exitCode;
   }
+  const host = hostProblem(e);
+  if (host) {
+    process.stderr.write(`civm: error: ${host}\n`);
+    return EXIT_CODES.host;
+  }
   const err = e as Error;
   process.stderr.write(`civm: internal error: ${err?.message ?? String(e)}\n`);
   process.stderr.write(process.env.CIVM_DEBUG === "1" && err?.stack ? err.stack + "\n" : "civm: (set CIVM_DEBUG=1 for a stack trace, and please report this)\n");
@@ -35,4 +40,32 @@ export function formatAge(ms: number): string {
   if (s < 60) return `${s}s`;
   if (s < 3600) return `${Math.floor(s / 60)}m${s % 60}s`;
   return `${Math.floor(s / 3600)}h${Math.floor((s % 3600) / 60)}m`;
+}
+
+// A file system refusal on a path civm was pointed at (a state dir that is a file, a
+// read-only or full disk) is the host's problem (exit 8), not a bug in civm.
+const HOST_ERRNOS: Record<string, string> = {
+  ENOTDIR: "a part of the path is a file, not a directory",
+  EACCES: "permission denied",
+  EPERM: "operation not permitted",
+  EROFS: "the file system is read-only",
+  ENOSPC: "no space left on the device",
+  EDQUOT: "disk quota exceeded",
+};
+
+function hostProblem(e: unknown): string | undefined {
+  const err = e as NodeJS.ErrnoException | undefined;
+  const why = err?.code ? HOST_ERRNOS[err.code] : undefined;
+  if (!why || typeof err?.path !== "string") return undefined;
+  return `cannot use ${err.path}: ${why}. Check --state-dir / CIVM_STATE_DIR and --logs-dir / CIVM_LOGS_DIR (they must be directories civm may write).`;
+}
+
+/** --json output: one JSON value on stdout (lists are always arrays). */
+export function printJson(v: unknown): void {
+  process.stdout.write(JSON.stringify(v, null, 2) + "\n");
+}
+
+/** -q: names only, one a line (for scripts: civm ls -q | xargs civm stop). */
+export function printNames(names: readonly string[]): void {
+  if (names.length) process.stdout.write(names.join("\n") + "\n");
 }

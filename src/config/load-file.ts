@@ -74,7 +74,14 @@ function parseYaml(text: string): Parsed {
   const doc = yaml().parseDocument(text, { prettyErrors: true });
   // Later errors are mostly fallout of the first; report that one.
   const e = doc.errors[0];
-  if (!e) return { value: doc.toJS() as unknown };
+  if (!e) {
+    try {
+      return { value: doc.toJS() as unknown };
+    } catch (err) {
+      // yaml refuses documents whose aliases expand past its limit ("billion laughs"): bad input.
+      return { problems: [{ line: 1, col: 1, what: `${(err as Error).message.replace(/\.$/, "")}: the file's aliases (*name) expand to too much data; write the values out or use fewer aliases` }] };
+    }
+  }
   const what = e.message
     .replace(/ at line \d+, column \d+:?[\s\S]*$/, "") // the pretty snippet would echo file contents
     .replace(/: ".*"$/, ""); // so would a quoted token ("Unexpected scalar token in YAML stream: \"...\"")

@@ -162,7 +162,7 @@ export class KernelStore {
     const started = Date.now();
     const name = checkKernelName(o.name);
     if (!o.replace && (await this.get(name))) {
-      throw new ConfigError(`a kernel named "${name}" is already stored (civm kernel ls); remove it first (civm kernel rm ${name}) or pass --replace`);
+      throw new ConfigError(`a kernel named "${name}" is already stored (civm kernel ls); remove it first (civm kernel rm ${name}) or pass --force`);
     }
     const cwd = o.cwd ?? process.cwd();
     await mkdir(this.root, { recursive: true, mode: 0o755 });

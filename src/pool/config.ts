@@ -21,6 +21,7 @@ import { looksLikeImageName } from "../images/resolve.js";
 import { LOG_RETENTION_DEFAULTS, parseKeepDays, parseMaxBytes, type LogRetention } from "../host/log-retention.js";
 import { labelKey, normalizeLabels } from "./labels.js";
 import { kindOf } from "../config/kind.js";
+import { isFireactionsConfig, translateFireactions } from "./fireactions.js";
 import type { GitHubAuthConfig, ImagePullPolicy, PoolImage, PoolSpec, RegistrationMode, ServeConfig } from "./types.js";
 
 export const SERVE_DEFAULTS = {
@@ -43,7 +44,12 @@ export const SERVE_DEFAULTS = {
   workFolder: "_work",
 } as const;
 
-export const SERVE_KEYS = ["listen", "stateDir", "github", "webhookSecret", "apiToken", "pools", "pollInterval", "shutdownTimeout", "retention", "maxWebhookBytes", "logs", "qemuUser"] as const;
+export const SERVE_KEYS = ["listen", "metricsListen", "tls", "stateDir", "github", "webhookSecret", "apiToken", "pools", "pollInterval", "shutdownTimeout", "retention", "maxWebhookBytes", "logs", "qemuUser"] as const;
+export const TLS_KEYS = ["cert", "key"] as const;
+/** GitHub sends at most 25 MB per delivery; the body is buffered before its signature is checked. */
+export const MAX_WEBHOOK_BYTES_CAP = 25 * 1024 * 1024;
+/** Shorter webhook secrets and API tokens are warned about on a non-loopback listener. */
+export const MIN_SECRET_LENGTH = 16;
 export const LOGS_KEYS = ["keepDays", "maxBytes"] as const;
 export const GITHUB_KEYS = ["apiUrl", "appId", "privateKeyFile", "privateKey", "installationId", "token"] as const;
 export const POOL_KEYS = ["name", "maxRunners", "minRunners", "runner", "firecracker", "cpus", "ram", "disk", "timeout-seconds", "idleTimeout", "runnerGroup", "cmdline", "network"] as const;
@@ -213,7 +219,13 @@ export function parseListen(v: unknown): { host: string; port: number } | undefi
 export async function loadServeConfig(file: string, opts: LoadServeOptions = {}): Promise<ServeConfig> {
   const env = opts.env ?? process.env;
   const baseDir = dirname(resolve(file));
-  const raw = await loadStructuredFile(file);
+  let raw = await loadStructuredFile(file);
+  let fireactionsNote: string | undefined;
+  if (isFireactionsConfig(raw)) {
+    const t = translateFireactions(raw);
+    raw = t.config;
+    if (t.ignored.length) fireactionsNote = `${file}: read as a fireactions config.yaml; civm does not use ${t.ignored.join(", ")}; remove these keys to silence this warning.`;
+  }
   if (!isObj(raw)) {
     throw new ConfigError(`${file}: the file must contain an object with "github", "pools" and other keys, but it contains ${raw == null ? "nothing" : kindOf(raw)}.`);
   }
@@ -239,6 +251,15 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
   // GitHub may still redeliver.
   const retentionSeconds = f.seconds("retention", SERVE_DEFAULTS.retentionSeconds, 3600, false);
   const maxWebhookBytes = f.size("maxWebhookBytes") ?? SERVE_DEFAULTS.maxWebhookBytes;
+  if (maxWebhookBytes > MAX_WEBHOOK_BYTES_CAP) {
+    f.add(`"maxWebhookBytes" (${maxWebhookBytes} bytes) is above ${MAX_WEBHOOK_BYTES_CAP} (25 MiB): GitHub never sends more, and every body is held in memory before its signature is checked; remove it (default 1 MiB) or lower it.`);
+  }
+  let metricsListen: { host: string; port: number } | undefined;
+  if (f.has("metricsListen")) {
+    metricsListen = parseListen(top.metricsListen);
+    if (!metricsListen) f.add(`"metricsListen" must be HOST:PORT (e.g. "127.0.0.1:9464") or a port number.`);
+  }
+  const tls = await loadTls(f, baseDir);
   const logs = loadLogs(f);
   const qemuUserName = f.str("qemuUser");
   if (qemuUserName !== undefined && !/^[a-z_][a-z0-9_-]*\$?$/.test(qemuUserName)) f.add(`"qemuUser" must be a user name such as "civm-qemu" (the unprivileged user QEMU runs as), not ${JSON.stringify(qemuUserName)}.`);
@@ -258,7 +279,12 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
     }
   }
   if (problems.length > 0) throw new ConfigError(problems.join("\n"));
+  const warnings = fireactionsNote ? [fireactionsNote] : [];
+  warnings.push(...unsafeSettings({ file, listen: listen!, metricsListen, tls: tls !== undefined, webhookSecret, apiToken, apiUrl: github?.apiUrl ?? SERVE_DEFAULTS.apiUrl, maxWebhookBytes }));
   return {
+    metricsListen,
+    tls,
+    warnings,
     file,
     baseDir,
     listen: listen ?? { host: "127.0.0.1", port: 8080 },
@@ -276,6 +302,73 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
     pools,
     secrets: [...new Set(secrets)],
   };
+}
+
+/** `tls: {cert, key}`: PEM files (relative to the config), read now so a bad path is a config error. */
+async function loadTls(top: Fields, baseDir: string): Promise<ServeConfig["tls"]> {
+  const o = top.object("tls");
+  if (!o) return undefined;
+  const f = new Fields(o, top.where, top.problems, "tls.");
+  f.unknownKeys(TLS_KEYS);
+  const out: Record<"cert" | "key", { file: string; text: string } | undefined> = { cert: undefined, key: undefined };
+  for (const k of TLS_KEYS) {
+    const rel = f.str(k, { required: k === "cert" ? "the PEM certificate (chain) file" : "the PEM private key file" });
+    if (rel === undefined) continue;
+    const file = resolve(baseDir, rel);
+    try {
+      const text = await readFile(file, "utf8");
+      const want = k === "cert" ? /-----BEGIN CERTIFICATE-----/ : /-----BEGIN [A-Z ]*PRIVATE KEY-----/;
+      if (!want.test(text)) f.add(`"tls.${k}" (${file}) is not a PEM ${k === "cert" ? "certificate" : "private key"}.`);
+      else out[k] = { file, text };
+    } catch (e) {
+      f.add(`"tls.${k}": cannot read ${file} (${osReason(e)}); relative paths start from the config file's folder.`);
+    }
+  }
+  if (!out.cert || !out.key) return undefined;
+  return { certFile: out.cert.file, keyFile: out.key.file, cert: out.cert.text, key: out.key.text };
+}
+
+/** 127.0.0.0/8, ::1 and localhost: only this host can connect. */
+export function isLoopbackHost(host: string): boolean {
+  const h = host.replace(/^\[|\]$/g, "").toLowerCase();
+  return h === "localhost" || h === "::1" || /^127\.\d+\.\d+\.\d+$/.test(h) || h === "::ffff:127.0.0.1";
+}
+
+/** Settings that work but expose something; each line names the field and the fix. */
+export function unsafeSettings(c: {
+  file: string;
+  listen: { host: string; port: number };
+  metricsListen: { host: string; port: number } | undefined;
+  tls: boolean;
+  webhookSecret: string | undefined;
+  apiToken: string | undefined;
+  apiUrl: string;
+  maxWebhookBytes: number;
+}): string[] {
+  const out: string[] = [];
+  const at = (l: { host: string; port: number }) => `${l.host.includes(":") ? `[${l.host}]` : l.host}:${l.port}`;
+  if (!isLoopbackHost(c.listen.host)) {
+    for (const [field, value] of [["webhookSecret", c.webhookSecret], ["apiToken", c.apiToken]] as const) {
+      if (value !== undefined && value.length < MIN_SECRET_LENGTH) {
+        out.push(`${c.file}: "${field}" is ${value.length} characters long on a listener other hosts can reach ("listen": ${at(c.listen)}); use ${MIN_SECRET_LENGTH} or more random characters (openssl rand -hex 32).`);
+      }
+    }
+    if (!c.metricsListen) {
+      out.push(`${c.file}: GET /metrics (no auth) answers anyone who reaches "listen" (${at(c.listen)}); set "metricsListen": "127.0.0.1:9464" to serve it on a listener of its own.`);
+    }
+    if (!c.tls) {
+      out.push(`${c.file}: "listen" (${at(c.listen)}) is reachable from other hosts over plain HTTP: the API token travels in clear; put a TLS reverse proxy in front or set "tls": {"cert": ..., "key": ...}.`);
+    }
+  }
+  try {
+    const u = new URL(c.apiUrl);
+    if (u.protocol === "http:" && !isLoopbackHost(u.hostname)) {
+      out.push(`${c.file}: "github.apiUrl" (${c.apiUrl}) is plain HTTP to another host: the App's tokens and runner registration secrets travel in clear; use https://.`);
+    }
+  } catch {
+    // reported as a problem already
+  }
+  return out;
 }
 
 /** `logs:` (console and supervisor log retention); defaults for what is missing. */
@@ -621,7 +714,7 @@ function isObj(v: unknown): v is Obj {
 export function summarizeServeConfig(c: ServeConfig): string[] {
   const auth = c.github.auth.kind === "app" ? `GitHub App ${c.github.auth.appId}` : "token";
   const lines = [
-    `listen ${c.listen.host}:${c.listen.port}; GitHub ${c.github.apiUrl} (${auth}); webhook secret ${c.webhookSecret ? "set" : "not set (POST /webhook answers 401)"}; API token ${c.apiToken ? "set" : "not set (API answers 401)"}`,
+    `listen ${c.tls ? "https" : "http"} ${c.listen.host}:${c.listen.port}${c.metricsListen ? `, metrics on ${c.metricsListen.host}:${c.metricsListen.port}` : ""}; GitHub ${c.github.apiUrl} (${auth}); webhook secret ${c.webhookSecret ? "set" : "not set (POST /webhook answers 401)"}; API token ${c.apiToken ? "set" : "not set (API answers 401)"}`,
     `poll every ${c.pollIntervalSeconds}s; shutdown waits up to ${c.shutdownTimeoutSeconds}s for busy runners; state kept ${c.retentionSeconds}s; webhook bodies up to ${c.maxWebhookBytes} bytes`,
   ];
   for (const p of c.pools) {

@@ -2,7 +2,7 @@
 // reconciler (VM transitions from the state store), the webhook server (job pickup) and
 // the GitHub clients (every request) all report here; each metric is created once per
 // registry and found again by name, so those parts need only the registry.
-import { Counter, Histogram, type Registry } from "prom-client";
+import { collectDefaultMetrics, Counter, Gauge, Histogram, type Registry } from "prom-client";
 import type { StateStore, VmRecord, VmState } from "../store/index.js";
 
 /** Seconds: a KVM boot takes a few, a TCG one minutes; the registration timeout is 10 min. */
@@ -79,4 +79,15 @@ export function pickupSeconds(payload: { created_at?: unknown; started_at?: unkn
   if (Number.isFinite(created) && Number.isFinite(started) && started >= created) return seconds(started - created);
   if (queuedAt !== undefined) return seconds(now - queuedAt);
   return undefined;
+}
+
+/**
+ * civm_build_info (version, Node.js) and prom-client's default process metrics
+ * (process_cpu_seconds_total, process_resident_memory_bytes, nodejs_eventloop_lag_seconds,
+ * ...) on the daemon's registry; once per registry.
+ */
+export function registerProcessMetrics(registry: Registry, version: string): void {
+  if (registry.getSingleMetric("civm_build_info")) return;
+  new Gauge({ name: "civm_build_info", help: "Always 1; the labels say which civm and Node.js run", labelNames: ["version", "nodejs"], registers: [registry] }).set({ version, nodejs: process.version }, 1);
+  collectDefaultMetrics({ register: registry });
 }

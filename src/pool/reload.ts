@@ -2,10 +2,11 @@
 // the running process can take are applied; the listen address, the state dir and the
 // GitHub API URL need a restart (the socket is bound, the store open, runners registered
 // there), so the running values are kept and the answer says so. Never shows a secret.
+import { createHash } from "node:crypto";
 import type { ServeConfig } from "./types.js";
 
 export interface RestartNeeded {
-  field: "listen" | "stateDir" | "github.apiUrl" | "qemuUser";
+  field: "listen" | "metricsListen" | "tls" | "stateDir" | "github.apiUrl" | "qemuUser";
   running: string;
   configured: string;
 }
@@ -26,6 +27,11 @@ export function settingsChanges(running: ServeConfig, next: ServeConfig, default
   const sd = (c: ServeConfig) => c.stateDir ?? defaultStateDir;
   if (sd(running) !== sd(next)) restartNeeded.push({ field: "stateDir", running: sd(running), configured: sd(next) });
   if (running.github.apiUrl !== next.github.apiUrl) restartNeeded.push({ field: "github.apiUrl", running: running.github.apiUrl, configured: next.github.apiUrl });
+  const ml = (c: ServeConfig) => (c.metricsListen ? listenText(c.metricsListen) : "on listen");
+  if (ml(running) !== ml(next)) restartNeeded.push({ field: "metricsListen", running: ml(running), configured: ml(next) });
+  // A renewed certificate in the same file needs a restart too: the digest tells them apart.
+  const tl = (c: ServeConfig) => (c.tls ? `${c.tls.certFile} (sha256 ${createHash("sha256").update(c.tls.cert).update(c.tls.key).digest("hex").slice(0, 12)})` : "off");
+  if (tl(running) !== tl(next)) restartNeeded.push({ field: "tls", running: tl(running), configured: tl(next) });
   const qu = (c: ServeConfig) => c.qemuUser ?? "civm-qemu";
   if (qu(running) !== qu(next)) restartNeeded.push({ field: "qemuUser", running: qu(running), configured: qu(next) });
   if (JSON.stringify(running.github.auth) !== JSON.stringify(next.github.auth)) applied.push("github credentials");
@@ -41,7 +47,7 @@ export function settingsChanges(running: ServeConfig, next: ServeConfig, default
 
 /** The config the process runs after applying `next`: restart-only settings keep their running values. */
 export function effectiveConfig(running: ServeConfig, next: ServeConfig): ServeConfig {
-  return { ...next, listen: running.listen, stateDir: running.stateDir, github: { apiUrl: running.github.apiUrl, auth: next.github.auth } };
+  return { ...next, listen: running.listen, metricsListen: running.metricsListen, tls: running.tls, stateDir: running.stateDir, github: { apiUrl: running.github.apiUrl, auth: next.github.auth } };
 }
 
 /** One line for the log and the CLI: "restart civm serve to apply listen (running 127.0.0.1:8080, configured :9090)". */

@@ -11,12 +11,14 @@ import { createGitHubAccess, type GitHubAccess } from "../github/app-auth.js";
 import { detectAccel } from "../host/kvm.js";
 import { resolvePaths } from "../host/paths.js";
 import { pruneLogs } from "../host/log-retention.js";
-import { createApp, listen, type ReloadOutcome, type ServerOptions, type ServerPool } from "../server/index.js";
+import { createApp, createMetricsApp, listen, type ReloadOutcome, type ServerOptions, type ServerPool } from "../server/index.js";
 import { StateStore } from "../store/index.js";
+import { lockStateDir } from "../host/serve-lock.js";
 import { redactAll } from "../vm/run.js";
 import { loadServeConfig } from "./config.js";
 import { Daemon, type VmLauncher } from "./daemon.js";
-import { githubRequestObserver } from "./metrics.js";
+import { githubRequestObserver, registerProcessMetrics } from "./metrics.js";
+import { CIVM_VERSION } from "../version.js";
 import { findConsoleLog, VmRunLauncher } from "./launcher.js";
 import { effectiveConfig, restartMessage, settingsChanges } from "./reload.js";
 import type { ServeConfig } from "./types.js";
@@ -54,8 +56,11 @@ export async function runServe(o: RunServeOptions): Promise<number> {
   );
   for (const w of poolCmdlineWarnings(config.pools, config.poolsFile)) logger.warn({}, w);
   const paths = resolvePaths({ stateDir: config.stateDir ?? o.stateDir, logsDir: o.logsDir });
+  // Before anything reads the store: a second daemon would take the first's VMs for leftovers.
+  const lock = lockStateDir(paths.stateDir);
   const store = new StateStore(paths.stateDir);
   const registry = new Registry();
+  registerProcessMetrics(registry, CIVM_VERSION);
   const warn = (m: string) => logger.warn({}, m);
   const access = accessFor(config, warn, registry);
   const accel = await detectAccel({ stateDir: paths.stateDir, ...(o.accel ? { env: { ...process.env, CIVM_ACCEL: o.accel } } : {}) });
@@ -160,10 +165,16 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     },
     redact: (text) => redactAll(text, [...secrets]),
     router,
+    metrics: config.metricsListen === undefined,
   };
+  for (const w of config.warnings ?? []) logger.warn({ file: config.file }, w);
   const app = createApp(serverOpts);
-  const server = await listen(app, config.listen.host, config.listen.port);
-  logger.info({ url: server.url, pools: config.pools.map((p) => p.name), stateDir: paths.stateDir, accel: accel.accel }, "civm serve listening");
+  const server = await listen(app, config.listen.host, config.listen.port, config.tls ? { tls: config.tls } : {});
+  const metricsServer = config.metricsListen ? await listen(createMetricsApp(registry), config.metricsListen.host, config.metricsListen.port, { field: "metricsListen" }).catch(async (e: unknown) => {
+    await server.close();
+    throw e;
+  }) : undefined;
+  logger.info({ url: server.url, ...(metricsServer ? { metricsUrl: metricsServer.url } : {}), pools: config.pools.map((p) => p.name), stateDir: paths.stateDir, accel: accel.accel }, "civm serve listening");
   await daemon.start();
 
   return new Promise<number>((resolve) => {
@@ -187,7 +198,9 @@ export async function runServe(o: RunServeOptions): Promise<number> {
           logger.error({ err: messageOf(e) }, "shutdown failed");
         }
         await server.close();
+        await metricsServer?.close();
         store.close();
+        lock.release();
         logger.info({}, "stopped");
         resolve(0);
         // Nothing should keep the process alive now; if something does, do not hang.

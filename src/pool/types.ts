@@ -86,4 +86,10 @@ export interface ServeConfig {
   pools: PoolSpec[];
   /** Every resolved ${{ fn:arg }} value and the private key: redact before logging. */
   secrets: string[];
+  /** A listener of its own for GET /metrics (then the main one does not serve it). */
+  metricsListen?: { host: string; port: number } | undefined;
+  /** HTTPS on the main listener: PEM certificate (chain) and key, read at load. */
+  tls?: { certFile: string; keyFile: string; cert: string; key: string } | undefined;
+  /** Settings that work but are unsafe (config check and start-up print them). */
+  warnings?: string[];
 }

@@ -5,6 +5,7 @@
 // GitHub says and what the operator asks; the reconciler acts on it.
 import { createHash, timingSafeEqual } from "node:crypto";
 import { open } from "node:fs/promises";
+import { createServer as createHttpsServer } from "node:https";
 import type { AddressInfo } from "node:net";
 import { Hono, type Context } from "hono";
 import { serve, type ServerType } from "@hono/node-server";
@@ -15,6 +16,7 @@ import { backoffState, desiredRunners } from "../pool/plan.js";
 import { JobRouter } from "../pool/routing.js";
 import type { RunnerTarget } from "../github/registration-token.js";
 import { pickupSeconds, serveMetrics } from "../pool/metrics.js";
+import { HostError } from "../errors/index.js";
 
 /** One pool as the API reports it (GET /api/pools, /api/pools/NAME, scale, pause, resume). */
 export interface ApiPool {
@@ -82,6 +84,8 @@ export interface ServerOptions {
   redact?: (text: string) => string;
   /** Job → pool (runner groups through GitHub); default: one without GitHub access, on `registry`. */
   router?: JobRouter;
+  /** false: GET /metrics is served on a listener of its own (metricsListen), not here. */
+  metrics?: boolean;
 }
 
 /** Most console bytes one GET /api/vms/ID/log answers (the client asks again from the offset). */
@@ -184,7 +188,7 @@ export function createApp(opts: ServerOptions): Hono {
   });
 
   app.get("/healthz", (c) => c.json({ ok: true }));
-  app.get("/metrics", async (c) => c.text(await opts.registry.metrics(), 200, { "content-type": opts.registry.contentType }));
+  if (opts.metrics !== false) app.get("/metrics", metricsHandler(opts.registry));
 
   app.use("/api/*", async (c, next) => {
     const got = /^Bearer\s+(.+)$/i.exec(c.req.header("authorization") ?? "")?.[1];
@@ -341,13 +345,36 @@ export interface RunningServer {
   close(): Promise<void>;
 }
 
+const metricsHandler = (registry: Registry) => async (c: Context) => c.text(await registry.metrics(), 200, { "content-type": registry.contentType });
+
+/** GET /metrics (and /healthz) alone, for "metricsListen". */
+export function createMetricsApp(registry: Registry): Hono {
+  const app = new Hono();
+  app.get("/metrics", metricsHandler(registry));
+  app.get("/healthz", (c) => c.json({ ok: true }));
+  app.notFound((c) => c.json({ error: "not found" }, 404));
+  return app;
+}
+
+/** Why a listener could not be opened, as an error naming the address and what to do (exit 8). */
+export function listenError(e: NodeJS.ErrnoException, host: string, port: number, field = "listen"): HostError {
+  const at = `${host.includes(":") ? `[${host}]` : host}:${port}`;
+  const why: Record<string, string> = {
+    EADDRINUSE: `the port is already in use (another civm serve, or another program: ss -ltnp 'sport = :${port}' shows which); stop it or set "${field}" to a free port`,
+    EACCES: `permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE); use a port from 1024 up`,
+    EADDRNOTAVAIL: `no network interface of this host has that address; use one it has, 127.0.0.1 or 0.0.0.0`,
+  };
+  return new HostError(`cannot listen on ${at} ("${field}"): ${(e.code && why[e.code]) ?? e.message}.`, { cause: e });
+}
+
 /** Listens on host:port (port 0: a free one) and resolves once it accepts connections. */
-export function listen(app: Hono, host: string, port: number): Promise<RunningServer> {
-  return new Promise((resolve) => {
-    const server: ServerType = serve({ fetch: app.fetch, hostname: host, port }, (info: AddressInfo) => {
+export function listen(app: Hono, host: string, port: number, o: { field?: string; tls?: { cert: string; key: string } } = {}): Promise<RunningServer> {
+  return new Promise((resolve, reject) => {
+    const tls = o.tls ? { createServer: createHttpsServer, serverOptions: { cert: o.tls.cert, key: o.tls.key } } : {};
+    const server: ServerType = serve({ fetch: app.fetch, hostname: host, port, ...tls }, (info: AddressInfo) => {
       const h = info.address.includes(":") ? `[${info.address}]` : info.address;
       resolve({
-        url: `http://${h}:${info.port}`,
+        url: `${o.tls ? "https" : "http"}://${h}:${info.port}`,
         // Requests in flight (e.g. the answer to the drain that ends the process) are
         // finished; connections still open after 2 s are cut.
         close: () =>
@@ -359,6 +386,8 @@ export function listen(app: Hono, host: string, port: number): Promise<RunningSe
           }),
       });
     });
+    // Before it listens, an error (port in use) is the caller's to report, not a crash.
+    server.once("error", (e: NodeJS.ErrnoException) => reject(listenError(e, host, port, o.field)));
   });
 }
 

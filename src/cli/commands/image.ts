@@ -2,8 +2,9 @@ import { Command } from "commander";
 import { createWriteStream, existsSync } from "node:fs";
 import { join } from "node:path";
 import { pathsFrom } from "../global.js";
-import { say } from "../output.js";
+import { printJson, printNames, say } from "../output.js";
 import { ensureLogsDir } from "../../host/paths.js";
+import { ConfigError } from "../../errors/index.js";
 import { formatBytes } from "../../vm/format.js";
 
 interface BuildFlags {
@@ -32,7 +33,7 @@ export function registerImage(program: Command): void {
     .argument("<name>", "image name (civm-runner is built in)")
     .option("-f, --file <file>", "images spec, JSON or YAML, civm or lvh form (default: ./images.json or ./images.yaml, plus the built-in images)")
     .option("--force", "rebuild the image even if its key is unchanged (parents stay cached)")
-    .option("--quiet", "print only the result")
+    .option("-q, --quiet", "print only the result")
     .option("--json", "print progress and the result as JSON lines on stdout")
     .action(async (name: string, flags: BuildFlags, cmd: Command) => {
       const paths = pathsFrom(cmd);
@@ -74,12 +75,15 @@ export function registerImage(program: Command): void {
 
   image
     .command("ls")
+    .alias("list")
     .description("List stored images: name, key, format, size, age.")
-    .option("--json", "print JSON")
-    .action(async (flags: { json?: boolean }, cmd: Command) => {
+    .option("--json", "print a JSON array")
+    .option("-q, --quiet", "print names only, one a line")
+    .action(async (flags: { json?: boolean; quiet?: boolean }, cmd: Command) => {
       const { ImageStore, formatImageTable } = await import("../../images/store.js");
       const images = await new ImageStore(pathsFrom(cmd).stateDir).list();
-      if (flags.json) process.stdout.write(JSON.stringify(images.map((i) => ({ ...i.manifest, diskPath: i.diskPath })), null, 2) + "\n");
+      if (flags.json) printJson(images.map((i) => ({ ...i.manifest, diskPath: i.diskPath })));
+      else if (flags.quiet) printNames(images.map((i) => i.manifest.name));
       else process.stdout.write(formatImageTable(images));
     });
 
@@ -96,11 +100,18 @@ export function registerImage(program: Command): void {
   image
     .command("rm")
     .description("Remove a stored image (refused while a child image is built on it).")
-    .argument("<name>")
-    .action(async (name: string, _f: unknown, cmd: Command) => {
+    .argument("<names...>")
+    .option("--json", "print the removed images as a JSON array")
+    .action(async (names: string[], flags: { json?: boolean }, cmd: Command) => {
       const { ImageStore } = await import("../../images/store.js");
-      await new ImageStore(pathsFrom(cmd).stateDir).remove(name);
-      say(`removed image ${name}`);
+      const store = new ImageStore(pathsFrom(cmd).stateDir);
+      const removed = [];
+      for (const name of names) {
+        await store.remove(name);
+        say(`removed image ${name}`);
+        removed.push({ name });
+      }
+      if (flags.json) printJson(removed);
     });
 
   image
@@ -108,11 +119,18 @@ export function registerImage(program: Command): void {
     .description("Fetch a .qcow2 or .qcow2.zst over HTTP(S) with its .sha256 (of the uncompressed image), verify it and store it.")
     .argument("<url>")
     .option("--name <name>", "store it under this name (default: the file name without .qcow2[.zst])")
-    .option("--quiet", "no progress")
-    .action(async (url: string, flags: { name?: string; quiet?: boolean }, cmd: Command) => {
+    .option("-q, --quiet", "no progress")
+    .option("--json", "print the stored image (name, diskPath, sha256) as JSON")
+    .option("--force", "replace a stored image of the same name")
+    .action(async (url: string, flags: { name?: string; quiet?: boolean; json?: boolean; force?: boolean }, cmd: Command) => {
       const { ImageStore } = await import("../../images/store.js");
-      const { pullImage } = await import("../../images/pull.js");
+      const { pullImage, describePullUrl } = await import("../../images/pull.js");
       const store = new ImageStore(pathsFrom(cmd).stateDir);
+      // As kernel add: replacing what is stored takes --force (checked before downloading).
+      const target = flags.name ?? describePullUrl(url).defaultName;
+      if (!flags.force && (await store.get(target).catch(() => undefined))) {
+        throw new ConfigError(`an image named "${target}" is already stored (civm image ls); pass --force to replace it, or --name for another name`);
+      }
       const img = await pullImage({
         url, store, log: flags.quiet ? () => {} : say,
         ...(flags.name ? { name: flags.name } : {}),
@@ -120,5 +138,6 @@ export function registerImage(program: Command): void {
       });
       if (!flags.quiet) process.stderr.write("\n");
       say(`stored ${img.name}: ${img.diskPath} (sha256 ${img.manifest.sha256.slice(0, 16)}…)`);
+      if (flags.json) printJson({ name: img.name, diskPath: img.diskPath, sha256: img.manifest.sha256 });
     });
 }

@@ -1,6 +1,6 @@
-import type { Command } from "commander";
+import { Option, type Command } from "commander";
 import { pathsFrom } from "../global.js";
-import { say, table } from "../output.js";
+import { printJson, printNames, say, table } from "../output.js";
 import { ConfigError } from "../../errors/index.js";
 import { formatSeconds } from "../../vm/format.js";
 
@@ -15,42 +15,46 @@ export function registerKernel(program: Command): void {
     .argument("<name>", "name to boot it by (--kernel NAME)")
     .argument("[source]", "package, .deb, bzImage or folder (default: NAME itself, e.g. civm kernel add linux-image-cloud-amd64)")
     .option("--modules <dir>", "modules of a bzImage: lib/modules/<release> or a folder holding it")
-    .option("--replace", "replace a stored kernel of the same name")
+    .option("--force", "replace a stored kernel of the same name (the overwrite flag of every civm command)")
+    // The flag's old name, kept working for scripts.
+    .addOption(new Option("--replace").hideHelp())
     .option("--lvh-kernels <file>", "lvh kernels.json to read kernel names from (default ./kernels.json or ./_data/kernels.json)")
-    .action(async (name: string, source: string | undefined, flags: { modules?: string; replace?: boolean; lvhKernels?: string }, cmd: Command) => {
+    .option("--json", "print the stored kernel (name, release, modules, dir) as JSON")
+    .action(async (name: string, source: string | undefined, flags: { modules?: string; force?: boolean; replace?: boolean; lvhKernels?: string; json?: boolean }, cmd: Command) => {
       const paths = pathsFrom(cmd);
       const { KernelStore } = await import("../../kernels/index.js");
       const store = new KernelStore(paths.stateDir);
       const k = await store.add({
-        name, source: source ?? name, ...(flags.modules ? { modules: flags.modules } : {}), replace: !!flags.replace,
+        name, source: source ?? name, ...(flags.modules ? { modules: flags.modules } : {}), replace: !!(flags.force || flags.replace),
         ...(flags.lvhKernels ? { lvhKernels: flags.lvhKernels } : {}), log: (l) => say(`kernel ${name}: ${l}`),
       });
       say(`kernel ${k.name}: ${k.manifest.release}${k.manifest.hasModules ? " with modules" : " (no modules)"}, added in ${formatSeconds(k.manifest.addSeconds * 1000)}; boot it with: civm run --image IMAGE --kernel ${k.name}`);
-      process.stdout.write(`${k.dir}\n`);
+      if (flags.json) printJson({ name: k.name, release: k.manifest.release, modules: k.manifest.hasModules, dir: k.dir });
+      else process.stdout.write(`${k.dir}\n`);
     });
 
   kernel
     .command("ls")
+    .alias("list")
     .description("List stored kernels (and the kernels an lvh kernels.json names, if one is found)")
-    .option("--json", "print JSON")
+    .option("--json", "print a JSON array of the stored kernels")
+    .option("-q, --quiet", "print names only, one a line")
     .option("--lvh-kernels <file>", "lvh kernels.json (default ./kernels.json or ./_data/kernels.json)")
-    .action(async (flags: { json?: boolean; lvhKernels?: string }, cmd: Command) => {
+    .action(async (flags: { json?: boolean; quiet?: boolean; lvhKernels?: string }, cmd: Command) => {
       const paths = pathsFrom(cmd);
       const { KernelStore, findLvhKernels } = await import("../../kernels/index.js");
       const kernels = await new KernelStore(paths.stateDir).list();
       const lvh = await findLvhKernels(flags.lvhKernels);
       const notAdded = (lvh?.kernels ?? []).filter((l) => !kernels.some((k) => k.name === l.name));
+      const lvhNote = () => notAdded.length && say(`${lvh!.file} (lvh) also names ${notAdded.map((l) => l.name).join(", ")}: civm does not build kernels from git; build them with lvh and add the result with civm kernel add NAME DIR`);
+      // Every list prints an array; what lvh names but is not stored goes to stderr.
       if (flags.json) {
-        process.stdout.write(
-          JSON.stringify(
-            {
-              kernels: kernels.map((k) => ({ name: k.name, release: k.manifest.release, modules: k.manifest.hasModules, source: k.manifest.source, dir: k.dir, createdAt: k.manifest.createdAt })),
-              ...(lvh ? { lvh: { file: lvh.file, notAdded: notAdded.map((l) => l.name) } } : {}),
-            },
-            null,
-            2,
-          ) + "\n",
-        );
+        printJson(kernels.map((k) => ({ name: k.name, release: k.manifest.release, modules: k.manifest.hasModules, source: k.manifest.source, dir: k.dir, createdAt: k.manifest.createdAt })));
+        lvhNote();
+        return;
+      }
+      if (flags.quiet) {
+        printNames(kernels.map((k) => k.name));
         return;
       }
       const rows = [["NAME", "RELEASE", "MODULES", "SOURCE"]];
@@ -59,16 +63,15 @@ export function registerKernel(program: Command): void {
         rows.push([k.name, k.manifest.release, k.manifest.hasModules ? "yes" : "no", s.package ? `${s.package}${s.version ? ` ${s.version}` : ""}` : (s.path ?? s.kind)]);
       }
       process.stdout.write(table(rows));
-      if (notAdded.length) {
-        say(`${lvh!.file} (lvh) also names ${notAdded.map((l) => l.name).join(", ")}: civm does not build kernels from git; build them with lvh and add the result with civm kernel add NAME DIR`);
-      }
+      lvhNote();
     });
 
   kernel
     .command("rm")
     .description("Remove stored kernels")
     .argument("<names...>")
-    .action(async (names: string[], _flags: unknown, cmd: Command) => {
+    .option("--json", "print the removed kernels as a JSON array")
+    .action(async (names: string[], flags: { json?: boolean }, cmd: Command) => {
       const paths = pathsFrom(cmd);
       const { KernelStore } = await import("../../kernels/index.js");
       const { liveEntries, devMetaOf } = await import("../../dev/index.js");
@@ -80,5 +83,6 @@ export function registerKernel(program: Command): void {
         await store.remove(n);
         say(`kernel ${n} removed`);
       }
+      if (flags.json) printJson(names.map((name) => ({ name })));
     });
 }

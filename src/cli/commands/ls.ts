@@ -1,14 +1,16 @@
 import type { Command } from "commander";
 import { pathsFrom } from "../global.js";
-import { formatAge, table } from "../output.js";
+import { formatAge, printNames, table } from "../output.js";
 import { Registry, reconcile } from "../../vm/index.js";
 
 export function registerLs(program: Command): void {
   program
     .command("ls")
+    .alias("list")
     .description("List the VMs civm is running on this host (name, pid, ssh port, age). Entries whose civm or QEMU is gone are cleaned up when seen; entries civm refuses to act on (a work dir outside its state dir, a pid that is not the recorded process) are listed with the reason and left alone.")
-    .option("--json", "print JSON")
-    .action(async (flags: { json?: boolean }, cmd: Command) => {
+    .option("--json", "print a JSON array")
+    .option("-q, --quiet", "print names only, one a line")
+    .action(async (flags: { json?: boolean; quiet?: boolean }, cmd: Command) => {
       const paths = pathsFrom(cmd);
       const registry = new Registry(paths.stateDir);
       const { refused } = await reconcile(registry, undefined, { sweep: true });
@@ -25,6 +27,10 @@ export function registerLs(program: Command): void {
             2,
           ) + "\n",
         );
+        return;
+      }
+      if (flags.quiet) {
+        printNames(live.map((e) => e.name));
         return;
       }
       const rows = [["NAME", "ID", "PID", "SSH", "AGE"]];

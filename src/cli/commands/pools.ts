@@ -5,12 +5,13 @@ import { Option, type Command } from "commander";
 import { setTimeout as sleep } from "node:timers/promises";
 import { ConfigError, ExternalError } from "../../errors/index.js";
 import type { ApiPool } from "../../server/index.js";
-import { formatAge, say, table } from "../output.js";
+import { formatAge, printNames, say, table } from "../output.js";
 
 export interface ApiFlags {
   apiUrl: string;
   apiToken?: string;
   json?: boolean;
+  quiet?: boolean;
 }
 
 export const DEFAULT_API_URL = "http://127.0.0.1:8080";
@@ -21,8 +22,22 @@ export function apiOptions(c: Command, o: { defaultUrl?: boolean; json?: boolean
   return o.json === false ? c : c.option("--json", "print JSON");
 }
 
+/** A malformed --api-url is the user's flag (exit 2), not a service that failed (7). */
+export function checkApiUrl(text: string): void {
+  let u: URL | undefined;
+  try {
+    u = new URL(text);
+  } catch {
+    // reported below
+  }
+  if (!u || (u.protocol !== "http:" && u.protocol !== "https:")) {
+    throw new ConfigError(`--api-url / CIVM_API_URL must be an http(s) URL such as ${DEFAULT_API_URL} (the "listen" address of civm serve), not ${JSON.stringify(text)}`);
+  }
+}
+
 /** A request to the API; the Response when it answered 2xx, typed errors otherwise (400/404: ConfigError). */
 export async function request(flags: ApiFlags, method: "GET" | "POST", path: string, body?: unknown): Promise<Response> {
+  checkApiUrl(flags.apiUrl);
   if (!flags.apiToken) throw new ConfigError("no API token: pass --api-token or set CIVM_API_TOKEN (the apiToken of the civm serve config)");
   const url = `${flags.apiUrl.replace(/\/+$/, "")}${path}`;
   let res: Response;
@@ -57,20 +72,23 @@ export async function call(flags: ApiFlags, method: "GET" | "POST", path: string
 }
 
 
-function printPools(rows: ApiPool[], json: boolean | undefined): void {
+function printPools(rows: ApiPool[], json: boolean | undefined, quiet?: boolean): void {
   if (json) {
     process.stdout.write(JSON.stringify(rows, null, 2) + "\n");
     return;
   }
+  if (quiet) return printNames(rows.map((p) => p.name));
   const head = ["POOL", "STATE", "MIN", "MAX", "DESIRED", "QUEUED", "STARTING", "IDLE", "BUSY", "FAILURES"];
   process.stdout.write(table([head, ...rows.map((p) => [p.name, p.state, p.minRunners, p.maxRunners, p.desired, p.queued, p.starting, p.idle, p.busy, p.failures].map(String))]));
 }
 
 export function registerPools(program: Command): void {
   const pools = program.command("pools").description("Pools of a running civm serve (over its API).");
-  apiOptions(pools.command("list", { isDefault: true }).description("List pools: state, min/max, desired, queued jobs, runners by state.")).action(async (flags: ApiFlags) => {
-    printPools((await call(flags, "GET", "/api/pools")) as ApiPool[], flags.json);
-  });
+  apiOptions(pools.command("list", { isDefault: true }).alias("ls").description("List pools: state, min/max, desired, queued jobs, runners by state."))
+    .option("-q, --quiet", "print names only, one a line")
+    .action(async (flags: ApiFlags) => {
+      printPools((await call(flags, "GET", "/api/pools")) as ApiPool[], flags.json, flags.quiet);
+    });
   apiOptions(pools.command("scale").argument("<name>").argument("<n>", "minRunners, or \"reset\" for the config's value").description("Override a pool's minRunners (idle runners kept on top of demand).")).action(
     async (name: string, n: string, flags: ApiFlags) => {
       const value = n === "reset" ? null : Number(n);
@@ -135,9 +153,11 @@ export function registerPools(program: Command): void {
       say(describeDrain(st));
     });
 
-  apiOptions(program.command("vms").description("Runner VMs of a running civm serve (over its API)."))
+  const vms = program.command("vms").description("Runner VMs of a running civm serve (over its API).");
+  apiOptions(vms.command("list", { isDefault: true }).alias("ls").description("List runner VMs: id, pool, runner name, state, runner id, job, age (--all: finished ones too, with their exit reason)."))
     .option("--pool <name>", "only this pool")
     .option("--all", "include finished VMs")
+    .option("-q, --quiet", "print VM ids only, one a line")
     .action(async (flags: ApiFlags & { pool?: string; all?: boolean }) => {
       const q = new URLSearchParams();
       if (flags.pool) q.set("pool", flags.pool);
@@ -147,6 +167,7 @@ export function registerPools(program: Command): void {
         process.stdout.write(JSON.stringify(rows, null, 2) + "\n");
         return;
       }
+      if (flags.quiet) return printNames(rows.map((v) => v.id));
       const head = ["ID", "POOL", "RUNNER", "STATE", "RUNNER ID", "JOB", "AGE", "EXIT"];
       process.stdout.write(table([head, ...rows.map((v) => [v.id, v.pool, v.name, v.state, String(v.runnerId ?? "-"), String(v.job ?? "-"), formatAge(v.ageSeconds * 1000), v.exitReason ?? "-"])]));
     });

@@ -2,10 +2,11 @@ import { Command, Option } from "commander";
 import { existsSync } from "node:fs";
 import { writeFileSync } from "node:fs";
 import { pathsFrom } from "../global.js";
-import { say, warn } from "../output.js";
+import { printJson, say, warn } from "../output.js";
 import { loadInstances, selectInstance, preprocessConfig, checkInstanceFiles } from "../../config/index.js";
 import { detectAccel } from "../../host/kvm.js";
 import { VmRun, Registry, reconcile } from "../../vm/index.js";
+import type { VmResult } from "../../vm/run.js";
 import type { InstanceSpec } from "../../config/types.js";
 import type { Paths } from "../../host/paths.js";
 import type { DevFlags } from "../../dev/plan.js";
@@ -31,6 +32,7 @@ interface RunFlags {
   sshBind: string;
   accel?: "kvm" | "tcg";
   timingsFile?: string;
+  json?: boolean;
 }
 
 /**
@@ -94,6 +96,7 @@ export function registerRun(program: Command): void {
     .option("--wait-timeout <seconds>", "with --wait: give up after this long", "600")
     .option("--timeout <seconds>", "ad-hoc: power the VM off after this long; 0 = never (default 3600)")
     .option("--print-cmd", "ad-hoc: print the QEMU command line and exit; nothing is started")
+    .option("--json", "print the result as one JSON object on stdout (name, id, reason, exitCode, ...); messages stay on stderr")
     .addHelpText(
       "after",
       `
@@ -119,6 +122,7 @@ Exit code 0 only when the guest powered itself off; see "civm --help" for the ot
       trace("cli: modules loaded");
       // Checked before anything starts: a typo must not surface after the VM ran.
       logRetentionOf(flags);
+      if (flags.json && flags.console) throw new ConfigError("--json and --console both write to stdout; use one (civm logs NAME shows the console)");
       if (flags.image !== undefined) {
         if (name !== undefined) throw new ConfigError(`give either an instance NAME or --image, not both (the ad-hoc VM's name is --name ${name})`);
         if (flags.file !== undefined) throw new ConfigError("-f/--file is for instances; an ad-hoc VM (--image) takes no instances file");
@@ -185,7 +189,7 @@ export interface BootRequest {
   paths: Paths;
   graceSeconds: number;
   stop: StopControl;
-  flags: Partial<Pick<RunFlags, "console" | "keep" | "sshBind" | "accel" | "timingsFile">>;
+  flags: Partial<Pick<RunFlags, "console" | "keep" | "sshBind" | "accel" | "timingsFile" | "json">>;
   /** Log retention applied once the VM runs; default LOG_RETENTION_DEFAULTS. */
   logRetention?: LogRetention;
 }
@@ -257,6 +261,7 @@ export async function bootInstance(b: BootRequest): Promise<number> {
   if (r.detail) process.stderr.write(r.detail.replace(/^/gm, "  ") + "\n");
   if (r.workDirKept) say(`work dir kept: ${r.workDir}`);
   say(`${r.name}: ${r.reason} after ${formatSeconds(r.durationMs)} (exit ${r.exitCode}); console log: ${r.consoleLog}`);
+  if (flags.json) printResult(r);
   if (flags.timingsFile) {
     writeFileSync(flags.timingsFile, JSON.stringify({ ...r.timings, exitAt: performance.now(), reason: r.reason }));
   }
@@ -286,7 +291,8 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
   if (flags.printCmd) {
     const vm = new VmRun(dev.devRunRequest(plan, { paths, log: say }));
     const p = vm.plan();
-    process.stdout.write(describeCommand(p.binary, buildQemuArgs(p)) + "\n");
+    if (flags.json) printJson({ name, binary: p.binary, args: buildQemuArgs(p) });
+    else process.stdout.write(describeCommand(p.binary, buildQemuArgs(p)) + "\n");
     return 0;
   }
   const ssh = `ssh ${plan.dev.ssh.host}:${plan.dev.ssh.port}`;
@@ -294,16 +300,21 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
   if (flags.detach) {
     ensureLogsDir(paths.logsDir);
     const entry = await dev.startDetached(plan, paths, { entry: process.argv[1] ?? "civm", log: say });
-    process.stdout.write(`${name}\n`);
+    if (!flags.json) process.stdout.write(`${name}\n`);
     say(`${name}: running in the background (supervisor pid ${entry.ownerPid}, QEMU pid ${entry.qemuPid}, ${accel.accel}, ${ssh}); console: ${entry.consoleLog}`);
     pruner.start();
+    let readyMs: number | undefined;
     if (flags.wait) {
-      const ms = await dev.waitUntilReady(entry, plan.dev, { mode: "both", timeoutMs: waitTimeoutMs, stateDir: paths.stateDir });
-      say(`${name}: ready (${formatSeconds(ms)} after QEMU started)`);
+      readyMs = await dev.waitUntilReady(entry, plan.dev, { mode: "both", timeoutMs: waitTimeoutMs, stateDir: paths.stateDir });
+      say(`${name}: ready (${formatSeconds(readyMs)} after QEMU started)`);
     } else {
       say(`next: civm wait ${name} && civm exec ${name} -- CMD; civm stop ${name}`);
     }
     await pruner.done();
+    if (flags.json) {
+      const o = { name, id: entry.id, state: "running", supervisorPid: entry.ownerPid, qemuPid: entry.qemuPid ?? null, accel: accel.accel, ssh: { host: plan.dev.ssh.host, port: plan.dev.ssh.port }, consoleLog: entry.consoleLog, ...(readyMs !== undefined ? { readyMs } : {}) };
+      printJson(o);
+    }
     return 0;
   }
   const stop = trapSignals(name);
@@ -315,7 +326,14 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
   if (r.detail) process.stderr.write(r.detail.replace(/^/gm, "  ") + "\n");
   if (r.workDirKept) say(`work dir kept: ${r.workDir}`);
   say(`${r.name}: ${r.reason} after ${formatSeconds(r.durationMs)} (exit ${r.exitCode}); console log: ${r.consoleLog}`);
+  if (flags.json) printResult(r);
   return r.exitCode;
+}
+
+/** --json: how the VM ended, one object on stdout. */
+function printResult(r: VmResult): void {
+  const o = { name: r.name, id: r.id, reason: r.reason, exitCode: r.exitCode, durationMs: Math.round(r.durationMs), consoleLog: r.consoleLog, ...(r.workDirKept ? { workDir: r.workDir } : {}) };
+  printJson(o);
 }
 
 /** The hidden command a detached VM's supervisor runs as (see src/dev/supervise.ts). */

@@ -18,10 +18,11 @@ export function registerServe(program: Command): void {
       const c = await loadServeConfig(file, { checkImages: flags.images !== false, ...(root.stateDir ? { stateDir: root.stateDir } : {}) });
       for (const w of poolCmdlineWarnings(c.pools, c.poolsFile)) warn(w);
       if (flags.json) {
-        process.stdout.write(JSON.stringify({ file: c.file, listen: c.listen, pools: c.pools }, null, 2) + "\n");
+        process.stdout.write(JSON.stringify({ file: c.file, listen: c.listen, metricsListen: c.metricsListen ?? null, tls: c.tls ? { cert: c.tls.certFile, key: c.tls.keyFile } : null, warnings: c.warnings ?? [], pools: c.pools }, null, 2) + "\n");
         return;
       }
       for (const line of summarizeServeConfig(c)) process.stdout.write(`${line}\n`);
+      for (const w of c.warnings ?? []) warn(w);
       say(`${file}: valid (${c.pools.length} pool${c.pools.length === 1 ? "" : "s"}).`);
     });
 

@@ -1,0 +1,129 @@
+// The CLI's conventions: `ls` and `list` on every noun, --json lists are arrays, -q prints
+// names only, --json on commands that print a result, one-line summaries in `civm --help`,
+// the same overwrite flag (--force), and `civm completion bash|zsh|fish`.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { mkdirSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { Registry } from "prom-client";
+import { StateStore } from "../../src/store/index.js";
+import { createApp, listen } from "../../src/server/index.js";
+import { civmEnv, runCivm } from "../support/civm-cli.js";
+
+const TOKEN = "api-token-for-consistency-test";
+
+/** A stored image "runner-img" (a manifest and an empty disk: listed, not booted). */
+function storeImage(stateDir: string, name: string): void {
+  const dir = join(stateDir, "images", name);
+  mkdirSync(dir, { recursive: true });
+  writeFileSync(join(dir, "disk.qcow2"), "");
+  writeFileSync(join(dir, "manifest.json"), JSON.stringify({ name, key: "k", format: "qcow2", disk: "disk.qcow2", sha256: "0".repeat(64), diskBytes: 0, virtualSize: 1 }));
+}
+
+test("ls and list on every local noun; --json lists are arrays; -q prints names only; image rm --json", async () => {
+  const e = civmEnv();
+  storeImage(e.stateDir, "runner-img");
+  for (const noun of [[], ["image"], ["kernel"]]) {
+    const a = await runCivm([...noun, "ls", "--json"], e);
+    const b = await runCivm([...noun, "list", "--json"], e);
+    assert.equal(a.code, 0, a.stderr);
+    assert.equal(b.code, 0, b.stderr);
+    assert.ok(Array.isArray(JSON.parse(a.stdout)), `civm ${noun.join(" ")} ls --json: an array`);
+    assert.deepEqual(JSON.parse(a.stdout), JSON.parse(b.stdout));
+  }
+  assert.equal((await runCivm(["image", "ls", "-q"], e)).stdout, "runner-img\n");
+  // Overwriting takes --force, as with kernel add (checked before any download).
+  const again = await runCivm(["image", "pull", "http://127.0.0.1:9/runner-img.qcow2"], e);
+  assert.equal(again.code, 2, again.stderr);
+  assert.match(again.stderr, /an image named "runner-img" is already stored \(civm image ls\); pass --force to replace it/);
+  assert.equal((await runCivm(["kernel", "ls", "-q"], e)).stdout, "");
+  assert.equal((await runCivm(["ls", "-q"], e)).stdout, "");
+  const rm = await runCivm(["image", "rm", "runner-img", "--json"], e);
+  assert.equal(rm.code, 0, rm.stderr);
+  assert.deepEqual(JSON.parse(rm.stdout), [{ name: "runner-img" }]);
+  assert.equal((await runCivm(["image", "ls", "-q"], e)).stdout, "");
+});
+
+test("pools and vms: ls, list and the default; -q names only", async (t) => {
+  const store = new StateStore(":memory:");
+  const srv = await listen(createApp({ store, pools: [{ name: "linux", labels: ["linux"], minRunners: 0, maxRunners: 2 }], webhookSecret: "s", apiToken: TOKEN, maxWebhookBytes: 1024, registry: new Registry() }), "127.0.0.1", 0);
+  t.after(() => srv.close());
+  store.insertVm({ id: "abcd0001", pool: "linux", name: "linux-abcd0001", imageKey: "k", createdAt: Date.now() });
+  const e = civmEnv({ CIVM_API_URL: srv.url, CIVM_API_TOKEN: TOKEN });
+  for (const noun of ["pools", "vms"]) {
+    const outs = await Promise.all([[noun, "--json"], [noun, "ls", "--json"], [noun, "list", "--json"]].map((a) => runCivm(a, e)));
+    for (const o of outs) assert.equal(o.code, 0, o.stderr);
+    // Compared by name/id: a VM's ageSeconds moves between the calls.
+    const keys = outs.map((o) => (JSON.parse(o.stdout) as { name: string; id?: string }[]).map((x) => x.id ?? x.name));
+    assert.ok(keys[0]!.length > 0);
+    assert.deepEqual(keys[1], keys[0]);
+    assert.deepEqual(keys[2], keys[0]);
+  }
+  assert.equal((await runCivm(["pools", "-q"], e)).stdout, "linux\n");
+  assert.equal((await runCivm(["vms", "ls", "-q"], e)).stdout, "abcd0001\n");
+});
+
+test("civm --help: one line per command; details in the command's own help; --force is the overwrite flag", async () => {
+  const e = civmEnv();
+  const help = (await runCivm(["--help"], e)).stdout;
+  const section = help.slice(help.indexOf("Commands:"), help.indexOf("Exit codes:"));
+  const entries = section.split("\n").filter((l) => /^  \S/.test(l));
+  assert.ok(entries.length >= 15, section);
+  // A summary fits in two 80-column lines (commander wraps the description column).
+  const lines = section.split("\n").filter((l) => l.trim() && !l.startsWith("Commands:")).length;
+  assert.ok(lines <= entries.length * 2, `summaries longer than two lines:\n${section}`);
+  assert.match(help, /^  completion <shell>\s+Print a shell completion script/m);
+  assert.match((await runCivm(["ls", "--help"], e)).stdout, /Entries\s+whose\s+civm\s+or\s+QEMU\s+is\s+gone\s+are\s+cleaned\s+up/);
+  const kernelAdd = (await runCivm(["kernel", "add", "--help"], e)).stdout;
+  assert.match(kernelAdd, /--force\s+replace a stored kernel/);
+  assert.match(kernelAdd, /--json/);
+  assert.doesNotMatch(kernelAdd, /--replace/, "the old name works but is not advertised");
+  for (const cmd of [["run"], ["stop"], ["wait"], ["image", "pull"], ["image", "rm"], ["kernel", "rm"]]) {
+    assert.match((await runCivm([...cmd, "--help"], e)).stdout, /--json/, `civm ${cmd.join(" ")} --json`);
+  }
+});
+
+test("civm run --image --print-cmd --json prints one JSON object", async () => {
+  const e = civmEnv();
+  const disk = join(e.root, "d.qcow2");
+  execFileSync("qemu-img", ["create", "-f", "qcow2", disk, "64M"], { stdio: "ignore" });
+  const r = await runCivm(["run", "--image", disk, "--name", "jsontest", "--print-cmd", "--json"], e);
+  assert.equal(r.code, 0, r.stderr);
+  const o = JSON.parse(r.stdout) as { name: string; binary: string; args: string[] };
+  assert.equal(o.name, "jsontest");
+  assert.match(o.binary, /qemu-system-x86_64$/);
+  assert.ok(o.args.includes("-nodefaults"));
+  const both = await runCivm(["run", "--image", disk, "--console", "--json"], e);
+  assert.equal(both.code, 2);
+  assert.match(both.stderr, /--json and --console both write to stdout/);
+});
+
+test("civm completion bash|zsh|fish: scripts generated from the command tree", async () => {
+  const e = civmEnv();
+  const bash = await runCivm(["completion", "bash"], e);
+  assert.equal(bash.code, 0, bash.stderr);
+  const file = join(e.root, "civm.bash");
+  writeFileSync(file, bash.stdout);
+  execFileSync("bash", ["-n", file]);
+  const complete = (words: string[]) =>
+    execFileSync("bash", ["-c", `source ${file}; COMP_WORDS=(${words.map((w) => `'${w}'`).join(" ")}); COMP_CWORD=${words.length - 1}; _civm; echo "\${COMPREPLY[*]}"`], { encoding: "utf8" }).trim();
+  assert.equal(complete(["civm", "--state-dir", "/x", "image", "l"]), "ls list");
+  assert.equal(complete(["civm", "kernel", "add", "--f"]), "--force");
+  assert.match(complete(["civm", "comp"]), /^completion$/);
+  const zsh = await runCivm(["completion", "zsh"], e);
+  assert.match(zsh.stdout, /^#compdef civm\n/);
+  assert.match(zsh.stdout, /bashcompinit/);
+  const fish = await runCivm(["completion", "fish"], e);
+  assert.match(fish.stdout, /^complete -c civm -n __fish_use_subcommand -a serve -d 'Keep pools of single-use GitHub Actions runner VMs'$/m);
+  assert.match(fish.stdout, /^complete -c civm -n '__fish_seen_subcommand_from image; and not __fish_seen_subcommand_from build ls list path rm pull' -a ls/m);
+  assert.equal((await runCivm(["completion", "tcsh"], e)).code, 2);
+});
+
+test("civm --version and civm_build_info use CIVM_VERSION, which is package.json's version", async () => {
+  const { CIVM_VERSION } = await import("../../src/version.js");
+  const { readFileSync } = await import("node:fs");
+  const { repoRoot } = await import("../support/paths.js");
+  assert.equal(CIVM_VERSION, (JSON.parse(readFileSync(join(repoRoot, "package.json"), "utf8")) as { version: string }).version);
+  assert.equal((await runCivm(["--version"], civmEnv())).stdout.trim(), CIVM_VERSION);
+});
