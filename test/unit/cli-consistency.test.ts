@@ -47,7 +47,7 @@ test("ls and list on every local noun; --json lists are arrays; -q prints names 
 
 test("pools and vms: ls, list and the default; -q names only", async (t) => {
   const store = new StateStore(":memory:");
-  const srv = await listen(createApp({ store, pools: [{ name: "linux", labels: ["linux"], minRunners: 0, maxRunners: 2 }], webhookSecret: "s", apiToken: TOKEN, maxWebhookBytes: 1024, registry: new Registry() }), "127.0.0.1", 0);
+  const srv = await listen(createApp({ store, pools: [{ name: "linux", labels: ["linux"], minRunners: 0, maxRunners: 2, target: { kind: "org", org: "o" }, groupId: 1 }], webhookSecret: "s", apiToken: TOKEN, maxWebhookBytes: 1024, registry: new Registry() }), "127.0.0.1", 0);
   t.after(() => srv.close());
   store.insertVm({ id: "abcd0001", pool: "linux", name: "linux-abcd0001", imageKey: "k", createdAt: Date.now() });
   const e = civmEnv({ CIVM_API_URL: srv.url, CIVM_API_TOKEN: TOKEN });
