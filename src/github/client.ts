@@ -118,13 +118,15 @@ export function observeRequests(
   const etags = options.civmEtags !== false;
   octokit.hook.wrap("request", async (request, o) => {
     const req = request as unknown as RequestFn;
-    let opts = o as unknown as HookOptions;
+    const opts = o as unknown as HookOptions;
     let key: string | undefined;
     let hit: CachedResponse | undefined;
     if (etags && (opts.method ?? "GET").toUpperCase() === "GET") {
       key = octokit.request.endpoint.parse(opts as never).url;
       hit = cache.get(key);
-      if (hit) opts = { ...opts, headers: { ...opts.headers, "if-none-match": hit.etag } };
+      // In place: before-after-hook hands every hook the same options object (what a hook
+      // passes on is ignored), so only a change to that object reaches the request.
+      if (hit) opts.headers = Object.assign(opts.headers ?? {}, { "if-none-match": hit.etag });
     }
     try {
       const res = await req(opts);
@@ -185,7 +187,9 @@ export function requestTimeouts(octokit: { hook: Octokit["hook"] }, options: { c
       else outer?.addEventListener("abort", onAbort, { once: true });
     });
     try {
-      return (await Promise.race([(request as unknown as RequestFn)({ ...opts, request: { ...opts.request, signal } }), stop])) as never;
+      // In place, as in observeRequests: the options object is shared by every hook.
+      opts.request = Object.assign(opts.request ?? {}, { signal });
+      return (await Promise.race([(request as unknown as RequestFn)(opts), stop])) as never;
     } finally {
       clearTimeout(timer);
       if (onAbort) outer?.removeEventListener("abort", onAbort);
