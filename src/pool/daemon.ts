@@ -436,36 +436,58 @@ export class Daemon {
       void p.finally(() => (st.inFlight = undefined));
       work.push(p);
     }
-    if (work.length > 0) {
-      const all = Promise.allSettled(work);
-      let timer: NodeJS.Timeout | undefined;
-      const late = await Promise.race([all.then(() => false), new Promise<boolean>((r) => (timer = setTimeout(() => r(true), this.opts.targetWaitMs ?? 2000)))]);
-      clearTimeout(timer);
-      // What a late target finds (queued jobs, runners online) is acted on at once.
-      if (late) void all.then(() => this.wake());
-    }
-    for (const pool of [...this.retiring.values()]) {
-      if (this.stopping) return;
-      await this.retirePool(pool);
-    }
-    // Pools of different targets side by side: a JIT config GitHub is slow to give one
-    // target does not delay another's runners.
-    const byTarget = new Map<string, PoolSpec[]>();
-    for (const pool of this.pools) {
-      const k = targetKey(pool.runner.target);
-      byTarget.set(k, [...(byTarget.get(k) ?? []), pool]);
-    }
-    await Promise.all(
-      [...byTarget.values()].map(async (pools) => {
-        for (const pool of pools) {
+    await this.boundedWait(work);
+    // The pools of each target on their own too (JIT configs, runner checks before a stop
+    // ask GitHub): a target whose calls hang keeps its pools' work in flight, at most one
+    // at a time, while the other targets' pools are served on every pass.
+    const byTarget = new Map<string, { retiring: PoolSpec[]; pools: PoolSpec[] }>();
+    const group = (p: PoolSpec) => {
+      const k = targetKey(p.runner.target);
+      const g = byTarget.get(k) ?? { retiring: [], pools: [] };
+      byTarget.set(k, g);
+      return g;
+    };
+    for (const pool of this.retiring.values()) group(pool).retiring.push(pool);
+    for (const pool of this.pools) group(pool).pools.push(pool);
+    const poolWork: Promise<void>[] = [];
+    for (const [k, g] of byTarget) {
+      const st = this.github.state(k);
+      if (st.poolsInFlight) continue;
+      const p = (async () => {
+        for (const pool of g.retiring) {
+          if (this.stopping) return;
+          await this.retirePool(pool);
+        }
+        for (const pool of g.pools) {
           if (this.stopping) return;
           if (this.drainState) await this.stopAllIdle(pool, "drain");
           else await this.reconcilePool(pool);
         }
-      }),
-    );
+      })()
+        .catch((e: unknown) => this.log.error({ target: k, err: messageOf(e) }, "reconcile pass failed"))
+        .finally(() => (st.poolsInFlight = undefined));
+      st.poolsInFlight = p;
+      poolWork.push(p);
+    }
+    await this.boundedWait(poolWork);
     if (this.stopping) return;
     this.checkDrained();
+  }
+
+  /** Waits for `work` at most targetWaitMs; if it finishes later, the loop runs again at once (what it found is acted on). */
+  private async boundedWait(work: Promise<void>[]): Promise<void> {
+    if (work.length === 0) return;
+    const all = Promise.allSettled(work);
+    if (!(await untilOr(all, this.opts.targetWaitMs ?? 2000))) void all.then(() => this.wake());
+  }
+
+  /** Resolves once every target's GitHub and pool work under way has finished (tests, benchmarks). */
+  async githubSettled(): Promise<void> {
+    for (;;) {
+      const busy = this.github.keys().flatMap((k) => [this.github.state(k).inFlight, this.github.state(k).poolsInFlight]).filter((p) => p !== undefined);
+      if (busy.length === 0) return;
+      await Promise.allSettled(busy);
+    }
   }
 
   /** A target's GitHub work: runner states, and on a due poll its queued jobs; then its next poll is scheduled. */

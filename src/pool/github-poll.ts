@@ -20,6 +20,8 @@ export interface TargetState {
   nextPollAt: number;
   /** The target's GitHub work under way (at most one at a time). */
   inFlight: Promise<void> | undefined;
+  /** Its pools' reconciliation under way (at most one at a time). */
+  poolsInFlight: Promise<void> | undefined;
   /** First failure since the last success (ms epoch). */
   failingSince: number | undefined;
   lastError: string | undefined;
@@ -77,7 +79,7 @@ export class TargetSchedule {
   state(key: string): TargetState {
     let s = this.states.get(key);
     if (!s) {
-      s = { key, nextPollAt: 0, inFlight: undefined, failingSince: undefined, lastError: undefined, lastOkAt: undefined, limitedUntil: undefined, lastCost: undefined, repos: undefined };
+      s = { key, nextPollAt: 0, inFlight: undefined, poolsInFlight: undefined, failingSince: undefined, lastError: undefined, lastOkAt: undefined, limitedUntil: undefined, lastCost: undefined, repos: undefined };
       this.states.set(key, s);
     }
     return s;

@@ -88,6 +88,8 @@ export interface FakeGitHub {
   registrationToken: string;
   /** Forces `status`/`body` for requests whose path matches; `times` limits how often (default: always). */
   respondWith(path: RegExp, status: number, body?: unknown, opts?: { method?: string; times?: number; headers?: Record<string, string> }): void;
+  /** Forgets every respondWith. */
+  clearResponses(): void;
   /** Adds a workflow job (default queued) to the queued-jobs endpoints; returns it. */
   addJob(job: { repository: string; labels: string[]; status?: FakeJob["status"]; id?: number; runId?: number }): FakeJob;
   /** The runner of that name or id. */
@@ -489,6 +491,9 @@ export async function startFakeGitHub(opts: FakeGitHubOptions = {}): Promise<Fak
       const reply: Reply = { status, body: body ?? { message: `forced ${status}`, documentation_url: DOCS } };
       if (o.headers) reply.headers = o.headers;
       overrides.push({ path, method: o.method, times: o.times ?? Infinity, reply });
+    },
+    clearResponses() {
+      overrides.length = 0;
     },
     addJob(j) {
       const id = j.id ?? nextJobId++;
