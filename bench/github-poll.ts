@@ -10,7 +10,7 @@
 //             retry-after 3600 to everything; a job for the other's pool arrives (as a webhook
 //             would record it): time until that pool starts a runner (real clock, capped at
 //             --cap seconds).
-// Usage: npm run build && node dist/bench/github-poll.js [--repos 200] [--cap 60]
+// Usage: npm run build && node dist/bench/github-poll.js [--repos 200] [--minutes 60] [--cap 60]
 //          [--before /tmp/civm-old/dist] [--out FILE]
 import { writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
@@ -26,6 +26,8 @@ const arg = (name: string, def: string) => {
 };
 const repoCount = Number(arg("repos", "200")) || 200;
 const capSeconds = Number(arg("cap", "60")) || 60;
+/** Simulated minutes of org-hour (one poll each); the counts are scaled to an hour. */
+const minutes = Number(arg("minutes", "60")) || 60;
 const before = process.argv.includes("--before") ? resolve(arg("before", "")) : undefined;
 const out = process.argv.includes("--out") ? arg("out", "") : undefined;
 
@@ -90,7 +92,7 @@ async function orgHour(b: Build): Promise<Record<string, number>> {
   });
   const t0 = Date.now();
   const jobs: { job: { status: string }; doneAt: number }[] = [];
-  for (let minute = 0; minute < 60; minute++) {
+  for (let minute = 0; minute < minutes; minute++) {
     if (minute % 10 === 0) jobs.push({ job: gh.addJob({ repository: repos[(minute * 7) % repos.length]!, labels: ["other"] }), doneAt: minute + 3 });
     for (const j of jobs) if (j.doneAt === minute) j.job.status = "completed";
     // Local passes every 5 s between polls cost nothing; one pass per simulated minute polls.
@@ -102,7 +104,8 @@ async function orgHour(b: Build): Promise<Record<string, number>> {
   await daemon.shutdown();
   store.close();
   await gh.close();
-  return { requests: gh.state.counts.total, budgetCounted: gh.state.counts.counted, notModified: gh.state.counts.notModified, wallSeconds: Math.round(wall * 10) / 10 };
+  const perHour = (n: number) => Math.round((n * 60) / minutes);
+  return { simulatedMinutes: minutes, requestsPerHour: perHour(gh.state.counts.total), budgetCountedPerHour: perHour(gh.state.counts.counted), notModifiedPerHour: perHour(gh.state.counts.notModified), wallSeconds: Math.round(wall * 10) / 10 };
 }
 
 async function limited(b: Build): Promise<Record<string, number | string>> {

@@ -437,6 +437,13 @@ export class Daemon {
       work.push(p);
     }
     await this.boundedWait(work);
+    // The registration timeout holds even when GitHub cannot say whether the runner came
+    // online (the runners list fails or is rate-limited): such a VM is stopped all the same.
+    for (const vm of this.opts.store.vms({ live: true, state: "starting" })) {
+      const k = this.targetOf(vm);
+      if (k === undefined || this.github.health(k).state === "ok" || this.now() - vm.createdAt <= (this.opts.registrationTimeoutMs ?? 600_000)) continue;
+      await this.stopVm(vm.id, "registration-timeout");
+    }
     // The pools of each target on their own too (JIT configs, runner checks before a stop
     // ask GitHub): a target whose calls hang keeps its pools' work in flight, at most one
     // at a time, while the other targets' pools are served on every pass.

@@ -202,3 +202,16 @@ test("GitHub unreachable longer than githubDegradedAfterMs: degraded on /healthz
   assert.equal((await healthz()).status, "ok");
   assert.equal((await apiPool()).state, "active");
 });
+
+test("the registration timeout holds while GitHub cannot list the runners", async (t) => {
+  const { gh, launcher, daemon, advance, log } = await setup(t, [repoPool("fast", "rust-lang-ci", "rust", { minRunners: 1, maxRunners: 1 })]);
+  await daemon.pass();
+  await daemon.githubSettled();
+  assert.equal(launcher.started.length, 1);
+  gh.respondWith(/actions\/runners$/, 502, undefined, { method: "GET" });
+  advance(601_000);
+  await daemon.pass({ poll: true });
+  await daemon.githubSettled();
+  await daemon.settled();
+  assert.ok(log.lines.some((l) => l.msg === "stopping runner VM" && l.fields.reason === "registration-timeout"), "stopped for its registration timeout");
+});
