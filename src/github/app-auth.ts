@@ -3,14 +3,9 @@
 // installation, found per organization or repository and remembered). Retries and rate
 // limits as in client.ts.
 import { createAppAuth } from "@octokit/auth-app";
-import { Octokit } from "@octokit/rest";
-import { retry } from "@octokit/plugin-retry";
-import { throttling } from "@octokit/plugin-throttling";
-import { createOctokit, observeRequests, type ClientOptions, type GitHubClient } from "./client.js";
+import { CivmOctokit, createOctokit, octokitOptions, type ClientOptions, type GitHubClient } from "./client.js";
 import type { RunnerTarget } from "./registration-token.js";
 import { apiFailure } from "./runners.js";
-
-const AppOctokit = Octokit.plugin(observeRequests, retry, throttling);
 
 export type GitHubCredentials = { kind: "token"; token: string } | { kind: "app"; appId: number; privateKey: string; installationId?: number | undefined };
 
@@ -83,21 +78,7 @@ class AppAccess implements GitHubAccess {
   }
 
   private octokit(auth: Record<string, unknown>): GitHubClient {
-    const warn = this.opts.warn ?? ((m: string) => process.stderr.write(`civm: ${m}\n`));
-    const onLimit = (retryAfter: number, o: { method: string; url: string }, _x: unknown, n: number) => {
-      warn(`GitHub rate limit hit on ${o.method} ${o.url}; ${n < 2 ? `retrying in ${retryAfter}s` : "giving up"}.`);
-      return n < 2;
-    };
-    return new AppOctokit({
-      authStrategy: createAppAuth,
-      auth: { ...auth, cache: this.cache },
-      baseUrl: this.opts.baseUrl.replace(/\/+$/, ""),
-      userAgent: "civm",
-      ...(this.opts.onRequest ? { civmObserveRequest: this.opts.onRequest } : {}),
-      log: { debug: () => {}, info: () => {}, warn, error: () => {} },
-      retry: { retries: this.opts.retries ?? 2, retryAfterBaseValue: this.opts.retryBaseMs ?? 1000, doNotRetry: [400, 401, 403, 404, 409, 410, 422, 429, 451] },
-      throttle: this.opts.throttle === false ? { enabled: false } : { onRateLimit: onLimit, onSecondaryRateLimit: onLimit },
-    }) as unknown as GitHubClient;
+    return new CivmOctokit({ authStrategy: createAppAuth, auth: { ...auth, cache: this.cache }, ...octokitOptions(this.opts) });
   }
 
   async client(t: RunnerTarget): Promise<GitHubClient> {

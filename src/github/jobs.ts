@@ -1,7 +1,8 @@
 // Jobs waiting for a runner, found by polling (so a job whose webhook was lost is still
-// served): the workflow runs of each repository that are queued or in progress, then
-// their jobs that are queued. The REST API has no "queued jobs of an org" endpoint, so an
-// organization target lists its repositories first.
+// served): the recent workflow runs of each repository (one request, conditional: a 304
+// when nothing changed costs no rate limit), then the jobs of those not completed. The
+// REST API has no "queued jobs of an org" endpoint, so an organization target lists its
+// repositories first (the caller caches that list).
 import type { components } from "@octokit/openapi-types";
 import type { GitHubClient } from "./client.js";
 import type { RunnerTarget } from "./registration-token.js";
@@ -44,18 +45,30 @@ export async function targetRepositories(client: GitHubClient, t: RunnerTarget):
   }
 }
 
-/** Queued jobs of one repository (from its queued and in-progress workflow runs). */
+/** Most pages of recent runs read per repository (the poll is a safety net, not an audit). */
+const MAX_RUN_PAGES = 5;
+
+/**
+ * Queued jobs of one repository. One listing of its most recent runs (all statuses, so one
+ * request instead of one per status; conditional, so mostly a free 304) and the jobs of
+ * every run not completed. A further page is read only while a full page ends with a run
+ * still active (a busy repository).
+ */
 export async function listQueuedJobs(client: GitHubClient, repository: string): Promise<QueuedJob[]> {
   const [owner, repo] = repository.split("/") as [string, string];
   const out: QueuedJob[] = [];
   try {
     const runs: ApiRun[] = [];
-    for (const status of ["queued", "in_progress"]) {
-      runs.push(...(await pages<ApiRun>(client, "GET /repos/{owner}/{repo}/actions/runs", { owner, repo, status }, "workflow_runs")));
+    for (let page = 1; page <= MAX_RUN_PAGES; page++) {
+      const res = await client.request("GET /repos/{owner}/{repo}/actions/runs", { owner, repo, per_page: PER_PAGE, page });
+      const items = (res.data as { workflow_runs: ApiRun[] }).workflow_runs;
+      runs.push(...items);
+      const last = items[items.length - 1];
+      if (items.length < PER_PAGE || !last || last.status === "completed") break;
     }
     const seen = new Set<number>();
     for (const run of runs) {
-      if (seen.has(Number(run.id))) continue;
+      if (run.status === "completed" || seen.has(Number(run.id))) continue;
       seen.add(Number(run.id));
       const jobs = await pages<ApiJob>(client, "GET /repos/{owner}/{repo}/actions/runs/{run_id}/jobs", { owner, repo, run_id: run.id, filter: "latest" }, "jobs");
       for (const j of jobs) {

@@ -15,6 +15,7 @@ import type { RunnerTarget } from "../github/registration-token.js";
 import { createRegistrationToken, deleteRunner, generateJitConfig, getRunner, listRunners, registrationUrl, runnerGroupName, type RunnerInfo } from "../github/runners.js";
 import type { StateStore, VmRecord } from "../store/index.js";
 import { registrationLabels } from "./labels.js";
+import { TargetSchedule, nextPollDelay, DEFAULT_REPO_LIST_TTL_MS, type TargetHealth } from "./github-poll.js";
 import { observeVmTransition, serveMetrics } from "./metrics.js";
 import { JobRouter, routable } from "./routing.js";
 import { backoffState, DEFAULT_BACKOFF, planPool, planShutdown, type BackoffOptions, type RunnerView, type StopReason } from "./plan.js";
@@ -95,7 +96,16 @@ export interface DaemonOptions {
   pruneLogs?: () => Promise<void>;
   /** Job → pool (shared with the webhook server); default: one of its own on `registry`. */
   router?: JobRouter;
+  /** A pass waits this long for the targets' GitHub work before it tends the pools (ms; default 2000). */
+  targetWaitMs?: number;
+  /** GitHub failing or rate-limiting a target this long makes it "degraded" (ms; default 5 min). */
+  githubDegradedAfterMs?: number;
+  /** An organization's repository list is read again after this long (ms; default 10 min). */
+  repoListTtlMs?: number;
 }
+
+/** After the forced stop at the shutdown timeout, VMs' exit handling gets this long (ms). */
+export const SHUTDOWN_FORCE_MARGIN_MS = 5000;
 
 export const DEFAULT_RETENTION_MS = 7 * 24 * 3600_000;
 const DEFAULT_PRUNE_INTERVAL_MS = 3600_000;
@@ -164,7 +174,8 @@ export class Daemon {
   private readonly exitedSoFar = new Set<Promise<void>>();
   /** Runners civm created that looked stale on the last pass: runner id → first seen. */
   private readonly staleMarks = new Map<number, number>();
-  private nextPollAt = 0;
+  /** Per target: poll schedule, rate limit, health. */
+  private readonly github: TargetSchedule;
   private nextPruneAt = 0;
   /** SIGTERM: the loop ends. */
   private stopping = false;
@@ -192,6 +203,7 @@ export class Daemon {
     this.access = opts.access;
     this.backoff = opts.backoff ?? DEFAULT_BACKOFF;
     this.router = opts.router ?? new JobRouter({ registry: opts.registry, access: () => this.access, now: this.now, warn: (f, m) => this.log.warn(f, m) });
+    this.github = new TargetSchedule(this.now, opts.githubDegradedAfterMs);
     const registers = [opts.registry];
     this.metrics = {
       runners: new Gauge({ name: "civm_pool_runners", help: "Runner VMs by pool and state", labelNames: ["pool", "state"], registers }),
@@ -353,7 +365,10 @@ export class Daemon {
     if (o.access) this.access = o.access;
     if (o.pollIntervalMs !== undefined && o.pollIntervalMs !== this.opts.pollIntervalMs) {
       this.opts.pollIntervalMs = o.pollIntervalMs;
-      this.nextPollAt = Math.min(this.nextPollAt, this.now() + o.pollIntervalMs);
+      for (const k of this.github.keys()) {
+        const st = this.github.state(k);
+        st.nextPollAt = Math.min(st.nextPollAt, this.now() + o.pollIntervalMs);
+      }
     }
     if (o.shutdownTimeoutMs !== undefined) this.opts.shutdownTimeoutMs = o.shutdownTimeoutMs;
     if (o.retentionMs !== undefined) this.opts.retentionMs = o.retentionMs;
@@ -408,31 +423,130 @@ export class Daemon {
     };
   }
 
-  /** One reconciliation pass. `poll` forces the GitHub poll (queued jobs, runners). */
+  /**
+   * One reconciliation pass. `poll` forces the GitHub poll (queued jobs, runners). Each
+   * target's GitHub work runs on its own (one at a time per target); the pass waits for it
+   * at most `targetWaitMs`, so a slow, hanging or rate-limited target never holds up the
+   * pools of another.
+   */
   async pass(opts: { poll?: boolean } = {}): Promise<void> {
     if (this.stopping) return;
     const now = this.now();
-    const pollDue = opts.poll === true || now >= this.nextPollAt;
-    if (pollDue) this.nextPollAt = now + this.opts.pollIntervalMs;
-    for (const t of this.targets()) {
+    const targets = this.targets();
+    this.github.retain(targets.map((t) => t.key));
+    const work: Promise<void>[] = [];
+    for (const t of targets) {
+      const st = this.github.state(t.key);
+      if (st.inFlight) continue;
+      const pollDue = opts.poll === true || now >= st.nextPollAt;
       const starting = this.opts.store.vms({ live: true, state: "starting" }).some((v) => this.targetOf(v) === t.key);
-      try {
-        if (pollDue || starting) await this.syncRunners(t.key, t.target, t.pools);
-        if (pollDue && !this.drainState && t.pools.some((p) => this.pools.includes(p))) await this.pollJobs(t.target);
-      } catch (e) {
-        this.log.warn({ target: t.key, err: messageOf(e) }, "GitHub poll failed");
-      }
+      // While GitHub rate-limits the target, no request is spent on it.
+      if ((!pollDue && !starting) || this.github.limitedUntil(t.key) !== undefined) continue;
+      const p = this.targetWork(t.key, t.target, t.pools, pollDue);
+      st.inFlight = p;
+      void p.finally(() => (st.inFlight = undefined));
+      work.push(p);
     }
-    for (const pool of [...this.retiring.values()]) {
-      if (this.stopping) return;
-      await this.retirePool(pool);
+    await this.boundedWait(work);
+    // The registration timeout holds even when GitHub cannot say whether the runner came
+    // online (the runners list fails or is rate-limited): such a VM is stopped all the same.
+    for (const vm of this.opts.store.vms({ live: true, state: "starting" })) {
+      const k = this.targetOf(vm);
+      if (k === undefined || this.github.health(k).state === "ok" || this.now() - vm.createdAt <= (this.opts.registrationTimeoutMs ?? 600_000)) continue;
+      await this.stopVm(vm.id, "registration-timeout");
     }
-    for (const pool of this.pools) {
-      if (this.stopping) return;
-      if (this.drainState) await this.stopAllIdle(pool, "drain");
-      else await this.reconcilePool(pool);
+    // The pools of each target on their own too (JIT configs, runner checks before a stop
+    // ask GitHub): a target whose calls hang keeps its pools' work in flight, at most one
+    // at a time, while the other targets' pools are served on every pass.
+    const byTarget = new Map<string, { retiring: PoolSpec[]; pools: PoolSpec[] }>();
+    const group = (p: PoolSpec) => {
+      const k = targetKey(p.runner.target);
+      const g = byTarget.get(k) ?? { retiring: [], pools: [] };
+      byTarget.set(k, g);
+      return g;
+    };
+    for (const pool of this.retiring.values()) group(pool).retiring.push(pool);
+    for (const pool of this.pools) group(pool).pools.push(pool);
+    const poolWork: Promise<void>[] = [];
+    for (const [k, g] of byTarget) {
+      const st = this.github.state(k);
+      if (st.poolsInFlight) continue;
+      const p = (async () => {
+        for (const pool of g.retiring) {
+          if (this.stopping) return;
+          await this.retirePool(pool);
+        }
+        for (const pool of g.pools) {
+          if (this.stopping) return;
+          if (this.drainState) await this.stopAllIdle(pool, "drain");
+          else await this.reconcilePool(pool);
+        }
+      })()
+        .catch((e: unknown) => this.log.error({ target: k, err: messageOf(e) }, "reconcile pass failed"))
+        .finally(() => (st.poolsInFlight = undefined));
+      st.poolsInFlight = p;
+      poolWork.push(p);
     }
+    await this.boundedWait(poolWork);
+    if (this.stopping) return;
     this.checkDrained();
+  }
+
+  /** Waits for `work` at most targetWaitMs; if it finishes later, the loop runs again at once (what it found is acted on). */
+  private async boundedWait(work: Promise<void>[]): Promise<void> {
+    if (work.length === 0) return;
+    const all = Promise.allSettled(work);
+    if (!(await untilOr(all, this.opts.targetWaitMs ?? 2000))) void all.then(() => this.wake());
+  }
+
+  /** Resolves once every target's GitHub and pool work under way has finished (tests, benchmarks). */
+  async githubSettled(): Promise<void> {
+    for (;;) {
+      const busy = this.github.keys().flatMap((k) => [this.github.state(k).inFlight, this.github.state(k).poolsInFlight]).filter((p) => p !== undefined);
+      if (busy.length === 0) return;
+      await Promise.allSettled(busy);
+    }
+  }
+
+  /** A target's GitHub work: runner states, and on a due poll its queued jobs; then its next poll is scheduled. */
+  private async targetWork(key: string, target: RunnerTarget, pools: PoolSpec[], pollDue: boolean): Promise<void> {
+    const st = this.github.state(key);
+    const interval = this.opts.pollIntervalMs;
+    if (pollDue) st.nextPollAt = this.now() + interval;
+    try {
+      const client = await this.access.client(target);
+      const budget = client.civm.budget;
+      this.github.setBudget(key, budget);
+      const before = budget.counted;
+      await this.syncRunners(key, target, pools);
+      if (pollDue && !this.drainState && pools.some((p) => this.pools.includes(p))) await this.pollJobs(target, key);
+      if (pollDue) {
+        st.lastCost = budget.counted - before;
+        // The budget's reset is wall-clock time.
+        const delay = nextPollDelay({ intervalMs: interval, now: Date.now(), cost: st.lastCost, sharers: this.github.sharers(key), budget });
+        st.nextPollAt = this.now() + delay;
+        if (delay > interval) this.log.info({ target: key, remaining: budget.remaining, nextPollInSeconds: Math.round(delay / 1000) }, "GitHub rate-limit budget low: polling this target less often");
+      }
+      this.github.succeeded(key);
+    } catch (e) {
+      this.github.failed(key, e);
+      const until = this.github.limitedUntil(key);
+      this.log.warn({ target: key, err: messageOf(e), ...(until !== undefined ? { rateLimitedUntil: new Date(until).toISOString() } : {}) }, until !== undefined ? "GitHub rate-limits this target: its poll and runner starts wait until the limit ends" : "GitHub poll failed");
+    } finally {
+      const b = this.github.budget(key);
+      if (b?.remaining !== undefined) serveMetrics(this.opts.registry).githubRateLimit.set({ target: key }, b.remaining);
+    }
+  }
+
+  /** GitHub's state per target (/healthz, the pools API): degraded once failing or rate-limited longer than githubDegradedAfterMs. */
+  githubHealth(): { status: "ok" | "degraded"; targets: TargetHealth[] } {
+    const targets = this.targets().map((t) => this.github.health(t.key));
+    return { status: targets.some((t) => t.degraded) ? "degraded" : "ok", targets };
+  }
+
+  /** The pool's target's GitHub health. */
+  poolGitHubHealth(pool: PoolSpec): TargetHealth {
+    return this.github.health(targetKey(pool.runner.target));
   }
 
   private targetOf(vm: VmRecord): string | undefined {
@@ -509,7 +623,8 @@ export class Daemon {
     this.metrics.desired.set({ pool: pool.name }, plan.desired);
     this.metrics.health.set({ pool: pool.name }, health === "degraded" ? 1 : 0);
     for (const s of plan.stop) await this.stopVm(s.id, s.reason);
-    for (let i = 0; i < plan.start; i++) {
+    const limited = plan.start > 0 ? this.github.limitedUntil(targetKey(pool.runner.target)) : undefined;
+    for (let i = 0; i < plan.start && limited === undefined; i++) {
       if (this.stopping || this.drainState || !(await this.startVm(pool, imageKey, configKey))) break;
     }
     const after = store.vms({ pool: pool.name, live: true });
@@ -529,12 +644,27 @@ export class Daemon {
     } catch (e) {
       const what = mode === "token" ? "token-failed" : "jit-failed";
       store.markFinished(id, what, this.now());
+      const key = targetKey(pool.runner.target);
+      this.github.failed(key, e);
+      const until = this.github.limitedUntil(key);
+      if (until !== undefined) {
+        // GitHub's limit, not the pool's fault: no backoff, the pool waits for the limit.
+        this.metrics.starts.inc({ pool: pool.name, result: what });
+        this.log.warn({ ...fields, err: messageOf(e), rateLimitedUntil: new Date(until).toISOString() }, "GitHub rate-limits this target: no runner starts until the limit ends");
+        return false;
+      }
       const st = store.recordFailure(pool.name, this.now());
       this.metrics.starts.inc({ pool: pool.name, result: what });
       this.log.error({ ...fields, failures: st.failures, err: messageOf(e) }, mode === "token" ? "could not get a runner registration token" : "could not get a JIT runner config");
       return false;
     }
     if (reg.runnerId !== undefined) store.setRunnerId(id, reg.runnerId);
+    if (this.stopping) {
+      // SIGTERM came while GitHub answered: start nothing, give the registration back.
+      store.markFinished(id, "stopped:shutdown", this.now());
+      void this.deregister(pool, { ...(store.vm(id) as VmRecord) });
+      return false;
+    }
     let handle: VmHandle;
     try {
       handle = this.opts.launcher.start({ id, name, pool, config: reg.config, secrets: [reg.secret] });
@@ -703,11 +833,14 @@ export class Daemon {
   }
 
   /** Queued jobs from the API (a lost webhook); jobs the store has as queued but GitHub no longer does are closed. */
-  private async pollJobs(target: RunnerTarget): Promise<void> {
+  private async pollJobs(target: RunnerTarget, key: string): Promise<void> {
     const { store } = this.opts;
     const started = this.now();
     const client = await this.access.client(target);
-    const repos = await targetRepositories(client, target);
+    // An organization's repository list changes rarely: read again after repoListTtlMs.
+    const st = this.github.state(key);
+    if (!st.repos || started - st.repos.at >= (this.opts.repoListTtlMs ?? DEFAULT_REPO_LIST_TTL_MS)) st.repos = { list: await targetRepositories(client, target), at: started };
+    const repos = st.repos.list;
     const queuedIds = new Set<number>();
     const matchable = this.pools.map(routable);
     for (const repo of repos) {
@@ -749,13 +882,17 @@ export class Daemon {
   /**
    * SIGTERM: take no more work, stop idle and starting runners, wait for busy ones up to
    * shutdownTimeout, then end the rest; every runner is deregistered as its VM exits.
+   * Returns within shutdownTimeout + SHUTDOWN_FORCE_MARGIN_MS whatever GitHub does.
    */
   async shutdown(): Promise<void> {
     if (this.stopped) return;
     this.stopped = true;
     this.stopping = true;
     this.wakeUp?.();
-    await this.loopDone;
+    const deadline = Date.now() + this.opts.shutdownTimeoutMs;
+    // A pass may be waiting on GitHub: it ends on its own (it checks `stopping`), but is not
+    // waited for longer than a moment; VMs it might still start are refused (startVm).
+    await untilOr(this.loopDone ?? Promise.resolve(), Math.min(2000, this.opts.shutdownTimeoutMs));
     const vms = this.opts.store.vms({ live: true }).filter((v) => this.live.has(v.id));
     const plan = planShutdown(vms.map((v) => ({ id: v.id, state: v.state, imageKey: v.imageKey })));
     this.log.info({ stopping: plan.stop.length, busy: plan.waitFor.length }, "shutting down: stopping idle runners, waiting for busy ones");
@@ -766,8 +903,7 @@ export class Daemon {
         l.handle.stop();
       }
     }
-    const deadline = Date.now() + this.opts.shutdownTimeoutMs;
-    while (this.live.size > 0 && Date.now() < deadline) await Promise.race([...this.exits, new Promise((r) => setTimeout(r, 1000))]);
+    while (this.live.size > 0 && Date.now() < deadline) await Promise.race([...this.exits, new Promise((r) => setTimeout(r, Math.min(1000, Math.max(1, deadline - Date.now()))))]);
     if (this.live.size > 0) {
       this.log.warn({ vms: [...this.live.keys()] }, "shutdown timeout: ending busy runners");
       for (const l of this.live.values()) {
@@ -775,6 +911,18 @@ export class Daemon {
         l.handle.stop(true);
       }
     }
-    await Promise.allSettled([...this.exits]);
+    // Exit handling deregisters runners (GitHub): bounded, whatever GitHub does.
+    const remaining = Math.max(0, deadline - Date.now()) + SHUTDOWN_FORCE_MARGIN_MS;
+    if (!(await untilOr(Promise.allSettled([...this.exits]), remaining))) {
+      this.log.warn({ vms: [...this.live.keys()] }, "shutdown: exit handling (runner deregistration) did not finish in time; leaving it to the next start's clean-up");
+    }
   }
+}
+
+/** Waits for `p` at most `ms`; true when it settled in time. */
+async function untilOr(p: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const done = await Promise.race([p.then(() => true, () => true), new Promise<boolean>((r) => (timer = setTimeout(() => r(false), ms)))]);
+  clearTimeout(timer);
+  return done;
 }

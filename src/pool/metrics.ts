@@ -18,6 +18,7 @@ export interface ServeMetrics {
   pickup: Histogram<"pool">;
   githubRequests: Counter<"route" | "status">;
   githubErrors: Counter<"route">;
+  githubRateLimit: Gauge<"target">;
 }
 
 const created = new WeakMap<Registry, ServeMetrics>();
@@ -33,6 +34,7 @@ export function serveMetrics(registry: Registry): ServeMetrics {
     pickup: new Histogram({ name: "civm_job_pickup_seconds", help: "Job queued until in progress on a civm runner", labelNames: ["pool"], buckets: PICKUP_BUCKETS, registers }),
     githubRequests: new Counter({ name: "civm_github_api_requests_total", help: "GitHub API requests (each attempt) by route template and HTTP status (0: no response)", labelNames: ["route", "status"], registers }),
     githubErrors: new Counter({ name: "civm_github_api_errors_total", help: "GitHub API requests that failed (4xx/5xx including rate limits, or no response) by route template", labelNames: ["route"], registers }),
+    githubRateLimit: new Gauge({ name: "civm_github_rate_limit_remaining", help: "GitHub rate-limit budget left (x-ratelimit-remaining) of the credential polling each target", labelNames: ["target"], registers }),
   };
   created.set(registry, m);
   return m;

@@ -21,7 +21,7 @@ import { githubRequestObserver, registerProcessMetrics } from "./metrics.js";
 import { CIVM_VERSION } from "../version.js";
 import { findConsoleLog, VmRunLauncher } from "./launcher.js";
 import { effectiveConfig, restartMessage, settingsChanges } from "./reload.js";
-import type { ServeConfig } from "./types.js";
+import type { PoolSpec, ServeConfig } from "./types.js";
 import { JobRouter, routable } from "./routing.js";
 import { poolCmdlineWarnings } from "./cmdline.js";
 
@@ -34,12 +34,14 @@ export interface RunServeOptions {
   logLevel: string;
 }
 
-function accessFor(config: ServeConfig, warn: (m: string) => void, registry: Registry): GitHubAccess {
+function accessFor(config: ServeConfig, warn: (m: string) => void, registry: Registry, signal: AbortSignal): GitHubAccess {
   return createGitHubAccess(
     config.github.auth.kind === "token"
       ? { kind: "token", token: config.github.auth.token }
       : { kind: "app", appId: config.github.auth.appId, privateKey: config.github.auth.privateKey, installationId: config.github.auth.installationId },
-    { baseUrl: config.github.apiUrl, warn, onRequest: githubRequestObserver(registry) },
+    // A rate limit fails the request at once (the daemon reschedules that target) instead of
+    // waiting up to an hour; every call has a timeout; shutdown aborts what is in flight.
+    { baseUrl: config.github.apiUrl, warn, onRequest: githubRequestObserver(registry), maxRateLimitWaitSeconds: 0, signal },
   );
 }
 
@@ -62,7 +64,8 @@ export async function runServe(o: RunServeOptions): Promise<number> {
   const registry = new Registry();
   registerProcessMetrics(registry, CIVM_VERSION);
   const warn = (m: string) => logger.warn({}, m);
-  const access = accessFor(config, warn, registry);
+  const githubAbort = new AbortController();
+  const access = accessFor(config, warn, registry, githubAbort.signal);
   const accel = await detectAccel({ stateDir: paths.stateDir, ...(o.accel ? { env: { ...process.env, CIVM_ACCEL: o.accel } } : {}) });
   if (accel.accel === "tcg") logger.warn({ reason: accel.reason }, "KVM is not usable; runner VMs use TCG software emulation");
   const vmRun = new VmRunLauncher({ paths, accel: accel.accel, graceSeconds: o.graceSeconds, qemuUser: config.qemuUser, log: (line, fields) => logger.info({ ...fields, component: "vm" }, line) });
@@ -101,8 +104,12 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     onDrained: () => stop("drained"),
   });
   daemonRef = daemon;
+  const github = (p: PoolSpec) => {
+    const h = daemon.poolGitHubHealth(p);
+    return { github: { state: h.state, degraded: h.degraded, since: h.since, reason: h.reason } };
+  };
   const serverPools = (): ServerPool[] => [
-    ...daemon.currentPools().map((p) => ({ ...routable(p), minRunners: p.minRunners, maxRunners: p.maxRunners })),
+    ...daemon.currentPools().map((p) => ({ ...routable(p), minRunners: p.minRunners, maxRunners: p.maxRunners, ...github(p) })),
     ...daemon.removingPools().map((p) => ({ ...routable(p), minRunners: p.minRunners, maxRunners: p.maxRunners, removing: true })),
   ];
   let stopping = false;
@@ -123,7 +130,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
       for (const w of poolCmdlineWarnings(next.pools, next.poolsFile)) logger.warn({ trigger }, w);
       const settings = settingsChanges(config, next, paths.stateDir);
       const pools = daemon.reload(next.pools, {
-        ...(settings.applied.includes("github credentials") ? { access: accessFor(next, warn, registry) } : {}),
+        ...(settings.applied.includes("github credentials") ? { access: accessFor(next, warn, registry, githubAbort.signal) } : {}),
         pollIntervalMs: next.pollIntervalSeconds * 1000,
         shutdownTimeoutMs: next.shutdownTimeoutSeconds * 1000,
         retentionMs: next.retentionSeconds * 1000,
@@ -150,6 +157,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     maxWebhookBytes: config.maxWebhookBytes,
     registry,
     onDemand: () => daemon.wake(),
+    health: () => daemon.githubHealth(),
     control: {
       reload: () => reload("api"),
       drain: (d) => ({ ...daemon.drain(d) }),
@@ -197,6 +205,8 @@ export async function runServe(o: RunServeOptions): Promise<number> {
         } catch (e) {
           logger.error({ err: messageOf(e) }, "shutdown failed");
         }
+        // Whatever GitHub has not answered by now is abandoned.
+        githubAbort.abort();
         await server.close();
         await metricsServer?.close();
         store.close();

@@ -30,6 +30,8 @@ export interface ApiPool {
   idle: number;
   busy: number;
   failures: number;
+  /** GitHub for the pool's target: ok, failing or rate-limited (degraded once that lasted longer than the threshold). */
+  github?: ServerPool["github"];
 }
 
 export interface ServerPool {
@@ -43,6 +45,8 @@ export interface ServerPool {
   maxRunners: number;
   /** A reload removed the pool; it is listed until its last runner has finished. */
   removing?: boolean;
+  /** GitHub's state for the pool's target (the daemon's schedule). */
+  github?: { state: string; degraded: boolean; since: string | null; reason: string | null };
 }
 
 /** The daemon's answer to a reload: what changed, or why nothing did. */
@@ -74,6 +78,8 @@ export interface ServerOptions {
   maxWebhookBytes: number;
   registry: Registry;
   now?: () => number;
+  /** GitHub's state per target for /healthz (status "degraded" when one has failed too long). */
+  health?: () => { status: "ok" | "degraded"; [k: string]: unknown };
   /** Called after a delivery changed what the pools must do (the reconciler wakes up). */
   onDemand?: () => void;
   /** POST /api/reload, /api/drain, /api/undrain, GET /api/status; without it they answer 501. */
@@ -187,7 +193,11 @@ export function createApp(opts: ServerOptions): Hono {
     return count(c, "accepted", 202, { pool: pool ?? null });
   });
 
-  app.get("/healthz", (c) => c.json({ ok: true }));
+  // Still 200 when degraded: the process is fine, GitHub is not; restarting would not help.
+  app.get("/healthz", (c) => {
+    const h = opts.health?.();
+    return c.json(h ? { ok: true, status: h.status, github: h } : { ok: true, status: "ok" });
+  });
   if (opts.metrics !== false) app.get("/metrics", metricsHandler(opts.registry));
 
   app.use("/api/*", async (c, next) => {
@@ -206,8 +216,9 @@ export function createApp(opts: ServerOptions): Hono {
     const draining = daemon === "draining" || daemon === "drained" || daemon === "stopping";
     // The same rules the reconciler plans with (busy runners count as demand).
     const desired = st.paused || draining || p.removing ? 0 : desiredRunners({ minRunners, maxRunners: p.maxRunners }, queued + n("busy"));
-    const state = p.removing ? "removing" : draining ? "draining" : backoffState(st).health;
-    return { name: p.name, state, minRunners, maxRunners: p.maxRunners, desired, queued, starting: n("starting"), idle: n("idle"), busy: n("busy"), failures: st.failures };
+    const health = backoffState(st).health;
+    const state = p.removing ? "removing" : draining ? "draining" : health === "active" && p.github?.degraded ? "degraded" : health;
+    return { name: p.name, state, minRunners, maxRunners: p.maxRunners, desired, queued, starting: n("starting"), idle: n("idle"), busy: n("busy"), failures: st.failures, ...(p.github ? { github: p.github } : {}) };
   };
   const findPool = (name: string) => pools().find((p) => p.name === name && !p.removing);
 

@@ -1,7 +1,8 @@
 // A fake GitHub REST API for tests: node:http on 127.0.0.1, a small router table, state in
-// plain objects. Implements the self-hosted runner registration-token endpoints today; add
-// routes (JIT config, runner list/delete, queued jobs, webhooks) to ROUTES as tests need them.
-import { createHmac, randomBytes, verify as verifySignature } from "node:crypto";
+// plain objects. Self-hosted runners (registration tokens, JIT configs, list, delete), queued
+// jobs, App installations and webhooks; ETags and 304s, a rate-limit budget with its
+// headers, forced answers (403/429 with retry-after) and slow or hanging answers.
+import { createHash, createHmac, randomBytes, verify as verifySignature } from "node:crypto";
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 
@@ -37,6 +38,13 @@ export interface FakeGitHubState {
   runnerGroups: Map<string, FakeRunnerGroup>;
   /** Repositories ("owner/repo") that are private; others are public. */
   privateRepos: Set<string>;
+  /**
+   * The core rate limit, one budget for every credential: each authenticated answer but a
+   * 304 costs 1; at 0 GitHub answers 403 "API rate limit exceeded" until `resetAt` (ms epoch).
+   */
+  rateLimit: { limit: number; remaining: number; resetAt: number };
+  /** Answers by kind: all requests, those that cost budget, 304s. */
+  counts: { total: number; counted: number; notModified: number };
 }
 
 export interface FakeRunnerGroup {
@@ -93,12 +101,22 @@ export interface FakeGitHub {
   registrationToken: string;
   /** Forces `status`/`body` for requests whose path matches; `times` limits how often (default: always). */
   respondWith(path: RegExp, status: number, body?: unknown, opts?: { method?: string; times?: number; headers?: Record<string, string> }): void;
+  /** Forgets every respondWith. */
+  clearResponses(): void;
   /** Adds a workflow job (default queued) to the queued-jobs endpoints; returns it. */
   addJob(job: { repository: string; labels: string[]; status?: FakeJob["status"]; id?: number; runId?: number }): FakeJob;
   /** The runner of that name or id. */
   runner(nameOrId: string | number): FakeRunner | undefined;
   /** Adds (or replaces) an organization runner group; returns it. */
   addRunnerGroup(org: string, g: Partial<FakeRunnerGroup> & { id: number }): FakeRunnerGroup;
+  /**
+   * Delays answers to requests whose path matches by `ms` (Infinity: never answers, the
+   * connection stays open); `times` limits how often (default: always). Returns a function
+   * that removes the delay.
+   */
+  delay(path: RegExp, ms: number, opts?: { method?: string; times?: number }): () => void;
+  /** Sets the rate-limit budget (remaining, limit) and when it resets (seconds from now; default 3600). */
+  setRateLimit(o: { remaining: number; limit?: number; resetInSeconds?: number }): void;
   /** Marks a runner online/offline and busy/idle (what a real runner would report). */
   setRunner(nameOrId: string | number, change: Partial<Pick<FakeRunner, "status" | "busy">>): void;
   close(): Promise<void>;
@@ -337,7 +355,8 @@ const ROUTES: Route[] = [
       const byRun = new Map<number, FakeJob[]>();
       for (const j of state.jobs.filter((j) => j.repository === full)) byRun.set(j.runId, [...(byRun.get(j.runId) ?? []), j]);
       const want = url.searchParams.get("status");
-      const runs = [...byRun].map(([id, jobs]) => ({ id, status: runStatus(jobs), name: `run ${id}`, repository: { full_name: full } })).filter((r) => !want || r.status === want);
+      // Newest first, as GitHub lists them.
+      const runs = [...byRun].reverse().map(([id, jobs]) => ({ id, status: runStatus(jobs), name: `run ${id}`, repository: { full_name: full } })).filter((r) => !want || r.status === want);
       return { status: 200, body: { total_count: runs.length, workflow_runs: page(runs, url) } };
     },
   },
@@ -398,13 +417,53 @@ function authorized(req: IncomingMessage, state: FakeGitHubState): boolean {
 }
 
 function send(res: ServerResponse, reply: Reply): void {
-  const text = reply.body === undefined ? "" : JSON.stringify(reply.body);
+  const text = reply.body === undefined || reply.status === 304 ? "" : JSON.stringify(reply.body);
   res.writeHead(reply.status, {
     "content-type": "application/json; charset=utf-8",
     "x-github-api-version-selected": "2022-11-28",
     ...reply.headers,
   });
   res.end(text);
+}
+
+/**
+ * As GitHub: a 200 to a GET carries an ETag of its body; a GET whose If-None-Match names it
+ * is answered 304, which costs no rate-limit budget. Every authenticated answer carries the
+ * x-ratelimit-* headers; an exhausted budget is a 403 until the reset.
+ */
+function conditionalAndLimited(req: IncomingMessage, state: FakeGitHubState, reply: () => Reply): Reply {
+  state.counts.total++;
+  const rl = state.rateLimit;
+  const now = Date.now();
+  if (rl.resetAt <= now) {
+    rl.remaining = rl.limit;
+    rl.resetAt = now + 3600_000;
+  }
+  const limitHeaders = () => ({
+    "x-ratelimit-limit": String(rl.limit),
+    "x-ratelimit-remaining": String(rl.remaining),
+    "x-ratelimit-reset": String(Math.ceil(rl.resetAt / 1000)),
+    "x-ratelimit-used": String(rl.limit - rl.remaining),
+    "x-ratelimit-resource": "core",
+  });
+  const authed = /^(?:token|bearer)\s+/i.test(req.headers.authorization ?? "");
+  if (authed && rl.remaining <= 0) {
+    state.counts.counted++;
+    return { status: 403, body: { message: "API rate limit exceeded for user ID 1.", documentation_url: DOCS }, headers: limitHeaders() };
+  }
+  const r = reply();
+  if (req.method === "GET" && r.status === 200) {
+    const etag = `W/"${createHash("sha256").update(JSON.stringify(r.body ?? null)).digest("hex").slice(0, 32)}"`;
+    if (req.headers["if-none-match"] === etag) {
+      state.counts.notModified++;
+      return { status: 304, headers: { etag, ...(authed ? limitHeaders() : {}) } };
+    }
+    r.headers = { etag, ...r.headers };
+  }
+  state.counts.counted++;
+  if (!authed) return r;
+  rl.remaining = Math.max(0, rl.remaining - 1);
+  return { ...r, headers: { ...limitHeaders(), ...r.headers } };
 }
 
 function readBody(req: IncomingMessage): Promise<string> {
@@ -450,7 +509,10 @@ export async function startFakeGitHub(opts: FakeGitHubOptions = {}): Promise<Fak
     installationTokenTtlMs: 3600_000,
     runnerGroups: new Map(),
     privateRepos: new Set(),
+    rateLimit: { limit: 5000, remaining: 5000, resetAt: Date.now() + 3600_000 },
+    counts: { total: 0, counted: 0, notModified: 0 },
   };
+  const delays: { path: RegExp; method: string | undefined; times: number; ms: number }[] = [];
   let nextJobId = 1000;
   const requests: RecordedRequest[] = [];
   const overrides: Override[] = [];
@@ -460,7 +522,13 @@ export async function startFakeGitHub(opts: FakeGitHubOptions = {}): Promise<Fak
       const url = new URL(req.url ?? "/", "http://fake");
       const path = url.pathname;
       requests.push({ method: req.method ?? "GET", path, headers: { ...req.headers }, body });
-      send(res, dispatch({ req, url, body, state }, path, overrides));
+      const slow = delays.find((d) => d.times > 0 && d.path.test(path) && (!d.method || d.method === req.method));
+      if (slow) {
+        slow.times--;
+        if (slow.ms === Infinity) return; // hangs: closeAllConnections() ends it
+        await new Promise((r) => setTimeout(r, slow.ms));
+      }
+      send(res, conditionalAndLimited(req, state, () => dispatch({ req, url, body, state }, path, overrides)));
     })().catch(() => send(res, { status: 500, body: { message: "fake GitHub failed" } }));
   });
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
@@ -483,6 +551,9 @@ export async function startFakeGitHub(opts: FakeGitHubOptions = {}): Promise<Fak
       if (o.headers) reply.headers = o.headers;
       overrides.push({ path, method: o.method, times: o.times ?? Infinity, reply });
     },
+    clearResponses() {
+      overrides.length = 0;
+    },
     addJob(j) {
       const id = j.id ?? nextJobId++;
       const job: FakeJob = { id, runId: j.runId ?? id + 500_000, repository: j.repository, labels: j.labels, status: j.status ?? "queued", runnerName: null, createdAt: new Date().toISOString() };
@@ -493,6 +564,14 @@ export async function startFakeGitHub(opts: FakeGitHubOptions = {}): Promise<Fak
       const group: FakeRunnerGroup = { name: `group ${g.id}`, visibility: "all", repositories: [], allowsPublicRepositories: true, ...g };
       state.runnerGroups.set(`${org.toLowerCase()}/${g.id}`, group);
       return group;
+    },
+    delay(path, ms, o = {}) {
+      const d = { path, method: o.method, times: o.times ?? Infinity, ms };
+      delays.push(d);
+      return () => void delays.splice(delays.indexOf(d), 1);
+    },
+    setRateLimit(o) {
+      state.rateLimit = { limit: o.limit ?? state.rateLimit.limit, remaining: o.remaining, resetAt: Date.now() + (o.resetInSeconds ?? 3600) * 1000 };
     },
     runner(nameOrId) {
       return [...state.runners.values()].find((r) => r.id === nameOrId || r.name === nameOrId);

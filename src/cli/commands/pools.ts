@@ -78,8 +78,18 @@ function printPools(rows: ApiPool[], json: boolean | undefined, quiet?: boolean)
     return;
   }
   if (quiet) return printNames(rows.map((p) => p.name));
-  const head = ["POOL", "STATE", "MIN", "MAX", "DESIRED", "QUEUED", "STARTING", "IDLE", "BUSY", "FAILURES"];
-  process.stdout.write(table([head, ...rows.map((p) => [p.name, p.state, p.minRunners, p.maxRunners, p.desired, p.queued, p.starting, p.idle, p.busy, p.failures].map(String))]));
+  const head = ["POOL", "STATE", "MIN", "MAX", "DESIRED", "QUEUED", "STARTING", "IDLE", "BUSY", "FAILURES", "GITHUB"];
+  process.stdout.write(table([head, ...rows.map((p) => [...[p.name, p.state, p.minRunners, p.maxRunners, p.desired, p.queued, p.starting, p.idle, p.busy, p.failures].map(String), githubColumn(p.github)])]));
+  for (const p of rows) if (p.github?.degraded) say(`pool ${p.name}: GitHub ${p.github.state} since ${p.github.since ?? "?"}: ${p.github.reason ?? "no reason given"}`);
+}
+
+/** "ok", or "rate-limited 12m" / "failing 40s" (how long), "(degraded)" past the threshold. */
+function githubColumn(g: ApiPool["github"]): string {
+  if (!g) return "-";
+  if (g.state === "ok") return "ok";
+  const since = g.since ? Date.parse(g.since) : NaN;
+  const age = Number.isFinite(since) ? ` ${formatAge(Date.now() - since)}` : "";
+  return `${g.state}${age}${g.degraded ? " (degraded)" : ""}`;
 }
 
 export function registerPools(program: Command): void {
