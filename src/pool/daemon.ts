@@ -194,7 +194,7 @@ export class Daemon {
   private loopDone: Promise<void> | undefined;
   private readonly backoff: BackoffOptions;
   private readonly router: JobRouter;
-  private readonly metrics: { runners: Gauge; desired: Gauge; starts: Counter; exits: Counter; health: Gauge };
+  private readonly metrics: { runners: Gauge; desired: Gauge; queued: Gauge; starts: Counter; exits: Counter; health: Gauge };
 
   constructor(private readonly opts: DaemonOptions) {
     this.now = opts.now ?? Date.now;
@@ -208,6 +208,7 @@ export class Daemon {
     this.metrics = {
       runners: new Gauge({ name: "civm_pool_runners", help: "Runner VMs by pool and state", labelNames: ["pool", "state"], registers }),
       desired: new Gauge({ name: "civm_pool_desired_runners", help: "Runner VMs the pool should have", labelNames: ["pool"], registers }),
+      queued: new Gauge({ name: "civm_pool_queued_jobs", help: "Jobs routed to the pool that GitHub still has queued", labelNames: ["pool"], registers }),
       health: new Gauge({ name: "civm_pool_degraded", help: "1 when the pool is degraded (repeated boot failures)", labelNames: ["pool"], registers }),
       starts: new Counter({ name: "civm_vm_starts_total", help: "Runner VM starts by pool and result", labelNames: ["pool", "result"], registers }),
       exits: new Counter({ name: "civm_vm_exits_total", help: "Runner VM exits by pool and reason", labelNames: ["pool", "reason"], registers }),
@@ -560,6 +561,7 @@ export class Daemon {
     const plan = planShutdown(vms.map((v) => ({ id: v.id, state: v.state, imageKey: v.imageKey })), reason);
     for (const s of plan.stop) await this.stopVm(s.id, s.reason);
     this.metrics.desired.set({ pool: pool.name }, 0);
+    this.metrics.queued.set({ pool: pool.name }, 0);
     for (const state of ["starting", "idle", "busy"] as const) this.metrics.runners.set({ pool: pool.name, state }, vms.filter((v) => v.state === state).length);
     return vms.length;
   }
@@ -621,6 +623,7 @@ export class Daemon {
       ...(retryAt !== undefined ? { retryAt } : {}),
     });
     this.metrics.desired.set({ pool: pool.name }, plan.desired);
+    this.metrics.queued.set({ pool: pool.name }, queued);
     this.metrics.health.set({ pool: pool.name }, health === "degraded" ? 1 : 0);
     for (const s of plan.stop) await this.stopVm(s.id, s.reason);
     const limited = plan.start > 0 ? this.github.limitedUntil(targetKey(pool.runner.target)) : undefined;

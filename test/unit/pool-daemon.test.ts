@@ -121,6 +121,7 @@ test("minRunners boot with a fresh JIT config each; online → idle; a queued jo
   assert.equal(names.size, 3);
   assert.equal(new Set(launcher.vms.map((v) => (v.req.config as { jitconfig: string }).jitconfig)).size, 3, "a fresh JIT config per VM");
   assert.match(await registry.metrics(), /civm_pool_desired_runners\{pool="linux"\} 3/);
+  assert.match(await registry.metrics(), /civm_pool_queued_jobs\{pool="linux"\} 5/);
 });
 
 test("a wake while a pass runs is not lost: the loop runs again at once instead of sleeping a tick", async (t) => {
