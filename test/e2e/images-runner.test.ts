@@ -180,7 +180,10 @@ test("the stored image's root filesystem is clean (no journal to replay, no orph
 test("SSH host keys differ between two runs of the same image", async (t) => {
   const e = env(t);
   const names = [uniqueName("rn-key1"), uniqueName("rn-key2")];
-  writeInstances(e, names.map((n) => runnerInstance(n, "cat /etc/ssh/ssh_host_ed25519_key.pub")));
+  // Host keys are made at boot off the critical path (Nice=19) and the agent does not wait
+  // for them, so on a loaded host the job may start first: wait for the key (up to 60 s).
+  const key = "/etc/ssh/ssh_host_ed25519_key.pub";
+  writeInstances(e, names.map((n) => runnerInstance(n, `i=0; while [ ! -s ${key} ] && [ $i -lt 120 ]; do sleep 0.5; i=$((i+1)); done; cat ${key}`)));
   const keys: string[] = [];
   for (const name of names) {
     const { r, console: text } = await bootOk(e, name);
