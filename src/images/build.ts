@@ -369,10 +369,11 @@ export function buildNetwork(mirror: string): NetworkSpec {
   }
   if (url.protocol !== "http:" && url.protocol !== "https:") return { mode: "restricted", allow: [] };
   const port = url.port || (url.protocol === "https:" ? "443" : "80");
+  // URL gives an IPv6 host in brackets already, as an allow entry writes it.
   const host = url.hostname;
   const isLocal = host === "localhost" || host === "127.0.0.1" || host === "[::1]";
   try {
-    return { mode: "restricted", allow: [parseAllowEntry(isLocal ? `host:${port}` : `${host.includes(":") && !host.startsWith("[") ? `[${host}]` : host}:${port}`)] };
+    return { mode: "restricted", allow: [parseAllowEntry(`${isLocal ? "host" : host}:${port}`)] };
   } catch {
     return { mode: "restricted", allow: [] };
   }
