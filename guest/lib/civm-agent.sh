@@ -215,9 +215,10 @@ install_authorized_keys() {
   [ "$CFG_KEYS_OK" = 1 ] || fail "config.ssh_authorized_keys must be a string or a list of strings"
   keys=$CFG_KEYS
   [ -n "$keys" ] || return 0
-  for user in root "$CIVM_RUNNER_USER"; do
+  # manage: the debugging account of images like civm-gha (seed 000's), when the image has it.
+  for user in root "$CIVM_RUNNER_USER" manage; do
     if ! user_home "$user"; then
-      log "no user $user in the image; not installing keys for it"
+      [ "$user" = manage ] || log "no user $user in the image; not installing keys for it"
       continue
     fi
     add_authorized_keys "$user" "$keys" "$USER_HOME" || fail "cannot install authorized keys for $user"
@@ -314,6 +315,11 @@ plan_workload() {
   RUN_USER=$(cfg user)
   RUN_USER=${RUN_USER:-$CIVM_RUNNER_USER}
   user_home "$RUN_USER" || fail "user $RUN_USER does not exist in the image"
+  # The runner refuses root unless RUNNER_ALLOW_RUNASROOT is set, and a job must never get it.
+  if [ "$MODE" = jit ] || [ "$MODE" = register ]; then
+    [ "$(getent passwd "$RUN_USER" | cut -d: -f3)" != 0 ] ||
+      fail "config.user is $RUN_USER (uid 0): the GitHub Actions runner never runs as root; leave config.user out (default $CIVM_RUNNER_USER) or name an unprivileged user"
+  fi
   case $MODE in
     jit) plan_runner_dir ;;
     register) plan_runner_dir && plan_registration ;;

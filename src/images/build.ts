@@ -2,7 +2,7 @@
 // stage 2 (a VM civm boots with its own executor, by direct kernel boot, that installs the
 // bootloader, applies a child's packages and actions, and runs provision scripts). The
 // result goes to the image store only when every step succeeded.
-import { cp, mkdir, readFile, rm, writeFile } from "node:fs/promises";
+import { copyFile, cp, link, mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import { availableParallelism } from "node:os";
 import { basename, join } from "node:path";
 import { CivmError, ConfigError } from "../errors/index.js";
@@ -12,6 +12,7 @@ import type { InstanceSpec } from "../config/types.js";
 import { VmRun, securityModelFor, type HostMount } from "../vm/index.js";
 import { parseAllowEntry, type NetworkSpec } from "../net/policy.js";
 import { cacheKeysFor } from "./cache-key.js";
+import { DOWNLOADS_DIR, ensureVerifiedFile } from "./download.js";
 import { assembleDisk, convertRaw, compressArtifact } from "./disk.js";
 import { buildRootTree, actionHook, describeAction, removeTree } from "./rootfs.js";
 import { resolveBuildOrder, describeImage } from "./spec.js";
@@ -22,7 +23,7 @@ import type { ImageStore, StoredImage } from "./store.js";
 
 export interface BuildEvent {
   image: string;
-  step: "cached" | "rootfs" | "disk" | "vm" | "finish" | "done";
+  step: "cached" | "download" | "rootfs" | "disk" | "vm" | "finish" | "done";
   message: string;
   elapsedMs: number;
 }
@@ -79,6 +80,18 @@ export async function buildImage(o: BuildOptions): Promise<BuildOutcome[]> {
 
 async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey: string | undefined, started: number): Promise<StoredImage> {
   const ev = (step: BuildEvent["step"], message: string) => o.onEvent?.({ image: spec.name, step, message, elapsedMs: Date.now() - started });
+  // On the host, before anything is built: a wrong digest fails here and stores nothing.
+  let runnerArchive: string | undefined;
+  if (spec.githubRunner) {
+    const gr = spec.githubRunner;
+    const got = await ensureVerifiedFile({
+      url: gr.url, sha256: gr.sha256, cacheDir: join(o.paths.stateDir, DOWNLOADS_DIR),
+      where: `${describeImage(spec)}: field "githubRunner"`, log: o.log,
+      ...(gr.localPath ? { localPath: gr.localPath } : {}),
+    });
+    ev("download", got.downloaded ? `actions runner ${gr.version} fetched and verified (${got.bytes} bytes)` : `actions runner ${gr.version} from the download cache (sha256 verified)`);
+    runnerArchive = got.path;
+  }
   const pending = await o.store.begin(spec.name);
   try {
     const work = join(pending.dir, "work");
@@ -118,6 +131,11 @@ async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey
       await childDisk(spec, parent, disk, bootFormat, ev);
     }
 
+    if (runnerArchive) {
+      // The build share is read by QEMU (9p): a hard link where it can be, else a copy.
+      const staged = join(share, RUNNER_ARCHIVE);
+      await link(runnerArchive, staged).catch(() => copyFile(runnerArchive as string, staged));
+    }
     const script = await stage2Script(spec, share, parent !== undefined);
     ev("vm", `booting the build VM (${o.accel}) to ${parent ? "apply packages and actions" : "install the bootloader"}${spec.actions.some((a) => a.kind === "provision") ? " and run provision scripts" : ""}`);
     await bootBuildVm(o, spec, { disk, format: bootFormat, kernel, initrd, share, out, script });
@@ -213,6 +231,8 @@ async function stage2Script(spec: ImageSpec, share: string, isChild: boolean): P
   if (isChild && spec.packages.length) {
     lines.push(`echo "civm-build: installing ${spec.packages.length} packages"`, "apt-get update -q", `apt-get install -y -q --no-install-recommends ${spec.packages.map(shq).join(" ")}`, "apt-get clean");
   }
+  if (spec.githubRunner) lines.push(...runnerInstallScript(spec.githubRunner.version, `${GUEST_SHARE}/${RUNNER_ARCHIVE}`));
+  if (spec.sudo !== undefined) lines.push(...sudoScript(spec.sudo));
   const hooksDir = join(share, "hooks");
   await mkdir(hooksDir, { recursive: true });
   const total = spec.actions.length;
@@ -264,6 +284,42 @@ export const CLEAN_ROOT_SCRIPT = [
   "fi",
   'root_is_ro || echo "civm-build: warning: / is still read-write; VMs of this image will replay its journal at boot"',
 ];
+
+/** The runner archive's name in the build share. */
+const RUNNER_ARCHIVE = "github-runner.tar.gz";
+/** The account the agent runs jobs as (guest/: CIVM_RUNNER_USER's default). */
+const RUNNER_USER = "runner";
+
+/**
+ * Unpacks the verified runner archive into ~runner/actions-runner (the agent's default
+ * runner_dir), owned by the runner user (tar runs as that user: the job never needs root),
+ * and checks it has the runner's layout. A previous runner there is replaced.
+ */
+export function runnerInstallScript(version: string, archive: string): string[] {
+  return [
+    `echo ${shq(`civm-build: installing the GitHub Actions runner ${version} for ${RUNNER_USER}`)}`,
+    `home=$(getent passwd ${RUNNER_USER} | cut -d: -f6) || { echo "civm-build: error: githubRunner needs a '${RUNNER_USER}' user in the image (civm-runner has one); create it in an earlier image or action" >&2; exit 1; }`,
+    'd="$home/actions-runner"',
+    'rm -rf "$d"',
+    `install -d -o ${RUNNER_USER} -g "$(id -gn ${RUNNER_USER})" -m 0755 "$d"`,
+    `runuser -u ${RUNNER_USER} -- tar -xzf - -C "$d" < ${archive}`,
+    'for f in config.sh run.sh bin/Runner.Listener; do',
+    '  [ -e "$d/$f" ] || { echo "civm-build: error: the githubRunner archive has no $f: it is not an actions/runner release for Linux" >&2; exit 1; }',
+    "done",
+  ];
+}
+
+/** `sudo: true` gives the runner user passwordless sudo (as GitHub's hosted runners have); `false` takes it away. */
+export function sudoScript(on: boolean): string[] {
+  const file = "/etc/sudoers.d/civm-runner";
+  if (!on) return [`echo "civm-build: no sudo for ${RUNNER_USER}"`, `rm -f ${file}`, `gpasswd -d ${RUNNER_USER} sudo >/dev/null 2>&1 || true`];
+  return [
+    `echo "civm-build: passwordless sudo for ${RUNNER_USER}"`,
+    `command -v visudo >/dev/null || { echo "civm-build: error: \"sudo: true\" needs the sudo package in the image" >&2; exit 1; }`,
+    `printf '%s\n' '# civm: passwordless sudo for the job user, as on GitHub-hosted runners ("sudo" in the image spec)' '${RUNNER_USER} ALL=(ALL:ALL) NOPASSWD: ALL' > ${file}.tmp`,
+    `chmod 0440 ${file}.tmp && visudo -cqf ${file}.tmp && mv ${file}.tmp ${file}`,
+  ];
+}
 
 /** A root image's bootloader, installed from inside the build VM. */
 export const STAGE2_BOOTLOADER: readonly string[] = ['echo "civm-build: installing GRUB on /dev/vda"', "grub-install --target=i386-pc /dev/vda", "update-grub"];

@@ -58,6 +58,10 @@ export function computeCacheKey(inputs: CacheKeyInputs): string {
     compress: spec.compress ?? null,
     flatten: spec.parent !== undefined ? spec.flatten : null,
     actions: spec.actions.map((a) => canonicalAction(a, inputs.fileHashes)),
+    // Left out when unset (canonicalJson drops undefined), so older images keep their keys.
+    // The runner is its sha256 (and version): where it is downloaded from does not change it.
+    githubRunner: spec.githubRunner ? { version: spec.githubRunner.version, sha256: spec.githubRunner.sha256 } : undefined,
+    sudo: spec.sudo,
   };
   return createHash("sha256").update(canonicalJson(doc)).digest("hex");
 }

@@ -19,6 +19,7 @@ import {
   ACTION_KINDS,
   IMAGE_FORMATS,
   type ActionKind,
+  type GithubRunnerSpec,
   type ImageAction,
   type ImageFormat,
   type ImageSpec,
@@ -88,6 +89,18 @@ const IMAGE_FIELDS = {
   kernel: z.string({ error: "must be the kernel's Debian package name, as a string" }).regex(PACKAGE_RE, 'must be a Debian package name such as "linux-image-amd64" or "linux-image-cloud-amd64"'),
   flatten: z.boolean({ error: "must be true (a standalone copy of the parent) or false (a qcow2 backing chain on the parent)" }),
   actions: z.array(z.unknown(), { error: 'must be a list of actions, e.g. [{"run": "apt-get clean"}]' }),
+  githubRunner: z.strictObject(
+    {
+      version: z.string({ error: 'must be the runner\'s release version, as a string, e.g. "2.321.0"' }).regex(/^\d+\.\d+\.\d+$/, 'must be a release version such as "2.321.0" (no leading "v")'),
+      sha256: z
+        .string({ error: "must be the release asset's sha256, as a string of 64 hex digits" })
+        .regex(/^[0-9A-Fa-f]{64}$/, "must be the release asset's sha256: 64 hex digits, as GitHub publishes it with the release")
+        .transform((h) => h.toLowerCase()),
+      url: z.string({ error: "must be a URL (https://...) or a host path to the runner's .tar.gz, as a string" }).min(1, "must not be empty").optional(),
+    },
+    { error: 'must be an object like {"version": "2.321.0", "sha256": "<64 hex digits>"} (and optionally "url")' },
+  ),
+  sudo: z.boolean({ error: "must be true (passwordless sudo for the runner user) or false (no sudo)" }),
 };
 type ImageField = keyof typeof IMAGE_FIELDS;
 const IMAGE_KEYS = Object.keys(IMAGE_FIELDS) as ImageField[];
@@ -101,6 +114,9 @@ const KEY_ALIASES: Record<string, string> = {
   dist: "suite",
   include: "packages",
   steps: "actions",
+  runner: "githubRunner",
+  github_runner: "githubRunner",
+  "github-runner": "githubRunner",
   from: "parent",
   base: "parent",
 };
@@ -216,9 +232,23 @@ export function builtinSpecFiles(dir = builtinImagesDir): string[] {
 /** Every built-in image (e.g. civm-runner), loaded from the repo's images/ folder. */
 export async function loadBuiltinImageSpecs(opts: LoadImageOptions = {}): Promise<ImageSpec[]> {
   const out: ImageSpec[] = [];
-  for (const f of builtinSpecFiles(opts.builtinDir)) {
-    const loaded = await loadImageSpecsInternal(f, { ...opts, builtins: false }, true);
-    for (const img of loaded.images) if (!out.some((o) => o.name === img.name)) out.push(img);
+  // A built-in may name another file's built-in as its parent (civm-gha on civm-runner): files
+  // whose parents are not loaded yet wait for a later pass; the last failure is reported.
+  let todo = builtinSpecFiles(opts.builtinDir);
+  while (todo.length > 0) {
+    const failed: string[] = [];
+    let lastError: unknown;
+    for (const f of todo) {
+      try {
+        const loaded = await loadImageSpecsInternal(f, { ...opts, builtins: false }, true, out);
+        for (const img of loaded.images) if (!out.some((o) => o.name === img.name)) out.push(img);
+      } catch (e) {
+        failed.push(f);
+        lastError = e;
+      }
+    }
+    if (failed.length === todo.length) throw lastError;
+    todo = failed;
   }
   return out;
 }
@@ -237,7 +267,7 @@ interface Draft {
   field: (f: string) => string;
 }
 
-async function loadImageSpecsInternal(file: string, opts: LoadImageOptions, builtin: boolean): Promise<LoadedImageSpecs> {
+async function loadImageSpecsInternal(file: string, opts: LoadImageOptions, builtin: boolean, builtinPool: readonly ImageSpec[] = []): Promise<LoadedImageSpecs> {
   const data = await loadStructuredFile(file);
   const baseDir = dirname(resolve(file));
   if (!Array.isArray(data)) {
@@ -270,7 +300,7 @@ async function loadImageSpecsInternal(file: string, opts: LoadImageOptions, buil
   const nodes = rawNodes(data, file, lvh);
   const rawNames = new Set(nodes.map((n) => n.name));
   const missing = nodes.filter((n) => n.parent !== undefined && !rawNames.has(n.parent));
-  let builtins: ImageSpec[] = [];
+  let builtins: ImageSpec[] = [...builtinPool];
   if (missing.length > 0 && opts.builtins !== false && !builtin) builtins = await loadBuiltinImageSpecs(opts);
   const builtinByName = new Map(builtins.map((b) => [b.name, b]));
   for (const n of missing) {
@@ -388,7 +418,40 @@ async function validateImage(entry: unknown, ctx: Ctx, problems: string[]): Prom
   if (values.compress !== undefined) spec.compress = "zstd";
   if (values.flatten !== undefined) spec.flatten = values.flatten as boolean;
   if (!isChild) spec.kernel = (values.kernel as string | undefined) ?? DEFAULT_KERNEL;
+  if (values.sudo !== undefined) spec.sudo = values.sudo as boolean;
+  if (values.githubRunner !== undefined) {
+    const gr = values.githubRunner as { version: string; sha256: string; url?: string };
+    const runner = await githubRunnerSpec(gr, ctx.baseDir, (m) => fieldProblem("githubRunner.url", m));
+    if (!runner) return undefined;
+    spec.githubRunner = runner;
+  }
   return { spec, where, field: namer };
+}
+
+/** GitHub's release asset for an actions/runner version (Linux x64). */
+export function githubRunnerReleaseUrl(version: string): string {
+  return `https://github.com/actions/runner/releases/download/v${version}/actions-runner-linux-x64-${version}.tar.gz`;
+}
+
+/** A URL is downloaded; anything else (or file://) is a host path, which must exist. */
+async function githubRunnerSpec(
+  gr: { version: string; sha256: string; url?: string },
+  baseDir: string,
+  problem: (m: string) => void,
+): Promise<GithubRunnerSpec | undefined> {
+  const url = gr.url ?? githubRunnerReleaseUrl(gr.version);
+  if (/^https?:\/\//i.test(url)) return { version: gr.version, sha256: gr.sha256, url };
+  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(url) && !url.startsWith("file://")) {
+    problem(`${JSON.stringify(url)} is neither an http(s) URL nor a host path; give the release asset's https:// URL or the path of a downloaded .tar.gz (for hosts without internet access).`);
+    return undefined;
+  }
+  const localPath = resolve(baseDir, url.startsWith("file://") ? decodeURIComponent(url.slice("file://".length)) : url);
+  const why = await sourceProblem(localPath, baseDir, "runner archive", true);
+  if (why) {
+    problem(why);
+    return undefined;
+  }
+  return { version: gr.version, sha256: gr.sha256, url, localPath };
 }
 
 function finish(d: Draft, parent: ImageSpec | undefined, mirrorFor: () => string | undefined, problems: string[]): ImageSpec | undefined {

@@ -118,6 +118,21 @@ export const ACTION_KINDS: readonly ActionKind[] = [
   "provision",
 ];
 
+/**
+ * The GitHub Actions runner release installed into the image (`githubRunner` in the spec):
+ * civm downloads it on the host into its download cache (keyed by sha256), verifies it and
+ * unpacks it for the runner user in the VM stage.
+ */
+export interface GithubRunnerSpec {
+  version: string;
+  /** The release asset's published sha256 (64 lowercase hex digits). */
+  sha256: string;
+  /** As written (default: GitHub's release asset for `version`). */
+  url: string;
+  /** Set when `url` is a host path (absolute; relative ones start from the spec file's folder). */
+  localPath?: string;
+}
+
 export interface ImageSpec {
   name: string;
   description?: string;
@@ -138,6 +153,10 @@ export interface ImageSpec {
   /** Child images: true = a standalone copy, false = a qcow2 backing chain on the parent. */
   flatten: boolean;
   actions: ImageAction[];
+  /** The actions runner to install in this image's build (a child of an image that has one sets it only to replace it). */
+  githubRunner?: GithubRunnerSpec;
+  /** true: passwordless sudo for the runner user; false: none (removes a parent's). Unset: left as the parent has it. */
+  sudo?: boolean;
   source: ImageSource;
 }
 

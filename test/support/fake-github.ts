@@ -45,6 +45,11 @@ export interface FakeGitHubState {
   rateLimit: { limit: number; remaining: number; resetAt: number };
   /** Answers by kind: all requests, those that cost budget, 304s. */
   counts: { total: number; counted: number; notModified: number };
+  /**
+   * Where the test's fake actions runner (test/support/fake-runner.ts) finds its job server;
+   * put into every JIT config handed out (as "serverUrl") when set.
+   */
+  runnerServerUrl?: string;
 }
 
 export interface FakeRunnerGroup {
@@ -68,6 +73,8 @@ export interface FakeRunner {
   runnerGroupId: number;
   workFolder: string | undefined;
   encodedJitConfig: string | undefined;
+  /** config.sh's flags, for runners registered with a registration token (POST /actions/runner-registration). */
+  registration?: { url: string; ephemeral: boolean; disableupdate: boolean; runnergroup: string | null };
 }
 
 export interface FakeJob {
@@ -198,7 +205,7 @@ function generateJit(state: FakeGitHubState, key: string, body: string): Reply {
     return { status: 409, body: { message: "Already exists - A runner with the same name already exists" } };
   }
   const id = state.nextRunnerId++;
-  const jit = Buffer.from(JSON.stringify({ ".runner": `runner-${id}`, ".credentials": randomBytes(12).toString("hex") })).toString("base64");
+  const jit = jitConfig(state, id);
   const runner: FakeRunner = {
     id,
     name: req.name,
@@ -213,6 +220,42 @@ function generateJit(state: FakeGitHubState, key: string, body: string): Reply {
   };
   state.runners.set(id, runner);
   return { status: 201, body: { runner: apiRunner(runner), encoded_jit_config: jit } };
+}
+
+function jitConfig(state: FakeGitHubState, id: number): string {
+  const doc = { ".runner": `runner-${id}`, ".credentials": randomBytes(12).toString("hex"), ...(state.runnerServerUrl ? { serverUrl: state.runnerServerUrl } : {}) };
+  return Buffer.from(JSON.stringify(doc)).toString("base64");
+}
+
+/**
+ * What the fake runner's config.sh calls with a registration token (as the real one does
+ * first, at <origin>/actions/runner-registration with "RemoteAuth <token>"): registers a
+ * runner for the URL's repo or org and answers with a JIT config for run.sh.
+ */
+function tokenRegistration(state: FakeGitHubState, req: IncomingMessage, body: string): Reply {
+  const m = /^RemoteAuth\s+(.+)$/i.exec(req.headers.authorization ?? "");
+  if (!m || m[1] !== state.registrationToken) return { status: 401, body: { message: "Bad registration token" } };
+  let r: { url?: unknown; name?: unknown; labels?: unknown; ephemeral?: unknown; disableupdate?: unknown; runnergroup?: unknown };
+  try {
+    r = JSON.parse(body) as typeof r;
+  } catch {
+    return { status: 400, body: { message: "Problems parsing JSON" } };
+  }
+  if (typeof r.url !== "string" || typeof r.name !== "string" || r.name === "") return unprocessable("url and name are required");
+  const parts = new URL(r.url).pathname.split("/").filter(Boolean);
+  const key = parts.length >= 2 ? `repo:${parts[0]}/${parts[1]}` : `org:${parts[0] ?? ""}`;
+  if (!ownerKnown(state, key)) return notFound();
+  if ([...state.runners.values()].some((x) => x.owner === key && x.name === r.name)) {
+    return { status: 409, body: { message: "Already exists - A runner with the same name already exists" } };
+  }
+  const id = state.nextRunnerId++;
+  const jit = jitConfig(state, id);
+  const labels = Array.isArray(r.labels) && r.labels.length ? (r.labels as string[]) : ["self-hosted", "Linux", "X64"];
+  state.runners.set(id, {
+    id, name: r.name, owner: key, os: "Linux", status: "offline", busy: false, labels, runnerGroupId: 1, workFolder: "_work", encodedJitConfig: jit,
+    registration: { url: r.url, ephemeral: r.ephemeral === true, disableupdate: r.disableupdate === true, runnergroup: typeof r.runnergroup === "string" ? r.runnergroup : null },
+  });
+  return { status: 201, body: { encoded_jit_config: jit } };
 }
 
 function page<T>(items: T[], url: URL): T[] {
@@ -287,6 +330,7 @@ function apiRepo(state: FakeGitHubState, full: string, i: number): Record<string
 }
 
 const ROUTES: Route[] = [
+  { method: "POST", pattern: /^\/actions\/runner-registration$/, auth: false, handle: ({ req, state, body }) => tokenRegistration(state, req, body) },
   {
     method: "GET",
     pattern: /^\/orgs\/([^/]+)\/actions\/runner-groups\/(\d+)$/,

@@ -52,7 +52,7 @@ export function ensureRunnerImage(): Promise<RunnerImage> {
 
 async function buildUnderLock(): Promise<RunnerImage> {
   mkdirSync(runnerStoreDir, { recursive: true });
-  const release = await acquireLock();
+  const release = await acquireLock(lockDir, RUNNER_IMAGE);
   try {
     const started = Date.now();
     const env: NodeJS.ProcessEnv = {
@@ -81,7 +81,7 @@ async function buildUnderLock(): Promise<RunnerImage> {
   }
 }
 
-function runNode(args: string[], env: NodeJS.ProcessEnv): Promise<{ code: number | null; stdout: string; stderr: string }> {
+export function runNode(args: string[], env: NodeJS.ProcessEnv): Promise<{ code: number | null; stdout: string; stderr: string }> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, args, { env, stdio: ["ignore", "pipe", "pipe"] });
     let stdout = "";
@@ -121,7 +121,7 @@ function ownerAlive(o: LockOwner): boolean {
   return start === undefined || start === o.start;
 }
 
-function readLockOwner(): { owner?: LockOwner; raw?: string } {
+function readLockOwner(lockDir: string): { owner?: LockOwner; raw?: string } {
   try {
     const raw = readFileSync(join(lockDir, "pid"), "utf8");
     const [pid, start] = raw.trim().split(/\s+/);
@@ -133,7 +133,7 @@ function readLockOwner(): { owner?: LockOwner; raw?: string } {
 }
 
 /** Milliseconds since the lock dir last changed (its pid file is written right after mkdir). */
-function lockAge(): number {
+function lockAge(lockDir: string): number {
   try {
     return Date.now() - statSync(lockDir).mtimeMs;
   } catch {
@@ -141,8 +141,8 @@ function lockAge(): number {
   }
 }
 
-/** Takes the lock (waiting, polling every second, removing a stale one); returns its release. */
-async function acquireLock(): Promise<() => void> {
+/** Takes the lock `lockDir` (waiting, polling every second, removing a stale one); returns its release. */
+export async function acquireLock(lockDir: string, what: string): Promise<() => void> {
   const deadline = Date.now() + LOCK_TIMEOUT_MS;
   let waitedFor: string | undefined;
   for (;;) {
@@ -154,18 +154,18 @@ async function acquireLock(): Promise<() => void> {
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
     }
-    const { owner, raw } = readLockOwner();
-    const stale = owner ? !ownerAlive(owner) : lockAge() > LOCK_NO_PID_GRACE_MS;
+    const { owner, raw } = readLockOwner(lockDir);
+    const stale = owner ? !ownerAlive(owner) : lockAge(lockDir) > LOCK_NO_PID_GRACE_MS;
     if (stale) {
       // Re-read just before removing: only remove the lock we judged stale, not one a
       // waiter took in the meantime.
-      if (readLockOwner().raw === raw) rmSync(lockDir, { recursive: true, force: true });
+      if (readLockOwner(lockDir).raw === raw) rmSync(lockDir, { recursive: true, force: true });
       continue;
     }
     if (Date.now() > deadline) throw new Error(`timed out after ${LOCK_TIMEOUT_MS / 1000} s waiting for ${lockDir} (held by pid ${owner?.pid ?? "?"})`);
     const who = String(owner?.pid ?? "?");
     if (waitedFor !== who) {
-      process.stderr.write(`# waiting for ${lockDir} (pid ${who} is building ${RUNNER_IMAGE})\n`);
+      process.stderr.write(`# waiting for ${lockDir} (pid ${who} is building ${what})\n`);
       waitedFor = who;
     }
     await new Promise((r) => setTimeout(r, LOCK_POLL_MS));

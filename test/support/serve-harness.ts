@@ -44,6 +44,10 @@ export interface HubOptions {
    * in the fake (default: never; a dead VM's runner then stays "online").
    */
   offlineAfterMs?: number;
+  /** The job script /script hands the fake actions runner (test/support/fake-runner.ts). */
+  script?: string;
+  /** Files anyone may GET at /files/NAME (what a job downloads). */
+  files?: Record<string, Buffer>;
 }
 
 /** The guest's side of GitHub: registration, job assignment, completion (with webhooks to civm). */
@@ -56,6 +60,8 @@ export async function startHub(gh: FakeGitHub, webhookUrl: () => string, opts: H
   const runnerOf = (jit: string): FakeRunner | undefined => [...gh.state.runners.values()].find((r) => r.encodedJitConfig === jit.trim());
   const srv = createHttpServer((req, res) => {
     void (async () => {
+      const file = req.url?.startsWith("/files/") ? opts.files?.[req.url.slice("/files/".length)] : undefined;
+      if (file) return res.writeHead(200, { "content-type": "application/octet-stream", "content-length": file.length }).end(file);
       const r = runnerOf(await body(req));
       if (!r) return res.writeHead(404).end("unknown runner");
       lastSeen.set(r.id, Date.now());
@@ -82,6 +88,7 @@ export async function startHub(gh: FakeGitHub, webhookUrl: () => string, opts: H
         await sendWebhook(webhookUrl(), { secret: SECRET, payload: await workflowJobPayload("in_progress", { id: job.id, runId: job.runId, labels: job.labels, repository: job.repository, runnerName: r.name }) }).catch(() => {});
         return;
       }
+      if (req.url === "/script") return res.end(opts.script ?? "echo no job script\nexit 1\n");
       if (req.url === "/done") {
         const job = gh.state.jobs.find((j) => j.runnerName === r.name && j.status === "in_progress");
         if (job) job.status = "completed";

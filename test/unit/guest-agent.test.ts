@@ -15,7 +15,7 @@ const RUNNER_DIR = "/home/runner/actions-runner";
 
 const SAFE_TOOLS = [
   "bash", "sh", "cat", "cp", "mv", "rm", "rmdir", "mkdir", "chmod", "readlink", "dirname",
-  "cut", "tr", "od", "grep", "env", "jq",
+  "cut", "tr", "od", "grep", "env", "jq", "ls", "head", "tail",
 ];
 
 const STUBS: Record<string, string> = {
@@ -209,7 +209,7 @@ test("token+repo: config.sh --unattended --ephemeral with url, name+suffix, labe
   const name = args[args.indexOf("--name") + 1]!;
   assert.match(name, /^vm-1-[0-9a-f]{8}$/, "instance name plus random suffix");
   assert.deepEqual(args, [
-    "--unattended", "--ephemeral",
+    "--unattended", "--ephemeral", "--disableupdate",
     "--url", "https://github.com/rust-lang-ci/rust",
     "--token", token,
     "--name", name,
@@ -227,6 +227,32 @@ test("token+repo: config.sh --unattended --ephemeral with url, name+suffix, labe
   assertPoweredOffLast(r);
 });
 
+test("a failing runner: the tail of its newest _diag logs goes to the console, without lines holding the secret", () => {
+  const h = makeHarness({ runStatus: 4 });
+  const jit = "SECRET-JIT-CONFIG-abc123";
+  const diag = join(h.root, RUNNER_DIR, "_diag");
+  mkdirSync(diag, { recursive: true });
+  writeFileSync(join(diag, "Runner_20260101-000000-utc.log"), `[INFO] starting\n[INFO] got ${jit}\n[ERR ] Failed to connect: 401\n`);
+  const r = runAgent(h, { name: "vm-1", config: { jitconfig: jit } });
+  assert.match(r.out, /civm-runner: run\.sh exited with status 4/);
+  assert.match(r.out, /civm-runner: last lines of .*_diag\/Runner_20260101-000000-utc\.log:/);
+  assert.match(r.out, /\[ERR \] Failed to connect: 401/);
+  assert.ok(!r.out.includes(jit), "the line with the secret is dropped");
+  assert.match(r.stdout, /^civm-agent: runner exited with status 4$/m);
+  assertPoweredOffLast(r);
+});
+
+test("the GitHub runner never runs as root: config.user root with a JIT config or token is refused", () => {
+  for (const config of [{ jitconfig: "J", user: "root" }, { token: "T", repo: "o/r", user: "root" }]) {
+    const h = makeHarness();
+    const r = runAgent(h, { name: "vm-1", config });
+    assert.match(r.out, /civm-agent: error: config\.user is root \(uid 0\): the GitHub Actions runner never runs as root/);
+    assert.deepEqual(r.runnerCalls, []);
+    assert.deepEqual(named(r.calls, "runuser"), []);
+    assertPoweredOffLast(r);
+  }
+});
+
 test("token+repo: github_url for GHES, org repo, labels as a string, no group", () => {
   const h = makeHarness();
   const r = runAgent(h, {
@@ -235,7 +261,7 @@ test("token+repo: github_url for GHES, org repo, labels as a string, no group", 
   });
   assert.equal(r.status, 0, r.out);
   const args = r.runnerCalls[0]!.slice(1);
-  assert.deepEqual(args.slice(0, 4), ["--unattended", "--ephemeral", "--url", "https://ghe.example.com/my-org"]);
+  assert.deepEqual(args.slice(0, 5), ["--unattended", "--ephemeral", "--disableupdate", "--url", "https://ghe.example.com/my-org"]);
   assert.deepEqual(args.slice(-2), ["--labels", "gpu,big"]);
   assert.ok(!args.includes("--runnergroup"));
 });
@@ -248,7 +274,7 @@ test("token+repo: config.runner_name (civm serve) is the runner name exactly; a 
   });
   assert.equal(r.status, 0, r.out);
   const args = r.runnerCalls[0]!.slice(1);
-  assert.deepEqual(args.slice(0, 4), ["--unattended", "--ephemeral", "--url", "http://127.0.0.1:9/my-org"]);
+  assert.deepEqual(args.slice(0, 5), ["--unattended", "--ephemeral", "--disableupdate", "--url", "http://127.0.0.1:9/my-org"]);
   assert.equal(args[args.indexOf("--name") + 1], "civm-linux-0a1b2c3d");
 });
 

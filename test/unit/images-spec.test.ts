@@ -282,15 +282,16 @@ test("the built-in civm-runner spec loads", async () => {
   for (const p of ["jq", "eject", "cloud-guest-utils"]) assert.ok(agent.packages.includes(p), p);
 });
 
-test("the examples load: the Rust-CI-like runner (child of civm-runner)", async () => {
+test("the examples load: the Rust-CI-like runner (child of civm-gha, seed 000's files/ and scripts/ as copy and provision)", async () => {
   const loaded = await loadImageSpecs(join(repoRoot, "examples", "rust-ci-runner.yaml"), OPTS);
   assert.deepEqual(
     resolveBuildOrder(loaded, "rust-ci-runner").map((i) => i.name),
-    ["civm-runner", "rust-ci-runner"],
+    ["civm-runner", "civm-gha", "rust-ci-runner"],
   );
   const rust = byName(loaded.images, "rust-ci-runner");
-  assert.ok(rust.packages.includes("build-essential") && rust.packages.includes("git"));
-  assert.ok(rust.actions.some((a) => a.kind === "provision" && a.script?.src === "scripts/gha-runner-dir.sh"));
+  assert.ok(rust.packages.includes("cmake"));
+  assert.ok(rust.actions.some((a) => a.kind === "copy" && a.src === "rust-ci/files" && a.dest === "/tmp/packer-files"));
+  assert.ok(rust.actions.some((a) => a.kind === "provision" && a.script?.src === "rust-ci/scripts/10-toolchain.sh"));
 });
 
 test("the host's apt mirror is read from one-line and deb822 sources", () => {
