@@ -26,7 +26,7 @@ SBIN=/usr/local/sbin
 UNITS=/etc/systemd/system
 
 install -d -m 0755 "$root$LIB" "$root$SBIN" "$root$UNITS"
-install -m 0644 "$src/VERSION" "$src/lib/civm-agent.sh" "$root$LIB/"
+install -m 0644 "$src/VERSION" "$src/lib/civm-agent.sh" "$src/lib/civm-caches.sh" "$root$LIB/"
 install -m 0755 "$src/lib/civm-runner.sh" "$root$LIB/"
 install -m 0755 "$src/bin/civm-agent" "$src/bin/civm-growfs" "$src/bin/civm-hostkeys" "$root$SBIN/"
 

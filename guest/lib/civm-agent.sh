@@ -143,6 +143,9 @@ read_config() {
 #   CFG_MOUNTS_N     the number of mounts, or "bad" when config.mounts is malformed
 #   CFG_MOUNT_TAG[i], CFG_MOUNT_PATH[i], CFG_MOUNT_RO[i] (true or false)
 #   CFG_LABELS_OK    1, or 0 when config.labels cannot be joined; CFG_LABELS joined with ","
+#   CACHES_OK        1, or 0 when config.caches is malformed (then no cache is used)
+#   CACHE_REG_N, CACHE_REG_NAME[i], CACHE_REG_URL[i]   config.caches.registry (mirrors)
+#   CACHE_HTTP_URL, CACHE_NO_PROXY                     config.caches.http (the proxy)
 # shellcheck disable=SC2016 # the $names are jq's
 PARSE_CONFIG_JQ='
 def txt: if type == "string" then . else tojson end;
@@ -169,7 +172,26 @@ if type != "object" or ((.config // {}) | type) != "object" then error("not an o
    catch "CFG_MOUNTS_N=bad"),
   (try ($c.labels // empty | if type == "array" then join(",") else tostring end
         | "CFG_LABELS=\(@sh)")
-   catch "CFG_LABELS_OK=0")
+   catch "CFG_LABELS_OK=0"),
+  (try (($c.caches // {}) as $k
+        | "^https?://([A-Za-z0-9.-]+|\\[[0-9A-Fa-f:]+\\])(:[0-9]{1,5})?/?$" as $url
+        | if ($k | type) != "object" then error("bad caches") else . end
+        | (($k.registry // []) as $r
+           | if ($r | type) == "array" and all($r[]; type == "object"
+                 and (.registry | type) == "string" and (.registry | test("^[A-Za-z0-9.-]+(:[0-9]{1,5})?$"))
+                 and (.url | type) == "string" and (.url | test($url)))
+             then "CACHE_REG_N=\($r | length)",
+               ($r | to_entries[]
+                 | "CACHE_REG_NAME[\(.key)]=\(.value.registry | @sh)",
+                   "CACHE_REG_URL[\(.key)]=\(.value.url | rtrimstr("/") | @sh)")
+             else error("bad registry") end),
+          (($k.http // null) as $h
+           | if $h == null then empty
+             elif ($h | type) == "object" and ($h.url | type) == "string" and ($h.url | test($url))
+                  and (($h.noProxy // "") | type) == "string" and (($h.noProxy // "") | test("^[A-Za-z0-9.,:/\\[\\]_-]*$"))
+             then "CACHE_HTTP_URL=\($h.url | rtrimstr("/") | @sh)", "CACHE_NO_PROXY=\($h.noProxy // "" | @sh)"
+             else error("bad http") end))
+   catch "CACHES_OK=0")
 '
 
 parse_config() {
@@ -177,8 +199,11 @@ parse_config() {
   out=$(jq -r "$PARSE_CONFIG_JQ" "$CONFIG" 2>/dev/null) ||
     fail "instance.json is not a JSON object with an object \"config\""
   declare -gA CFG=()
-  declare -ga CFG_MOUNT_TAG=() CFG_MOUNT_PATH=() CFG_MOUNT_RO=()
+  # shellcheck disable=SC2034 # the CACHE_* variables are civm-caches.sh's
+  declare -ga CFG_MOUNT_TAG=() CFG_MOUNT_PATH=() CFG_MOUNT_RO=() CACHE_REG_NAME=() CACHE_REG_URL=()
   CFG_NAME='' CFG_KEYS_OK=1 CFG_KEYS='' CFG_MOUNTS_N=0 CFG_LABELS_OK=1 CFG_LABELS=''
+  # shellcheck disable=SC2034
+  CACHES_OK=1 CACHE_REG_N=0 CACHE_HTTP_URL='' CACHE_NO_PROXY=''
   eval "$out"
 }
 
@@ -364,7 +389,11 @@ civm_agent_main() {
   mount_shares
   plan_workload
   # Nothing to run needs no network: ready at once.
-  [ "$MODE" = none ] || wait_for_boot_units
+  if [ "$MODE" != none ]; then
+    wait_for_boot_units
+    # Registry mirrors and the HTTP proxy of the host's caches (civm-caches.sh); never fatal.
+    apply_caches
+  fi
   log "ready"
   if [ "$MODE" = none ]; then
     log "nothing to run: instance.json has no config.jitconfig, config.token (with config.repo) or config.command"

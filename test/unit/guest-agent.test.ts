@@ -69,8 +69,8 @@ exit ${status}
   }
 }
 
-function makeHarness(opts: { runnerUser?: boolean; runStatus?: number; configStatus?: number } = {}): Harness {
-  const sb = stubSandbox({ prefix: "civm-guest-agent-", safeTools: SAFE_TOOLS, stubs: STUBS, rootDirs: ["root", "home/runner", "run", "etc"] });
+function makeHarness(opts: { runnerUser?: boolean; runStatus?: number; configStatus?: number; stubs?: Record<string, string> } = {}): Harness {
+  const sb = stubSandbox({ prefix: "civm-guest-agent-", safeTools: SAFE_TOOLS, stubs: { ...STUBS, ...opts.stubs }, rootDirs: ["root", "home/runner", "run", "etc"] });
   made.push(sb.dir);
   const h: Harness = { ...sb, runnerCalls: join(sb.dir, "runner-calls.log") };
   const passwd = ["root:x:0:0:root:/root:/bin/bash"];
@@ -514,4 +514,112 @@ test("poweroff: when poweroff -f fails, an orderly poweroff follows", () => {
   const r = runAgent(h, { name: "vm-1", config: { command: "true" } }, { STUB_POWEROFF_STATUS: "1" });
   assert.deepEqual(named(r.calls, "poweroff"), [["poweroff", "-f"], ["poweroff"]]);
   assert.match(r.stdout, /^civm-agent: poweroff -f failed \(status 1\); trying an orderly poweroff$/m);
+});
+
+// ---- config.caches (guest/lib/civm-caches.sh) ----------------------------------------------
+
+/** An HTTP server in a process of its own (the agent runs synchronously): answers every request. */
+async function httpServerProcess(t: { after: (f: () => void) => void }): Promise<number> {
+  const { spawn } = await import("node:child_process");
+  const child = spawn(process.execPath, ["-e", `const s = require("node:http").createServer((q, r) => r.end("ok")); s.listen(0, "127.0.0.1", () => console.log(s.address().port));`], { stdio: ["ignore", "pipe", "inherit"] });
+  t.after(() => child.kill("SIGKILL"));
+  return new Promise((resolve, reject) => {
+    child.stdout!.once("data", (d: Buffer) => resolve(Number(d.toString().trim())));
+    child.once("exit", (c) => reject(new Error(`test server exited ${c}`)));
+  });
+}
+
+/** A port nothing listens on (bound, then closed). */
+async function deadPort(): Promise<number> {
+  const { createServer } = await import("node:net");
+  const s = createServer();
+  await new Promise<void>((r) => s.listen(0, "127.0.0.1", () => r()));
+  const port = (s.address() as { port: number }).port;
+  await new Promise<void>((r) => s.close(() => r()));
+  return port;
+}
+
+const DOCKER_STUBS = { dockerd: "exit 0", docker: "exit 0", containerd: "exit 0" };
+const MIRRORS = [
+  { registry: "docker.io", url: "http://10.0.2.2:40001" },
+  { registry: "ghcr.io", url: "http://10.0.2.2:40002/" },
+];
+
+test("caches: Docker, containerd and BuildKit get the registry mirrors; the job gets the proxy and apt uses it", async (t) => {
+  const port = await httpServerProcess(t);
+  const h = makeHarness({ stubs: DOCKER_STUBS });
+  mkdirSync(join(h.root, "etc/apt/apt.conf.d"), { recursive: true });
+  const proxy = `http://127.0.0.1:${port}`;
+  const noProxy = "localhost,127.0.0.1,::1,10.0.2.2";
+  const r = runAgent(h, { name: "vm-1", config: { jitconfig: "J", caches: { registry: MIRRORS, http: { url: proxy, noProxy } } } });
+  assert.equal(r.status, 0, r.out);
+  assert.deepEqual(JSON.parse(readFileSync(join(h.root, "etc/docker/daemon.json"), "utf8")), { "registry-mirrors": ["http://10.0.2.2:40001"] });
+  const hosts = readFileSync(join(h.root, "etc/containerd/certs.d/docker.io/hosts.toml"), "utf8");
+  assert.match(hosts, /^server = "https:\/\/registry-1\.docker\.io"$/m);
+  assert.match(hosts, /^\[host\."http:\/\/10\.0\.2\.2:40001"\]\n {2}capabilities = \["pull", "resolve"\]$/m);
+  assert.match(readFileSync(join(h.root, "etc/containerd/certs.d/ghcr.io/hosts.toml"), "utf8"), /^server = "https:\/\/ghcr\.io"\n\n\[host\."http:\/\/10\.0\.2\.2:40002"\]/m);
+  const buildkit = readFileSync(join(h.root, "etc/buildkit/buildkitd.toml"), "utf8");
+  for (const [reg, host] of [["docker.io", "10.0.2.2:40001"], ["ghcr.io", "10.0.2.2:40002"]]) {
+    assert.ok(buildkit.includes(`[registry."${reg}"]\n  mirrors = ["${host}"]\n`), buildkit);
+    assert.ok(buildkit.includes(`[registry."${host}"]\n  http = true\n`), buildkit);
+  }
+  const buildx = join(h.root, "home/runner/.docker/buildx/buildkitd.default.toml");
+  assert.equal(readFileSync(buildx, "utf8"), buildkit, "buildx's default builder config for the job user");
+  assert.ok(named(r.calls, "chown").some((c) => c[1] === "runner:" && c.includes(buildx)), "the job user owns its buildx config");
+  assert.match(readFileSync(join(h.root, "etc/apt/apt.conf.d/80civm-proxy"), "utf8"), new RegExp(`^Acquire::http::Proxy "${proxy}";$`, "m"));
+  const env = readFileSync(join(h.dir, "run.sh.env"), "utf8");
+  for (const v of ["http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"]) assert.match(env, new RegExp(`^${v}=${proxy}$`, "m"));
+  for (const v of ["no_proxy", "NO_PROXY"]) assert.match(env, new RegExp(`^${v}=${noProxy}$`, "m"));
+  assert.match(r.stdout, /^civm-agent: registry caches: docker\.io ghcr\.io mirrored for docker containerd buildkit$/m);
+  assert.match(r.stdout, /^civm-agent: HTTP cache: http:\/\/127\.0\.0\.1:\d+ answers; the job's HTTP\(S\)_PROXY and apt use it$/m);
+  // Before the workload, after the network.
+  assert.ok(lineIndex(r.stdout, /HTTP cache:/) < lineIndex(r.stdout, /^civm-agent: ready$/));
+  assertPoweredOffLast(r);
+});
+
+test("caches: an image's own daemon.json keeps its settings (the mirror goes first); its own buildkitd.toml is left alone; a running dockerd reloads", () => {
+  const h = makeHarness({ stubs: DOCKER_STUBS });
+  mkdirSync(join(h.root, "etc/docker"), { recursive: true });
+  mkdirSync(join(h.root, "etc/buildkit"), { recursive: true });
+  mkdirSync(join(h.root, "run/systemd/system"), { recursive: true });
+  writeFileSync(join(h.root, "etc/docker/daemon.json"), JSON.stringify({ "log-driver": "local", "registry-mirrors": ["https://mirror.example", "http://10.0.2.2:40001"] }));
+  writeFileSync(join(h.root, "etc/buildkit/buildkitd.toml"), "debug = true\n");
+  const r = runAgent(h, { name: "vm-1", config: { command: "true", caches: { registry: MIRRORS.slice(0, 1) } } });
+  assert.equal(r.status, 0, r.out);
+  assert.deepEqual(JSON.parse(readFileSync(join(h.root, "etc/docker/daemon.json"), "utf8")), { "log-driver": "local", "registry-mirrors": ["http://10.0.2.2:40001", "https://mirror.example"] });
+  assert.equal(readFileSync(join(h.root, "etc/buildkit/buildkitd.toml"), "utf8"), "debug = true\n");
+  assert.match(r.stdout, /buildkitd\.toml exists in the image; left as it is/);
+  assert.deepEqual(named(r.calls, "systemctl").slice(-2), [["systemctl", "is-active", "--quiet", "docker.service"], ["systemctl", "reload", "docker.service"]]);
+});
+
+test("caches: an image without Docker, containerd or BuildKit gets none of their files", () => {
+  const h = makeHarness();
+  const r = runAgent(h, { name: "vm-1", config: { command: "echo job ran", caches: { registry: MIRRORS } } });
+  assert.equal(r.status, 0, r.out);
+  assert.match(r.stdout, /^job ran$/m);
+  assert.match(r.stdout, /registry caches: no Docker, containerd or BuildKit in this image; nothing to configure/);
+  for (const f of ["etc/docker", "etc/containerd", "etc/buildkit", "home/runner/.docker"]) assert.ok(!existsSync(join(h.root, f)), `${f} was written`);
+});
+
+test("caches: a proxy that does not answer at start is left out (no proxy variables, no apt proxy); the job runs", async () => {
+  const h = makeHarness();
+  mkdirSync(join(h.root, "etc/apt/apt.conf.d"), { recursive: true });
+  const url = `http://127.0.0.1:${await deadPort()}`;
+  const r = runAgent(h, { name: "vm-1", config: { jitconfig: "J", caches: { http: { url, noProxy: "localhost" } } } });
+  assert.equal(r.status, 0, r.out);
+  assert.match(r.stdout, new RegExp(`^civm-agent: warning: the HTTP cache at ${url} does not answer; the job runs without a proxy$`, "m"));
+  assert.doesNotMatch(readFileSync(join(h.dir, "run.sh.env"), "utf8"), /proxy/i);
+  assert.ok(!existsSync(join(h.root, "etc/apt/apt.conf.d/80civm-proxy")));
+  assert.deepEqual(r.runnerCalls, [["run.sh", "--jitconfig", "J"]]);
+});
+
+test("caches: malformed config.caches is a warning, not a failure; no cache is used", () => {
+  for (const caches of [[], { registry: [{ registry: "docker.io; rm -rf /", url: "http://10.0.2.2:1" }] }, { http: { url: "http://x\"; evil" } }]) {
+    const h = makeHarness({ stubs: DOCKER_STUBS });
+    const r = runAgent(h, { name: "vm-1", config: { command: "echo job ran", caches } });
+    assert.equal(r.status, 0, r.out);
+    assert.match(r.stdout, /^civm-agent: warning: config\.caches is malformed; the job runs without the host's caches$/m);
+    assert.match(r.stdout, /^job ran$/m);
+    assert.ok(!existsSync(join(h.root, "etc/docker")), JSON.stringify(caches));
+  }
 });
