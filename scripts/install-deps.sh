@@ -12,7 +12,10 @@ PACKAGES=(
   zstd jq shellcheck ovmf      # compressed images, guest agent tests, lint
   nftables                     # the per-VM network policy
   iproute2                     # tests: network namespaces for the policy tests
+  docker-registry squid        # civm serve's registry and HTTP caches (docs/caches.md)
 )
+# Packages whose Debian service civm does not want: civm serve runs its own instances.
+OWN_SERVICES=(docker-registry squid)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -25,6 +28,23 @@ if ((${#missing[@]})); then
   echo "install-deps: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # No package starts its service while installing (policy-rc.d, unless the host has one).
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 0755 "$policy" && own_policy=1
+  fi
+  status=0
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || status=$?
+  ((own_policy)) && rm -f "$policy"
+  ((status == 0)) || exit "$status"
+  # ... nor at the next boot: civm serve starts its caches itself (on loopback, its own ports).
+  if [[ -d /run/systemd/system ]]; then
+    for s in "${OWN_SERVICES[@]}"; do
+      if [[ " ${missing[*]} " == *" $s "* ]]; then
+        systemctl disable --now "$s.service" >/dev/null 2>&1 || true
+      fi
+    done
+  fi
 fi
 echo "install-deps: all system packages present" >&2

@@ -16,6 +16,7 @@ import { registerImage } from "./commands/image.js";
 import { registerDemo } from "./commands/demo.js";
 import { registerServe } from "./commands/serve.js";
 import { registerPools } from "./commands/pools.js";
+import { registerCaches } from "./commands/caches.js";
 import { registerCompletion } from "./commands/completion.js";
 
 const program = new Command();
@@ -43,6 +44,7 @@ registerImage(program);
 registerDemo(program);
 registerServe(program);
 registerPools(program);
+registerCaches(program);
 registerWait(program);
 registerExec(program);
 registerSsh(program);
@@ -65,6 +67,7 @@ const SUMMARIES: Record<string, string> = {
   reload: "Make a running civm serve re-read its config",
   drain: "Make a running civm serve stop taking work (and exit)",
   vms: "List the runner VMs of a running civm serve",
+  caches: "List the registry and HTTP caches of a running civm serve",
   wait: "Wait until an ad-hoc VM answers",
   exec: "Run a command in an ad-hoc VM",
   ssh: "Open a shell in an ad-hoc VM",

@@ -24,6 +24,8 @@ export const PACKAGE_OF: Record<string, string> = {
   setpriv: "util-linux",
   nft: "nftables",
   useradd: "passwd",
+  "docker-registry": "docker-registry",
+  squid: "squid",
 };
 
 export interface RunOptions {

@@ -12,6 +12,7 @@ import { ConfigError } from "../errors/index.js";
 import { loadStructuredFile } from "../config/load-file.js";
 import { SIZE_FORMS, formatSize, parseSize } from "../config/sizes.js";
 import { closestMatch } from "../config/suggest.js";
+import { issueMessage, joinPath, shapeKeys } from "../config/zod-issues.js";
 import { isLvhForm, lvhImageName, translateLvhImage } from "./lvh.js";
 import { hostDebianMirror } from "./mirror.js";
 import { builtinImagesDir } from "./paths.js";
@@ -675,41 +676,6 @@ function parentCycles(nodes: readonly RawNode[], file: string): string[] {
 }
 
 // ---------------------------------------------------------------- helpers
-
-function joinPath(base: string, path: readonly PropertyKey[]): string {
-  let out = base;
-  for (const p of path) out += typeof p === "number" ? `[${p}]` : `.${String(p)}`;
-  return out;
-}
-
-function issueMessage(issue: z.core.$ZodIssue, value: unknown, knownKeys: readonly string[] = []): string {
-  if (issue.code === "unrecognized_keys") {
-    return issue.keys
-      .map((k) => {
-        const hint = closestMatch(k, knownKeys);
-        const known = knownKeys.length ? `; the keys are ${knownKeys.map((x) => JSON.stringify(x)).join(", ")}` : "";
-        return `unknown key ${JSON.stringify(k)}` + (hint ? `; did you mean ${JSON.stringify(hint)}?` : known);
-      })
-      .join("; ");
-  }
-  if (issue.code === "invalid_type" && valueAt(value, issue.path) === undefined) return `missing: ${issue.message}`;
-  return issue.message;
-}
-
-function valueAt(value: unknown, path: readonly PropertyKey[]): unknown {
-  let cur = value;
-  for (const p of path) {
-    if (cur === null || typeof cur !== "object") return undefined;
-    cur = (cur as Record<PropertyKey, unknown>)[p];
-  }
-  return cur;
-}
-
-/** Keys of a zod object schema, for "did you mean" on unknown keys. */
-function shapeKeys(schema: z.ZodType): string[] {
-  const shape = (schema as unknown as { shape?: Record<string, unknown> }).shape;
-  return shape ? Object.keys(shape) : [];
-}
 
 function entryLabel(entry: unknown, index: number): string {
   const name = isObject(entry) ? entry.name : undefined;

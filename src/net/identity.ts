@@ -56,31 +56,39 @@ async function getent(name: string): Promise<{ uid: number; gid: number } | unde
 const cache = new Map<string, QemuUser>();
 
 /**
- * The QEMU user, looked up (and, for the default name, created as a system user with no
- * home and no login shell). A named user that does not exist is an error.
+ * A system user's ids, looked up and, when `create`, made as a system user with no home and
+ * no login shell. `what` names its use and `setting` how to pick another (for messages).
  */
-export async function qemuUser(name: string = process.env.CIVM_QEMU_USER || DEFAULT_QEMU_USER, opts: { create?: boolean } = {}): Promise<QemuUser> {
-  const create = opts.create ?? name === DEFAULT_QEMU_USER;
-  const hit = cache.get(name);
-  if (hit) return hit;
+export async function systemUser(name: string, o: { create: boolean; comment: string; what: string; setting: string }): Promise<{ uid: number; gid: number }> {
   let ent = passwdEntry(name) ?? (await getent(name));
   // Several civm processes may start at once on a new host: useradd then finds the user
   // made (exit 9) or /etc/passwd locked by another (exit 1/10); look again and retry.
-  for (let attempt = 0; !ent && create; attempt++) {
+  for (let attempt = 0; !ent && o.create; attempt++) {
     try {
-      await run("useradd", ["--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", "--comment", "civm QEMU processes", name], { failCode: "host", timeoutMs: 30_000 });
+      await run("useradd", ["--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", "--comment", o.comment, name], { failCode: "host", timeoutMs: 30_000 });
     } catch (e) {
       ent = passwdEntry(name);
       if (!ent && attempt >= 10) {
-        throw new HostError(`cannot create the system user ${name} that QEMU runs as; create it yourself (useradd --system --user-group --no-create-home --shell /usr/sbin/nologin ${name}) or name an existing one with CIVM_QEMU_USER`, { cause: e, ...(e instanceof ToolError ? { details: e.stderr.trim() } : {}) });
+        throw new HostError(`cannot create the system user ${name} that ${o.what} as; create it yourself (useradd --system --user-group --no-create-home --shell /usr/sbin/nologin ${name}) or name an existing one with ${o.setting}`, { cause: e, ...(e instanceof ToolError ? { details: e.stderr.trim() } : {}) });
       }
       if (!ent) await new Promise((r) => setTimeout(r, 100 + Math.floor(Math.random() * 200)));
       continue;
     }
     ent = passwdEntry(name) ?? (await getent(name));
   }
-  if (!ent) throw new HostError(`the user ${JSON.stringify(name)} that QEMU should run as (CIVM_QEMU_USER or the config's qemuUser) does not exist; create it or leave the setting out to use ${DEFAULT_QEMU_USER}`);
-  if (ent.uid === 0) throw new HostError(`QEMU must not run as root, but the user ${JSON.stringify(name)} has uid 0; name an unprivileged user`);
+  if (!ent) throw new HostError(`the user ${JSON.stringify(name)} that ${o.what} as (${o.setting}) does not exist; create it or leave the setting out for the default`);
+  if (ent.uid === 0) throw new HostError(`${o.what} must not run as root, but the user ${JSON.stringify(name)} has uid 0; name an unprivileged user`);
+  return ent;
+}
+
+/**
+ * The QEMU user, looked up (and, for the default name, created as a system user with no
+ * home and no login shell). A named user that does not exist is an error.
+ */
+export async function qemuUser(name: string = process.env.CIVM_QEMU_USER || DEFAULT_QEMU_USER, opts: { create?: boolean } = {}): Promise<QemuUser> {
+  const hit = cache.get(name);
+  if (hit) return hit;
+  const ent = await systemUser(name, { create: opts.create ?? name === DEFAULT_QEMU_USER, comment: "civm QEMU processes", what: "QEMU runs", setting: "CIVM_QEMU_USER or the config's qemuUser" });
   const kvm = groupId("kvm");
   const groups = [...new Set([ent.gid, ...(kvm !== undefined ? [kvm] : [])])];
   const u: QemuUser = { name, uid: ent.uid, gid: ent.gid, groups };

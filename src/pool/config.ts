@@ -23,6 +23,7 @@ import { labelKey, normalizeLabels } from "./labels.js";
 import { kindOf } from "../config/kind.js";
 import { isFireactionsConfig, translateFireactions } from "./fireactions.js";
 import type { GitHubAuthConfig, ImagePullPolicy, PoolImage, PoolSpec, RegistrationMode, ServeConfig } from "./types.js";
+import { cacheSecrets, parseCaches, summarizeCaches } from "../caches/config.js";
 
 export const SERVE_DEFAULTS = {
   listen: "127.0.0.1:8080",
@@ -44,7 +45,7 @@ export const SERVE_DEFAULTS = {
   workFolder: "_work",
 } as const;
 
-export const SERVE_KEYS = ["listen", "metricsListen", "tls", "stateDir", "github", "webhookSecret", "apiToken", "pools", "pollInterval", "shutdownTimeout", "retention", "maxWebhookBytes", "logs", "qemuUser"] as const;
+export const SERVE_KEYS = ["listen", "metricsListen", "tls", "stateDir", "github", "webhookSecret", "apiToken", "pools", "pollInterval", "shutdownTimeout", "retention", "maxWebhookBytes", "logs", "qemuUser", "caches"] as const;
 export const TLS_KEYS = ["cert", "key"] as const;
 /** GitHub sends at most 25 MB per delivery; the body is buffered before its signature is checked. */
 export const MAX_WEBHOOK_BYTES_CAP = 25 * 1024 * 1024;
@@ -264,6 +265,10 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
   const qemuUserName = f.str("qemuUser");
   if (qemuUserName !== undefined && !/^[a-z_][a-z0-9_-]*\$?$/.test(qemuUserName)) f.add(`"qemuUser" must be a user name such as "civm-qemu" (the unprivileged user QEMU runs as), not ${JSON.stringify(qemuUserName)}.`);
 
+  const caches = parseCaches(top.caches, file, baseDir);
+  problems.push(...caches.problems);
+  secrets.push(...cacheSecrets(caches.value));
+
   const { poolsFile, poolsBaseDir, entries } = await loadPoolEntries(top, file, baseDir, env, problems, secrets);
   const pools: PoolSpec[] = [];
   entries.forEach((entry, index) => {
@@ -298,6 +303,7 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
     maxWebhookBytes,
     logs,
     qemuUser: qemuUserName,
+    ...(caches.value ? { caches: caches.value } : {}),
     poolsFile,
     pools,
     secrets: [...new Set(secrets)],
@@ -717,6 +723,7 @@ export function summarizeServeConfig(c: ServeConfig): string[] {
     `listen ${c.tls ? "https" : "http"} ${c.listen.host}:${c.listen.port}${c.metricsListen ? `, metrics on ${c.metricsListen.host}:${c.metricsListen.port}` : ""}; GitHub ${c.github.apiUrl} (${auth}); webhook secret ${c.webhookSecret ? "set" : "not set (POST /webhook answers 401)"}; API token ${c.apiToken ? "set" : "not set (API answers 401)"}`,
     `poll every ${c.pollIntervalSeconds}s; shutdown waits up to ${c.shutdownTimeoutSeconds}s for busy runners; state kept ${c.retentionSeconds}s; webhook bodies up to ${c.maxWebhookBytes} bytes`,
   ];
+  lines.push(...summarizeCaches(c.caches));
   for (const p of c.pools) {
     const t = p.runner.target.kind === "org" ? `org ${p.runner.target.org}` : `repo ${p.runner.target.owner}/${p.runner.target.repo}`;
     lines.push(

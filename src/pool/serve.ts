@@ -24,6 +24,7 @@ import { effectiveConfig, restartMessage, settingsChanges } from "./reload.js";
 import type { PoolSpec, ServeConfig } from "./types.js";
 import { JobRouter, routable } from "./routing.js";
 import { poolCmdlineWarnings } from "./cmdline.js";
+import { CacheManager, launchWithCaches } from "../caches/index.js";
 
 export interface RunServeOptions {
   configFile: string;
@@ -68,6 +69,8 @@ export async function runServe(o: RunServeOptions): Promise<number> {
   const access = accessFor(config, warn, registry, githubAbort.signal);
   const accel = await detectAccel({ stateDir: paths.stateDir, ...(o.accel ? { env: { ...process.env, CIVM_ACCEL: o.accel } } : {}) });
   if (accel.accel === "tcg") logger.warn({ reason: accel.reason }, "KVM is not usable; runner VMs use TCG software emulation");
+  // Registry and HTTP caches for the runner VMs (docs/caches.md): started once listening.
+  const caches = config.caches ? new CacheManager({ spec: config.caches, stateDir: paths.stateDir, registry, logger }) : undefined;
   const vmRun = new VmRunLauncher({ paths, accel: accel.accel, graceSeconds: o.graceSeconds, qemuUser: config.qemuUser, log: (line, fields) => logger.info({ ...fields, component: "vm" }, line) });
   // JIT configs and registration tokens are secrets while their VM lives (and a minute after).
   const launcher: VmLauncher = {
@@ -75,7 +78,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     reconcileLeftovers: () => vmRun.reconcileLeftovers(),
     start: (req) => {
       for (const s of req.secrets) secrets.add(s);
-      const h = vmRun.start(req);
+      const h = vmRun.start(caches ? launchWithCaches(req, (n) => caches.forVm(n)) : req);
       void h.result.finally(() => setTimeout(() => req.secrets.forEach((s) => secrets.delete(s)), 60_000).unref()).catch(() => {});
       return h;
     },
@@ -174,6 +177,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     redact: (text) => redactAll(text, [...secrets]),
     router,
     metrics: config.metricsListen === undefined,
+    ...(caches ? { caches: { status: async () => (await caches.refresh(), caches.status()), health: () => caches.health() } } : {}),
   };
   for (const w of config.warnings ?? []) logger.warn({ file: config.file }, w);
   const app = createApp(serverOpts);
@@ -183,6 +187,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     throw e;
   }) : undefined;
   logger.info({ url: server.url, ...(metricsServer ? { metricsUrl: metricsServer.url } : {}), pools: config.pools.map((p) => p.name), stateDir: paths.stateDir, accel: accel.accel }, "civm serve listening");
+  await caches?.start().catch((e: unknown) => logger.error({ component: "cache", err: messageOf(e) }, "the caches could not be set up; runner VMs start without them"));
   await daemon.start();
 
   return new Promise<number>((resolve) => {
@@ -207,6 +212,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
         }
         // Whatever GitHub has not answered by now is abandoned.
         githubAbort.abort();
+        await caches?.stop();
         await server.close();
         await metricsServer?.close();
         store.close();

@@ -3,6 +3,7 @@
 import type { NetworkSpec } from "../net/policy.js";
 import type { RunnerTarget } from "../github/registration-token.js";
 import type { LogRetention } from "../host/log-retention.js";
+import type { CachesSpec } from "../caches/types.js";
 
 export type ImagePullPolicy = "IfNotPresent" | "Always" | "Never";
 
@@ -92,4 +93,6 @@ export interface ServeConfig {
   tls?: { certFile: string; keyFile: string; cert: string; key: string } | undefined;
   /** Settings that work but are unsafe (config check and start-up print them). */
   warnings?: string[];
+  /** Registry and HTTP caches for the runner VMs (docs/caches.md). */
+  caches?: CachesSpec | undefined;
 }

@@ -92,6 +92,13 @@ export interface ServerOptions {
   router?: JobRouter;
   /** false: GET /metrics is served on a listener of its own (metricsListen), not here. */
   metrics?: boolean;
+  /** The registry and HTTP caches: GET /api/caches, and /healthz's status (degraded while one has failed). */
+  caches?: ServerCaches;
+}
+
+export interface ServerCaches {
+  status(): Promise<readonly object[]>;
+  health(): { status: "ok" | "degraded"; caches: readonly object[] };
 }
 
 /** Most console bytes one GET /api/vms/ID/log answers (the client asks again from the offset). */
@@ -196,7 +203,9 @@ export function createApp(opts: ServerOptions): Hono {
   // Still 200 when degraded: the process is fine, GitHub is not; restarting would not help.
   app.get("/healthz", (c) => {
     const h = opts.health?.();
-    return c.json(h ? { ok: true, status: h.status, github: h } : { ok: true, status: "ok" });
+    const caches = opts.caches?.health();
+    const status = h?.status === "degraded" || caches?.status === "degraded" ? "degraded" : "ok";
+    return c.json({ ok: true, status, ...(h ? { github: h } : {}), ...(caches ? { caches: caches.caches } : {}) });
   });
   if (opts.metrics !== false) app.get("/metrics", metricsHandler(opts.registry));
 
@@ -270,6 +279,8 @@ export function createApp(opts: ServerOptions): Hono {
       "x-civm-vm-state": vm.state,
     });
   });
+
+  app.get("/api/caches", async (c) => c.json(opts.caches ? await opts.caches.status() : []));
 
   const noControl = (c: Context) => c.json({ error: "this server has no daemon to control" }, 501);
   app.get("/api/status", (c) => (opts.control ? c.json(opts.control.status()) : noControl(c)));

@@ -48,6 +48,8 @@ export interface HubOptions {
   script?: string;
   /** Files anyone may GET at /files/NAME (what a job downloads). */
   files?: Record<string, Buffer>;
+  /** The tiny guest's job script (GET /tiny-script; 404 without one): run as the job, output on the console. */
+  tinyScript?: string;
 }
 
 /** The guest's side of GitHub: registration, job assignment, completion (with webhooks to civm). */
@@ -60,6 +62,7 @@ export async function startHub(gh: FakeGitHub, webhookUrl: () => string, opts: H
   const runnerOf = (jit: string): FakeRunner | undefined => [...gh.state.runners.values()].find((r) => r.encodedJitConfig === jit.trim());
   const srv = createHttpServer((req, res) => {
     void (async () => {
+      if (req.url === "/tiny-script") return opts.tinyScript === undefined ? res.writeHead(404).end() : res.end(opts.tinyScript);
       const file = req.url?.startsWith("/files/") ? opts.files?.[req.url.slice("/files/".length)] : undefined;
       if (file) return res.writeHead(200, { "content-type": "application/octet-stream", "content-length": file.length }).end(file);
       const r = runnerOf(await body(req));
@@ -143,7 +146,7 @@ export interface PoolOptions {
 }
 
 /** A serve config (JSON) for one or more tiny-guest pools against the fake GitHub and the hub. */
-export function serveConfig(o: { port: number; gh: FakeGitHub; hub: Hub; image: string; pollInterval?: number; shutdownTimeout?: number; maxWebhookBytes?: string; pools: PoolOptions[] }): Record<string, unknown> {
+export function serveConfig(o: { port: number; gh: FakeGitHub; hub: Hub; image: string; pollInterval?: number; shutdownTimeout?: number; maxWebhookBytes?: string; pools: PoolOptions[]; caches?: Record<string, unknown> }): Record<string, unknown> {
   return {
     listen: `127.0.0.1:${o.port}`,
     github: { apiUrl: o.gh.url, token: o.gh.validToken },
@@ -152,6 +155,7 @@ export function serveConfig(o: { port: number; gh: FakeGitHub; hub: Hub; image: 
     pollInterval: o.pollInterval ?? 5,
     shutdownTimeout: o.shutdownTimeout ?? 60,
     ...(o.maxWebhookBytes ? { maxWebhookBytes: o.maxWebhookBytes } : {}),
+    ...(o.caches ? { caches: o.caches } : {}),
     pools: o.pools.map((p) => ({
       name: p.name ?? "tiny",
       minRunners: p.minRunners ?? 0,

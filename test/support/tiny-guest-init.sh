@@ -22,7 +22,8 @@
 #                       a pretend GitHub runner for the serve tests: bring eth0 up, POST the
 #                       config's jitconfig to http://HUB/register, then poll http://HUB/job
 #                       every second; on the answer "run" print "tiny-guest: runner: running
-#                       job", POST http://HUB/done and power off. HUB is tiny.hub=HOST:PORT on
+#                       job", run the hub's job script if it has one (GET http://HUB/tiny-script,
+#                       output prefixed "tiny-guest: job: "), POST http://HUB/done and power off. HUB is tiny.hub=HOST:PORT on
 #                       the kernel command line (e.g. 10.0.2.2:PORT, the host under QEMU user
 #                       networking). The ACPI power button powers it off at any time.
 #   mounts              (also chosen by tiny.mode=mounts on the kernel command line, for
@@ -235,6 +236,10 @@ case "$mode" in
       fi
       if wget -q -O /tmp/job --post-data="$jit" "http://$hub/job" 2>/dev/null && [ "$(cat /tmp/job)" = run ]; then
         say "runner: running job"
+        # The hub may hand out a job script (GET /tiny-script; 404: none).
+        if wget -q -O /tmp/job.sh "http://$hub/tiny-script" 2>/dev/null; then
+          sh /tmp/job.sh 2>&1 | sed 's/^/tiny-guest: job: /'
+        fi
         sleep 1
         wget -q -O /dev/null --post-data="$jit" "http://$hub/done" 2>/dev/null || say "runner: /done failed"
         say "runner: job done"
