@@ -141,7 +141,8 @@ export class SupervisedChild {
     if (this.stopping) return;
     this.starts++;
     if (this.starts > 1) this.restarts++;
-    this.setState(this.starts > 1 ? "restarting" : "starting", this.message);
+    // A cache that has not come up again stays "failed" (with why) while it is retried.
+    if (this.state !== "failed") this.setState(this.starts > 1 ? "restarting" : "starting", this.message);
     try {
       await this.spec.prepare?.();
     } catch (e) {
