@@ -30,17 +30,13 @@ export function tempDir(prefix = "civm-test-"): string {
 }
 
 /**
- * The user QEMU runs as in tests: one made for this test process (civmt<pid>) and removed
- * when it exits, passed to every civm the tests start through CIVM_QEMU_USER, so the suite
- * leaves no system user behind (civm itself creates civm-qemu on demand; that path has a
- * test of its own). Users of test processes that died without cleaning up are removed here.
+ * A system user made for this test process (`<prefix><pid>`), removed when it exits; users
+ * of test processes that died without cleaning up are removed first. Root only.
  */
-export const testQemuUser: string | undefined = (() => {
-  if (process.getuid?.() !== 0) return undefined;
-  if (process.env.CIVM_QEMU_USER) return process.env.CIVM_QEMU_USER;
+function processUser(prefix: string): string {
   const passwd = () => readFileSync("/etc/passwd", "utf8");
   const exists = (n: string) => passwd().split("\n").some((l) => l.startsWith(`${n}:`));
-  for (const m of passwd().matchAll(/^civmt(\d+):/gm)) {
+  for (const m of passwd().matchAll(new RegExp(`^${prefix}(\\d+):`, "gm"))) {
     const pid = Number(m[1]);
     let alive = true;
     try {
@@ -48,9 +44,9 @@ export const testQemuUser: string | undefined = (() => {
     } catch {
       alive = false;
     }
-    if (!alive) removeUser(`civmt${pid}`);
+    if (!alive) removeUser(`${prefix}${pid}`);
   }
-  const name = `civmt${process.pid}`;
+  const name = `${prefix}${process.pid}`;
   for (let attempt = 0; !exists(name); attempt++) {
     try {
       execFileSync("useradd", ["--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name], { stdio: "ignore" });
@@ -60,10 +56,32 @@ export const testQemuUser: string | undefined = (() => {
       execFileSync("sleep", ["0.2"]);
     }
   }
-  process.env.CIVM_QEMU_USER = name;
   process.on("exit", () => removeUser(name));
   return name;
+}
+
+/**
+ * The user QEMU runs as in tests: one made for this test process (civmt<pid>), passed to
+ * every civm the tests start through CIVM_QEMU_USER, so the suite leaves no system user
+ * behind (civm itself creates civm-qemu on demand; that path has a test of its own).
+ */
+export const testQemuUser: string | undefined = (() => {
+  if (process.getuid?.() !== 0) return undefined;
+  if (process.env.CIVM_QEMU_USER) return process.env.CIVM_QEMU_USER;
+  const name = processUser("civmt");
+  process.env.CIVM_QEMU_USER = name;
+  return name;
 })();
+
+/**
+ * The user civm serve's caches run as in tests (civmc<pid>, through CIVM_CACHE_USER), made
+ * on first use for tests that start caches; undefined when not root.
+ */
+export function testCacheUser(): string | undefined {
+  if (process.getuid?.() !== 0) return undefined;
+  process.env.CIVM_CACHE_USER ||= processUser("civmc");
+  return process.env.CIVM_CACHE_USER;
+}
 
 function removeUser(name: string): void {
   for (let attempt = 0; attempt < 20; attempt++) {

@@ -18,6 +18,8 @@ export interface PushedImage {
   manifestDigest: string;
   config: { digest: string; bytes: number };
   layers: { digest: string; bytes: number }[];
+  /** The layers' uncompressed digests (what `docker image inspect` lists as RootFS.Layers). */
+  diffIds: string[];
   /** Manifest, config and layers together. */
   totalBytes: number;
 }
@@ -92,6 +94,7 @@ export async function pushImage(base: string, repo: string, tag: string, o: { la
     manifestDigest: sha(manifest),
     config: { digest: configDigest, bytes: config.length },
     layers: layers.map(({ digest, bytes }) => ({ digest, bytes })),
+    diffIds: layers.map((l) => l.diffId),
     totalBytes: manifest.length + config.length + layers.reduce((n, l) => n + l.bytes, 0),
   };
 }
@@ -113,19 +116,33 @@ export async function pullImage(base: string, repo: string, tag: string): Promis
   return bytes;
 }
 
-/** Starts an upstream registry on 127.0.0.1 (a free port) with storage in a temp dir. */
-export async function startUpstream(): Promise<Upstream> {
-  const dir = tempDir("civm-test-upstream-");
+/**
+ * Starts an upstream registry on 127.0.0.1 (a free port) with storage in a temp dir, or in
+ * `dir` (another upstream's: what was pushed there). `wrap`: run it under a command (e.g.
+ * ["ip", "netns", "exec", NS]); readiness is then checked with curl under the same command.
+ */
+export async function startUpstream(o: { wrap?: string[]; dir?: string } = {}): Promise<Upstream> {
+  const dir = o.dir ?? tempDir("civm-test-upstream-");
   const port = await freePort();
-  mkdirSync(join(dir, "data"));
-  const config = join(dir, "config.yml");
+  mkdirSync(join(dir, "data"), { recursive: true });
+  const config = join(dir, `config-${port}.yml`);
   writeFileSync(config, `version: 0.1\nlog: {level: error, accesslog: {disabled: true}}\nstorage: {filesystem: {rootdirectory: ${join(dir, "data")}}}\nhttp: {addr: 127.0.0.1:${port}, secret: test-upstream}\n`);
   let child: ChildProcess | undefined;
   const url = `http://127.0.0.1:${port}`;
+  const wrap = o.wrap ?? [];
+  const answers = async () => {
+    if (!wrap.length) return fetch(`${url}/v2/`).then((r) => r.status === 200, () => false);
+    try {
+      return execFileSync(wrap[0]!, [...wrap.slice(1), "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", `${url}/v2/`], { encoding: "utf8" }) === "200";
+    } catch {
+      return false;
+    }
+  };
   const start = async () => {
-    child = spawn("docker-registry", ["serve", config], { stdio: ["ignore", "ignore", "inherit"] });
+    const argv = [...wrap, "docker-registry", "serve", config];
+    child = spawn(argv[0]!, argv.slice(1), { stdio: ["ignore", "ignore", "inherit"] });
     for (let i = 0; i < 100; i++) {
-      const ok = await fetch(`${url}/v2/`).then((r) => r.status === 200, () => false);
+      const ok = await answers();
       if (ok) return;
       if (child.exitCode !== null) throw new Error(`the upstream registry exited with ${child.exitCode}`);
       await new Promise((r) => setTimeout(r, 100));
