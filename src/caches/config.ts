@@ -36,7 +36,11 @@ const portField = z
   .min(1024, "must be a port number from 1024 to 65535 (lower ports need privileges the caches do not get)")
   .max(65535, "must be a port number from 1024 to 65535");
 
-const pathField = z.string({ error: "must be a folder path, as a string" }).min(1, "must be a folder path");
+const pathField = z
+  .string({ error: "must be a folder path, as a string" })
+  .min(1, "must be a folder path")
+  // Squid's config takes the path as one word.
+  .regex(/^[^\s"'#\\]+$/, "must be a folder path without spaces, quotes, backslashes or #");
 
 const mirrorObject = z.strictObject(
   {

@@ -5,7 +5,7 @@
 // open). A cache that cannot start is a state ("failed", with the reason), never a
 // failure of civm serve: VMs start without it and the daemon reports itself degraded.
 import { createSocket, type Socket } from "node:dgram";
-import { existsSync } from "node:fs";
+import { existsSync, statSync } from "node:fs";
 import { chmod, chown, mkdir, stat, writeFile } from "node:fs/promises";
 import { request as httpRequest } from "node:http";
 import { request as httpsRequest } from "node:https";
@@ -14,7 +14,7 @@ import { dirname, join } from "node:path";
 import type { Registry } from "prom-client";
 import { messageOf } from "../errors/index.js";
 import { run, which } from "../exec/index.js";
-import { systemUser } from "../net/identity.js";
+import { accessProblem, systemUser } from "../net/identity.js";
 import type { NetworkSpec } from "../net/policy.js";
 import { DEFAULT_TIMING, SupervisedChild, sweepChildren, childArgv, type ChildUser, type SupervisorTiming } from "./child.js";
 import { guestCaches, guestEndpoint, type GuestCaches, type OfferedCache } from "./inject.js";
@@ -152,6 +152,11 @@ export class CacheManager {
         userProblem = messageOf(e);
       }
     }
+    if (user) {
+      // The caches' user must enter the state dir (it may be a 0700 folder) to reach its files.
+      const st = await stat(this.o.stateDir);
+      if ((st.mode & 0o001) === 0) await chmod(this.o.stateDir, (st.mode & 0o777) | 0o711);
+    }
     const starts: Promise<void>[] = [];
     for (const m of this.o.spec.registry?.mirrors ?? []) {
       const name = `registry/${m.registry}`;
@@ -218,7 +223,10 @@ export class CacheManager {
                 // A new cache folder gets Squid's swap directories first (squid -z).
                 prepare: async () => {
                   if (existsSync(join(storage, "00"))) return;
-                  await run("setpriv", childArgv({ program: program!, args: ["-N", "-z", "-f", configFile], user }), { failCode: "host", timeoutMs: 120_000 });
+                  await run("setpriv", childArgv({ program: program!, args: ["-N", "-z", "-f", configFile], user }), { failCode: "host", timeoutMs: 120_000 }).catch((e: unknown) => {
+                    const said = (e as { stderr?: string }).stderr?.split("\n").filter((l) => /FATAL|ERROR|denied|cannot/i.test(l)).slice(-2).join(" | ");
+                    throw new Error(`squid -z (making the cache folder ${storage}) failed${said ? `: ${said}` : ""}`);
+                  });
                 },
                 check: async () => {
                   const r = await httpGet(`http://127.0.0.1:${managerPort}/squid-internal-mgr/storedir`).catch((e: Error) => ({ status: 0, body: e.message }));
@@ -292,7 +300,13 @@ export class CacheManager {
       if (user) {
         const st = await stat(s);
         if (st.uid !== user.uid) await run("chown", ["-R", `${user.uid}:${user.gid}`, s], { failCode: "host", timeoutMs: 600_000 });
+        const problem = accessProblem(s, user.uid, [user.gid], "rwx", statSync);
+        if (problem) throw new Error(`the caches' user (uid ${user.uid}) cannot use ${s}: ${problem}; give the folders above it o+x (chmod o+x) or choose another storage folder`);
       }
+    }
+    for (const f of [dir, path]) {
+      const problem = user ? accessProblem(f, user.uid, [user.gid], f === path ? "r" : "rx", statSync) : undefined;
+      if (problem) throw new Error(`the caches' user (uid ${user!.uid}) cannot read ${f}: ${problem}; give the folders above it o+x (chmod o+x)`);
     }
     return path;
   }

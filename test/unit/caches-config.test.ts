@@ -81,6 +81,7 @@ test("caches: each mistake names the file and the field and says what to write",
   assert.match(problems({ http: { maxSize: "lots" } }), /"caches\.http\.maxSize" "lots" is not a size/);
   assert.match(problems({ http: { url: "http://squid:3128", maxSize: "1G" } }), /"caches\.http\.maxSize" applies to the proxy civm runs, but "caches\.http\.url" names an existing one; remove "maxSize" or "url"/);
   assert.match(problems({ http: { allow: ["host"] } }), /"caches\.http\.allow\[0\]" "host" names the host without a port/);
+  assert.match(problems({ http: { storage: "/srv/my cache" } }), /"caches\.http\.storage" must be a folder path without spaces/);
   assert.match(problems({ http: { port: 80 } }), /"caches\.http\.port" must be a port number from 1024 to 65535/);
   assert.match(problems({ http: { port: 3128 }, registry: { mirrors: [{ registry: "docker.io", port: 3128 }] } }), /"caches\.http\.port" is 3128, which "caches\.registry\.mirrors\[0\]\.port" uses too/);
   assert.match(problems({ http: { maxSize: "1G", maxObjectSize: "2G" } }), /"caches\.http\.maxObjectSize" \(2G\) is larger than "caches\.http\.maxSize" \(1G\)/);
