@@ -12,6 +12,7 @@ import { request as httpsRequest } from "node:https";
 import { createServer } from "node:net";
 import { dirname, join } from "node:path";
 import type { Registry } from "prom-client";
+import type { DaemonLogger } from "../pool/daemon.js";
 import { messageOf } from "../errors/index.js";
 import { run, which } from "../exec/index.js";
 import { accessProblem, systemUser } from "../net/identity.js";
@@ -25,11 +26,8 @@ import type { CacheKind, CacheState, CacheStatus, CachesSpec } from "./types.js"
 
 export const DEFAULT_CACHE_USER = "civm-cache";
 
-export interface CacheLogger {
-  info(fields: Record<string, unknown>, msg: string): void;
-  warn(fields: Record<string, unknown>, msg: string): void;
-  error(fields: Record<string, unknown>, msg: string): void;
-}
+/** pino-compatible, as the daemon's (the same logger is passed). */
+export type CacheLogger = DaemonLogger;
 
 export interface CacheManagerOptions {
   spec: CachesSpec;
