@@ -116,7 +116,7 @@ test("detached dev VM on civm-runner: run --detach, wait, exec (output, exit cod
     assert.match(denied.stderr, /Read-only file system/);
     assert.equal(existsSync(join(ro, "nope.txt")), false);
     const mounts = await runCivm(["exec", name, "--", "grep ' 9p ' /proc/mounts"], e);
-    assert.match(mounts.stdout, /^host \/host 9p rw,/m);
+    assert.match(mounts.stdout, /^host_mount \/host 9p rw,/m);
     assert.match(mounts.stdout, /^data \/host-data 9p ro,/m);
   });
 
