@@ -114,3 +114,35 @@ test("console sinks: --console-log-file gets the text; --serial-port serves it a
   await assert.rejects(openConsoleSinks({ logFile: join(dir, "no", "such", "f"), log: () => {} }), /--console-log-file .*cannot write it/);
   rmSync(dir, { recursive: true, force: true });
 });
+
+test("wait: civm's agent is ready but the guest does not answer SSH (no network): wait says so within seconds, not after its timeout", { timeout: 120_000 }, async () => {
+  const { createServer } = await import("node:net");
+  const { mkdirSync, writeFileSync } = await import("node:fs");
+  const { execFileSync } = await import("node:child_process");
+  const { waitUntilReady, AGENT_READY } = await import("../../src/dev/wait.js");
+  const dir = mkdtempSync(join(tmpdir(), "civm-lvh-wait-"));
+  // What QEMU's user network does when the guest has no address: accept, then drop.
+  const srv = createServer((s) => s.destroy());
+  await new Promise<void>((r) => srv.listen(0, "127.0.0.1", () => r()));
+  const port = (srv.address() as { port: number }).port;
+  try {
+    const key = join(dir, "k");
+    execFileSync("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", key]);
+    const consoleLog = join(dir, "console.log");
+    writeFileSync(consoleLog, `civm-agent: installed 1 key for root\n${AGENT_READY}\n`);
+    mkdirSync(join(dir, "registry"));
+    const entry = { id: "0badc0de", name: "nonet", ownerPid: process.pid, qemuPid: undefined, sshPort: port, sshBind: "127.0.0.1", startedAt: new Date().toISOString(), workDir: dir, consoleLog, keep: false };
+    writeFileSync(join(dir, "registry", `${entry.id}.json`), JSON.stringify(entry));
+    const dev = { kind: "dev" as const, ssh: { host: "127.0.0.1", port, key, user: "root" }, forwards: [], mounts: [], image: "base", detached: true, graceSeconds: 5 };
+    const t0 = Date.now();
+    await assert.rejects(
+      waitUntilReady(entry, dev, { mode: "both", timeoutMs: 90_000, stateDir: dir }),
+      (e: Error & { exitCode?: number }) => e.exitCode === 3 && /the guest agent is ready but SSH does not work: .*guest does not answer on port 22: the guest has no network address/.test(e.message),
+    );
+    const took = Date.now() - t0;
+    assert.ok(took >= SSH_DIAGNOSIS_MS && took < 45_000, `wait told after ${took} ms`);
+  } finally {
+    srv.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
