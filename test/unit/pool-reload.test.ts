@@ -11,6 +11,7 @@ function config(over: Partial<ServeConfig> = {}): ServeConfig {
     listen: { host: "127.0.0.1", port: 8080 },
     stateDir: undefined,
     github: { apiUrl: "https://api.github.com", auth: { kind: "token", token: "ghp_old_secret" } },
+    githubLimits: { requestTimeoutSeconds: 30, degradedAfterSeconds: 300, repositoryListCacheSeconds: 600, rateLimitReservePercent: 10 },
     webhookSecret: "hook",
     apiToken: "api",
     pollIntervalSeconds: 60,
