@@ -1,7 +1,8 @@
 // civm serve as a real process against a GitHub that fails (502s), hangs, then rate-limits:
 // after `github.degradedAfter` (4 s here) of each, /healthz says "degraded" and `civm pools`
 // shows the pool degraded with its GitHub state; once GitHub answers again both are back to
-// ok. A hanging GitHub fails after `github.requestTimeout` (2 s here), not after 30 s.
+// ok. A hanging GitHub fails after `github.requestTimeout` (10 s here, room for the two
+// retries of a 502 at 1 s and 4 s), not after the default 30 s; the client works again after.
 import { test, before } from "node:test";
 import assert from "node:assert/strict";
 import { buildTinyGuest, type TinyGuest } from "../support/tiny-guest.js";
