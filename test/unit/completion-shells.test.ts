@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { civmEnv, runCivm } from "../support/civm-cli.js";
+import { civmEnv, runCivm, type CivmEnv } from "../support/civm-cli.js";
 import { realTool } from "../support/stub-path.js";
 import { repoRoot } from "../support/paths.js";
 
@@ -18,19 +18,25 @@ function shell(name: string): string {
   }
 }
 
+/** `civm completion SHELL` written to DIR/FILE (in a fresh env's root), after the shell's own syntax check (-n). */
+async function script(name: "zsh" | "fish", path: string[]): Promise<{ sh: string; e: CivmEnv; dir: string; file: string }> {
+  const sh = shell(name);
+  const e = civmEnv();
+  const r = await runCivm(["completion", name], e);
+  assert.equal(r.code, 0, r.stderr);
+  const dir = join(e.root, ...path.slice(0, -1));
+  mkdirSync(dir, { recursive: true });
+  const file = join(dir, path.at(-1)!);
+  writeFileSync(file, r.stdout);
+  execFileSync(sh, ["-n", file]);
+  return { sh, e, dir, file };
+}
+
 /** Without escape sequences and carriage returns: what a user would read. */
 const plain = (s: string) => s.replace(/\x1b\[[0-9;?]*[a-zA-Z]/g, "").replace(/\r/g, "");
 
 test("zsh: the completion script passes zsh -n and completes in an interactive zsh, from the first TAB, installed in $fpath or sourced", { timeout: 60_000 }, async () => {
-  const zsh = shell("zsh");
-  const e = civmEnv();
-  const r = await runCivm(["completion", "zsh"], e);
-  assert.equal(r.code, 0, r.stderr);
-  const dir = join(e.root, "zfunc");
-  mkdirSync(dir);
-  const file = join(dir, "_civm");
-  writeFileSync(file, r.stdout);
-  execFileSync(zsh, ["-n", file]);
+  const { sh: zsh, e, dir, file } = await script("zsh", ["zfunc", "_civm"]);
   const env = { ...e.env, HOME: e.root, ZDOTDIR: e.root, TERM: "dumb" };
   for (const mode of ["fpath", "source"] as const) {
     const out = plain(
@@ -48,13 +54,7 @@ test("zsh: the completion script passes zsh -n and completes in an interactive z
 });
 
 test("fish: the completion script passes fish -n and fish's own completion offers commands, subcommands and flags", { timeout: 60_000 }, async () => {
-  const fish = shell("fish");
-  const e = civmEnv();
-  const r = await runCivm(["completion", "fish"], e);
-  assert.equal(r.code, 0, r.stderr);
-  const file = join(e.root, "civm.fish");
-  writeFileSync(file, r.stdout);
-  execFileSync(fish, ["-n", file]);
+  const { sh: fish, e, file } = await script("fish", ["civm.fish"]);
   const env = { ...e.env, HOME: e.root, XDG_CONFIG_HOME: join(e.root, "config"), XDG_DATA_HOME: join(e.root, "data") };
   const complete = (line: string) =>
     execFileSync(fish, ["--no-config", "-c", `source ${file}; complete -C ${JSON.stringify(line)}`], { env, encoding: "utf8", timeout: 30_000 })
