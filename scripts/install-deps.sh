@@ -12,6 +12,7 @@ PACKAGES=(
   zstd jq shellcheck ovmf      # compressed images, guest agent tests, lint
   nftables                     # the per-VM network policy
   iproute2                     # tests: network namespaces for the policy tests
+  zsh fish                     # tests: civm completion zsh|fish loaded in the real shells
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
