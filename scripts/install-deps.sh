@@ -13,6 +13,7 @@ PACKAGES=(
   nftables                     # the per-VM network policy
   iproute2                     # tests: network namespaces for the policy tests
   docker-registry squid        # civm serve's registry and HTTP caches (docs/caches.md)
+  zsh fish                     # tests: civm completion zsh|fish loaded in the real shells
 )
 # Packages whose Debian service civm does not want: civm serve runs its own instances.
 OWN_SERVICES=(docker-registry squid)

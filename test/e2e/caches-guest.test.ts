@@ -34,10 +34,11 @@ before(async () => {
   image = await staging.push("library/hello", "latest", { layerBytes: 32 * 1024 });
   await staging.stop();
   upstream = await startUpstream({ wrap: net.wrap, dir: staging.dir });
-  await net.serve(net.host, ORIGIN, "from-the-origin", "127.0.0.1");
+  // On the test host's own address: not in the guest's NO_PROXY, and denied to it directly.
+  await net.serve(net.host, ORIGIN, "from-the-origin");
   const stateDir = tempDir("civm-cache-host-");
   const arg = {
-    caches: { registry: { mirrors: [{ registry: "docker.io", upstream: upstream.url }, { registry: "ghcr.io", upstream: upstream.url }], maxSize: "1G" }, http: { maxSize: "200M", allow: [`127.0.0.1:${ORIGIN}`] } },
+    caches: { registry: { mirrors: [{ registry: "docker.io", upstream: upstream.url }, { registry: "ghcr.io", upstream: upstream.url }], maxSize: "1G" }, http: { maxSize: "200M", allow: [`${net.hostAddr}:${ORIGIN}`] } },
     stateDir,
     network: "restricted",
   };
@@ -73,7 +74,7 @@ test("civm-gha: docker pull through the registry cache, the job's proxy and apt'
     'echo "proxy=${HTTP_PROXY:-none} https=${HTTPS_PROXY:-none} no=${NO_PROXY:-none}"',
     "apt-config dump | grep -i 'Acquire::http::Proxy' || echo no-apt-proxy",
     "docker pull hello:latest >/dev/null && echo \"pulled $(docker image inspect hello:latest --format '{{json .RootFS.Layers}}')\"",
-    `curl -fsS http://127.0.0.1:${ORIGIN}/ && echo " (through the proxy)"`,
+    `curl -fsS http://${net.hostAddr}:${ORIGIN}/ && echo " (through the proxy)"`,
     "grep -h '^\\[host\\|^server' /etc/containerd/certs.d/docker.io/hosts.toml /etc/containerd/certs.d/ghcr.io/hosts.toml",
     "grep -c mirrors /etc/buildkit/buildkitd.toml ~/.docker/buildx/buildkitd.default.toml",
     "echo job-done",
