@@ -186,17 +186,22 @@ export async function throttledProxy(targetPort: number, bytesPerSecond: number)
     sockets.add(client).add(up);
     for (const s of [client, up]) s.on("close", () => sockets.delete(s)).on("error", () => {});
     client.pipe(up);
-    // Answers in 10 ms slices of the bandwidth.
-    const slice = Math.max(1, Math.floor(bytesPerSecond / 100));
+    // A token bucket refilled by the time that passed (a late timer does not slow it down),
+    // holding at most 100 ms of the bandwidth.
+    const burst = Math.max(1, Math.floor(bytesPerSecond / 10));
     let queue: Buffer[] = [];
     let timer: NodeJS.Timeout | undefined;
+    let tokens = 0;
+    let last = Date.now();
     const pump = () => {
-      let budget = slice;
-      while (budget > 0 && queue.length) {
+      const now = Date.now();
+      tokens = Math.min(burst, tokens + ((now - last) * bytesPerSecond) / 1000);
+      last = now;
+      while (tokens >= 1 && queue.length) {
         const b = queue[0]!;
-        const n = Math.min(budget, b.length);
+        const n = Math.min(Math.floor(tokens), b.length);
         client.write(b.subarray(0, n));
-        budget -= n;
+        tokens -= n;
         if (n === b.length) queue.shift();
         else queue[0] = b.subarray(n);
       }
@@ -210,7 +215,10 @@ export async function throttledProxy(targetPort: number, bytesPerSecond: number)
     up.on("data", (d: Buffer) => {
       queue.push(d);
       up.pause();
-      timer ??= setInterval(pump, 10);
+      if (!timer) {
+        last = Date.now();
+        timer = setInterval(pump, 5);
+      }
     });
     up.on("end", () => {
       if (!queue.length && !timer) client.end();
