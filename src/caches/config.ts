@@ -123,17 +123,23 @@ function cleanUrl(text: string): string {
 export function parseCaches(v: unknown, file: string, baseDir: string): { value: CachesSpec | undefined; problems: string[] } {
   if (v === undefined || v === null) return { value: undefined, problems: [] };
   const problems: string[] = [];
-  const add = (field: string, message: string) => problems.push(`${file}: "${field}" ${message}.`.replace(/\.\.$/, "."));
-  const parsed = cachesSchema.safeParse(v);
-  if (!parsed.success) {
+  const add = (field: string, message: string) => problems.push(`${file}: "${field}" ${message}${/[.?]$/.test(message) ? "" : "."}`);
+  // Each section on its own, so a mistake in one does not hide the other's.
+  const shape = <T>(schema: z.ZodType<T>, value: unknown, at: PropertyKey[]): T | undefined => {
+    const parsed = schema.safeParse(value);
+    if (parsed.success) return parsed.data;
     for (const issue of parsed.error.issues) {
-      const keysPath = issue.code === "unrecognized_keys" ? issue.path : issue.path.slice(0, -1);
-      const field = joinPath("caches", issue.path);
-      const msg = issueMessage(issue, v, knownKeysAt(keysPath));
-      add(field, issue.code === "unrecognized_keys" ? `has an ${msg}` : msg.startsWith("missing: ") ? `is missing; it ${msg.slice("missing: ".length)}` : msg);
+      const path = [...at, ...issue.path];
+      const keysPath = issue.code === "unrecognized_keys" ? path : path.slice(0, -1);
+      const msg = issueMessage({ ...issue, path } as z.core.$ZodIssue, v, knownKeysAt(keysPath));
+      add(joinPath("caches", path), issue.code === "unrecognized_keys" ? `has an ${msg}` : msg.startsWith("missing: ") ? `is missing; it ${msg.slice("missing: ".length)}` : msg);
     }
-    return { value: undefined, problems };
-  }
+    return undefined;
+  };
+  shape(cachesSchema.extend({ registry: z.unknown().optional(), http: z.unknown().optional() }), v, []);
+  if (typeof v !== "object" || Array.isArray(v)) return { value: undefined, problems };
+  const top = v as { registry?: unknown; http?: unknown };
+  const parsed = { data: { registry: top.registry === undefined ? undefined : shape(registrySchema, top.registry, ["registry"]), http: top.http === undefined ? undefined : shape(httpSchema, top.http, ["http"]) } };
   const size = (field: string, raw: string | number | undefined, def: number): number => {
     if (raw === undefined) return def;
     try {

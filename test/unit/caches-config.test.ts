@@ -86,7 +86,10 @@ test("caches: each mistake names the file and the field and says what to write",
   assert.match(problems({ http: { port: 3128 }, registry: { mirrors: [{ registry: "docker.io", port: 3128 }] } }), /"caches\.http\.port" is 3128, which "caches\.registry\.mirrors\[0\]\.port" uses too/);
   assert.match(problems({ http: { maxSize: "1G", maxObjectSize: "2G" } }), /"caches\.http\.maxObjectSize" \(2G\) is larger than "caches\.http\.maxSize" \(1G\)/);
   assert.match(problems("yes"), /^serve\.yaml: "caches" must be an object with "registry" and\/or "http"/);
-  assert.match(problems({ registri: {} }), /"caches" has an unknown key "registri"; did you mean "registry"\?/);
+  assert.match(problems({ registri: {} }), /"caches" has an unknown key "registri"; did you mean "registry"\?$/m);
+  // Every section's mistakes at once.
+  const both = problems({ registri: {}, registry: { mirrors: ["docker.io"], maxSize: "1X" }, http: { maxSize: "2Y" } }).split("\n");
+  assert.equal(both.length, 3, both.join("\n"));
 });
 
 test("caches in the serve config: problems with the rest of the file, passwords redacted, summary, reload needs a restart", async () => {
