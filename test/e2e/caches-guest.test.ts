@@ -74,7 +74,7 @@ test("civm-gha: docker pull through the registry cache, the job's proxy and apt'
     'echo "proxy=${HTTP_PROXY:-none} https=${HTTPS_PROXY:-none} no=${NO_PROXY:-none}"',
     "apt-config dump | grep -i 'Acquire::http::Proxy' || echo no-apt-proxy",
     "docker pull hello:latest >/dev/null && echo \"pulled $(docker image inspect hello:latest --format '{{json .RootFS.Layers}}')\"",
-    `curl -fsS http://${net.hostAddr}:${ORIGIN}/ && echo " (through the proxy)"`,
+    `echo "$(curl -fsS http://${net.hostAddr}:${ORIGIN}/) (through the proxy)"`,
     "grep -h '^\\[host\\|^server' /etc/containerd/certs.d/docker.io/hosts.toml /etc/containerd/certs.d/ghcr.io/hosts.toml",
     "grep -c mirrors /etc/buildkit/buildkitd.toml ~/.docker/buildx/buildkitd.default.toml",
     "echo job-done",
