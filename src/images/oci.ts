@@ -239,28 +239,31 @@ async function resolveManifest(client: RegistryClient, ref: OciReference, platfo
     index ??= current.digest;
     current = await fetchManifest(client, d.digest, `manifest ${shortDigest(d.digest)} (${chosen}) of ${what}`, { digest: d.digest, size: d.size, source: "the index's descriptor" });
   }
-  const manifest = current.manifest!;
+  return { digest: current.digest, ...(index ? { index } : {}), manifest: current.manifest!, platform: chosen };
+}
+
+/**
+ * A manifest that came without an index says its platform only in its config (a small
+ * blob): a ConfigError when that is not the platform asked for. Returns the platform.
+ */
+async function checkConfigPlatform(client: RegistryClient, manifest: OciManifest, platform: OciPlatform, what: string): Promise<string> {
   const cfgType = manifest.config.mediaType;
-  if (cfgType === MEDIA_TYPES.ociConfig || cfgType === MEDIA_TYPES.dockerConfig) {
-    // A single-platform image says its platform in the config: check it.
-    const cfg = await fetchSmallBlob(client, manifest.config, `config of ${what}`);
-    let json: unknown = {};
-    try {
-      json = JSON.parse(cfg.toString("utf8") || "{}");
-    } catch {
-      throw new ExternalError(`config of ${what}: not JSON`);
-    }
-    const parsed = configSchema.safeParse(json);
-    const c = parsed.success ? parsed.data : {};
-    if (c.os && c.architecture) {
-      const have = { os: c.os, architecture: c.architecture, ...(c.variant ? { variant: c.variant } : {}) };
-      if (!platformMatches(have, platform)) {
-        throw new ConfigError(`${what} is a ${formatPlatform(have)} image, not ${formatPlatform(platform)}; pass --platform ${formatPlatform(have)} to civm image pull to take it anyway`);
-      }
-      chosen = formatPlatform(have);
-    }
+  if (cfgType !== MEDIA_TYPES.ociConfig && cfgType !== MEDIA_TYPES.dockerConfig) return formatPlatform(platform); // an artifact
+  const cfg = await fetchSmallBlob(client, manifest.config, `config of ${what}`);
+  let json: unknown = {};
+  try {
+    json = JSON.parse(cfg.toString("utf8") || "{}");
+  } catch {
+    throw new ExternalError(`config of ${what}: not JSON`);
   }
-  return { digest: current.digest, ...(index ? { index } : {}), manifest, platform: chosen };
+  const parsed = configSchema.safeParse(json);
+  const c = parsed.success ? parsed.data : {};
+  if (!c.os || !c.architecture) return formatPlatform(platform);
+  const have = { os: c.os, architecture: c.architecture, ...(c.variant ? { variant: c.variant } : {}) };
+  if (!platformMatches(have, platform)) {
+    throw new ConfigError(`${what} is a ${formatPlatform(have)} image, not ${formatPlatform(platform)}; pass --platform ${formatPlatform(have)} to civm image pull to take it anyway`);
+  }
+  return formatPlatform(have);
 }
 
 async function fetchSmallBlob(client: RegistryClient, d: Descriptor, what: string): Promise<Buffer> {
@@ -522,6 +525,9 @@ export async function pullOciImage(opts: OciPullOptions): Promise<OciPullResult>
   const client = new RegistryClient({ ref, ...(opts.authFile ? { authFile: opts.authFile } : {}), ...(opts.env ? { env: opts.env } : {}), ...(opts.signal ? { signal: opts.signal } : {}) });
   const resolved = await resolveManifest(client, ref, platform, refText);
   const digest = resolved.digest;
+  if (!resolved.index && !(await storedWithDigest(store, digest, opts.file, resolved.platform)).length) {
+    resolved.platform = await checkConfigPlatform(client, resolved.manifest, platform, refText);
+  }
 
   // Cache by digest: this manifest (and disk) may be stored already.
   const have = await storedWithDigest(store, digest, opts.file, resolved.platform);

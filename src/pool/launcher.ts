@@ -26,6 +26,8 @@ export interface VmRunLauncherOptions {
   qemuUser?: string | undefined;
   /** Lines from VmRun (already redacted). */
   log: (line: string, fields: Record<string, unknown>) => void;
+  /** imagePullPolicy Always: how long a tag's digest is trusted before it is asked again (default OCI_RECHECK_MS). */
+  ociRecheckMs?: number;
 }
 
 /** How often a pool with imagePullPolicy Always asks the registry whether its tag moved. */
@@ -95,44 +97,43 @@ export class VmRunLauncher implements VmLauncher {
     return `${spec.image}:${s.size}:${Math.floor(s.mtimeMs)}`;
   }
 
-  /** OCI pulls in flight and, for Always, when each reference was last checked. */
-  private readonly ociPulls = new Map<string, { at: number; image?: StoredImage; pending?: Promise<StoredImage> }>();
+  /** OCI pulls in flight, and when a reference was last asked of the registry (Always). */
+  private readonly ociPulls = new Map<string, { at: number; pending?: Promise<StoredImage> }>();
 
   /**
    * The stored image of a pool's OCI reference, pulled per runner.imagePullPolicy:
-   * IfNotPresent pulls once, Always asks the registry for the tag's digest again when the
-   * last check is older than OCI_RECHECK_MS (a new digest is pulled, and the image key
-   * change replaces idle runners), Never only looks in the store. One pull per reference
-   * at a time; its lines go to the daemon's log.
+   * IfNotPresent pulls when nothing is stored for it, Never only looks in the store, Always
+   * asks the registry for the tag's digest again once the last check is older than
+   * ociRecheckMs (a new digest is pulled, and the image key change replaces idle runners).
+   * Looking in the store costs no request. One pull per reference at a time; its lines go
+   * to the daemon's log.
    */
   private async ociImage(pool: PoolSpec): Promise<StoredImage> {
     const ref = pool.runner.image.ref;
     const policy = pool.runner.imagePullPolicy;
-    const key = `${policy}:${ref}`;
-    const memo = this.ociPulls.get(key);
+    const memo = this.ociPulls.get(ref);
     if (memo?.pending) return memo.pending;
     const now = Date.now();
-    if (memo?.image && (policy !== "Always" || now - memo.at < OCI_RECHECK_MS) && existsSync(memo.image.diskPath)) return memo.image;
+    const recheck = policy === "Always" && (!memo || now - memo.at >= (this.opts.ociRecheckMs ?? OCI_RECHECK_MS));
     const { ensureOciImage } = await import("../images/oci.js");
     const { parseOciReference } = await import("../images/oci-ref.js");
     const { ImageStore } = await import("../images/store.js");
     const oci = parseOciReference(ref);
     if (!oci) throw new ConfigError(`pool ${pool.name}: ${JSON.stringify(ref)} is not an OCI reference`);
-    const fields = { pool: pool.name, image: ref };
     const pending = ensureOciImage({
       ref: oci,
       store: new ImageStore(this.opts.paths.stateDir),
       stateDir: this.opts.paths.stateDir,
-      policy: policy === "Always" ? "always" : policy === "Never" ? "never" : "missing",
-      log: (line) => this.opts.log(line, fields),
+      policy: recheck ? "always" : policy === "Never" ? "never" : "missing",
+      log: (line) => this.opts.log(line, { pool: pool.name, image: ref }),
     });
-    this.ociPulls.set(key, { at: now, pending });
+    this.ociPulls.set(ref, { at: memo?.at ?? 0, pending });
     try {
       const image = await pending;
-      this.ociPulls.set(key, { at: now, image });
+      this.ociPulls.set(ref, { at: recheck ? now : (memo?.at ?? now) });
       return image;
     } catch (e) {
-      this.ociPulls.delete(key);
+      this.ociPulls.set(ref, { at: memo?.at ?? 0 });
       throw e;
     }
   }
