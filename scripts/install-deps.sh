@@ -12,6 +12,7 @@ PACKAGES=(
   zstd jq shellcheck ovmf      # compressed images, guest agent tests, lint
   nftables                     # the per-VM network policy
   iproute2                     # tests: network namespaces for the policy tests
+  docker-registry              # tests: a local OCI registry for image pull/push (started by the test)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

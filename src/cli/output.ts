@@ -2,6 +2,17 @@
 // error's code. Stack traces only with CIVM_DEBUG=1 (a user's mistake never shows one).
 import { CivmError, EXIT_CODES } from "../errors/index.js";
 
+/**
+ * An AbortSignal that fires on the first SIGINT/SIGTERM (a transfer ends cleanly: its
+ * pending files removed, exit 5) until release() is called.
+ */
+export function abortOnSignals(what: string): { signal: AbortSignal; release(): void } {
+  const controller = new AbortController();
+  const onSignal = (sig: NodeJS.Signals) => controller.abort(new CivmError("signal", `${sig}: ${what}`));
+  process.once("SIGINT", onSignal).once("SIGTERM", onSignal);
+  return { signal: controller.signal, release: () => void process.off("SIGINT", onSignal).off("SIGTERM", onSignal) };
+}
+
 export function say(line: string): void {
   process.stderr.write(`civm: ${line}\n`);
 }

@@ -75,6 +75,7 @@ export interface PlanContext {
   /** Lines and progress of an OCI pull (--image REF not pulled yet). */
   pullLog?: (line: string) => void;
   onPullProgress?: (p: OciProgress) => void;
+  pullSignal?: AbortSignal;
 }
 
 function wholeNumber(v: string, flag: string, min: number): number {
@@ -93,7 +94,7 @@ function size(v: string, flag: string): number {
 
 async function resolveImage(ref: string, ctx: PlanContext): Promise<{ path: string; kernel?: string; initrd?: string; stored: boolean }> {
   // A path, a stored name or an OCI reference (pulled on first use): resolveImageRef decides.
-  const r = await resolveImageRef(ref, { stateDir: ctx.paths.stateDir, baseDir: ctx.cwd, ...(ctx.pullLog ? { log: ctx.pullLog } : {}), ...(ctx.onPullProgress ? { onProgress: ctx.onPullProgress } : {}) });
+  const r = await resolveImageRef(ref, { stateDir: ctx.paths.stateDir, baseDir: ctx.cwd, ...(ctx.pullLog ? { log: ctx.pullLog } : {}), ...(ctx.onPullProgress ? { onProgress: ctx.onPullProgress } : {}), ...(ctx.pullSignal ? { signal: ctx.pullSignal } : {}) });
   if (r.kind === "path") {
     if (!existsSync(r.path)) {
       const hint = almostOciReference(ref);

@@ -824,7 +824,8 @@ async function hashStream(src: AsyncIterable<Buffer>): Promise<{ digest: string;
 }
 
 /** zstd -T0 of `input` into `output`, with progress on the bytes read. */
-async function compressDisk(input: string, output: string, onProgress: ((p: OciProgress) => void) | undefined): Promise<void> {
+async function compressDisk(input: string, output: string, onProgress: ((p: OciProgress) => void) | undefined, signal?: AbortSignal): Promise<void> {
+  signal?.throwIfAborted();
   const total = (await stat(input)).size;
   const proc = zstdProcess(["-T0", "-c"], (why, stderr) => new CivmError("internal", `zstd compressing ${input} ${why}`, stderr ? { details: stderr } : {}));
   let bytes = 0;
@@ -841,11 +842,16 @@ async function compressDisk(input: string, output: string, onProgress: ((p: OciP
       cb(null, chunk);
     },
   });
+  const onAbort = (): void => proc.kill();
+  signal?.addEventListener("abort", onAbort, { once: true });
   try {
     await Promise.all([pipeline(createReadStream(input, { highWaterMark: 1 << 20 }), counter, proc.stdin), pipeline(proc.stdout, createWriteStream(output, { mode: 0o600 })), proc.done]);
   } catch (e) {
     proc.kill();
+    if (signal?.aborted) throw signal.reason;
     throw e;
+  } finally {
+    signal?.removeEventListener("abort", onAbort);
   }
 }
 
@@ -937,7 +943,7 @@ export async function pushOciImage(opts: OciPushOptions): Promise<OciPushResult>
     }
     const zst = join(scratch.dir, `${name}.qcow2.zst`);
     log(`compressing ${name} (zstd)`);
-    await compressDisk(disk, zst, opts.onProgress);
+    await compressDisk(disk, zst, opts.onProgress, opts.signal);
     const files: TarWriteEntry[] = [
       { path: "data", type: "dir", mtime },
       { path: "data/images", type: "dir", mtime },

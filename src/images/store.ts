@@ -479,7 +479,7 @@ export class ImageStore {
     const stored = names.length > 0 ? `stored images: ${names.join(", ")}` : `no images are stored in ${this.dir}`;
     return new ConfigError(
       `no stored image named ${name}${didYouMean(name, names)} (${stored}); civm image ls lists them` +
-        (hintBuild ? `; build it with civm image build ${name}, or fetch one with civm image pull URL --name ${name}` : ""),
+        (hintBuild ? `; build it with civm image build ${name}, or fetch one with civm image pull URL|REGISTRY/REPO:TAG --name ${name}` : ""),
     );
   }
 }

@@ -9,11 +9,11 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { createHash } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { chmodSync, copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { gzipSync } from "node:zlib";
-import { civmEnv, runCivm, type CivmEnv } from "../support/civm-cli.js";
+import { civmEnv, runCivm, startCivm, waitFor, type CivmEnv } from "../support/civm-cli.js";
 import { OCI, pushImage, pushManifest, startProxy, startRegistry, tamper, type LocalRegistry, type RegistryProxy } from "../support/oci-registry.js";
 import { civmBin, tempDir } from "../support/paths.js";
 import { buildTinyGuest } from "../support/tiny-guest.js";
@@ -229,6 +229,25 @@ test("digest mismatch: a tampered blob and a tampered manifest are refused, noth
   assert.equal(byDigest.code, 7, byDigest.stderr);
   assert.match(byDigest.stderr, /\(the digest in the reference\); refused, nothing was stored/);
   assertNothingStored(e, "tampered manifest");
+});
+
+test("Ctrl-C during a pull: exit 5, the pending image removed, nothing stored", async (t) => {
+  const slow = await startProxy(reg, { slowBlobs: true });
+  t.after(() => slow.close());
+  // 2 MiB that do not compress: 128 pieces of 16 KiB, 100 ms apart.
+  const dir = join(work, "slow", "data", "images");
+  mkdirSync(dir, { recursive: true });
+  writeFileSync(join(work, "slow", "random.raw"), randomBytes(2 << 20));
+  execFileSync("qemu-img", ["convert", "-q", "-f", "raw", "-O", "qcow2", join(work, "slow", "random.raw"), join(dir, "slow.qcow2")]);
+  await pushImage(reg.url, "civm/slow", "v1", { layers: [{ mediaType: OCI.layer, data: tarOf(join(work, "slow"), ["data"]) }] });
+  const e = civmEnv();
+  const p = startCivm(["image", "pull", `${slow.host}/civm/slow:v1`], e);
+  await waitFor(() => /layer 1\/1: /.test(p.stderrSoFar()) || p.child.exitCode !== null, 60_000, "the download to start");
+  p.child.kill("SIGINT");
+  const r = await p.done;
+  assert.equal(r.code, 5, r.stderr);
+  assert.match(r.stderr, /SIGINT: the pull of .* was interrupted; nothing was stored/);
+  assertNothingStored(e, "interrupted pull");
 });
 
 function poolSpec(ref: string, imagePullPolicy: PoolSpec["runner"]["imagePullPolicy"]): PoolSpec {

@@ -173,6 +173,8 @@ export interface RegistryProxy {
 export interface ProxyOptions {
   /** Require Bearer tokens from the fake token server (default: no auth, just record). */
   auth?: { username: string; password: string; anonymousPull: boolean };
+  /** Trickle blob bodies: 16 KiB every 100 ms (a download to interrupt). */
+  slowBlobs?: boolean;
 }
 
 async function listen(server: Server): Promise<number> {
@@ -243,7 +245,20 @@ export async function startProxy(upstream: LocalRegistry, opts: ProxyOptions = {
     delete headers.authorization;
     const up = httpRequest({ host: "127.0.0.1", port: Number(upstream.host.split(":")[1]), method: req.method, path, headers }, (ur) => {
       res.writeHead(ur.statusCode ?? 502, ur.headers);
-      ur.pipe(res);
+      if (!opts.slowBlobs || !path.includes("/blobs/sha256:")) {
+        ur.pipe(res);
+        return;
+      }
+      (async () => {
+        for await (const c of ur) {
+          const b = c as Buffer;
+          for (let i = 0; i < b.length && !res.destroyed; i += 16384) {
+            res.write(b.subarray(i, i + 16384));
+            await new Promise((r) => setTimeout(r, 100));
+          }
+        }
+        res.end();
+      })().catch(() => res.destroy());
     });
     up.on("error", () => res.destroy());
     req.pipe(up);

@@ -2,7 +2,7 @@ import { Command } from "commander";
 import { createWriteStream, existsSync } from "node:fs";
 import { join } from "node:path";
 import { pathsFrom } from "../global.js";
-import { clearProgress, printJson, printNames, progressLine, say } from "../output.js";
+import { abortOnSignals, clearProgress, printJson, printNames, progressLine, say } from "../output.js";
 import { ensureLogsDir } from "../../host/paths.js";
 import { ConfigError } from "../../errors/index.js";
 import { formatBytes } from "../../vm/format.js";
@@ -145,16 +145,19 @@ use. Credentials are never taken from the command line; see docs/images.md.`,
         const { pullOciImage } = await import("../../images/oci.js");
         const { sweepStale } = await import("../../images/store.js");
         await sweepStale(store);
+        const interrupt = abortOnSignals(`the pull of ${arg} was interrupted; nothing was stored`);
         const r = await pullOciImage({
-          ref, store, stateDir: paths.stateDir, log: flags.quiet ? () => {} : say,
+          ref, store, stateDir: paths.stateDir, log: flags.quiet ? () => {} : say, signal: interrupt.signal,
           ...(flags.name ? { name: flags.name } : {}),
           ...(flags.platform ? { platform: flags.platform } : {}),
           ...(flags.file ? { file: flags.file } : {}),
           ...(flags.authFile ? { authFile: flags.authFile } : {}),
           ...(flags.force ? { force: true } : {}),
           ...(flags.quiet ? {} : { onProgress: progressLine(formatBytes) }),
+        }).finally(() => {
+          interrupt.release();
+          clearProgress();
         });
-        if (!flags.quiet) clearProgress();
         say(`${r.status === "up-to-date" ? "up to date" : "stored"}: ${r.image.name}: ${r.image.diskPath} (${r.digest})`);
         if (flags.json) printJson({ name: r.image.name, diskPath: r.image.diskPath, sha256: r.image.manifest.sha256, digest: r.digest, reference: r.image.manifest.url, status: r.status });
         return;
@@ -191,12 +194,15 @@ use. Credentials are never taken from the command line; see docs/images.md.`,
       const ref = requireOciReference(refText, "civm image push", { needTag: true });
       const store = new ImageStore(pathsFrom(cmd).stateDir);
       await sweepStale(store);
+      const interrupt = abortOnSignals(`the push of ${name} was interrupted; the tag may not have been updated`);
       const r = await pushOciImage({
-        name, ref, store, log: flags.quiet ? () => {} : say,
+        name, ref, store, log: flags.quiet ? () => {} : say, signal: interrupt.signal,
         ...(flags.authFile ? { authFile: flags.authFile } : {}),
         ...(flags.quiet ? {} : { onProgress: progressLine(formatBytes) }),
+      }).finally(() => {
+        interrupt.release();
+        clearProgress();
       });
-      if (!flags.quiet) clearProgress();
       say(`pushed ${name}: ${r.reference} (${formatBytes(r.uploaded)} uploaded)`);
       if (flags.json) printJson({ name, reference: r.reference, digest: r.digest, uploaded: r.uploaded });
     });

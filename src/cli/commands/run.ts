@@ -2,7 +2,7 @@ import { Command, Option } from "commander";
 import { existsSync } from "node:fs";
 import { writeFileSync } from "node:fs";
 import { pathsFrom } from "../global.js";
-import { clearProgress, printJson, progressLine, say, warn } from "../output.js";
+import { abortOnSignals, clearProgress, printJson, progressLine, say, warn } from "../output.js";
 import { loadInstances, selectInstance, preprocessConfig, checkInstanceFiles } from "../../config/index.js";
 import { detectAccel } from "../../host/kvm.js";
 import { VmRun, Registry, reconcile } from "../../vm/index.js";
@@ -102,7 +102,9 @@ export function registerRun(program: Command): void {
       `
 The instances file is a list of objects with the keys of Rust CI's run.py: name, image,
 cpu-cores, ram, root-disk, timeout-seconds, ssh-port, config; and optionally kernel, initrd,
-cmdline, machine (pc, q35, microvm), qemu-args. Values in config may use
+cmdline, machine (pc, q35, microvm), qemu-args. An image (here and in --image) is a disk
+path, a stored image name, or an OCI reference REGISTRY/REPO:TAG pulled on first use
+(docs/images.md says how civm tells them apart). Values in config may use
 \${{ env:NAME }}, \${{ file:PATH }} and \${{ gha-install-token:OWNER/REPO }} (GITHUB_TOKEN,
 GITHUB_API_URL). The guest reads {name, config} from instance.json on a CD-ROM labelled
 instance-configuration; when it ejects the disc civm removes the medium.
@@ -142,8 +144,14 @@ Exit code 0 only when the guest powered itself off; see "civm --help" for the ot
       const loaded = await loadInstances(file, { checkFiles: false });
       let spec = selectInstance(loaded, name);
       if (looksLikeImageName(spec.imageRef) || isOciImageRef(spec.imageRef)) {
-        spec = await resolveStoredImage(spec, paths.stateDir, { log: say, onProgress: progressLine(formatBytes) });
-        clearProgress();
+        // A pull (OCI reference not stored yet) ends at the first Ctrl-C, leaving nothing stored.
+        const interrupt = abortOnSignals(`the pull of ${spec.imageRef} was interrupted; nothing was stored`);
+        try {
+          spec = await resolveStoredImage(spec, paths.stateDir, { log: say, onProgress: progressLine(formatBytes), signal: interrupt.signal });
+        } finally {
+          interrupt.release();
+          clearProgress();
+        }
       }
       const missing = await checkInstanceFiles(spec);
       if (missing.length) {
@@ -282,11 +290,16 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
   if (!flags.printCmd) await reconcile(new Registry(paths.stateDir), say);
   const stamp = new Date().toISOString().replace(/[-:]/g, "").replace(/\..*/, "").replace("T", "-");
   // Every check first (nothing started, no KVM probe for bad input), then the accelerator.
-  const plan = await dev.planDevVm(
-    { ...flags, image: flags.image!, ...(flags.grace !== undefined ? { grace: flags.grace } : {}), sshBind: flags.sshBind },
-    { paths, cwd: process.cwd(), pullLog: say, onPullProgress: progressLine(formatBytes), ...(flags.detach ? { supervisorLog: (n: string, id: string) => join(paths.logsDir, `${n}-${stamp}-${id}.supervisor.log`) } : {}) },
-  );
-  clearProgress();
+  const interrupt = abortOnSignals(`the pull of ${flags.image} was interrupted; nothing was stored`);
+  const plan = await dev
+    .planDevVm(
+      { ...flags, image: flags.image!, ...(flags.grace !== undefined ? { grace: flags.grace } : {}), sshBind: flags.sshBind },
+      { paths, cwd: process.cwd(), pullLog: say, onPullProgress: progressLine(formatBytes), pullSignal: interrupt.signal, ...(flags.detach ? { supervisorLog: (n: string, id: string) => join(paths.logsDir, `${n}-${stamp}-${id}.supervisor.log`) } : {}) },
+    )
+    .finally(() => {
+      interrupt.release();
+      clearProgress();
+    });
   const accel = await detectAccel({ stateDir: paths.stateDir, ...(flags.accel ? { env: { ...process.env, CIVM_ACCEL: flags.accel } } : {}) });
   if (accel.accel === "tcg" && !flags.accel && !process.env.CIVM_ACCEL && !flags.printCmd) warn(`KVM is not usable (${accel.reason}); using TCG software emulation, guests run several times slower.`);
   plan.accel = accel.accel;
