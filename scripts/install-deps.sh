@@ -13,6 +13,7 @@ PACKAGES=(
   nftables                     # the per-VM network policy
   iproute2                     # tests: network namespaces for the policy tests
   zsh fish                     # tests: civm completion zsh|fish loaded in the real shells
+  docker-registry              # tests: a local OCI registry for image pull/push (started by the test)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -17,7 +17,7 @@ import { closestMatch } from "../config/suggest.js";
 import type { JsonValue } from "../config/types.js";
 import { parseRunnerTarget, type RunnerTarget } from "../github/registration-token.js";
 import { resolvePaths } from "../host/paths.js";
-import { looksLikeImageName } from "../images/resolve.js";
+import { classifyImageRef } from "../images/oci-ref.js";
 import { LOG_RETENTION_DEFAULTS, parseKeepDays, parseMaxBytes, type LogRetention } from "../host/log-retention.js";
 import { labelKey, normalizeLabels } from "./labels.js";
 import { kindOf } from "../config/kind.js";
@@ -303,7 +303,7 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
   if (opts.checkImages !== false) {
     const store = opts.stateDir ?? stateDir ?? resolvePaths({}, env).stateDir;
     for (const p of pools) {
-      const problem = await checkImage(p.runner.image, store);
+      const problem = await checkImage(p.runner.image, store, p.runner.imagePullPolicy);
       if (problem) problems.push(`${poolsFile}: ${poolLabel(p.name, p.index)}: "runner.image" ${problem}`);
     }
   }
@@ -590,7 +590,7 @@ function validateRunner(pool: Fields, poolName: string | undefined, baseDir: str
   if (f.has("name") && namePrefix !== undefined && !NAME_RE.test(namePrefix)) {
     f.add(`"runner.name" must be made of letters, digits, ".", "_" and "-" (got ${JSON.stringify(namePrefix)}).`);
   }
-  const imageRef = f.str("image", { required: "a stored civm image name (civm image ls) or the path of a disk image" });
+  const imageRef = f.str("image", { required: "a stored civm image name (civm image ls), the path of a disk image, or an OCI reference REGISTRY/REPO:TAG" });
   const imagePullPolicy = f.oneOf("imagePullPolicy", PULL_POLICIES, SERVE_DEFAULTS.imagePullPolicy);
   const target = runnerTarget(f);
   const labels = runnerLabels(f);
@@ -606,7 +606,8 @@ function validateRunner(pool: Fields, poolName: string | undefined, baseDir: str
     f.add(`"runner.workFolder" (${JSON.stringify(workFolder)}) applies to JIT registration only; with "runner.registration": "token" the guest's config.sh uses "${SERVE_DEFAULTS.workFolder}", so remove "runner.workFolder" or use "jit".`);
   }
   if (!namePrefix || !imageRef || !target || !labels) return undefined;
-  const image: PoolImage = looksLikeImageName(imageRef) ? { ref: imageRef, kind: "stored" } : { ref: imageRef, kind: "path", path: resolve(baseDir, imageRef) };
+  const kind = classifyImageRef(imageRef).kind;
+  const image: PoolImage = kind === "path" ? { ref: imageRef, kind, path: resolve(baseDir, imageRef) } : { ref: imageRef, kind };
   return { namePrefix, image, imagePullPolicy, target, labels, groupId, registration, workFolder };
 }
 
@@ -715,7 +716,16 @@ function targetsOverlap(a: RunnerTarget, b: RunnerTarget): boolean {
   return a.repo.toLowerCase() === b.repo.toLowerCase();
 }
 
-async function checkImage(image: PoolImage, stateDir: string): Promise<string | undefined> {
+async function checkImage(image: PoolImage, stateDir: string, policy: ImagePullPolicy): Promise<string | undefined> {
+  if (image.kind === "oci") {
+    // Pulled when the pool first needs it (no network here), unless the policy forbids pulls.
+    if (policy !== "Never") return undefined;
+    const { parseOciReference } = await import("../images/oci-ref.js");
+    const { findStoredOci } = await import("../images/oci.js");
+    const { ImageStore } = await import("../images/store.js");
+    if (await findStoredOci(new ImageStore(stateDir), stateDir, parseOciReference(image.ref)!)) return undefined;
+    return `${JSON.stringify(image.ref)} has not been pulled and "runner.imagePullPolicy" is "Never"; pull it first (civm image pull ${image.ref}) or use "IfNotPresent".`;
+  }
   if (image.kind === "stored") {
     const { ImageStore } = await import("../images/store.js");
     const store = new ImageStore(stateDir);
@@ -732,7 +742,7 @@ async function checkImage(image: PoolImage, stateDir: string): Promise<string | 
     return undefined;
   } catch (e) {
     if (looksLikeContainerRef(image.ref)) {
-      return `${JSON.stringify(image.ref)} looks like a container image; civm boots disk images and does not pull from container registries: build or pull a civm image ("civm image build", "civm image pull URL") and name it here.`;
+      return `${JSON.stringify(image.ref)} looks like a container image, but not like a reference civm pulls: those start with the registry (a host with a "." or ":PORT", e.g. docker.io/${image.ref}) and have a lowercase repository and a :TAG or @sha256: digest; or give a stored image name or the path of a disk image.`;
     }
     return `${path} cannot be used (${osReason(e)}); give a stored image name (civm image ls) or the path of a disk image (relative paths start from the pools file's folder).`;
   }

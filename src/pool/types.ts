@@ -12,8 +12,11 @@ export type RegistrationMode = "jit" | "token";
 export interface PoolImage {
   /** As written in the config. */
   ref: string;
-  /** "stored": a civm image in the store (re-resolved before each VM start); "path": a disk file. */
-  kind: "stored" | "path";
+  /**
+   * "stored": a civm image in the store (re-resolved before each VM start); "path": a disk
+   * file; "oci": an OCI reference, pulled into the store as runner.imagePullPolicy says.
+   */
+  kind: "stored" | "path" | "oci";
   /** Absolute disk path for kind "path". */
   path?: string;
 }

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { chmodSync, copyFileSync, mkdirSync, writeFileSync } from "node:fs";
+import { chmodSync, copyFileSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { ConfigError } from "../../src/errors/index.js";
 import { loadServeConfig, parseDuration, parseListen, SERVE_DEFAULTS, type LoadServeOptions } from "../../src/pool/config.js";
@@ -69,7 +69,7 @@ test("seed 003's example pools.json maps field by field onto civm's pool setting
   assert.equal(p.maxRunners, 10);
   assert.equal(p.minRunners, 1);
   assert.equal(p.runner.namePrefix, "runner");
-  assert.deepEqual(p.runner.image, { ref: "ghcr.io/thpham/fireactions-images/ubuntu-24.04:latest", kind: "path", path: join(s.dir, "ghcr.io/thpham/fireactions-images/ubuntu-24.04:latest") });
+  assert.deepEqual(p.runner.image, { ref: "ghcr.io/thpham/fireactions-images/ubuntu-24.04:latest", kind: "oci" });
   assert.equal(p.runner.imagePullPolicy, "IfNotPresent");
   assert.deepEqual(p.runner.target, { kind: "org", org: "your-org" });
   assert.deepEqual(p.runner.labels, ["self-hosted", "fireactions", "linux"]);
@@ -80,11 +80,19 @@ test("seed 003's example pools.json maps field by field onto civm's pool setting
   assert.equal(c.poolsFile, join(s.dir, "pools.json"));
 });
 
-test("seed 003's example: its container image is reported as one civm cannot boot", async () => {
+test("seed 003's example: its image is an OCI reference, accepted (pulled on first use); with imagePullPolicy Never it must be pulled already; a registry-less one is explained", async () => {
   const s = setup(serve("pools.json"));
   copyFileSync(join(repoRoot, "test", "fixtures", "pools", "seed-003-pools.json"), join(s.dir, "pools.json"));
-  const msg = await problems(s);
-  assert.match(msg, /pools\.json: pool "default" \(#1\): "runner\.image" "ghcr\.io\/thpham\/fireactions-images\/ubuntu-24\.04:latest" looks like a container image; civm boots disk images/);
+  const c = await load(s);
+  assert.equal(c.pools[0]!.runner.image.kind, "oci");
+  const pools = JSON.parse(readFileSync(join(s.dir, "pools.json"), "utf8"));
+  pools[0].runner.imagePullPolicy = "Never";
+  writeFileSync(join(s.dir, "pools.json"), JSON.stringify(pools));
+  assert.match(await problems(s), /pools\.json: pool "default" \(#1\): "runner\.image" "ghcr\.io\/thpham\/fireactions-images\/ubuntu-24\.04:latest" has not been pulled and "runner\.imagePullPolicy" is "Never"; pull it first \(civm image pull ghcr\.io/);
+  pools[0].runner.imagePullPolicy = "IfNotPresent";
+  pools[0].runner.image = "thpham/ubuntu:latest";
+  writeFileSync(join(s.dir, "pools.json"), JSON.stringify(pools));
+  assert.match(await problems(s), /"runner\.image" "thpham\/ubuntu:latest" looks like a container image, but not like a reference civm pulls: those start with the registry .*docker\.io\/thpham\/ubuntu:latest/);
 });
 
 test("seed 003's example with a stored civm image loads completely", async () => {
