@@ -11,7 +11,7 @@ import { createGitHubAccess, type GitHubAccess } from "../github/app-auth.js";
 import { detectAccel } from "../host/kvm.js";
 import { resolvePaths } from "../host/paths.js";
 import { pruneLogs } from "../host/log-retention.js";
-import { createApp, createMetricsApp, listen, type ReloadOutcome, type ServerOptions, type ServerPool } from "../server/index.js";
+import { createApp, createMetricsApp, listen, type HostHealth, type ReloadOutcome, type ServerOptions, type ServerPool } from "../server/index.js";
 import { StateStore } from "../store/index.js";
 import { lockStateDir } from "../host/serve-lock.js";
 import { redactAll } from "../vm/run.js";
@@ -43,6 +43,17 @@ function accessFor(config: ServeConfig, warn: (m: string) => void, registry: Reg
     // waiting up to an hour; every call has a timeout; shutdown aborts what is in flight.
     { baseUrl: config.github.apiUrl, warn, onRequest: githubRequestObserver(registry), maxRateLimitWaitSeconds: 0, signal },
   );
+}
+
+/** /healthz's `host` from a doctor report. */
+export function doctorHealth(r: import("../host/doctor.js").DoctorReport, now = new Date()): HostHealth {
+  return {
+    ok: r.ok,
+    accel: r.accel?.accel,
+    kvm: r.accel?.accel === "kvm",
+    checkedAt: now.toISOString(),
+    problems: r.checks.filter((c) => c.status !== "pass").map((c) => ({ name: c.name, status: c.status, detail: c.detail, ...(c.fix ? { fix: c.fix } : {}) })),
+  };
 }
 
 /** After a shutdown, the process exits this long later even if something keeps it alive. */
@@ -149,6 +160,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     return p;
   };
   const consoleLogs = new Map<string, string>();
+  let hostHealth: HostHealth | undefined;
   const serverOpts: ServerOptions = {
     store,
     pools: serverPools,
@@ -158,6 +170,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     registry,
     onDemand: () => daemon.wake(),
     health: () => daemon.githubHealth(),
+    hostHealth: () => hostHealth,
     control: {
       reload: () => reload("api"),
       drain: (d) => ({ ...daemon.drain(d) }),
@@ -184,6 +197,18 @@ export async function runServe(o: RunServeOptions): Promise<number> {
   }) : undefined;
   logger.info({ url: server.url, ...(metricsServer ? { metricsUrl: metricsServer.url } : {}), pools: config.pools.map((p) => p.name), stateDir: paths.stateDir, accel: accel.accel }, "civm serve listening");
   await daemon.start();
+  // civm doctor's checks for /healthz and the log, off the start path (the KVM probe boots).
+  void (async () => {
+    try {
+      const { runDoctor } = await import("../host/doctor.js");
+      hostHealth = doctorHealth(await runDoctor({ paths }));
+      const fields = { component: "doctor", ok: hostHealth.ok, accel: hostHealth.accel, kvm: hostHealth.kvm, problems: hostHealth.problems.map((p) => `${p.name}: ${p.detail}`) };
+      if (hostHealth.ok && hostHealth.problems.length === 0) logger.info(fields, "civm doctor: host ready");
+      else logger.warn(fields, "civm doctor found problems (also on /healthz)");
+    } catch (e) {
+      logger.warn({ component: "doctor", err: messageOf(e) }, "civm doctor could not run");
+    }
+  })();
 
   return new Promise<number>((resolve) => {
     let signals = 0;
