@@ -30,6 +30,14 @@ import { freePort } from "../support/net.js";
 import { civmBin, tempDir, testQemuUser } from "../support/paths.js";
 import { runNode } from "../support/runner-image.js";
 
+/**
+ * The cold build of civm-host (mmdebstrap of ~1.5 GB plus a TCG build boot) took 28 min on
+ * this 2-core machine under load; CI starts cold, so CI runs these tests only when asked
+ * (CIVM_E2E_HOST=1) until a smaller test variant exists. Elsewhere (a dev machine with the
+ * test cache) they always run. docs/hosts.md, "Tests".
+ */
+const SKIP = process.env.CI === "true" && process.env.CIVM_E2E_HOST !== "1" ? "CI without CIVM_E2E_HOST=1: the cold civm-host build alone would take most of CI's hour (docs/hosts.md, Tests)" : false;
+
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
 const ORG = "civm-host-org";
@@ -46,6 +54,7 @@ let appKeyPem: string;
 let tinyShare: string;
 
 before(async () => {
+  if (SKIP) return;
   image = await ensureHostImage();
   process.stderr.write(`host-image: civm-host ${image.cached ? "cached" : "built"} in ${image.seconds.toFixed(1)} s\n`);
   work = tempDir("civm-host-e2e-");
@@ -138,7 +147,7 @@ async function bootHost(o: { name: string; firmware: "bios" | "uefi"; userData: 
   mkdirSync(files, { mode: 0o755 });
   const seed = writeSeedIso(files, o.userData, `civm-host-test-${randomBytes(4).toString("hex")}`);
   const dataDisk = join(files, "data.qcow2");
-  execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", dataDisk, "2G"]);
+  execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", dataDisk, "4G"]);
   const sshPort = await freePort();
   const servePort = await freePort();
   const qemuArgs = [
@@ -183,7 +192,7 @@ async function eventually<T>(what: string, timeoutMs: number, f: () => Promise<T
   }
 }
 
-test("BIOS boot with seed 003's user-data: civm serve runs with the App and pools, /healthz through a forward, the host is hardened", { timeout: 60 * 60_000 }, async (t) => {
+test("BIOS boot with seed 003's user-data: civm serve runs with the App and pools, /healthz through a forward, the host is hardened", { timeout: 60 * 60_000, skip: SKIP }, async (t) => {
   const started = Date.now();
   const host = await bootHost({ name: "hostbios", firmware: "bios", userData: seedUserData(poolsJson()) });
   try {
@@ -252,8 +261,12 @@ test("BIOS boot with seed 003's user-data: civm serve runs with the App and pool
     assert.match(mnt ?? "", /^\/dev\/vd[b-z] ext4 /, data.stdout);
     assert.equal(label, "civm-data");
     assert.ok(Number(rootSize) > 7 * GiB, `root partition grown to the disk: ${rootSize} bytes`);
+    // The boot check: /dev/kvm (QEMU's TCG offers one, but it cannot run a guest) and civm doctor.
     const doctorJournal = await host.run("sudo journalctl -b -u civm-host-check --no-pager -o cat");
-    assert.match(doctorJournal.stdout, /no \/dev\/kvm/);
+    assert.match(doctorJournal.stdout, /civm-host: KVM: |civm-host: warning: no \/dev\/kvm/);
+    assert.match(doctorJournal.stdout, /KVM usable\s+no/);
+    assert.match(doctorJournal.stdout, /civm doctor: /);
+    assert.doesNotMatch((await host.run("systemctl is-active civm-growfs civm-agent || true")).stdout, /^active/m, "the guest agent's units do not run on a host");
 
     // TCG inside TCG: how far did the runner VM get? Reported, not required.
     const nested = await host.run("sudo sh -c 'ls -1 /var/log/civm/*.log 2>/dev/null | head -n 1 | xargs -r grep -c -e \"tiny-guest:\" -e \"Linux version\"'");
@@ -264,7 +277,7 @@ test("BIOS boot with seed 003's user-data: civm serve runs with the App and pool
   }
 });
 
-test("UEFI boot: a broken pools.json fails the bootstrap naming the file, civm-serve not running; civm's own serve.yaml then brings it up", { timeout: 60 * 60_000 }, async (t) => {
+test("UEFI boot: a broken pools.json fails the bootstrap naming the file, civm-serve not running; civm's own serve.yaml then brings it up", { timeout: 60 * 60_000, skip: SKIP }, async (t) => {
   const host = await bootHost({ name: "hostuefi", firmware: "uefi", userData: seedUserData('[{"name": "default", "maxRunners": 1,,}]') });
   try {
     const sshSeconds = await waitForSsh(host.sshPort, sshKey, BOOT_TIMEOUT_MS, host.alive);
@@ -298,7 +311,7 @@ test("UEFI boot: a broken pools.json fails the bootstrap naming the file, civm-s
   }
 });
 
-test("civm image export: a fixed VHD (valid footer, whole MiB) and raw, the image's virtual size", { timeout: 30 * 60_000 }, async () => {
+test("civm image export: a fixed VHD (valid footer, whole MiB) and raw, the image's virtual size", { timeout: 30 * 60_000, skip: SKIP }, async () => {
   const out = tempDir("civm-host-export-");
   try {
     const env = { ...process.env, CIVM_STATE_DIR: hostStoreDir, CIVM_LOGS_DIR: join(out, "logs") };

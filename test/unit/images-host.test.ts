@@ -160,3 +160,18 @@ test("civm image export: a fixed VHD keeps the exact size (force_size); formats 
   assert.equal(parseFormat("raw"), "raw");
   assert.throws(() => parseFormat("vmdk"), /--format "vmdk": must be one of qcow2, raw, vhd/);
 });
+
+test("an installed civm (npm's \"files\") carries what the built-in specs read and what civm: true ships", async () => {
+  const files = (JSON.parse(execFileSync("cat", [join(repoRoot, "package.json")], { encoding: "utf8" })) as { files: string[] }).files;
+  const shipped = (rel: string) => files.some((f) => rel === f || rel.startsWith(`${f}/`));
+  const specs = await loadBuiltinImageSpecs({ defaultMirror: MIRROR });
+  for (const s of specs) {
+    for (const a of s.actions) {
+      if (a.kind !== "copy" && !(a.kind === "provision" && a.script)) continue;
+      const src = a.kind === "copy" ? a.srcPath : (a.script as { srcPath: string }).srcPath;
+      const rel = src.slice(repoRoot.length + 1);
+      assert.ok(shipped(rel), `${s.name} reads ${rel}, which package.json "files" leaves out`);
+    }
+  }
+  for (const rel of RELEASE_FILES.filter((f) => f !== "package.json" && f !== "package-lock.json")) assert.ok(shipped(rel), `${rel} is shipped`);
+});
