@@ -7,6 +7,7 @@ PACKAGES=(
   qemu-system-x86 qemu-utils   # the VMM and qemu-img
   xorriso genisoimage          # config drive ISO (genisoimage starts faster)
   mmdebstrap e2fsprogs fdisk   # image builder: root tree, ext4 without mounting, partitions
+  dpkg-repack                  # images with civm inside (civm-host): the host's Node.js package
   busybox-static cpio kmod     # initramfs of the tiny test guest and of civm kernel add (depmod)
   openssh-client               # civm exec/ssh, per-VM keys
   zstd jq shellcheck ovmf      # compressed images, guest agent tests, lint

@@ -11,7 +11,7 @@ import { createGitHubAccess, type GitHubAccess } from "../github/app-auth.js";
 import { detectAccel } from "../host/kvm.js";
 import { resolvePaths } from "../host/paths.js";
 import { pruneLogs } from "../host/log-retention.js";
-import { createApp, createMetricsApp, listen, type ReloadOutcome, type ServerOptions, type ServerPool } from "../server/index.js";
+import { createApp, createMetricsApp, listen, type HostHealth, type ReloadOutcome, type ServerOptions, type ServerPool } from "../server/index.js";
 import { StateStore } from "../store/index.js";
 import { lockStateDir } from "../host/serve-lock.js";
 import { redactAll } from "../vm/run.js";
@@ -43,6 +43,17 @@ function accessFor(config: ServeConfig, warn: (m: string) => void, registry: Reg
     // waiting up to an hour; every call has a timeout; shutdown aborts what is in flight.
     { baseUrl: config.github.apiUrl, warn, onRequest: githubRequestObserver(registry), maxRateLimitWaitSeconds: 0, signal, timeoutMs: config.githubLimits.requestTimeoutSeconds * 1000 },
   );
+}
+
+/** /healthz's `host` from a doctor report. */
+export function doctorHealth(r: import("../host/doctor.js").DoctorReport, now = new Date()): HostHealth {
+  return {
+    ok: r.ok,
+    accel: r.accel?.accel,
+    kvm: r.accel?.accel === "kvm",
+    checkedAt: now.toISOString(),
+    problems: r.checks.filter((c) => c.status !== "pass").map((c) => ({ name: c.name, status: c.status, detail: c.detail, ...(c.fix ? { fix: c.fix } : {}) })),
+  };
 }
 
 /** After a shutdown, the process exits this long later even if something keeps it alive. */
@@ -244,6 +255,7 @@ async function startUp(o: RunServeOptions, initial: ServeConfig, secrets: Set<st
     return p;
   };
   const consoleLogs = new Map<string, string>();
+  let hostHealth: HostHealth | undefined;
   const serverOpts: ServerOptions = {
     store,
     pools: serverPools,
@@ -253,6 +265,7 @@ async function startUp(o: RunServeOptions, initial: ServeConfig, secrets: Set<st
     registry,
     onDemand: () => daemon.wake(),
     health: () => daemon.githubHealth(),
+    hostHealth: () => hostHealth,
     control: {
       reload: () => reload("api"),
       drain: (d) => ({ ...daemon.drain(d) }),
@@ -290,6 +303,18 @@ async function startUp(o: RunServeOptions, initial: ServeConfig, secrets: Set<st
   // Start-up reconciliation (a previous run's VMs, network tables, work dirs) runs to its end
   // even when a signal comes meanwhile; the loop then starts only without one.
   if (!(await daemon.start(signals.stop.signal))) return undefined;
+  // civm doctor's checks for /healthz and the log, off the start path (the KVM probe boots).
+  void (async () => {
+    try {
+      const { runDoctor } = await import("../host/doctor.js");
+      hostHealth = doctorHealth(await runDoctor({ paths }));
+      const fields = { component: "doctor", ok: hostHealth.ok, accel: hostHealth.accel, kvm: hostHealth.kvm, problems: hostHealth.problems.map((p) => `${p.name}: ${p.detail}`) };
+      if (hostHealth.ok && hostHealth.problems.length === 0) logger.info(fields, "civm doctor: host ready");
+      else logger.warn(fields, "civm doctor found problems (also on /healthz)");
+    } catch (e) {
+      logger.warn({ component: "doctor", err: messageOf(e) }, "civm doctor could not run");
+    }
+  })();
 
   const done = new Promise<number>((resolve) => {
     signals.onStop = (sig) => {

@@ -18,6 +18,22 @@ import type { RunnerTarget } from "../github/registration-token.js";
 import { pickupSeconds, serveMetrics } from "../pool/metrics.js";
 import { HostError } from "../errors/index.js";
 
+/**
+ * What /healthz says about the host: `civm doctor`'s checks, run once at start (the KVM probe
+ * included). Informational: `status` stays about serving; a host without KVM still serves
+ * (under TCG), and `kvm` says so.
+ */
+export interface HostHealth {
+  /** No required check failed. */
+  ok: boolean;
+  /** The accelerator runner VMs use, and whether KVM is usable. */
+  accel: "kvm" | "tcg" | undefined;
+  kvm: boolean;
+  checkedAt: string;
+  /** Checks that did not pass: name, status (warn|fail), detail, fix. */
+  problems: { name: string; status: string; detail: string; fix?: string }[];
+}
+
 /** One pool as the API reports it (GET /api/pools, /api/pools/NAME, scale, pause, resume). */
 export interface ApiPool {
   name: string;
@@ -80,6 +96,8 @@ export interface ServerOptions {
   now?: () => number;
   /** GitHub's state per target for /healthz (status "degraded" when one has failed too long). */
   health?: () => { status: "ok" | "degraded"; [k: string]: unknown };
+  /** The host's `civm doctor` verdict for /healthz (`host`); undefined until it has run. */
+  hostHealth?: () => HostHealth | undefined;
   /** Called after a delivery changed what the pools must do (the reconciler wakes up). */
   onDemand?: () => void;
   /** POST /api/reload, /api/drain, /api/undrain, GET /api/status; without it they answer 501. */
@@ -196,7 +214,8 @@ export function createApp(opts: ServerOptions): Hono {
   // Still 200 when degraded: the process is fine, GitHub is not; restarting would not help.
   app.get("/healthz", (c) => {
     const h = opts.health?.();
-    return c.json(h ? { ok: true, status: h.status, github: h } : { ok: true, status: "ok" });
+    const host = opts.hostHealth?.();
+    return c.json({ ...(h ? { ok: true, status: h.status, github: h } : { ok: true, status: "ok" }), ...(host ? { host } : {}) });
   });
   if (opts.metrics !== false) app.get("/metrics", metricsHandler(opts.registry));
 

@@ -119,6 +119,29 @@ export function registerImage(program: Command): void {
     });
 
   image
+    .command("export")
+    .description("Write a stored image as one standalone disk file to upload elsewhere: qcow2 or raw (libvirt, Proxmox, OpenStack) or a fixed VHD (Azure); a child image comes out whole.")
+    .argument("<name>")
+    .requiredOption("--format <format>", "qcow2, raw or vhd (fixed, whole MiB, for Azure)")
+    .requiredOption("-o, --output <file>", "the file to write")
+    .option("--force", "replace an existing output file")
+    .option("-q, --quiet", "no progress")
+    .option("--json", "print the result (output, format, virtualSize, bytes) as JSON")
+    .action(async (name: string, flags: { format: string; output: string; force?: boolean; quiet?: boolean; json?: boolean }, cmd: Command) => {
+      const { ImageStore } = await import("../../images/store.js");
+      const { exportImage, parseFormat } = await import("../../images/export.js");
+      const format = parseFormat(flags.format);
+      const img = await new ImageStore(pathsFrom(cmd).stateDir).require(name);
+      const r = await exportImage({
+        image: img, format, output: flags.output, force: !!flags.force,
+        ...(flags.quiet ? {} : { onProgress: (p: number) => process.stderr.write(`\rcivm: exporting ${name}: ${p.toFixed(0)}%   `) }),
+      });
+      if (!flags.quiet) process.stderr.write("\n");
+      say(`exported ${name} to ${r.output} (${format}, virtual size ${formatBytes(r.virtualSize)}, ${formatBytes(r.bytes)} on disk)`);
+      if (flags.json) printJson(r);
+    });
+
+  image
     .command("pull")
     .description(
       "Fetch an image into the store: from an OCI registry (REGISTRY/REPO:TAG or @sha256:..., little-vm-helper's layout; digests verified, cached by digest), or a .qcow2 or .qcow2.zst over HTTP(S) with its .sha256 (of the uncompressed image).",
