@@ -149,7 +149,7 @@ test("civm completion bash|zsh|fish: scripts generated from the command tree", a
   assert.match(zsh.stdout, /bashcompinit/);
   const fish = await runCivm(["completion", "fish"], e);
   assert.match(fish.stdout, /^complete -c civm -n __fish_use_subcommand -a serve -d 'Keep pools of single-use GitHub Actions runner VMs'$/m);
-  assert.match(fish.stdout, /^complete -c civm -n '__fish_seen_subcommand_from image; and not __fish_seen_subcommand_from build ls list path rm pull push' -a ls/m);
+  assert.match(fish.stdout, /^complete -c civm -n '__fish_seen_subcommand_from image; and not __fish_seen_subcommand_from build ls list path rm export pull push' -a ls/m);
   assert.equal((await runCivm(["completion", "tcsh"], e)).code, 2);
 });
 
