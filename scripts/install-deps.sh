@@ -12,6 +12,7 @@ PACKAGES=(
   zstd jq shellcheck ovmf      # compressed images, guest agent tests, lint
   nftables                     # the per-VM network policy
   iproute2                     # tests: network namespaces for the policy tests
+  postgresql                   # tests: a throwaway PostgreSQL cluster for the fleet store (civm serve store: postgres://...)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -12,7 +12,8 @@ import { detectAccel } from "../host/kvm.js";
 import { resolvePaths } from "../host/paths.js";
 import { pruneLogs } from "../host/log-retention.js";
 import { createApp, createMetricsApp, listen, type ReloadOutcome, type ServerOptions, type ServerPool } from "../server/index.js";
-import { StateStore } from "../store/index.js";
+import { openStore } from "../store/open.js";
+import { hostOptions } from "./fleet.js";
 import { lockStateDir } from "../host/serve-lock.js";
 import { redactAll } from "../vm/run.js";
 import { loadServeConfig } from "./config.js";
@@ -60,7 +61,12 @@ export async function runServe(o: RunServeOptions): Promise<number> {
   const paths = resolvePaths({ stateDir: config.stateDir ?? o.stateDir, logsDir: o.logsDir });
   // Before anything reads the store: a second daemon would take the first's VMs for leftovers.
   const lock = lockStateDir(paths.stateDir);
-  const store = new StateStore(paths.stateDir);
+  const host = hostOptions(config);
+  const store = await openStore({ url: config.store.kind === "postgres" ? config.store.url : undefined, stateDir: paths.stateDir, hostId: host.id }).catch((e: unknown) => {
+    lock.release();
+    throw e;
+  });
+  if (config.store.kind === "postgres") logger.info({ store: store.where, host: host.id, migrationsApplied: store.applied ?? 0 }, "fleet store open");
   const registry = new Registry();
   registerProcessMetrics(registry, CIVM_VERSION);
   const warn = (m: string) => logger.warn({}, m);
@@ -88,6 +94,8 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     router,
     pools: config.pools,
     store,
+    host: { ...host, address: host.address || `${config.tls ? "https" : "http"}://${config.listen.host}:${config.listen.port}` },
+    version: CIVM_VERSION,
     access,
     launcher,
     logger,
@@ -129,7 +137,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
       for (const s of next.secrets) secrets.add(s);
       for (const w of poolCmdlineWarnings(next.pools, next.poolsFile)) logger.warn({ trigger }, w);
       const settings = settingsChanges(config, next, paths.stateDir);
-      const pools = daemon.reload(next.pools, {
+      const pools = await daemon.reload(next.pools, {
         ...(settings.applied.includes("github credentials") ? { access: accessFor(next, warn, registry, githubAbort.signal) } : {}),
         pollIntervalMs: next.pollIntervalSeconds * 1000,
         shutdownTimeoutMs: next.shutdownTimeoutSeconds * 1000,
@@ -151,6 +159,8 @@ export async function runServe(o: RunServeOptions): Promise<number> {
   const consoleLogs = new Map<string, string>();
   const serverOpts: ServerOptions = {
     store,
+    hostId: host.id,
+    deadAfterMs: daemon.fleet.deadAfterMs,
     pools: serverPools,
     webhookSecret: config.webhookSecret,
     apiToken: config.apiToken,
@@ -160,9 +170,9 @@ export async function runServe(o: RunServeOptions): Promise<number> {
     health: () => daemon.githubHealth(),
     control: {
       reload: () => reload("api"),
-      drain: (d) => ({ ...daemon.drain(d) }),
-      undrain: () => ({ ...daemon.undrain() }),
-      status: () => ({ ...daemon.status() }),
+      drain: async (d) => ({ ...(await daemon.drain(d)) }),
+      undrain: async () => ({ ...(await daemon.undrain()) }),
+      status: async () => ({ ...(await daemon.status()) }),
     },
     consoleLog: async (vm) => {
       const known = consoleLogs.get(vm.id);
@@ -209,7 +219,7 @@ export async function runServe(o: RunServeOptions): Promise<number> {
         githubAbort.abort();
         await server.close();
         await metricsServer?.close();
-        store.close();
+        await store.close();
         lock.release();
         logger.info({}, "stopped");
         resolve(0);

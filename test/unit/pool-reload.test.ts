@@ -10,6 +10,8 @@ function config(over: Partial<ServeConfig> = {}): ServeConfig {
     baseDir: "/etc/civm",
     listen: { host: "127.0.0.1", port: 8080 },
     stateDir: undefined,
+    store: { kind: "sqlite", where: "sqlite" },
+    fleet: { hostId: undefined, address: undefined, cpus: undefined, ramBytes: undefined, heartbeatSeconds: 10, deadAfterSeconds: 60, placementGraceSeconds: 15 },
     github: { apiUrl: "https://api.github.com", auth: { kind: "token", token: "ghp_old_secret" } },
     webhookSecret: "hook",
     apiToken: "api",
