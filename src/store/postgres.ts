@@ -188,7 +188,8 @@ export class PostgresStore implements Store {
 
   /** Applies pending migrations in one transaction under an advisory lock; returns how many. */
   private async migrate(migrations: readonly string[]): Promise<number> {
-    const c = await this.db.connect();
+    const c = await this.checkout();
+    let failed: unknown;
     try {
       await c.query("BEGIN");
       // Hosts starting together queue here; each finds the schema as the first left it.
@@ -206,10 +207,11 @@ export class PostgresStore implements Store {
       await c.query("COMMIT");
       return migrations.length - current;
     } catch (e) {
+      failed = e;
       await c.query("ROLLBACK").catch(() => {});
       throw e;
     } finally {
-      c.release();
+      c.done(failed);
     }
   }
 
@@ -224,18 +226,36 @@ export class PostgresStore implements Store {
 
   /** Runs `fn` in a transaction on one connection. */
   private async tx<T>(fn: (c: pg.PoolClient) => Promise<T>): Promise<T> {
-    const c = await this.db.connect();
+    const c = await this.checkout();
     try {
       await c.query("BEGIN");
       const out = await fn(c);
       await c.query("COMMIT");
+      c.done();
       return out;
     } catch (e) {
       await c.query("ROLLBACK").catch(() => {});
+      // The connection may be broken (a server restart): it is not reused.
+      c.done(e);
       throw e;
-    } finally {
-      c.release();
     }
+  }
+
+  /**
+   * A pooled connection with an error listener while it is checked out: a connection the
+   * server ends mid-transaction emits "error", which without a listener would crash the
+   * process (the query itself fails too, and is handled by its caller).
+   */
+  private async checkout(): Promise<pg.PoolClient & { done(e?: unknown): void }> {
+    const c = await this.db.connect();
+    const ignore = () => {};
+    c.on("error", ignore);
+    return Object.assign(c, {
+      done: (e?: unknown) => {
+        c.off("error", ignore);
+        c.release(e instanceof Error ? e : undefined);
+      },
+    });
   }
 
   private notify(q: Queryable = this.db): Promise<unknown> {

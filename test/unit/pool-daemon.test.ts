@@ -4,65 +4,12 @@ import assert from "node:assert/strict";
 import { Registry } from "prom-client";
 import { StateStore } from "../../src/store/index.js";
 import { createGitHubAccess } from "../../src/github/app-auth.js";
-import { Daemon, type LaunchOutcome, type LaunchRequest, type VmHandle, type VmLauncher, type DaemonLogger } from "../../src/pool/daemon.js";
+import { Daemon, type DaemonLogger } from "../../src/pool/daemon.js";
 import type { PoolSpec } from "../../src/pool/types.js";
 import { startFakeGitHub, type FakeGitHub } from "../support/fake-github.js";
 import { poolSpec } from "../support/pool-spec.js";
 import { waitFor } from "../support/civm-cli.js";
-
-interface FakeVm {
-  req: LaunchRequest;
-  stopped: number;
-  forced: boolean;
-  exit(o?: Partial<LaunchOutcome>): void;
-  done: boolean;
-}
-
-class FakeLauncher implements VmLauncher {
-  vms: FakeVm[] = [];
-  key = "img-1";
-  reconciled = 0;
-  imageKeyCalls = 0;
-  /** When set, imageKey() (so every pass) waits for it: a pass held open. */
-  gate: Promise<void> | undefined;
-  /** true: stop() ends the VM at once (a guest that honours ACPI). */
-  stopEnds = true;
-  async imageKey(): Promise<string> {
-    this.imageKeyCalls++;
-    if (this.gate) await this.gate;
-    return this.key;
-  }
-  async reconcileLeftovers(): Promise<void> {
-    this.reconciled++;
-  }
-  start(req: LaunchRequest): VmHandle {
-    let resolve!: (o: LaunchOutcome) => void;
-    const result = new Promise<LaunchOutcome>((r) => (resolve = r));
-    const vm: FakeVm = {
-      req,
-      stopped: 0,
-      forced: false,
-      done: false,
-      exit: (o = {}) => {
-        if (vm.done) return;
-        vm.done = true;
-        resolve({ reason: "poweroff", exitCode: 0, ...o });
-      },
-    };
-    this.vms.push(vm);
-    return {
-      result,
-      stop: (force = false) => {
-        vm.stopped++;
-        vm.forced ||= force;
-        if (this.stopEnds || force) vm.exit({ reason: "stopped", exitCode: 5 });
-      },
-    };
-  }
-  running(): FakeVm[] {
-    return this.vms.filter((v) => !v.done);
-  }
-}
+import { FakeLauncher, type FakeVm } from "../support/fake-launcher.js";
 
 const pool = poolSpec;
 
