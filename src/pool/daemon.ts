@@ -972,10 +972,11 @@ export class Daemon {
     }
     const seen = new Set<number>();
     for (const r of runners) {
+      // Only offline runners civm created: its name pattern, a pool prefix of this target, and
+      // a store record (looked up last: a fleet's poller lists many runners, most online).
+      if (r.busy || r.status !== "offline" || !RUNNER_NAME_SUFFIX.test(r.name) || !pools.some((p) => r.name.startsWith(`${p.runner.namePrefix}-`))) continue;
       const rec = await store.vmByName(r.name);
-      // Only runners civm created: its name pattern, a pool prefix of this target, and a store record.
-      const ours = rec && names.has(rec.pool) && RUNNER_NAME_SUFFIX.test(r.name) && pools.some((p) => r.name.startsWith(`${p.runner.namePrefix}-`));
-      if (!ours || rec.state !== "finished" || this.live.has(rec.id) || r.busy || r.status !== "offline") continue;
+      if (!rec || !names.has(rec.pool) || rec.state !== "finished" || this.live.has(rec.id)) continue;
       seen.add(r.id);
       if (!this.staleMarks.has(r.id)) {
         this.staleMarks.set(r.id, now);

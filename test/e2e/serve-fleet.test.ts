@@ -138,18 +138,23 @@ test("civm serve fleet: three daemons on one PostgreSQL: migrations once, fleet-
   // --- PostgreSQL restarted with jobs queued ----------------------------------------------------
   await runCivm(["pools", "scale", "tiny", "reset", "--api-url", s0.base], { ...s0.e, env: { ...s0.e.env, CIVM_API_TOKEN: TOKEN } });
   const more = [5, 6].map((i) => gh.addJob({ id: 7000 + i, runId: 900 + i, repository: REPO, labels: ["self-hosted", "tiny"] }));
-  const restart = pg.restart({ downMs: 4000 });
+  const restart = pg.restart({ downMs: 6000 });
   // Deliveries while the database is down fail (500: GitHub would redeliver); the poll finds the jobs.
   await new Promise((r) => setTimeout(r, 500));
   for (const j of more) await sendWebhook(`${s0.base}/webhook`, { secret: SECRET, payload: await workflowJobPayload("queued", { id: j.id, runId: j.runId, labels: j.labels, repository: REPO }) }).catch(() => undefined);
   await restart;
   await s0.poll(() => [...jobs, ...more].every((j) => j.status === "completed"), 400_000, "the jobs queued around the restart to complete");
   for (const j of [...jobs, ...more]) assert.equal(served(j.id).length, 1, `job ${j.id} served once: ${served(j.id).join("; ")}`);
+  const storeLines = (d: Serve) => logLines(d.stdout()).filter((l) => /state store/.test(String(l.msg)) || l.level === "error").map((l) => `${String(l.time)} ${String(l.level)} ${String(l.msg)} ${String(l.err ?? "")}`);
   for (const d of survivors) {
     assert.equal(d.child.exitCode, null, "no daemon crashed");
-    const lines = logLines(d.stdout());
-    assert.ok(lines.some((l) => l.msg === "the state store is back: reconciling"), `${d.base} reconnected`);
+    const st = await d.api<{ store: { reachable: boolean } }>("/api/status");
+    assert.equal(st.store.reachable, true, `${d.base} uses the store again:\n${storeLines(d).join("\n")}`);
+    // A daemon whose calls all fell into the outage noticed it, and reconnected.
+    const lost = logLines(d.stdout()).some((l) => String(l.msg).startsWith("the state store is unreachable"));
+    if (lost) assert.ok(logLines(d.stdout()).some((l) => l.msg === "the state store is back: reconciling"), `${d.base} reconnected:\n${storeLines(d).join("\n")}`);
   }
+  assert.ok(survivors.some((d) => logLines(d.stdout()).some((l) => l.msg === "the state store is back: reconciling")), `a daemon noticed the outage:\n${survivors.map((d) => storeLines(d).join("\n")).join("\n--\n")}`);
 
   // --- the killed daemon comes back: its orphans ended, it rejoins -------------------------------
   const back = startServe({ e: victim.e, port: ports[vi]!, config: config(vi), configFile: victim.configFile });
