@@ -746,7 +746,8 @@ export class Daemon {
     for (let i = 0; i < plan.start && limited === undefined; i++) {
       if (this.stopping || this.drainState || !(await this.startVm(pool, imageKey, configKey))) break;
     }
-    const after = await store.vms({ pool: pool.name, live: true });
+    // This host's runners (in a fleet each host exports its own: sum them across hosts).
+    const after = await store.vms({ pool: pool.name, live: true, host: this.hostId });
     for (const state of ["starting", "idle", "busy"] as const) this.metrics.runners.set({ pool: pool.name, state }, after.filter((v) => v.state === state).length);
   }
 

@@ -148,8 +148,8 @@ test("civm serve fleet: three daemons on one PostgreSQL: migrations once, fleet-
   const storeLines = (d: Serve) => logLines(d.stdout()).filter((l) => /state store/.test(String(l.msg)) || l.level === "error").map((l) => `${String(l.time)} ${String(l.level)} ${String(l.msg)} ${String(l.err ?? "")}`);
   for (const d of survivors) {
     assert.equal(d.child.exitCode, null, "no daemon crashed");
-    const st = await d.api<{ store: { reachable: boolean } }>("/api/status");
-    assert.equal(st.store.reachable, true, `${d.base} uses the store again:\n${storeLines(d).join("\n")}`);
+    // Reconnection backs off (1 s doubling to 30 s): within a minute it uses the store again.
+    await d.poll(async () => (await d.api<{ store: { reachable: boolean } }>("/api/status")).store.reachable, 60_000, `${d.base} to use the store again:\n${storeLines(d).join("\n")}`);
     // A daemon whose calls all fell into the outage noticed it, and reconnected.
     const lost = logLines(d.stdout()).some((l) => String(l.msg).startsWith("the state store is unreachable"));
     if (lost) assert.ok(logLines(d.stdout()).some((l) => l.msg === "the state store is back: reconciling"), `${d.base} reconnected:\n${storeLines(d).join("\n")}`);
