@@ -160,7 +160,8 @@ test("civm serve fleet: three daemons on one PostgreSQL: migrations once, fleet-
   const back = startServe({ e: victim.e, port: ports[vi]!, config: config(vi), configFile: victim.configFile });
   daemons[vi] = back;
   alive.add(back);
-  await back.poll(async () => (await hosts(back)).find((x) => x.id === pollerId)?.state === "active", 60_000, "the host to rejoin");
+  await back.poll(async () => (await fetch(`${back.base}/healthz`).then((r) => r.ok).catch(() => false)), 60_000, "the restarted daemon to listen");
+  await back.poll(async () => (await hosts(back).catch(() => [])).find((x) => x.id === pollerId)?.state === "active", 60_000, "the host to rejoin");
   await back.poll(() => qemuProcessesOf(back.e).length <= 2 && !leftovers(back.e).some((l) => victimRunners.some((n) => l.includes(n.slice(-8)))), 60_000, "its orphan VM to be cleaned up");
 
   sampling = false;
