@@ -529,8 +529,10 @@ export class Daemon {
     // In a fleet one host polls each target (its runners and queued jobs) for all: the holder
     // of the target's lock in the store; when it dies the lock is free for another.
     const leading = await this.opts.store.lead(targets.map((t) => t.key));
-    for (const k of leading) if (!this.leading.has(k)) this.log.info({ target: k, host: this.hostId }, this.fleet.shared ? "this host polls the target for the fleet" : "polling the target");
-    for (const k of this.leading) if (!leading.has(k)) this.log.info({ target: k, host: this.hostId }, "this host no longer polls the target");
+    if (this.fleet.shared) {
+      for (const k of leading) if (!this.leading.has(k)) this.log.info({ target: k, host: this.hostId }, "this host polls the target for the fleet");
+      for (const k of this.leading) if (!leading.has(k)) this.log.info({ target: k, host: this.hostId }, "this host no longer polls the target");
+    }
     this.leading = leading;
     const starting = await this.opts.store.vms({ live: true, state: "starting" });
     const work: Promise<void>[] = [];
