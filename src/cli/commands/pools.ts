@@ -135,7 +135,7 @@ export function registerPools(program: Command): void {
   apiOptions(
     program
       .command("drain")
-      .description("Make a running civm serve stop taking work: no new runners, idle ones stop, busy ones finish. It keeps serving the API (state draining, then drained) until --exit, SIGTERM or --cancel."),
+      .description("Make a running civm serve stop taking work: no new runners, idle ones stop, busy ones finish. It keeps serving the API (state draining, then drained) until --exit, SIGTERM or --cancel. In a fleet the host is recorded as draining: the other hosts take its share."),
   )
     .option("--exit", "exit once no runner VM is left (exit status 0)")
     .option("--wait", "wait until drained (with --exit: until civm serve has exited)")
