@@ -13,6 +13,7 @@ PACKAGES=(
   nftables                     # the per-VM network policy
   iproute2                     # tests: network namespaces for the policy tests
   postgresql                   # tests: a throwaway PostgreSQL cluster for the fleet store (civm serve store: postgres://...)
+  zsh fish                     # tests: civm completion zsh|fish loaded in the real shells
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

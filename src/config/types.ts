@@ -31,6 +31,8 @@ export interface InstanceSpec {
   initrd: string | undefined;
   cmdline: string | undefined;
   machine: MachineType;
+  /** QEMU's -cpu model (default: host with KVM, max with TCG); lvh's --cpu-kind. */
+  cpuModel?: string;
   /** Extra QEMU arguments, appended last. */
   qemuArgs: string[];
   /** What the guest may reach (undefined: restricted, no exceptions). */

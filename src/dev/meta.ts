@@ -1,6 +1,7 @@
 // What a dev VM's registry entry carries for wait/exec/ssh/stop/logs (entry.meta.dev), and
 // finding a running VM by name or id.
-import { existsSync } from "node:fs";
+import { accessSync, constants, existsSync } from "node:fs";
+import { isAbsolute, resolve } from "node:path";
 import { readdir, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { ConfigError } from "../errors/index.js";
@@ -26,6 +27,30 @@ export interface DevMeta {
   supervisorLog?: string;
   /** Seconds between the ACPI power-off request and killing QEMU (civm stop waits that long and more). */
   graceSeconds: number;
+  /**
+   * false: started with --ssh-key, for an image without civm's guest agent (an lvh image):
+   * readiness is SSH alone, with the user's key and --ssh-user.
+   */
+  agent?: boolean;
+}
+
+/** --ssh-key FILE / --ssh-user USER (civm run --image, wait, exec, ssh): checked, as an SshTarget override. */
+export function sshOverride(f: { sshKey?: string; sshUser?: string }, cwd: string): Partial<SshTarget> {
+  const out: Partial<SshTarget> = {};
+  if (f.sshKey !== undefined) {
+    const key = isAbsolute(f.sshKey) ? f.sshKey : resolve(cwd, f.sshKey);
+    try {
+      accessSync(key, constants.R_OK);
+    } catch {
+      throw new ConfigError(`--ssh-key ${f.sshKey}: ${key} is not a readable file; give the private key whose public half the image trusts`);
+    }
+    out.key = key;
+  }
+  if (f.sshUser !== undefined) {
+    if (!/^[a-z_][a-z0-9_.-]{0,31}\$?$/i.test(f.sshUser)) throw new ConfigError(`--ssh-user ${JSON.stringify(f.sshUser)} is not a user name`);
+    out.user = f.sshUser;
+  }
+  return out;
 }
 
 /** entry.meta.dev when it looks like a DevMeta (the registry is a file anyone could edit). */

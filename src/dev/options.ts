@@ -7,6 +7,8 @@ import type { PortForward } from "../vm/argv.js";
 
 /** 9p tags civm keeps for itself. */
 export const RESERVED_TAGS = ["civm-modules"] as const;
+/** The first host mount's tag: lvh's, so its images' fstab line `host_mount /host 9p ...` finds it. */
+export const FIRST_MOUNT_TAG = "host_mount";
 export const TAG_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,30}$/;
 
 export interface HostMountSpec {
@@ -79,7 +81,8 @@ function tagFromPath(p: string): string {
 }
 
 /**
- * Tags and guest paths for every mount: the first is tagged "host" and mounted at /host, the
+ * Tags and guest paths for every mount: the first is tagged "host_mount" (lvh's tag: images
+ * built by little-vm-helper mount it at /host from their fstab) and mounted at /host, the
  * others are tagged after their folder's name and mounted at /host-TAG; an explicit tag or
  * guest path wins. Tags and guest paths must be unique.
  */
@@ -92,7 +95,7 @@ export function planHostMounts(args: readonly string[], cwd: string): HostMountS
   parsed.forEach((p, i) => {
     let tag = p.tag;
     if (!tag) {
-      const base = i === 0 ? "host" : tagFromPath(p.hostPath);
+      const base = i === 0 ? FIRST_MOUNT_TAG : tagFromPath(p.hostPath);
       tag = base;
       for (let n = 2; used.has(tag) || tags.has(tag); n++) tag = `${base}-${n}`;
     }
@@ -115,13 +118,20 @@ function port(v: string, arg: string, what: string): number {
 
 /**
  * `-p [ADDR:]HOST[:GUEST][/tcp|/udp]`: HOST on the host (ADDR, default `defaultAddr`) to
- * GUEST in the guest (default: the same number).
+ * GUEST in the guest (default: the same number). lvh's form, `HOST[:GUEST][:tcp|:udp]`, is
+ * the same forward with the protocol after a colon.
  */
 export function parsePortSpec(arg: string, defaultAddr: string): PortForward {
   let spec = arg;
   let proto: "tcp" | "udp" = "tcp";
   const slash = spec.lastIndexOf("/");
-  if (slash >= 0) {
+  if (slash >= 0 && /:(tcp|udp)\//i.test(spec)) throw new ConfigError(`-p ${JSON.stringify(arg)}: give the protocol once, as /PROTO or :PROTO`);
+  const lvhProto = /:(tcp|udp)$/i.exec(spec);
+  if (lvhProto && slash >= 0) throw new ConfigError(`-p ${JSON.stringify(arg)}: give the protocol once, as /${lvhProto[1]!.toLowerCase()} or :${lvhProto[1]!.toLowerCase()}`);
+  if (lvhProto) {
+    proto = lvhProto[1]!.toLowerCase() as "tcp" | "udp";
+    spec = spec.slice(0, lvhProto.index);
+  } else if (slash >= 0) {
     const p = spec.slice(slash + 1);
     if (p !== "tcp" && p !== "udp") throw new ConfigError(`-p ${JSON.stringify(arg)}: protocol ${JSON.stringify(p)} is not tcp or udp`);
     proto = p;
@@ -137,7 +147,7 @@ export function parsePortSpec(arg: string, defaultAddr: string): PortForward {
     parts = spec.split(":");
     if (parts.length === 3 || (parts.length === 2 && !/^\d+$/.test(parts[0]!))) addr = parts.shift()!;
   }
-  if (parts.length < 1 || parts.length > 2 || !parts[0]) throw new ConfigError(`-p ${JSON.stringify(arg)}: write [ADDR:]HOST-PORT[:GUEST-PORT][/tcp|/udp], e.g. 8080:80`);
+  if (parts.length < 1 || parts.length > 2 || !parts[0]) throw new ConfigError(`-p ${JSON.stringify(arg)}: write [ADDR:]HOST-PORT[:GUEST-PORT][/tcp|/udp] (or lvh's HOST-PORT[:GUEST-PORT][:tcp|:udp]), e.g. 8080:80`);
   const hostPort = port(parts[0], arg, "host port");
   const guestPort = parts[1] !== undefined ? port(parts[1], arg, "guest port") : hostPort;
   if (!addr) throw new ConfigError(`-p ${JSON.stringify(arg)}: empty address`);

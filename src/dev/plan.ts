@@ -20,7 +20,14 @@ import { formatBytes } from "../vm/format.js";
 import { securityModelFor } from "../vm/ninep.js";
 import { checkForwardsDistinct, checkVmName, parsePortSpec, passthroughWarning, planHostMounts } from "./options.js";
 import { freePort, makeKeyPair, SSH_DIR, SSH_KEY_FILE } from "./ssh.js";
-import { liveEntries, type DevMeta } from "./meta.js";
+import { liveEntries, sshOverride, type DevMeta } from "./meta.js";
+import { openConsoleSinks, type ConsoleSinks } from "./console-sinks.js";
+
+/** The plan's console sinks (lvh's --console-log-file, --serial-port), or undefined; close them after the run. */
+export async function planConsoleSinks(plan: DevPlan, log: (line: string) => void): Promise<ConsoleSinks | undefined> {
+  if (plan.consoleLogFile === undefined && !plan.serialPort) return undefined;
+  return openConsoleSinks({ ...(plan.consoleLogFile !== undefined ? { logFile: plan.consoleLogFile } : {}), ...(plan.serialPort ? { serial: plan.serialPort } : {}), log });
+}
 
 /** What the guest agent is told: stay up (as root, so any image with the agent works), mount, install the key. */
 export const KEEPALIVE_COMMAND = "exec sleep infinity";
@@ -44,6 +51,15 @@ export interface DevFlags {
   allow?: string[];
   /** --network restricted|unrestricted (a dev VM always has its network: SSH needs it). */
   network?: string;
+  /** --cpu-kind: QEMU's -cpu model. */
+  cpuKind?: string;
+  /** --console-log-file: a copy of the (redacted) console. */
+  consoleLogFile?: string;
+  /** --serial-port: the console over TCP on the SSH bind address. */
+  serialPort?: string;
+  /** --ssh-key/--ssh-user: an image without civm's agent; SSH with this key and user. */
+  sshKey?: string;
+  sshUser?: string;
 }
 
 export interface DevPlan {
@@ -61,6 +77,9 @@ export interface DevPlan {
   keep: boolean;
   /** Printed at every start (a :passthrough mount, a folder shared with mapped-file). */
   warnings: string[];
+  /** lvh's --console-log-file (absolute) and --serial-port. */
+  consoleLogFile?: string;
+  serialPort?: { host: string; port: number };
 }
 
 export interface PlanContext {
@@ -86,6 +105,27 @@ function size(v: string, flag: string): number {
   }
 }
 
+/** The least memory a VM gets: below it a guest cannot boot, and the value was surely meant in MiB. */
+export const MIN_MEM_BYTES = 64 * 1024 ** 2;
+
+/**
+ * --mem: a size with a unit (1G, 512M), or a bare number of MiB as in QEMU's -m and lvh's
+ * --mem (4096 is 4 GiB, never 4096 bytes). Less than 64 MiB is refused.
+ */
+export function memFlag(v: string): number {
+  const bytes = /^\s*\d+\s*$/.test(v) ? Number(v) * 1024 ** 2 : size(v, "--mem");
+  if (!Number.isSafeInteger(bytes) || bytes < MIN_MEM_BYTES) {
+    throw new ConfigError(`--mem ${v}: a VM needs at least 64 MiB; give a size such as 2G or 512M (a bare number is MiB, as in QEMU's -m: 4096 is 4 GiB)`);
+  }
+  return bytes;
+}
+
+/** --cpu-kind: a QEMU CPU model with optional features (host, max, qemu64, EPYC,+ssse3...). */
+export function cpuKindFlag(v: string): string {
+  if (!/^[A-Za-z0-9][A-Za-z0-9_.+=,-]*$/.test(v)) throw new ConfigError(`--cpu-kind ${JSON.stringify(v)} is not a QEMU CPU model; qemu-system-x86_64 -cpu help lists them (e.g. host, max, qemu64, or a model with features: max,-vmx)`);
+  return v;
+}
+
 async function resolveImage(ref: string, cwd: string, stateDir: string): Promise<{ path: string; kernel?: string; initrd?: string; stored: boolean }> {
   const asPath = isAbsolute(ref) ? ref : resolve(cwd, ref);
   if (existsSync(asPath)) {
@@ -93,9 +133,14 @@ async function resolveImage(ref: string, cwd: string, stateDir: string): Promise
     if (!st.isFile()) throw new ConfigError(`--image ${ref}: ${asPath} is not a file (give a disk image or the name of a stored image)`);
     return { path: asPath, stored: false };
   }
-  if (!looksLikeImageName(ref)) throw new ConfigError(`--image ${ref}: ${asPath} does not exist`);
   const { ImageStore } = await import("../images/store.js");
-  const img = await new ImageStore(stateDir).require(ref); // a ConfigError naming the stored images
+  const store = new ImageStore(stateDir);
+  // lvh's habit: "base.qcow2" names the stored image base when there is no such file.
+  const bare = ref.replace(/\.(qcow2|img|raw)$/i, "");
+  if (!looksLikeImageName(ref) && !(bare !== ref && looksLikeImageName(bare) && (await store.get(bare)))) {
+    throw new ConfigError(`--image ${ref}: ${asPath} does not exist`);
+  }
+  const img = await store.require(looksLikeImageName(ref) ? ref : bare); // a ConfigError naming the stored images
   return { path: img.diskPath, ...(img.kernelPath && img.initrdPath ? { kernel: img.kernelPath, initrd: img.initrdPath } : {}), stored: true };
 }
 
@@ -108,7 +153,7 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
   if (live.some((e) => e.name === name)) throw new ConfigError(`a VM named "${name}" is already running (civm ls); pick another --name or stop it with civm stop ${name}`);
 
   const cpus = f.cpus !== undefined ? wholeNumber(f.cpus, "--cpus", 1) : 2;
-  const ramBytes = f.mem !== undefined ? size(f.mem, "--mem") : 2 * 1024 ** 3;
+  const ramBytes = f.mem !== undefined ? memFlag(f.mem) : 2 * 1024 ** 3;
   const rootDiskBytes = f.disk !== undefined ? size(f.disk, "--disk") : undefined;
   const timeoutSeconds = f.timeout !== undefined ? parseSecondsFlag(f.timeout, "--timeout", { zeroMeans: "= never" }) : 3600;
   const graceSeconds = f.grace !== undefined ? parseSecondsFlag(f.grace, "--grace") : 30;
@@ -188,6 +233,19 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
   for (const fw of parsed) await checkPortFree(fw.hostAddr, fw.hostPort, fw.proto, `-p ${fw.hostAddr}:${fw.hostPort}:${fw.guestPort}/${fw.proto}`);
   const sshHost = sshForward?.hostAddr ?? sshBind;
   const sshPort = sshForward?.hostPort ?? (await freePort(sshBind));
+  let serialPort: DevPlan["serialPort"];
+  if (f.serialPort !== undefined) {
+    const port = wholeNumber(f.serialPort, "--serial-port", 1);
+    if (port > 65535) throw new ConfigError(`--serial-port ${f.serialPort} is not a port (1-65535)`);
+    if (port === sshPort || parsed.some((p) => p.proto === "tcp" && p.hostPort === port)) throw new ConfigError(`--serial-port ${port} is also forwarded with -p or used for SSH; pick another port`);
+    await checkPortFree(sshHost, port, "tcp", `--serial-port ${port}`);
+    serialPort = { host: sshHost, port };
+  }
+  let consoleLogFile: string | undefined;
+  if (f.consoleLogFile !== undefined) {
+    if (!f.consoleLogFile) throw new ConfigError("--console-log-file needs a file name");
+    consoleLogFile = isAbsolute(f.consoleLogFile) ? f.consoleLogFile : resolve(cwd, f.consoleLogFile);
+  }
   const connectHost = sshHost === "0.0.0.0" ? "127.0.0.1" : sshHost === "::" ? "::1" : sshHost;
 
   const config: JsonValue = {
@@ -197,12 +255,13 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
   };
   const spec: InstanceSpec = {
     name, image: image.path, imageRef: f.image, cpus, ramBytes, rootDiskBytes, timeoutSeconds, sshPort, config,
-    kernel, initrd, cmdline, machine: "pc", qemuArgs, network: devNetwork(f), source: { file: "(civm run --image)", index: 0, baseDir: cwd },
+    kernel, initrd, cmdline, machine: "pc", ...(f.cpuKind !== undefined ? { cpuModel: cpuKindFlag(f.cpuKind) } : {}), qemuArgs, network: devNetwork(f), source: { file: "(civm run --image)", index: 0, baseDir: cwd },
   };
   const workDir = join(paths.stateDir, STATE_LAYOUT.vms, `${name}-${id}`);
   const dev: DevMeta = {
     kind: "dev",
-    ssh: { host: connectHost, port: sshPort, key: join(workDir, SSH_DIR, SSH_KEY_FILE), user: "root" },
+    ssh: { host: connectHost, port: sshPort, key: join(workDir, SSH_DIR, SSH_KEY_FILE), user: "root", ...sshOverride(f, cwd) },
+    ...(f.sshKey !== undefined ? { agent: false } : {}),
     forwards,
     mounts: hostMounts,
     image: f.image,
@@ -211,13 +270,18 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
     ...(ctx.supervisorLog ? { supervisorLog: ctx.supervisorLog(name, id) } : {}),
     graceSeconds,
   };
-  return { id, spec, mounts, forwards, dev, sshBind: sshHost, accel: ctx.accel ?? "tcg", graceSeconds, keep: !!f.keep, warnings };
+  return {
+    id, spec, mounts, forwards, dev, sshBind: sshHost, accel: ctx.accel ?? "tcg", graceSeconds, keep: !!f.keep, warnings,
+    ...(consoleLogFile !== undefined ? { consoleLogFile } : {}), ...(serialPort ? { serialPort } : {}),
+  };
 }
 
 export interface DevRequestOptions {
   paths: Paths;
   log: (line: string) => void;
   onConsole?: (text: string) => void;
+  /** The plan's --console-log-file/--serial-port sinks (openConsoleSinks), if any. */
+  sinks?: ConsoleSinks;
 }
 
 /** The VmRun request of a plan: the key pair is made in the work dir, its public half goes to the agent. */
@@ -232,7 +296,8 @@ export function devRunRequest(plan: DevPlan, o: DevRequestOptions): RunVmRequest
     graceSeconds: plan.graceSeconds,
     keep: plan.keep,
     log: o.log,
-    ...(o.onConsole ? { onConsole: o.onConsole } : {}),
+    ...(o.onConsole || o.sinks ? { onConsole: (t: string) => (o.onConsole?.(t), o.sinks?.onText(t)) } : {}),
+    ...(o.sinks ? { onConsoleInput: o.sinks.onInput } : {}),
     id: plan.id,
     meta: { dev: plan.dev },
     prepareWorkDir: async (workDir) => {

@@ -94,7 +94,13 @@ export function sshProbe(t: SshTarget, timeoutMs = 15_000): Promise<{ ok: boolea
       resolve({ ok: false, stderr: (e as Error).message });
       return;
     }
-    const timer = setTimeout(() => child.kill("SIGKILL"), timeoutMs);
+    // ssh's own ConnectTimeout covers the banner exchange too and says so on stderr; this is
+    // the backstop, a little later so that ssh's message comes first.
+    let killed = false;
+    const timer = setTimeout(() => {
+      killed = true;
+      child.kill("SIGKILL");
+    }, timeoutMs + 3_000);
     child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr = (stderr + d).slice(-2000)));
     child.on("error", (e) => {
       clearTimeout(timer);
@@ -102,7 +108,7 @@ export function sshProbe(t: SshTarget, timeoutMs = 15_000): Promise<{ ok: boolea
     });
     child.on("close", (code) => {
       clearTimeout(timer);
-      resolve({ ok: code === 0, stderr });
+      resolve({ ok: code === 0, stderr: killed && !stderr.trim() ? `no answer during banner exchange within ${Math.round(timeoutMs / 1000)} s (ssh ended by civm)` : stderr });
     });
   });
 }

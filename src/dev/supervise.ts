@@ -16,7 +16,7 @@ import type { RegistryEntry } from "../vm/registry.js";
 import { VmRun } from "../vm/run.js";
 import { formatSeconds } from "../vm/format.js";
 import { tailLines } from "../vm/console.js";
-import { devRunRequest, type DevPlan } from "./plan.js";
+import { devRunRequest, planConsoleSinks, type DevPlan } from "./plan.js";
 
 /** The hidden subcommand the supervisor runs as. */
 export const SUPERVISOR_COMMAND = "__dev-supervisor";
@@ -124,7 +124,8 @@ export async function runSupervisor(): Promise<number> {
   const log = (line: string) => process.stderr.write(`${new Date().toISOString()} civm: ${line}\n`);
   log(`supervisor (pid ${process.pid}) for ${plan.spec.name} (id ${plan.id})`);
   for (const w of plan.warnings ?? []) log(`warning: ${w}`);
-  const vm = new VmRun(devRunRequest(plan, { paths, log }));
+  const sinks = await planConsoleSinks(plan, log);
+  const vm = new VmRun(devRunRequest(plan, { paths, log, ...(sinks ? { sinks } : {}) }));
   let signals = 0;
   const onSignal = (sig: NodeJS.Signals) => {
     signals++;
@@ -134,7 +135,7 @@ export async function runSupervisor(): Promise<number> {
   process.on("SIGTERM", onSignal);
   process.on("SIGINT", onSignal);
   process.on("SIGHUP", () => log("SIGHUP ignored"));
-  const r = await vm.run();
+  const r = await vm.run().finally(() => sinks?.close());
   if (r.detail) log(r.detail);
   log(`${r.name}: ${r.reason} after ${formatSeconds(r.durationMs)} (exit ${r.exitCode}); console log: ${r.consoleLog}`);
   return r.exitCode;

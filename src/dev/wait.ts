@@ -53,9 +53,44 @@ async function readFrom(path: string, offset: number): Promise<{ text: string; o
   }
 }
 
+/** What a failed SSH probe says about the guest. */
+export type SshFailure = "refused" | "no-guest" | "denied" | "other";
+
+/**
+ * QEMU's user network accepts the connection on the host port itself, then connects to the
+ * guest: when nothing answers there (no address in the guest, no sshd) ssh sees the
+ * connection reset or silent at the banner, never "refused".
+ */
+export function classifySshFailure(stderr: string): SshFailure {
+  if (/Connection refused/i.test(stderr)) return "refused";
+  if (/Permission denied|Too many authentication failures/i.test(stderr)) return "denied";
+  if (/banner exchange|kex_exchange_identification|Connection reset|Connection closed by remote host|closed by .* port/i.test(stderr)) return "no-guest";
+  return "other";
+}
+
+/** How long SSH may fail the same way, once the guest is known to be up, before wait says why. */
+export const SSH_DIAGNOSIS_MS = 15_000;
+
+export function explainSshFailure(kind: SshFailure, t: { host: string; port: number; user: string; key: string }): string {
+  switch (kind) {
+    case "no-guest":
+      return `QEMU accepts connections on ${t.host}:${t.port} but the guest does not answer on port 22: the guest has no network address (the image configures no DHCP client: civm's images need one, e.g. systemd-networkd with DHCP on en*) or no sshd runs in it`;
+    case "denied":
+      return `sshd in the guest answers but refuses ${t.user} with the key ${t.key}: give the key the image trusts (--ssh-key) and its user (--ssh-user)`;
+    case "refused":
+      return `nothing listens on ${t.host}:${t.port} (QEMU's SSH forward is gone)`;
+    default:
+      return "SSH fails";
+  }
+}
+
 /** Resolves with the milliseconds waited; throws CivmError "timeout" (exit 3) or "qemu" (the VM ended, exit 4). */
 export async function waitUntilReady(e: RegistryEntry, dev: DevMeta | undefined, o: WaitOptions): Promise<number> {
   const started = Date.now();
+  if (o.mode === "both" && dev?.agent === false) {
+    o.log?.(`${e.name}: started with --ssh-key (an image without civm's agent): waiting for SSH alone`);
+    o = { ...o, mode: "ssh" };
+  }
   const deadline = started + o.timeoutMs;
   const entryFile = join(o.stateDir, STATE_LAYOUT.registry, `${e.id}.json`);
   let consoleText = "";
@@ -64,6 +99,8 @@ export async function waitUntilReady(e: RegistryEntry, dev: DevMeta | undefined,
   let keysInstalled = o.mode === "ssh";
   let sshOk = false;
   let lastSsh = "";
+  // The same SSH failure since this time (reset when it changes).
+  let failing: { kind: SshFailure; since: number; told: number } | undefined;
   const consoleTail = () => `--- console ${e.consoleLog} (tail) ---\n${tailLines(consoleText, 30)}`;
   if (o.mode !== "console" && !dev) throw new CivmError("config", `VM "${e.name}" has no civm-made SSH key (not started with civm run --image); use civm wait --console`);
   for (;;) {
@@ -85,7 +122,21 @@ export async function waitUntilReady(e: RegistryEntry, dev: DevMeta | undefined,
     if (o.mode !== "console" && keysInstalled && !sshOk) {
       const probe = await sshProbe(dev!.ssh, Math.max(1000, Math.min(10_000, deadline - Date.now())));
       sshOk = probe.ok;
-      if (!probe.ok) lastSsh = probe.stderr.trim();
+      if (!probe.ok) {
+        lastSsh = probe.stderr.trim();
+        const kind = classifySshFailure(lastSsh);
+        if (failing?.kind !== kind) failing = { kind, since: Date.now(), told: Date.now() };
+        const why = explainSshFailure(kind, dev!.ssh);
+        // Once civm's agent is ready the guest is up: a lasting failure will not heal by waiting.
+        if (consoleReady && o.mode === "both" && kind !== "other" && Date.now() - failing.since >= SSH_DIAGNOSIS_MS) {
+          throw new CivmError("timeout", `${e.name}: the guest agent is ready but SSH does not work: ${why}`, { details: `${lastSsh.split("\n").pop()}\n${consoleTail()}` });
+        }
+        // Without the agent, booting looks the same for a while: say what it looks like, then go on.
+        if (kind !== "other" && Date.now() - failing.told >= 30_000) {
+          failing.told = Date.now();
+          o.log?.(`${e.name}: still no SSH after ${formatSeconds(Date.now() - started)}: ${why} (or the guest is still booting)`);
+        }
+      } else failing = undefined;
     }
     if (consoleReady && sshOk) return Date.now() - started;
     if (!existsSync(entryFile) || liveness(e) !== "running") {
@@ -94,7 +145,9 @@ export async function waitUntilReady(e: RegistryEntry, dev: DevMeta | undefined,
       throw new CivmError("qemu", `${e.name}: the VM ended before it was ready`, { details: consoleTail() });
     }
     if (Date.now() > deadline) {
-      const what = !consoleReady ? `the guest agent did not print "${AGENT_READY}"` : `SSH to ${dev!.ssh.host}:${dev!.ssh.port} does not answer${lastSsh ? ` (${lastSsh.split("\n").pop()})` : ""}`;
+      const what = !consoleReady
+        ? `the guest agent did not print "${AGENT_READY}"${o.mode === "both" && !consoleText.includes("civm-agent:") ? " (the console shows no civm agent at all: for an image without it, give --ssh-key and --ssh-user)" : ""}`
+        : `SSH to ${dev!.ssh.host}:${dev!.ssh.port} does not answer${failing ? `: ${explainSshFailure(failing.kind, dev!.ssh)}` : ""}${lastSsh ? ` (${lastSsh.split("\n").pop()})` : ""}`;
       throw new CivmError("timeout", `${e.name}: not ready after ${formatSeconds(o.timeoutMs)}: ${what}`, { details: consoleTail() });
     }
     await sleep(keysInstalled && !sshOk ? (o.intervalMs ?? 250) : 100);

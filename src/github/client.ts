@@ -187,8 +187,10 @@ export function requestTimeouts(octokit: { hook: Octokit["hook"] }, options: { c
       else outer?.addEventListener("abort", onAbort, { once: true });
     });
     try {
-      // In place, as in observeRequests: the options object is shared by every hook.
-      opts.request = Object.assign(opts.request ?? {}, { signal });
+      // On the options object, which every hook of this call shares (as in observeRequests),
+      // but in a copy of `request`: Octokit hands every call the same `request` object, and a
+      // signal left there would abort each later call once this one has timed out.
+      opts.request = { ...opts.request, signal };
       return (await Promise.race([(request as unknown as RequestFn)(opts), stop])) as never;
     } finally {
       clearTimeout(timer);

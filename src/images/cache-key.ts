@@ -127,11 +127,11 @@ async function hashFile(path: string, mode: number): Promise<string> {
   return h.digest("hex");
 }
 
-async function hashDir(path: string): Promise<string> {
+async function hashDir(path: string, skip: (name: string) => boolean = () => false): Promise<string> {
   const info = await lstat(path);
   const h = createHash("sha256");
   h.update(`dir ${(info.mode & 0o7777).toString(8)}\n`);
-  const names = (await readdir(path)).sort();
+  const names = (await readdir(path)).filter((n) => !skip(n)).sort();
   for (const name of names) {
     const p = join(path, name);
     const st = await lstat(p);
@@ -146,9 +146,9 @@ async function hashDir(path: string): Promise<string> {
 }
 
 /**
- * The guest agent's identity: guest/VERSION plus a hash of the whole guest/ folder, so an
+ * The guest agent's identity: guest/VERSION plus a hash of the guest/ folder, so an
  * edit to the agent rebuilds every image (the builder installs it into each root image)
- * even when nobody bumped VERSION.
+ * even when nobody bumped VERSION. Its README is not installed, so editing it rebuilds nothing.
  */
 export async function readAgentVersion(file = guestVersionFile): Promise<string> {
   let v = "0";
@@ -157,7 +157,7 @@ export async function readAgentVersion(file = guestVersionFile): Promise<string>
   } catch {
     return v;
   }
-  return `${v}+${(await hashPath(dirname(file))).slice(0, 16)}`;
+  return `${v}+${(await hashDir(dirname(file), (name) => name === "README.md")).slice(0, 16)}`;
 }
 
 /** Reads the files the image's actions use, then computes its key. */

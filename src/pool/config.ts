@@ -22,7 +22,8 @@ import { LOG_RETENTION_DEFAULTS, parseKeepDays, parseMaxBytes, type LogRetention
 import { labelKey, normalizeLabels } from "./labels.js";
 import { kindOf } from "../config/kind.js";
 import { isFireactionsConfig, translateFireactions } from "./fireactions.js";
-import type { GitHubAuthConfig, ImagePullPolicy, PoolImage, PoolSpec, RegistrationMode, ServeConfig } from "./types.js";
+import { BUDGET_RESERVE_SHARE, DEFAULT_GITHUB_DEGRADED_AFTER_MS, DEFAULT_REPO_LIST_TTL_MS } from "./github-poll.js";
+import type { GitHubAuthConfig, GitHubLimits, ImagePullPolicy, PoolImage, PoolSpec, RegistrationMode, ServeConfig } from "./types.js";
 
 export const SERVE_DEFAULTS = {
   listen: "127.0.0.1:8080",
@@ -42,7 +43,18 @@ export const SERVE_DEFAULTS = {
   imagePullPolicy: "IfNotPresent" as ImagePullPolicy,
   registration: "jit" as RegistrationMode,
   workFolder: "_work",
+  /** github.requestTimeout: a GitHub call (retries included) fails after this long (github/client.ts DEFAULT_REQUEST_TIMEOUT_MS). */
+  githubRequestTimeoutSeconds: 30,
+  /** github.degradedAfter: failing or rate-limited this long is "degraded" (github-poll.ts). */
+  githubDegradedAfterSeconds: DEFAULT_GITHUB_DEGRADED_AFTER_MS / 1000,
+  /** github.repositoryListCache: an organization's repository list is read again after this long. */
+  repositoryListCacheSeconds: DEFAULT_REPO_LIST_TTL_MS / 1000,
+  /** github.rateLimitReserve: share of the rate limit polling leaves unspent (%). */
+  rateLimitReservePercent: BUDGET_RESERVE_SHARE * 100,
 } as const;
+
+/** The largest github.rateLimitReserve: polling needs some budget too. */
+export const MAX_RATE_LIMIT_RESERVE_PERCENT = 90;
 
 export const SERVE_KEYS = ["listen", "metricsListen", "tls", "stateDir", "store", "fleet", "github", "webhookSecret", "apiToken", "pools", "pollInterval", "shutdownTimeout", "retention", "maxWebhookBytes", "logs", "qemuUser"] as const;
 export const FLEET_KEYS = ["hostId", "address", "cpus", "ram", "heartbeat", "deadAfter", "placementGrace"] as const;
@@ -53,7 +65,7 @@ export const MAX_WEBHOOK_BYTES_CAP = 25 * 1024 * 1024;
 /** Shorter webhook secrets and API tokens are warned about on a non-loopback listener. */
 export const MIN_SECRET_LENGTH = 16;
 export const LOGS_KEYS = ["keepDays", "maxBytes"] as const;
-export const GITHUB_KEYS = ["apiUrl", "appId", "privateKeyFile", "privateKey", "installationId", "token"] as const;
+export const GITHUB_KEYS = ["apiUrl", "appId", "privateKeyFile", "privateKey", "installationId", "token", "requestTimeout", "degradedAfter", "repositoryListCache", "rateLimitReserve"] as const;
 export const POOL_KEYS = ["name", "maxRunners", "minRunners", "runner", "firecracker", "cpus", "ram", "disk", "timeout-seconds", "idleTimeout", "runnerGroup", "cmdline", "network"] as const;
 export const RUNNER_KEYS = ["name", "image", "imagePullPolicy", "organization", "repository", "labels", "groupId", "registration", "workFolder"] as const;
 export const FIRECRACKER_KEYS = ["vcpuCount", "memSizeMib", "kernelArgs"] as const;
@@ -144,8 +156,11 @@ class Fields {
     return def;
   }
 
-  /** Whole seconds or a duration string; timerLimit: false for ages that never reach a timer (retention). */
-  seconds(key: string, def: number, min = 1, timerLimit = true): number {
+  /**
+   * Whole seconds or a duration string; timerLimit: false for ages that never reach a timer
+   * (retention); zeroMeans: what 0 does, for the message, when min is 0.
+   */
+  seconds(key: string, def: number, min = 1, timerLimit = true, zeroMeans?: string): number {
     const v = this.o[key];
     if (v === undefined || v === null) return def;
     const s = parseDuration(v);
@@ -158,12 +173,25 @@ class Fields {
       this.add(`${this.field(key)} must be at least ${min} s (got ${s}).`);
       return def;
     }
-    const problem = timerLimit ? durationProblem(s, { min }) : undefined;
+    const problem = timerLimit ? durationProblem(s, { min, ...(zeroMeans ? { zeroMeans } : {}) }) : undefined;
     if (problem) {
       this.add(`${this.field(key)} ${problem} (got ${typeof v === "string" ? JSON.stringify(v) : v}).`);
       return def;
     }
     return s;
+  }
+
+  /** "10%": a whole percentage from 0 to max. */
+  percent(key: string, def: number, max: number, what: string): number {
+    const v = this.o[key];
+    if (v === undefined || v === null) return def;
+    const m = typeof v === "string" ? /^\s*(\d+)\s*%\s*$/.exec(v) : null;
+    const n = m ? Number(m[1]) : undefined;
+    if (n === undefined || n > max) {
+      this.add(`${this.field(key)} must be a percentage from 0% to ${max}% (${what}), such as "${def}%" (got ${typeof v === "string" ? JSON.stringify(v) : typeof v === "number" ? `${v}, a number without "%"` : kindOf(v)}).`);
+      return def;
+    }
+    return n;
   }
 
   size(key: string): number | undefined {
@@ -242,6 +270,7 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
   const stateDirRaw = f.str("stateDir");
   const stateDir = stateDirRaw === undefined ? undefined : resolve(baseDir, stateDirRaw);
   const github = await loadGitHub(f, baseDir, secrets);
+  const githubLimits = loadGitHubLimits(f);
   const webhookSecret = f.str("webhookSecret");
   const apiToken = f.str("apiToken");
   if (webhookSecret === undefined && !f.has("webhookSecret")) {
@@ -296,6 +325,7 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
     store,
     fleet,
     github: github ?? { apiUrl: SERVE_DEFAULTS.apiUrl, auth: { kind: "token", token: "" } },
+    githubLimits,
     webhookSecret,
     apiToken,
     pollIntervalSeconds,
@@ -455,6 +485,18 @@ async function resolveSecrets(data: Obj, where: string, baseDir: string, env: No
     problems.push(...e.message.split("\n").map((l) => l.replace(`${where}: config.`, `${where}: `).replace(`${where}: config[`, `${where}: [`)));
     return data;
   }
+}
+
+/** `github.requestTimeout`, `degradedAfter`, `repositoryListCache`, `rateLimitReserve`; defaults for what is missing. */
+function loadGitHubLimits(top: Fields): GitHubLimits {
+  const o = isObj(top.o.github) ? top.o.github : {};
+  const f = new Fields(o, top.where, top.problems, "github.");
+  return {
+    requestTimeoutSeconds: f.seconds("requestTimeout", SERVE_DEFAULTS.githubRequestTimeoutSeconds, 1),
+    degradedAfterSeconds: f.seconds("degradedAfter", SERVE_DEFAULTS.githubDegradedAfterSeconds, 0, true, "= degraded at the first failure"),
+    repositoryListCacheSeconds: f.seconds("repositoryListCache", SERVE_DEFAULTS.repositoryListCacheSeconds, 0, true, "= read the list on every poll"),
+    rateLimitReservePercent: f.percent("rateLimitReserve", SERVE_DEFAULTS.rateLimitReservePercent, MAX_RATE_LIMIT_RESERVE_PERCENT, "of the rate limit kept for JIT configs and deregistration"),
+  };
 }
 
 async function loadGitHub(top: Fields, baseDir: string, secrets: string[]): Promise<ServeConfig["github"] | undefined> {
@@ -769,6 +811,7 @@ export function summarizeServeConfig(c: ServeConfig): string[] {
     `listen ${c.tls ? "https" : "http"} ${c.listen.host}:${c.listen.port}${c.metricsListen ? `, metrics on ${c.metricsListen.host}:${c.metricsListen.port}` : ""}; GitHub ${c.github.apiUrl} (${auth}); webhook secret ${c.webhookSecret ? "set" : "not set (POST /webhook answers 401)"}; API token ${c.apiToken ? "set" : "not set (API answers 401)"}`,
     `poll every ${c.pollIntervalSeconds}s; shutdown waits up to ${c.shutdownTimeoutSeconds}s for busy runners; state kept ${c.retentionSeconds}s; webhook bodies up to ${c.maxWebhookBytes} bytes`,
     `store ${c.store.where}${c.store.kind === "postgres" ? `; host ${c.fleet.hostId ?? "(host name)"}, heartbeat ${c.fleet.heartbeatSeconds}s, dead after ${c.fleet.deadAfterSeconds}s` : ""}${c.fleet.cpus !== undefined || c.fleet.ramBytes !== undefined ? `; capacity ${c.fleet.cpus ?? "all"} cpus, ${c.fleet.ramBytes !== undefined ? `${Math.round(c.fleet.ramBytes / 1024 ** 2)} MiB` : "all memory"}` : ""}`,
+    `GitHub calls time out after ${c.githubLimits.requestTimeoutSeconds}s; a target failing or rate-limited for ${c.githubLimits.degradedAfterSeconds}s is degraded; organization repository lists kept ${c.githubLimits.repositoryListCacheSeconds}s; ${c.githubLimits.rateLimitReservePercent}% of the rate limit kept for JIT configs and deregistration`,
   ];
   for (const p of c.pools) {
     const t = p.runner.target.kind === "org" ? `org ${p.runner.target.org}` : `repo ${p.runner.target.owner}/${p.runner.target.repo}`;

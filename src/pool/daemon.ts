@@ -110,7 +110,12 @@ export interface DaemonOptions {
   githubDegradedAfterMs?: number;
   /** An organization's repository list is read again after this long (ms; default 10 min). */
   repoListTtlMs?: number;
+  /** Share of the rate limit polling leaves for JIT configs and deregistration (default 0.1; see budgetReserve). */
+  budgetReserveShare?: number;
 }
+
+/** What a reload may change besides the pools (daemonSettings() in reload.ts makes them from a config). */
+export type DaemonReloadOptions = { access?: GitHubAccess } & Partial<Pick<DaemonOptions, "pollIntervalMs" | "shutdownTimeoutMs" | "retentionMs" | "githubDegradedAfterMs" | "repoListTtlMs" | "budgetReserveShare">>;
 
 /** After the forced stop at the shutdown timeout, VMs' exit handling gets this long (ms). */
 export const SHUTDOWN_FORCE_MARGIN_MS = 5000;
@@ -305,12 +310,18 @@ export class Daemon {
     else this.wakePending = true;
   }
 
-  /** Start-up reconciliation, then the loop (in the background). */
-  async start(): Promise<void> {
+  /**
+   * Start-up reconciliation, then the loop (in the background). The reconciliation (a
+   * previous run's VMs, tables, work dirs) runs to its end; when `signal` has aborted by
+   * then, the loop does not start and start returns false (shutdown() then has nothing to stop).
+   */
+  async start(signal?: AbortSignal): Promise<boolean> {
     await this.recover();
+    if (signal?.aborted || this.stopping) return false;
     await this.fleet.start();
     await this.pruneSafely();
     this.loopDone = this.loop();
+    return true;
   }
 
   private async pruneSafely(): Promise<void> {
@@ -405,10 +416,10 @@ export class Daemon {
    * next pass; removed ones drain (idle runners stop, busy ones finish, then the pool is
    * gone); changed settings apply on the next pass, and runners started with another image
    * or other VM/registration settings are replaced once idle. `access`: new GitHub
-   * credentials; the poll interval, shutdown timeout and retention apply at once. Queued jobs are
+   * credentials; the poll interval, shutdown timeout, retention and GitHub thresholds apply at once. Queued jobs are
    * matched to the new pools again.
    */
-  async reload(pools: readonly PoolSpec[], o: { access?: GitHubAccess; pollIntervalMs?: number; shutdownTimeoutMs?: number; retentionMs?: number } = {}): Promise<PoolChanges> {
+  async reload(pools: readonly PoolSpec[], o: DaemonReloadOptions = {}): Promise<PoolChanges> {
     const old = new Map(this.pools.map((p) => [p.name, p]));
     const next = new Set(pools.map((p) => p.name));
     const changes: PoolChanges = { added: [], removed: [], changed: [], unchanged: [] };
@@ -439,6 +450,9 @@ export class Daemon {
     }
     if (o.shutdownTimeoutMs !== undefined) this.opts.shutdownTimeoutMs = o.shutdownTimeoutMs;
     if (o.retentionMs !== undefined) this.opts.retentionMs = o.retentionMs;
+    if (o.githubDegradedAfterMs !== undefined) this.github.degradedAfterMs = o.githubDegradedAfterMs;
+    if (o.repoListTtlMs !== undefined) this.opts.repoListTtlMs = o.repoListTtlMs;
+    if (o.budgetReserveShare !== undefined) this.opts.budgetReserveShare = o.budgetReserveShare;
     await this.rerouteQueued().catch((e: unknown) => this.log.warn({ err: messageOf(e) }, "could not match queued jobs to the new pools; the next poll does"));
     this.log.info({ added: changes.added, removed: changes.removed, changed: changes.changed.map((c) => `${c.name} (${c.fields.join(", ")})`) }, "pools reloaded");
     this.wake();
@@ -637,7 +651,7 @@ export class Daemon {
       if (pollDue) {
         st.lastCost = budget.counted - before;
         // The budget's reset is wall-clock time.
-        const delay = nextPollDelay({ intervalMs: interval, now: Date.now(), cost: st.lastCost, sharers: this.github.sharers(key), budget });
+        const delay = nextPollDelay({ intervalMs: interval, now: Date.now(), cost: st.lastCost, sharers: this.github.sharers(key), budget, ...(this.opts.budgetReserveShare !== undefined ? { reserveShare: this.opts.budgetReserveShare } : {}) });
         st.nextPollAt = this.now() + delay;
         if (delay > interval) this.log.info({ target: key, remaining: budget.remaining, nextPollInSeconds: Math.round(delay / 1000) }, "GitHub rate-limit budget low: polling this target less often");
       }

@@ -10,9 +10,18 @@ import type { GitHubBudget } from "../github/client.js";
 export const DEFAULT_GITHUB_DEGRADED_AFTER_MS = 5 * 60_000;
 /** An organization's repository list is read again after this long (ms); a webhook needs no list. */
 export const DEFAULT_REPO_LIST_TTL_MS = 10 * 60_000;
-/** Budget left for what cannot wait (JIT configs, deregistration): polling stops spending below this. */
+/**
+ * Budget left for what cannot wait (JIT configs, deregistration): polling stops spending
+ * below this share of the limit (`github.rateLimitReserve`), and never below BUDGET_RESERVE_MIN
+ * requests unless the share is 0.
+ */
 export const BUDGET_RESERVE_MIN = 100;
 export const BUDGET_RESERVE_SHARE = 0.1;
+
+/** Requests polling leaves unspent out of a budget of `limit` (see BUDGET_RESERVE_MIN). */
+export function budgetReserve(limit: number | undefined, share: number = BUDGET_RESERVE_SHARE): number {
+  return share > 0 ? Math.max(BUDGET_RESERVE_MIN, Math.ceil((limit ?? 0) * share)) : 0;
+}
 
 export interface TargetState {
   key: string;
@@ -53,13 +62,14 @@ export interface TargetHealth {
 /**
  * Delay until the next poll: the configured interval, or longer when polls at that pace
  * would spend the budget (less a reserve) before it is refilled. `cost`: budget-counted
- * requests one poll of this target took; `sharers`: targets polled with the same budget.
+ * requests one poll of this target took; `sharers`: targets polled with the same budget;
+ * `reserveShare`: the share of the limit kept back (default BUDGET_RESERVE_SHARE).
  * With nothing left to spend, the next poll comes after the reset.
  */
-export function nextPollDelay(o: { intervalMs: number; now: number; cost: number; sharers: number; budget: Pick<GitHubBudget, "remaining" | "limit" | "resetAt"> }): number {
+export function nextPollDelay(o: { intervalMs: number; now: number; cost: number; sharers: number; budget: Pick<GitHubBudget, "remaining" | "limit" | "resetAt">; reserveShare?: number }): number {
   const { remaining, resetAt } = o.budget;
   if (remaining === undefined || resetAt === undefined || o.cost <= 0) return o.intervalMs;
-  const reserve = Math.max(BUDGET_RESERVE_MIN, Math.ceil((o.budget.limit ?? 0) * BUDGET_RESERVE_SHARE));
+  const reserve = budgetReserve(o.budget.limit, o.reserveShare);
   const untilReset = Math.max(0, resetAt - o.now);
   const perPoll = o.cost * Math.max(1, o.sharers);
   const affordable = (remaining - reserve) / perPoll;

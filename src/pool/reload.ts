@@ -48,7 +48,35 @@ export function settingsChanges(running: ServeConfig, next: ServeConfig, default
   if (running.retentionSeconds !== next.retentionSeconds) applied.push("retention");
   if (running.maxWebhookBytes !== next.maxWebhookBytes) applied.push("maxWebhookBytes");
   if (JSON.stringify(running.logs) !== JSON.stringify(next.logs)) applied.push("logs");
+  const limits: [keyof ServeConfig["githubLimits"], string][] = [
+    ["requestTimeoutSeconds", "github.requestTimeout"],
+    ["degradedAfterSeconds", "github.degradedAfter"],
+    ["repositoryListCacheSeconds", "github.repositoryListCache"],
+    ["rateLimitReservePercent", "github.rateLimitReserve"],
+  ];
+  for (const [k, field] of limits) if (running.githubLimits[k] !== next.githubLimits[k]) applied.push(field);
   return { applied, restartNeeded };
+}
+
+/** The daemon's timings from a config (at start and on every reload). */
+export interface DaemonSettings {
+  pollIntervalMs: number;
+  shutdownTimeoutMs: number;
+  retentionMs: number;
+  githubDegradedAfterMs: number;
+  repoListTtlMs: number;
+  budgetReserveShare: number;
+}
+
+export function daemonSettings(c: ServeConfig): DaemonSettings {
+  return {
+    pollIntervalMs: c.pollIntervalSeconds * 1000,
+    shutdownTimeoutMs: c.shutdownTimeoutSeconds * 1000,
+    retentionMs: c.retentionSeconds * 1000,
+    githubDegradedAfterMs: c.githubLimits.degradedAfterSeconds * 1000,
+    repoListTtlMs: c.githubLimits.repositoryListCacheSeconds * 1000,
+    budgetReserveShare: c.githubLimits.rateLimitReservePercent / 100,
+  };
 }
 
 /** The config the process runs after applying `next`: restart-only settings keep their running values. */

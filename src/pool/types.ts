@@ -73,6 +73,18 @@ export interface FleetConfig {
   placementGraceSeconds: number;
 }
 
+/** How civm serve deals with GitHub's answers (the `github:` keys besides the credentials). */
+export interface GitHubLimits {
+  /** A GitHub call, its retries included, fails after this long (s; `github.requestTimeout`). */
+  requestTimeoutSeconds: number;
+  /** A target failing or rate-limited this long is reported degraded (s; `github.degradedAfter`). */
+  degradedAfterSeconds: number;
+  /** An organization's repository list is read again after this long (s; `github.repositoryListCache`). */
+  repositoryListCacheSeconds: number;
+  /** Share of the rate limit polling leaves for JIT configs and deregistration (%; `github.rateLimitReserve`). */
+  rateLimitReservePercent: number;
+}
+
 export interface ServeConfig {
   /** The config file as the caller named it. */
   file: string;
@@ -83,6 +95,7 @@ export interface ServeConfig {
   store: StoreConfig;
   fleet: FleetConfig;
   github: { apiUrl: string; auth: GitHubAuthConfig };
+  githubLimits: GitHubLimits;
   webhookSecret: string | undefined;
   apiToken: string | undefined;
   /** Seconds between reconciliation polls of GitHub (queued jobs, runners). */

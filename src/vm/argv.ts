@@ -42,6 +42,8 @@ export interface QemuPlan {
   name: string;
   accel: "kvm" | "tcg";
   machine: MachineType;
+  /** -cpu model; default host (KVM) or max (TCG). */
+  cpuModel?: string;
   cpus: number;
   ramBytes: number;
   overlay: string;
@@ -82,7 +84,7 @@ function bus(machine: MachineType): { pci: boolean; suffix: string } {
 
 export function machineSection(p: QemuPlan): string[] {
   const machineOpts = p.machine === "microvm" ? "microvm,rtc=on" : p.machine;
-  const args = ["-machine", `${machineOpts},accel=${p.accel}`, "-cpu", p.accel === "kvm" ? "host" : "max"];
+  const args = ["-machine", `${machineOpts},accel=${p.accel}`, "-cpu", p.cpuModel ?? (p.accel === "kvm" ? "host" : "max")];
   args.push("-smp", String(p.cpus), "-m", `${Math.max(1, Math.floor(p.ramBytes / (1024 * 1024)))}M`);
   return args;
 }

@@ -208,6 +208,11 @@ export class ConsoleStream {
     sock.on("data", (b: Buffer) => this.redactor.push(this.decoder.write(b)));
   }
 
+  /** Sends input to the guest's serial console (lvh's --serial-port). */
+  write(data: Buffer): void {
+    if (!this.finished) this.socket?.write(data);
+  }
+
   private out(text: string): void {
     this.o.onText?.(text);
     const fh = this.fh;

@@ -60,6 +60,8 @@ export interface RunVmRequest {
   log: (line: string) => void;
   /** Receives the serial console as it is written to the log (redacted). */
   onConsole?: (text: string) => void;
+  /** Given a writer to the guest's serial console once civm is connected to it. */
+  onConsoleInput?: (write: (data: Buffer) => void) => void;
   /** Called once the guest runs (QMP cont done): work that must not delay the boot starts here. */
   onRunning?: () => void;
   /** Extra registry fields. */
@@ -181,6 +183,7 @@ export class VmRun {
       accel: this.req.accel,
       machine: spec.machine,
       cpus: spec.cpus,
+      ...(spec.cpuModel !== undefined ? { cpuModel: spec.cpuModel } : {}),
       ramBytes: spec.ramBytes,
       overlay: this.req.directDisk?.path ?? join(this.workDir, WORKDIR_LAYOUT.overlay),
       overlayFormat: this.req.directDisk?.format ?? "qcow2",
@@ -367,7 +370,7 @@ export class VmRun {
         const startP = sup.start(plan.qmpSocket);
         // In parallel with the QMP connect (QEMU is spawned synchronously by start()).
         consoleP = stream.connect(plan.consoleSocket, () => sup.alive);
-        consoleP.catch(() => undefined);
+        consoleP.then(() => req.onConsoleInput?.((d) => stream.write(d)), () => undefined);
         if (network.mode === "restricted") {
           fenceP = allowP
             .then((allow) => installTable({ gid: reserved!.gid, allow, resolvers: hostResolvers(), comment: `civm vm=${this.id} owner=${processIdentity(process.pid) ?? process.pid}` }))

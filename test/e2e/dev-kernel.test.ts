@@ -111,9 +111,11 @@ test("a kernel without virtio-9p (Debian cloud): its modules still load (modules
   t.after(async () => {
     await runCivm(["kernel", "rm", kname], e, { cwd: "/" });
   });
-  const add = await runCivm(["kernel", "add", kname, pkg], e);
+  const add = await runCivm(["kernel", "add", kname, pkg, "--json"], e);
   assert.equal(add.code, 0, add.stderr);
   assert.match(add.stderr, /has no virtio-9p/);
+  const added = JSON.parse(add.stdout) as { name: string; release: string; modules: boolean; dir: string };
+  assert.deepEqual([added.name, added.release], [kname, release], "civm kernel add --json: the stored kernel");
 
   const refused = await runCivm(["run", "--image", RUNNER_IMAGE, "--kernel", kname, "--detach", "--host-mount", e.root, "--name", `${kname}-x`], e);
   assert.equal(refused.code, 2, refused.stderr);

@@ -83,8 +83,10 @@ test("detached dev VM on civm-runner: run --detach, wait, exec (output, exit cod
   assert.match(early.stderr, new RegExp(`civm: error: ${name}: not ready after 1\\.0 s`));
   assert.match(early.stderr, /--- console .* \(tail\) ---/);
 
-  const w = await runCivm(["wait", name, "--timeout", "600"], e);
+  const w = await runCivm(["wait", name, "--timeout", "600", "--json"], e);
   assert.equal(w.code, 0, `${w.stderr}\nconsole:\n${tail(consoleOf(e, name))}`);
+  const waited = JSON.parse(w.stdout) as { name: string; state: string; waitedMs: number };
+  assert.deepEqual([waited.name, waited.state, typeof waited.waitedMs], [name, "ready", "number"]);
   t.diagnostic(`run --detach to wait returning: ${((Date.now() - started) / 1000).toFixed(1)} s`);
 
   await t.test("exec: output and exit code 0", async () => {
@@ -116,7 +118,7 @@ test("detached dev VM on civm-runner: run --detach, wait, exec (output, exit cod
     assert.match(denied.stderr, /Read-only file system/);
     assert.equal(existsSync(join(ro, "nope.txt")), false);
     const mounts = await runCivm(["exec", name, "--", "grep ' 9p ' /proc/mounts"], e);
-    assert.match(mounts.stdout, /^host \/host 9p rw,/m);
+    assert.match(mounts.stdout, /^host_mount \/host 9p rw,/m);
     assert.match(mounts.stdout, /^data \/host-data 9p ro,/m);
   });
 
@@ -178,9 +180,10 @@ test("detached dev VM on civm-runner: run --detach, wait, exec (output, exit cod
   });
   await sleep(500);
   const s0 = Date.now();
-  const stop = await runCivm(["stop", name], e);
+  const stop = await runCivm(["stop", name, "--json"], e);
   assert.equal(stop.code, 0, stop.stderr);
   assert.match(stop.stderr, new RegExp(`${name}: stopped and removed`));
+  assert.deepEqual((JSON.parse(stop.stdout) as { name: string }[]).map((x) => x.name), [name], "civm stop --json: an array of the stopped VMs");
   t.diagnostic(`civm stop: ${((Date.now() - s0) / 1000).toFixed(1)} s`);
   assert.deepEqual(tracesOf(e, name, entry.ownerPid), [], "civm stop left something behind");
   const followed = await Promise.race([follow.done, sleep(15_000).then(() => undefined)]);

@@ -96,7 +96,7 @@ test(":passthrough is warned about at every start and still mounts the folder", 
   for (let i = 0; i < 2; i++) {
     const r = await bootWithMounts(e, [`${dir}:passthrough`]);
     assert.equal(r.code, 0, r.stderr);
-    assert.match(r.stderr, /civm: warning: --host-mount .*\/pt \(tag host\) is :passthrough: guest root can create setuid-root files and device nodes/);
+    assert.match(r.stderr, /civm: warning: --host-mount .*\/pt \(tag host_mount\) is :passthrough: guest root can create setuid-root files and device nodes/);
     assert.ok(scriptOutput(r.stdout).includes("wrote"), r.stdout);
   }
   assert.equal(readFileSync(join(dir, "from-host.txt"), "utf8"), "host\nguest-was-here\nguest-was-here\n");

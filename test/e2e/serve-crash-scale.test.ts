@@ -10,9 +10,8 @@ import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { buildTinyGuest, type TinyGuest } from "../support/tiny-guest.js";
 import { leftovers, qemuProcessesOf, runCivm } from "../support/civm-cli.js";
-import { startFakeGitHub, type FakeRunner } from "../support/fake-github.js";
-import { freePort } from "../support/net.js";
-import { logLines, REPO, serveConfig, startHub, startServe, TOKEN, type ApiVm } from "../support/serve-harness.js";
+import type { FakeRunner } from "../support/fake-github.js";
+import { logLines, REPO, startServeWithHub, TOKEN, type ApiVm } from "../support/serve-harness.js";
 
 let guest: TinyGuest;
 before(async () => {
@@ -31,18 +30,15 @@ function alive(pid: number): boolean {
 const IDLE_TIMEOUT = 10;
 
 test("civm serve: kill -9 with runners up, restart: no orphan QEMU or work dir, stale registrations removed (not foreign ones), back to minRunners; scale-down keeps the busy runner", { timeout: 600_000 }, async (t) => {
-  const gh = await startFakeGitHub();
-  t.after(() => gh.close());
-  const port = await freePort();
-  // Runners whose guest stops polling go offline after 6 s, as GitHub's heartbeat does.
-  const hub = await startHub(gh, () => `http://127.0.0.1:${port}/webhook`, { offlineAfterMs: 6_000 });
-  t.after(() => hub.close());
-  const config = serveConfig({ port, gh, hub, image: guest.disk, pollInterval: 5, pools: [{ minRunners: 2, maxRunners: 3, idleTimeout: IDLE_TIMEOUT }] });
-  const first = startServe({ port, config });
-  const e = first.e;
-  t.after(() => {
-    if (first.child.exitCode === null) first.child.kill("SIGKILL");
+  const serving = await startServeWithHub(t, {
+    image: guest.disk,
+    pollInterval: 5,
+    pools: [{ minRunners: 2, maxRunners: 3, idleTimeout: IDLE_TIMEOUT }],
+    // Runners whose guest stops polling go offline after 6 s, as GitHub's heartbeat does.
+    hubOptions: { offlineAfterMs: 6_000 },
   });
+  const { gh, hub, s: first } = serving;
+  const e = first.e;
 
   // Runners civm did not create: a hand-made one, and one that merely looks like civm's
   // (same prefix and 8-hex suffix, but no record in civm's store). Both offline.
@@ -66,11 +62,8 @@ test("civm serve: kill -9 with runners up, restart: no orphan QEMU or work dir, 
   assert.deepEqual(qemuProcessesOf(e).sort(), [...oldPids].sort(), "the VMs outlive the daemon (orphans)");
   assert.ok(before.every((v) => leftovers(e).some((l) => l.includes(v.id))), `work dirs of ${before.map((v) => v.id).join(", ")} are left: ${leftovers(e).join(", ")}`);
 
-  const s = startServe({ e, port, config, configFile: first.configFile });
-  t.after(() => {
-    if (s.child.exitCode === null) s.child.kill("SIGKILL");
-  });
-  await s.poll(async () => (await fetch(`${s.base}/healthz`).then((r) => r.ok).catch(() => false)), 60_000, "the restarted daemon to listen");
+  const s = serving.restart();
+  await s.listening();
   // Start-up reconciliation ends the orphans and removes their files.
   await s.poll(() => oldPids.every((p) => !alive(p)), 30_000, "the orphan QEMU processes to be ended");
   await s.poll(() => !leftovers(e).some((l) => before.some((v) => l.includes(v.id))), 30_000, "the old VMs' work dirs and registry entries to be removed");
@@ -145,9 +138,6 @@ test("civm serve: kill -9 with runners up, restart: no orphan QEMU or work dir, 
   assert.equal((await s.allVms()).find((v) => v.id === busyVm.id)?.exitReason, "poweroff");
   await s.poll(() => gh.runner(busyVm.name) === undefined, 15_000, "its runner to be deregistered");
 
-  const r = await s.stop();
-  assert.equal(r.code, 0, `${r.stderr}\n${s.stdout().slice(-4000)}`);
-  assert.deepEqual(qemuProcessesOf(e), []);
-  assert.deepEqual(leftovers(e), []);
+  await s.stopClean();
   assert.deepEqual([...gh.state.runners.values()].map((x) => x.name).sort(), foreign.map((f) => f.name).sort(), "only the runners civm did not create remain");
 });

@@ -4,9 +4,7 @@
 import { test, before } from "node:test";
 import assert from "node:assert/strict";
 import { buildTinyGuest, type TinyGuest } from "../support/tiny-guest.js";
-import { startFakeGitHub } from "../support/fake-github.js";
-import { freePort } from "../support/net.js";
-import { serveConfig, startHub, startServe } from "../support/serve-harness.js";
+import { startServeWithHub } from "../support/serve-harness.js";
 
 let guest: TinyGuest;
 before(async () => {
@@ -14,19 +12,16 @@ before(async () => {
 });
 
 test("civm serve: SIGTERM while a GitHub request hangs exits within shutdownTimeout + 7 s", { timeout: 180_000 }, async (t) => {
-  const gh = await startFakeGitHub();
-  t.after(() => gh.close());
-  const port = await freePort();
-  const hub = await startHub(gh, () => `http://127.0.0.1:${port}/webhook`);
-  t.after(() => hub.close());
-  // Every call about the repository's runners and runs hangs: GitHub accepted the connection and never answers.
-  gh.delay(/^\/repos\//, Infinity);
   const shutdownTimeout = 2;
-  const s = startServe({ port, config: serveConfig({ port, gh, hub, image: guest.disk, pollInterval: 5, shutdownTimeout, pools: [{ minRunners: 0, maxRunners: 1 }] }) });
-  t.after(() => {
-    if (s.child.exitCode === null) s.child.kill("SIGKILL");
+  const { gh, s } = await startServeWithHub(t, {
+    image: guest.disk,
+    pollInterval: 5,
+    shutdownTimeout,
+    pools: [{ minRunners: 0, maxRunners: 1 }],
+    // Every call about the repository's runners and runs hangs: GitHub accepted the connection and never answers.
+    setup: (gh) => void gh.delay(/^\/repos\//, Infinity),
   });
-  await s.poll(async () => (await fetch(`${s.base}/healthz`).then((r) => r.ok).catch(() => false)), 60_000, "civm serve to listen");
+  await s.listening();
   await s.poll(() => gh.requests.some((r) => r.path.startsWith("/repos/")), 30_000, "a GitHub request to hang");
   // The API keeps answering while GitHub hangs.
   const pools = await s.pools();

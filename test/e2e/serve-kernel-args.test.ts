@@ -6,10 +6,7 @@
 import { test, before } from "node:test";
 import assert from "node:assert/strict";
 import { buildTinyGuest, type TinyGuest } from "../support/tiny-guest.js";
-import { qemuProcessesOf, leftovers } from "../support/civm-cli.js";
-import { startFakeGitHub } from "../support/fake-github.js";
-import { freePort } from "../support/net.js";
-import { logLines, serveConfig, startHub, startServe } from "../support/serve-harness.js";
+import { logLines, startServeWithHub } from "../support/serve-harness.js";
 
 const SEED_003_KERNEL_ARGS = "console=ttyS0 reboot=k panic=1 pci=off";
 
@@ -19,16 +16,7 @@ before(async () => {
 });
 
 test("civm serve: a pool with seed 003's firecracker.kernelArgs boots (pci=off dropped with a warning) and its runner registers", { timeout: 420_000 }, async (t) => {
-  const gh = await startFakeGitHub();
-  t.after(() => gh.close());
-  const port = await freePort();
-  const base = `http://127.0.0.1:${port}`;
-  const hub = await startHub(gh, () => `${base}/webhook`);
-  t.after(() => hub.close());
-  const s = startServe({ port, config: serveConfig({ port, gh, hub, image: guest.disk, pollInterval: 5, shutdownTimeout: 60, pools: [{ minRunners: 1, maxRunners: 1, kernelArgs: SEED_003_KERNEL_ARGS }] }) });
-  t.after(() => {
-    if (s.child.exitCode === null) s.child.kill("SIGKILL");
-  });
+  const { gh, hub, s } = await startServeWithHub(t, { image: guest.disk, pollInterval: 5, shutdownTimeout: 60, pools: [{ minRunners: 1, maxRunners: 1, kernelArgs: SEED_003_KERNEL_ARGS }] });
   await s.poll(async () => (await s.liveVms()).some((v) => v.state === "idle"), 240_000, "the runner to boot and register");
   const [vm] = await s.liveVms();
   assert.ok(hub.events.includes(`register ${vm!.name}`), hub.events.join("\n"));
@@ -36,8 +24,5 @@ test("civm serve: a pool with seed 003's firecracker.kernelArgs boots (pci=off d
   const warned = logLines(s.stdout()).filter((l) => l.level === "warn" && typeof l.msg === "string" && l.msg.includes('"firecracker.kernelArgs" option "pci=off" is dropped'));
   assert.equal(warned.length, 1, s.stdout().slice(-4000));
 
-  const r = await s.stop();
-  assert.equal(r.code, 0, `${r.stderr}\n${s.stdout().slice(-4000)}`);
-  assert.deepEqual(qemuProcessesOf(s.e), []);
-  assert.deepEqual(leftovers(s.e), []);
+  await s.stopClean();
 });

@@ -3,10 +3,8 @@
 import { test, before } from "node:test";
 import assert from "node:assert/strict";
 import { buildTinyGuest, type TinyGuest } from "../support/tiny-guest.js";
-import { qemuProcessesOf, leftovers } from "../support/civm-cli.js";
-import { startFakeGitHub, sendWebhook, workflowJobPayload } from "../support/fake-github.js";
-import { freePort } from "../support/net.js";
-import { logLines, REPO, SECRET, serveConfig, startHub, startServe } from "../support/serve-harness.js";
+import { sendWebhook, workflowJobPayload } from "../support/fake-github.js";
+import { logLines, REPO, SECRET, startServeWithHub } from "../support/serve-harness.js";
 
 let guest: TinyGuest;
 before(async () => {
@@ -14,17 +12,8 @@ before(async () => {
 });
 
 test("civm serve: minRunners boot and register, a queued webhook starts another, the job's VM ends and its runner is deregistered, back to minRunners; SIGTERM drains", { timeout: 600_000 }, async (t) => {
-  const gh = await startFakeGitHub();
-  t.after(() => gh.close());
-  const port = await freePort();
-  const base = `http://127.0.0.1:${port}`;
-  const hub = await startHub(gh, () => `${base}/webhook`);
-  t.after(() => hub.close());
-  const s = startServe({ port, config: serveConfig({ port, gh, hub, image: guest.disk, pollInterval: 5, shutdownTimeout: 60, pools: [{ minRunners: 1, maxRunners: 2 }] }) });
-  const e = s.e;
-  t.after(() => {
-    if (s.child.exitCode === null) s.child.kill("SIGKILL");
-  });
+  const { gh, hub, s } = await startServeWithHub(t, { image: guest.disk, pollInterval: 5, shutdownTimeout: 60, pools: [{ minRunners: 1, maxRunners: 2 }] });
+  const base = s.base;
   const api = (path: string) => s.api<Record<string, unknown>[]>(path);
   const liveVms = () => s.liveVms();
   const poll = s.poll;
@@ -69,11 +58,8 @@ test("civm serve: minRunners boot and register, a queued webhook starts another,
   assert.equal(pools[0]?.idle, 1);
 
   // SIGTERM: the idle runner stops (ACPI), is deregistered, civm exits 0.
-  const r = await s.stop();
-  assert.equal(r.code, 0, `${r.stderr}\n${s.stdout().slice(-4000)}`);
+  await s.stopClean();
   assert.equal(gh.state.runners.size, 0, "every runner deregistered");
-  assert.deepEqual(qemuProcessesOf(e), []);
-  assert.deepEqual(leftovers(e), []);
   // JSON logs with pool/vm/runner fields and no JIT config.
   const stdout = s.stdout();
   const lines = logLines(stdout);

@@ -6,10 +6,8 @@ import assert from "node:assert/strict";
 import { copyFileSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { buildTinyGuest, type TinyGuest } from "../support/tiny-guest.js";
-import { civmEnv, leftovers, qemuProcessesOf } from "../support/civm-cli.js";
-import { startFakeGitHub } from "../support/fake-github.js";
-import { freePort } from "../support/net.js";
-import { logLines, serveConfig, startHub, startServe, type ApiVm } from "../support/serve-harness.js";
+import { civmEnv } from "../support/civm-cli.js";
+import { logLines, startServeWithHub, type ApiVm } from "../support/serve-harness.js";
 
 let guest: TinyGuest;
 before(async () => {
@@ -24,19 +22,10 @@ function imageCopy(dir: string): string {
 }
 
 test("civm serve: reload with a new image replaces idle runners; the busy one finishes on the old image", { timeout: 900_000 }, async (t) => {
-  const gh = await startFakeGitHub();
-  t.after(() => gh.close());
-  const port = await freePort();
-  const hub = await startHub(gh, () => `http://127.0.0.1:${port}/webhook`);
-  t.after(() => hub.close());
   const e = civmEnv();
   const imageA = imageCopy(join(e.root, "image-a"));
   const imageB = imageCopy(join(e.root, "image-b"));
-  const config = (image: string) => serveConfig({ port, gh, hub, image, pollInterval: 5, shutdownTimeout: 120, pools: [{ minRunners: 2, maxRunners: 3 }] });
-  const s = startServe({ e, port, config: config(imageA) });
-  t.after(() => {
-    if (s.child.exitCode === null) s.child.kill("SIGKILL");
-  });
+  const { gh, hub, s, config } = await startServeWithHub(t, { e, image: imageA, pollInterval: 5, shutdownTimeout: 120, pools: [{ minRunners: 2, maxRunners: 3 }] });
 
   await s.poll(async () => (await s.liveVms()).filter((v) => v.state === "idle").length === 2, 240_000, "two idle runners on image A");
   const [busy, idle] = (await s.liveVms()) as [ApiVm, ApiVm];
@@ -45,7 +34,7 @@ test("civm serve: reload with a new image replaces idle runners; the busy one fi
   await s.poll(async () => (await s.liveVms()).find((v) => v.id === busy.id)?.state === "busy", 60_000, "civm to see the busy runner");
 
   // Reload: the pool now boots image B.
-  writeFileSync(s.configFile, JSON.stringify(config(imageB), null, 2));
+  writeFileSync(s.configFile, JSON.stringify(config({ image: imageB }), null, 2));
   const r = await s.post<{ pools: { changed: { name: string; fields: string[]; replaceIdle: boolean }[] } }>("/api/reload");
   assert.equal(r.status, 200, JSON.stringify(r.body));
   assert.deepEqual(r.body.pools.changed, [{ name: "tiny", fields: ["runner.image"], replaceIdle: true }]);
@@ -74,10 +63,7 @@ test("civm serve: reload with a new image replaces idle runners; the busy one fi
   const reasons = (await s.allVms()).filter((v) => v.state === "finished").map((v) => v.exitReason);
   assert.ok(!reasons.some((x) => x && !["stopped:image-change", "poweroff"].includes(x)), `unexpected exits: ${reasons.join(", ")}`);
 
-  const end = await s.stop();
-  assert.equal(end.code, 0, `${end.stderr}\n${s.stdout().slice(-4000)}`);
+  await s.stopClean();
   assert.equal(gh.state.runners.size, 0, "every runner deregistered");
-  assert.deepEqual(qemuProcessesOf(e), []);
-  assert.deepEqual(leftovers(e), []);
   assert.ok(logLines(s.stdout()).some((l) => l.msg === "pools reloaded"));
 });

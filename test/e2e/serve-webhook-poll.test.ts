@@ -5,10 +5,9 @@ import { test, before } from "node:test";
 import assert from "node:assert/strict";
 import { request } from "node:http";
 import { buildTinyGuest, type TinyGuest } from "../support/tiny-guest.js";
-import { qemuProcessesOf, qemuStarts, leftovers } from "../support/civm-cli.js";
-import { sendWebhook, signWebhook, startFakeGitHub, workflowJobPayload } from "../support/fake-github.js";
-import { freePort } from "../support/net.js";
-import { logLines, REPO, SECRET, serveConfig, startHub, startServe } from "../support/serve-harness.js";
+import { qemuProcessesOf, qemuStarts } from "../support/civm-cli.js";
+import { sendWebhook, signWebhook, workflowJobPayload } from "../support/fake-github.js";
+import { logLines, REPO, SECRET, startServeWithHub } from "../support/serve-harness.js";
 
 let guest: TinyGuest;
 before(async () => {
@@ -32,16 +31,8 @@ function postChunked(url: string, body: string, headers: Record<string, string>)
 const metric = (text: string, result: string) => Number(new RegExp(`^civm_webhook_deliveries_total\\{result="${result}"\\} (\\d+)`, "m").exec(text)?.[1] ?? 0);
 
 test("civm serve: bad signature, malformed JSON, oversized body → 401, 400, 413 and no VM; a job only in GitHub's queued list is served through the poll", { timeout: 420_000 }, async (t) => {
-  const gh = await startFakeGitHub();
-  t.after(() => gh.close());
-  const port = await freePort();
-  const hub = await startHub(gh, () => `http://127.0.0.1:${port}/webhook`);
-  t.after(() => hub.close());
-  const s = startServe({ port, config: serveConfig({ port, gh, hub, image: guest.disk, pollInterval: 5, maxWebhookBytes: "64K", pools: [{ minRunners: 0, maxRunners: 2 }] }) });
-  t.after(() => {
-    if (s.child.exitCode === null) s.child.kill("SIGKILL");
-  });
-  await s.poll(async () => (await fetch(`${s.base}/healthz`).then((r) => r.ok).catch(() => false)), 60_000, "civm serve to listen");
+  const { gh, hub, s } = await startServeWithHub(t, { image: guest.disk, pollInterval: 5, maxWebhookBytes: "64K", pools: [{ minRunners: 0, maxRunners: 2 }] });
+  await s.listening();
 
   // --- refused deliveries ------------------------------------------------------------------
   const url = `${s.base}/webhook`;
@@ -111,8 +102,5 @@ test("civm serve: bad signature, malformed JSON, oversized body → 401, 400, 41
   assert.equal(found.pool, "tiny");
   t.diagnostic(`polled job: VM started ${(startedAfter / 1000).toFixed(1)} s after it was queued (pollInterval 5 s)`);
 
-  const r = await s.stop();
-  assert.equal(r.code, 0, `${r.stderr}\n${s.stdout().slice(-4000)}`);
-  assert.deepEqual(qemuProcessesOf(s.e), []);
-  assert.deepEqual(leftovers(s.e), []);
+  await s.stopClean();
 });

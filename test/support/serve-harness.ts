@@ -6,12 +6,15 @@
 // http://HUB/register, then polls /job every second and, on "run", POSTs /done and powers off.
 // The hub maps the JIT config back to the fake's runner and updates the fake as GitHub would
 // (online, busy, offline) and sends civm the signed in_progress / completed webhooks.
+import assert from "node:assert/strict";
 import type { ChildProcess } from "node:child_process";
 import { createServer as createHttpServer, type IncomingMessage } from "node:http";
 import { readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { civmEnv, startCivm, type CivmEnv, type CivmResult } from "./civm-cli.js";
-import { sendWebhook, workflowJobPayload, type FakeGitHub, type FakeRunner } from "./fake-github.js";
+import type { TestContext } from "node:test";
+import { civmEnv, leftovers, qemuProcessesOf, startCivm, type CivmEnv, type CivmResult } from "./civm-cli.js";
+import { sendWebhook, startFakeGitHub, workflowJobPayload, type FakeGitHub, type FakeRunner } from "./fake-github.js";
+import { freePort } from "./net.js";
 import type { ApiPool } from "../../src/server/index.js";
 
 export const SECRET = "serve-e2e-webhook-secret";
@@ -142,11 +145,24 @@ export interface PoolOptions {
   kernelArgs?: string;
 }
 
+export interface ServeConfigOptions {
+  port: number;
+  gh: FakeGitHub;
+  hub: Hub;
+  image: string;
+  pollInterval?: number;
+  shutdownTimeout?: number;
+  maxWebhookBytes?: string;
+  /** More `github:` keys (requestTimeout, degradedAfter, ...). */
+  github?: Record<string, unknown>;
+  pools: PoolOptions[];
+}
+
 /** A serve config (JSON) for one or more tiny-guest pools against the fake GitHub and the hub. */
-export function serveConfig(o: { port: number; gh: FakeGitHub; hub: Hub; image: string; pollInterval?: number; shutdownTimeout?: number; maxWebhookBytes?: string; pools: PoolOptions[] }): Record<string, unknown> {
+export function serveConfig(o: ServeConfigOptions): Record<string, unknown> {
   return {
     listen: `127.0.0.1:${o.port}`,
-    github: { apiUrl: o.gh.url, token: o.gh.validToken },
+    github: { apiUrl: o.gh.url, token: o.gh.validToken, ...o.github },
     webhookSecret: SECRET,
     apiToken: TOKEN,
     pollInterval: o.pollInterval ?? 5,
@@ -201,10 +217,45 @@ export interface Serve {
   pools(): Promise<ApiPool[]>;
   /** Polls `cond` every 500 ms; fails with civm's output on timeout or if the daemon exits. */
   poll(cond: () => Promise<boolean> | boolean, ms: number, what: string): Promise<void>;
+  /** Resolves once /healthz answers. */
+  listening(ms?: number): Promise<void>;
   /** SIGTERM, then the exit. */
   stop(): Promise<CivmResult>;
+  /** SIGTERM; asserts exit 0, no QEMU of this env left, no work dir or registry entry. */
+  stopClean(): Promise<CivmResult>;
   /** The daemon's pid. */
   pid: number;
+}
+
+export interface SpawnedServe {
+  child: ChildProcess;
+  done: Promise<CivmResult>;
+  stdout(): string;
+  stderrSoFar(): string;
+  /** Resolves with the "civm serve listening" log line; fails with the output if civm exits or takes longer than `ms`. */
+  listening(ms?: number): Promise<{ url: string; metricsUrl?: string }>;
+}
+
+/** `civm serve ARGS...` as a child process (no config written, no port assumed). */
+export function spawnServe(args: string[], e: CivmEnv): SpawnedServe {
+  const p = startCivm(["serve", ...args], e);
+  let out = "";
+  p.child.stdout!.on("data", (d) => (out += d));
+  return {
+    child: p.child,
+    done: p.done,
+    stdout: () => out,
+    stderrSoFar: p.stderrSoFar,
+    listening: async (ms = 30_000) => {
+      const end = Date.now() + ms;
+      for (;;) {
+        const line = out.split("\n").find((l) => l.includes('"civm serve listening"'));
+        if (line) return JSON.parse(line) as { url: string; metricsUrl?: string };
+        if (Date.now() > end || p.child.exitCode !== null) throw new Error(`civm serve did not start:\n${p.stderrSoFar()}\n${out}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    },
+  };
 }
 
 /** Writes `config` to ROOT/serve.json (unless configFile is given) and starts `civm serve`. */
@@ -213,9 +264,7 @@ export function startServe(o: { e?: CivmEnv; config: Record<string, unknown>; co
   const configFile = o.configFile ?? join(e.root, "serve.json");
   writeFileSync(configFile, JSON.stringify(o.config, null, 2));
   const base = `http://127.0.0.1:${o.port}`;
-  const p = startCivm(["serve", "--config", configFile, "--grace", String(o.grace ?? 10)], e);
-  let out = "";
-  p.child.stdout!.on("data", (d) => (out += d));
+  const p = spawnServe(["--config", configFile, "--grace", String(o.grace ?? 10)], e);
   const auth = { authorization: `Bearer ${TOKEN}` };
   const api = async <T>(path: string): Promise<T> => (await (await fetch(`${base}${path}`, { headers: auth })).json()) as T;
   const s: Serve = {
@@ -225,7 +274,7 @@ export function startServe(o: { e?: CivmEnv; config: Record<string, unknown>; co
     child: p.child,
     done: p.done,
     pid: p.child.pid!,
-    stdout: () => out,
+    stdout: p.stdout,
     api,
     post: async <T>(path: string, b?: unknown) => {
       const r = await fetch(`${base}${path}`, { method: "POST", headers: { ...auth, "content-type": "application/json" }, body: JSON.stringify(b ?? {}) });
@@ -238,17 +287,76 @@ export function startServe(o: { e?: CivmEnv; config: Record<string, unknown>; co
       const end = Date.now() + ms;
       while (!(await cond())) {
         if (Date.now() > end || p.child.exitCode !== null) {
-          throw new Error(`${p.child.exitCode !== null ? `civm serve exited (${p.child.exitCode})` : "timed out"} waiting for ${what}\n--- stderr ---\n${p.stderrSoFar()}\n--- stdout ---\n${out.slice(-6000)}`);
+          throw new Error(`${p.child.exitCode !== null ? `civm serve exited (${p.child.exitCode})` : "timed out"} waiting for ${what}\n--- stderr ---\n${p.stderrSoFar()}\n--- stdout ---\n${p.stdout().slice(-6000)}`);
         }
         await new Promise((r) => setTimeout(r, 500));
       }
     },
+    listening: (ms = 60_000) => s.poll(async () => fetch(`${base}/healthz`).then((r) => r.ok).catch(() => false), ms, "civm serve to listen"),
     stop: async () => {
       if (p.child.exitCode === null) p.child.kill("SIGTERM");
       return p.done;
     },
+    stopClean: async () => {
+      const r = await s.stop();
+      assert.equal(r.code, 0, `${r.stderr}\n${p.stdout().slice(-4000)}`);
+      assert.deepEqual(qemuProcessesOf(e), [], "QEMU processes left");
+      assert.deepEqual(leftovers(e), [], "work dirs or registry entries left");
+      return r;
+    },
   };
   return s;
+}
+
+/** SIGKILL to a daemon the test did not stop (after the test, whatever its outcome). */
+export function killAfter(t: Pick<TestContext, "after">, s: { child: ChildProcess }): void {
+  t.after(() => {
+    if (s.child.exitCode === null && s.child.signalCode === null) s.child.kill("SIGKILL");
+  });
+}
+
+export interface ServeWithHub {
+  gh: FakeGitHub;
+  hub: Hub;
+  port: number;
+  s: Serve;
+  /** The config the daemon started with, or with other options (a reload writes it to s.configFile). */
+  config(over?: Partial<ServeConfigOptions>): Record<string, unknown>;
+  /** Another `civm serve` on the same env, port and config file (after the first has exited). */
+  restart(): Serve;
+}
+
+/**
+ * The fake GitHub, the hub (guest side of GitHub) and `civm serve` on a free port running
+ * serveConfig(o); `setup` runs on the fake before the daemon starts. Everything is closed
+ * (the daemon SIGKILLed if still running) after the test.
+ */
+export async function startServeWithHub(
+  t: Pick<TestContext, "after">,
+  o: Omit<ServeConfigOptions, "port" | "gh" | "hub"> & { e?: CivmEnv; hubOptions?: HubOptions; setup?: (gh: FakeGitHub) => void },
+): Promise<ServeWithHub> {
+  const gh = await startFakeGitHub();
+  t.after(() => gh.close());
+  const port = await freePort();
+  const hub = await startHub(gh, () => `http://127.0.0.1:${port}/webhook`, o.hubOptions);
+  t.after(() => hub.close());
+  o.setup?.(gh);
+  const { e, hubOptions: _h, setup: _s, ...rest } = o;
+  const config = (over: Partial<ServeConfigOptions> = {}) => serveConfig({ ...rest, ...over, port, gh, hub });
+  const s = startServe({ ...(e ? { e } : {}), port, config: config() });
+  killAfter(t, s);
+  return {
+    gh,
+    hub,
+    port,
+    s,
+    config,
+    restart: () => {
+      const next = startServe({ e: s.e, port, config: config(), configFile: s.configFile });
+      killAfter(t, next);
+      return next;
+    },
+  };
 }
 
 /** The pino lines of civm serve's stdout. */

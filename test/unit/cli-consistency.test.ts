@@ -4,7 +4,10 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { mkdirSync, writeFileSync } from "node:fs";
+import { createHash } from "node:crypto";
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { createServer as createHttpServer } from "node:http";
+import type { AddressInfo } from "node:net";
 import { join } from "node:path";
 import { Registry } from "prom-client";
 import { StateStore } from "../../src/store/index.js";
@@ -89,6 +92,36 @@ test("civm --help: one line per command; details in the command's own help; --fo
   for (const cmd of [["run"], ["stop"], ["wait"], ["image", "pull"], ["image", "rm"], ["kernel", "rm"]]) {
     assert.match((await runCivm([...cmd, "--help"], e)).stdout, /--json/, `civm ${cmd.join(" ")} --json`);
   }
+});
+
+test("--json prints JSON, not just a flag in --help: image pull (an object), kernel rm (an array)", async (t) => {
+  const e = civmEnv();
+  const disk = join(e.root, "small.qcow2");
+  execFileSync("qemu-img", ["create", "-f", "qcow2", disk, "16M"], { stdio: "ignore" });
+  const body = readFileSync(disk);
+  const files: Record<string, Buffer> = { "/small.qcow2": body, "/small.qcow2.sha256": Buffer.from(`${createHash("sha256").update(body).digest("hex")}  small.qcow2\n`) };
+  const srv = createHttpServer((req, res) => {
+    const f = files[req.url ?? ""];
+    if (!f) return res.writeHead(404).end();
+    res.writeHead(200, { "content-length": f.length }).end(f);
+  });
+  await new Promise<void>((r) => srv.listen(0, "127.0.0.1", r));
+  t.after(() => srv.close());
+  const url = `http://127.0.0.1:${(srv.address() as AddressInfo).port}/small.qcow2`;
+  const pull = await runCivm(["image", "pull", url, "-q", "--json"], e);
+  assert.equal(pull.code, 0, pull.stderr);
+  const pulled = JSON.parse(pull.stdout) as { name: string; diskPath: string; sha256: string };
+  assert.equal(pulled.name, "small");
+  assert.ok(existsSync(pulled.diskPath), pulled.diskPath);
+  assert.equal(pulled.sha256, createHash("sha256").update(body).digest("hex"));
+  // A stored kernel: its folder with a manifest (kernel add's product; not booted here).
+  const k = join(e.stateDir, "kernels", "k1");
+  mkdirSync(k, { recursive: true });
+  writeFileSync(join(k, "manifest.json"), JSON.stringify({ name: "k1", release: "6.1.0-test", source: "test", hasModules: false, initrdModules: [], ninep: false }));
+  const rm = await runCivm(["kernel", "rm", "k1", "--json"], e);
+  assert.equal(rm.code, 0, rm.stderr);
+  assert.deepEqual(JSON.parse(rm.stdout), [{ name: "k1" }]);
+  assert.equal(existsSync(k), false);
 });
 
 test("civm run --image --print-cmd --json prints one JSON object", async () => {

@@ -42,7 +42,7 @@ test("parseHostMount: :passthrough (read-write, asked for explicitly), alone or 
   // the existing forms carry no passthrough at all
   assert.equal("passthrough" in parseHostMount("/a:data:rw", "/w"), false);
   assert.deepEqual(planHostMounts(["/a:passthrough", "/b:ro"], "/w"), [
-    { hostPath: "/a", tag: "host", guestPath: "/host", readOnly: false, passthrough: true },
+    { hostPath: "/a", tag: "host_mount", guestPath: "/host", readOnly: false, passthrough: true },
     { hostPath: "/b", tag: "b", guestPath: "/host-b", readOnly: true },
   ]);
   assert.match(passthroughWarning({ hostPath: "/a", tag: "host" }), /--host-mount \/a .*passthrough.*setuid-root files and device nodes/);
@@ -69,9 +69,9 @@ test("9p security model: mapped-xattr by default, mapped-file where user xattrs 
   assert.equal(lacksUserXattrs(0x01021994, "7.0.1"), undefined);
 });
 
-test("planHostMounts: first at /host (tag host), others at /host-TAG tagged after the folder; explicit tags and paths win", () => {
+test("planHostMounts: first at /host (tag host_mount, as lvh), others at /host-TAG tagged after the folder; explicit tags and paths win", () => {
   assert.deepEqual(planHostMounts(["/src/linux", "/data/Build Out:ro", "/x:mytag", "/y:/opt/y"], "/w"), [
-    { hostPath: "/src/linux", tag: "host", guestPath: "/host", readOnly: false },
+    { hostPath: "/src/linux", tag: "host_mount", guestPath: "/host", readOnly: false },
     { hostPath: "/data/Build Out", tag: "build-out", guestPath: "/host-build-out", readOnly: true },
     { hostPath: "/x", tag: "mytag", guestPath: "/host-mytag", readOnly: false },
     { hostPath: "/y", tag: "y", guestPath: "/opt/y", readOnly: false },
@@ -99,6 +99,13 @@ test("parsePortSpec: [ADDR:]HOST[:GUEST][/tcp|/udp]", () => {
   assert.deepEqual(parsePortSpec("0.0.0.0:8080:80", d), { proto: "tcp", hostAddr: "0.0.0.0", hostPort: 8080, guestPort: 80 });
   assert.deepEqual(parsePortSpec("localhost:9000", d), { proto: "tcp", hostAddr: "localhost", hostPort: 9000, guestPort: 9000 });
   assert.deepEqual(parsePortSpec("[::1]:8080:80/tcp", d), { proto: "tcp", hostAddr: "::1", hostPort: 8080, guestPort: 80 });
+  // lvh's form: HOST[:GUEST][:tcp|udp]
+  assert.deepEqual(parsePortSpec("2222:22:tcp", d), { proto: "tcp", hostAddr: d, hostPort: 2222, guestPort: 22 });
+  assert.deepEqual(parsePortSpec("5353:53:udp", d), { proto: "udp", hostAddr: d, hostPort: 5353, guestPort: 53 });
+  assert.deepEqual(parsePortSpec("8080:UDP", d), { proto: "udp", hostAddr: d, hostPort: 8080, guestPort: 8080 });
+  assert.deepEqual(parsePortSpec("0.0.0.0:2222:22:tcp", d), { proto: "tcp", hostAddr: "0.0.0.0", hostPort: 2222, guestPort: 22 });
+  assert.throws(() => parsePortSpec("2222:22:tcp/udp", d), /give the protocol once|not tcp or udp/);
+  assert.throws(() => parsePortSpec("2222:22:sctp", d), /not a port/);
   for (const [bad, re] of [
     ["", /write/],
     ["x:y:z:w", /write/],

@@ -22,6 +22,22 @@ test("every call has a timeout: a GitHub that never answers fails the call after
   assert.ok(took < 3000, `failed after ${took} ms`);
 });
 
+test("a timed-out call leaves the client usable: the next calls reach GitHub and succeed", async (t) => {
+  const gh = await startFakeGitHub();
+  t.after(() => gh.close());
+  // A first call on a cold process can take a few hundred ms: the timeout leaves room for it.
+  const client = createOctokit({ token: gh.validToken, baseUrl: gh.url, retries: 2, retryBaseMs: 1, timeoutMs: 2000, warn: () => {} });
+  assert.deepEqual(await listRunners(client, target), []);
+  const answerAgain = gh.delay(/\/actions\/runners$/, Infinity);
+  await assert.rejects(listRunners(client, target), /did not answer GET .*within 2 s/);
+  answerAgain();
+  const before = gh.requests.length;
+  // Octokit hands every call the same `request` options object: a signal left on it by the
+  // timed-out call would abort each later call before it is sent.
+  for (let i = 0; i < 3; i++) assert.deepEqual(await listRunners(client, target), []);
+  assert.equal(gh.requests.length - before, 3, "each call reached GitHub once");
+});
+
 test("a shutdown signal abandons calls in flight at once", async (t) => {
   const gh = await startFakeGitHub();
   t.after(() => gh.close());

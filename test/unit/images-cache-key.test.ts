@@ -166,6 +166,9 @@ test("the agent version comes from guest/VERSION, or 0 without it", async () => 
   const v2 = await readAgentVersion(join(dir, "VERSION"));
   assert.match(v2, /^7\+/);
   assert.notEqual(v2, v1);
+  // Its README is not installed into images: editing it rebuilds nothing.
+  writeFileSync(join(dir, "README.md"), "# docs\n");
+  assert.equal(await readAgentVersion(join(dir, "VERSION")), v2);
   assert.equal(await readAgentVersion(join(dir, "missing")), "0");
   assert.match(await readAgentVersion(), /^\d+\+[0-9a-f]{16}$/);
 });

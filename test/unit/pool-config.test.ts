@@ -435,3 +435,34 @@ test("store: sqlite by default; a postgres URL with its password through ${{ fil
   assert.match(msg, /"fleet.deadAfter" \(15 s\) must be at least twice "fleet.heartbeat" \(10 s\)/);
   assert.match(msg, /"fleet.cpus" must be at least 1/);
 });
+
+test("github thresholds: requestTimeout 30 s, degradedAfter 5 min, repositoryListCache 10 min, rateLimitReserve 10% by default; durations and percentages as written", async () => {
+  const d = await load(setup(serve([pool()])));
+  assert.deepEqual(d.githubLimits, { requestTimeoutSeconds: 30, degradedAfterSeconds: 300, repositoryListCacheSeconds: 600, rateLimitReservePercent: 10 });
+  // The defaults are the constants the client and the poll used before these keys existed.
+  const { DEFAULT_REQUEST_TIMEOUT_MS } = await import("../../src/github/client.js");
+  assert.equal(SERVE_DEFAULTS.githubRequestTimeoutSeconds * 1000, DEFAULT_REQUEST_TIMEOUT_MS);
+  const github = { appId: 123456, privateKeyFile: "key.pem", requestTimeout: "10s", degradedAfter: "2m30s", repositoryListCache: 0, rateLimitReserve: "25%" };
+  const c = await load(setup(serve([pool()], { github })));
+  assert.deepEqual(c.githubLimits, { requestTimeoutSeconds: 10, degradedAfterSeconds: 150, repositoryListCacheSeconds: 0, rateLimitReservePercent: 25 });
+  assert.equal(c.github.auth.kind, "app", "the credentials are read as before");
+  const yaml = setup("github:\n  token: t\n  degradedAfter: 0\n  rateLimitReserve: 0%\npools: []\n", "serve.yaml");
+  assert.deepEqual((await load(yaml)).githubLimits, { requestTimeoutSeconds: 30, degradedAfterSeconds: 0, repositoryListCacheSeconds: 600, rateLimitReservePercent: 0 });
+});
+
+test("github thresholds: bad values name the file, the field and what is accepted", async () => {
+  const github = { token: "t", requestTimeout: 0, degradedAfter: "soon", repositoryListCache: "30d", rateLimitReserve: 10, rateLimitreserve: "5%" };
+  const s = setup(serve([pool()], { github }));
+  const msg = await problems(s);
+  const file = s.file.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+  const expect = [
+    new RegExp(`^${file}: "github\\.requestTimeout" must be at least 1 s \\(got 0\\)\\.$`),
+    /"github\.degradedAfter" must be a number of seconds or a duration such as "90s", "5m", "1h30m", "7d" \(got "soon"\)/,
+    /"github\.repositoryListCache" must be a whole number of seconds from 0 to 2147483 seconds \(about 24\.8 days, the longest a timer can wait\); 0 = read the list on every poll \(got "30d"\)/,
+    /"github\.rateLimitReserve" must be a percentage from 0% to 90% \(of the rate limit kept for JIT configs and deregistration\), such as "10%" \(got 10, a number without "%"\)/,
+    /unknown key "github\.rateLimitreserve"; did you mean "github\.rateLimitReserve"\?/,
+  ];
+  for (const re of expect) assert.ok(msg.split("\n").some((l) => re.test(l)), `no line matches ${re}:\n${msg}`);
+  assert.match(await problems(setup(serve([pool()], { github: { token: "t", rateLimitReserve: "95%" } }))), /"github\.rateLimitReserve" must be a percentage from 0% to 90% .* \(got "95%"\)/);
+  assert.match(await problems(setup(serve([pool()], { github: { token: "t", degradedAfter: -1 } }))), /"github\.degradedAfter" must not be negative \(got -1\)/);
+});

@@ -6,7 +6,7 @@ import { Registry } from "prom-client";
 import { StateStore } from "../../src/store/index.js";
 import { createGitHubAccess } from "../../src/github/app-auth.js";
 import { Daemon, type LaunchOutcome, type LaunchRequest, type VmHandle, type VmLauncher, type DaemonLogger } from "../../src/pool/daemon.js";
-import { nextPollDelay } from "../../src/pool/github-poll.js";
+import { budgetReserve, nextPollDelay } from "../../src/pool/github-poll.js";
 import type { PoolSpec } from "../../src/pool/types.js";
 import { createApp, type ServerPool } from "../../src/server/index.js";
 import { startFakeGitHub, type FakeGitHub } from "../support/fake-github.js";
@@ -137,6 +137,13 @@ test("polls adapt to the rate-limit budget: the configured interval while it las
   assert.ok(Date.parse(h.nextPollAt!) - 1_000_000 > 60_000, `next poll later than the interval: ${h.nextPollAt}`);
   assert.ok(log.lines.some((l) => l.msg.startsWith("GitHub rate-limit budget low")));
   assert.match(await registry.getSingleMetricAsString("civm_github_rate_limit_remaining"), /civm_github_rate_limit_remaining\{target="repo:rust-lang-ci\/rust"\} 5\d\d/);
+  // github.rateLimitReserve 0 %: the same 520 requests are all spendable, the interval holds.
+  await daemon.reload(daemon.currentPools(), { budgetReserveShare: 0 });
+  gh.addJob({ repository: "rust-lang-ci/rust", labels: ["other"] });
+  gh.setRateLimit({ remaining: 520, resetInSeconds: 3600 });
+  await daemon.pass({ poll: true });
+  await daemon.githubSettled();
+  assert.equal(Date.parse(daemon.githubHealth().targets[0]!.nextPollAt!) - 1_000_000, 60_000, "no reserve: the next poll after pollInterval");
 });
 
 test("an organization's poll: the repository list is cached, and repositories with nothing new cost no budget (304)", async (t) => {
@@ -168,6 +175,46 @@ test("an organization's poll: the repository list is cached, and repositories wi
   await daemon.pass();
   await daemon.githubSettled();
   assert.equal(listed(), 2, "read again after 10 min");
+});
+
+test("the thresholds are settings: the rate-limit reserve share, and a reload's repository-list lifetime and degraded threshold apply at once", async (t) => {
+  const now = Date.now();
+  const budget = { remaining: 1000, limit: 5000, resetAt: now + 3600_000 };
+  assert.equal(budgetReserve(5000), 500);
+  assert.equal(budgetReserve(500), 100, "at least 100 requests");
+  assert.equal(budgetReserve(5000, 0), 0, "0 %: no reserve");
+  // 5 requests a poll, an hour to the reset: 500 spendable (10 %) → 100 polls, one every 36 s;
+  // no reserve → 200 polls, every 18 s; 15 % (750) → 50 polls, every 72 s; 25 % (1250) → none before the reset.
+  assert.equal(nextPollDelay({ intervalMs: 1000, now, cost: 5, sharers: 1, budget }), 36_000);
+  assert.equal(nextPollDelay({ intervalMs: 1000, now, cost: 5, sharers: 1, budget, reserveShare: 0 }), 18_000);
+  assert.equal(nextPollDelay({ intervalMs: 1000, now, cost: 5, sharers: 1, budget, reserveShare: 0.15 }), 72_000);
+  assert.equal(nextPollDelay({ intervalMs: 1000, now, cost: 5, sharers: 1, budget, reserveShare: 0.25 }), 3601_000);
+
+  const gh = await startFakeGitHub({ repos: ["acme/a", "acme/b"], orgs: ["acme"] });
+  const org = poolSpec({ name: "org", minRunners: 0, runner: { ...poolSpec().runner, namePrefix: "civm-org", labels: ["org"], target: { kind: "org", org: "acme" } } });
+  const { daemon, advance } = await setup(t, [org], { gh });
+  const listed = () => gh.requests.filter((r) => r.path === "/orgs/acme/repos").length;
+  const poll = async () => {
+    advance(60_000);
+    await daemon.pass();
+    await daemon.githubSettled();
+  };
+  await daemon.pass({ poll: true });
+  await daemon.githubSettled();
+  await poll();
+  assert.equal(listed(), 1, "the default lifetime (10 min) keeps the list");
+  await daemon.reload([org], { repoListTtlMs: 0 });
+  await poll();
+  await poll();
+  assert.equal(listed(), 3, "repositoryListCache 0: read on every poll");
+
+  gh.respondWith(/^\/orgs\/acme\//, 502);
+  await poll();
+  await poll();
+  const h = daemon.githubHealth();
+  assert.deepEqual([h.targets[0]!.state, h.status], ["failing", "ok"], "failing for 1 min: not degraded under the default 5 min");
+  await daemon.reload([org], { githubDegradedAfterMs: 30_000 });
+  assert.equal(daemon.githubHealth().status, "degraded", "degradedAfter 30 s applies at once");
 });
 
 test("GitHub unreachable longer than githubDegradedAfterMs: degraded on /healthz and in the pools API; ok again once it answers", async (t) => {

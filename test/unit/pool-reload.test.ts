@@ -13,6 +13,7 @@ function config(over: Partial<ServeConfig> = {}): ServeConfig {
     store: { kind: "sqlite", where: "sqlite" },
     fleet: { hostId: undefined, address: undefined, cpus: undefined, ramBytes: undefined, heartbeatSeconds: 10, deadAfterSeconds: 60, placementGraceSeconds: 15 },
     github: { apiUrl: "https://api.github.com", auth: { kind: "token", token: "ghp_old_secret" } },
+    githubLimits: { requestTimeoutSeconds: 30, degradedAfterSeconds: 300, repositoryListCacheSeconds: 600, rateLimitReservePercent: 10 },
     webhookSecret: "hook",
     apiToken: "api",
     pollIntervalSeconds: 60,
@@ -69,4 +70,12 @@ test("credentials, secrets, limits and intervals apply; listen, stateDir and api
 test("a GitHub App key rotation counts as new credentials", () => {
   const app = (key: string): ServeConfig["github"] => ({ apiUrl: "https://api.github.com", auth: { kind: "app", appId: 1, privateKey: key, privateKeyFile: "/k.pem", installationId: undefined } });
   assert.deepEqual(settingsChanges(config({ github: app("A") }), config({ github: app("B") }), "/x").applied, ["github credentials"]);
+});
+
+test("the GitHub thresholds apply on a reload, and reach the daemon's settings", async () => {
+  const { daemonSettings } = await import("../../src/pool/reload.js");
+  const next = config({ githubLimits: { requestTimeoutSeconds: 5, degradedAfterSeconds: 60, repositoryListCacheSeconds: 0, rateLimitReservePercent: 20 } });
+  assert.deepEqual(settingsChanges(config(), next, "/x").applied, ["github.requestTimeout", "github.degradedAfter", "github.repositoryListCache", "github.rateLimitReserve"]);
+  assert.deepEqual(effectiveConfig(config(), next).githubLimits, next.githubLimits);
+  assert.deepEqual(daemonSettings(next), { pollIntervalMs: 60_000, shutdownTimeoutMs: 3_600_000, retentionMs: 7 * 86400_000, githubDegradedAfterMs: 60_000, repoListTtlMs: 0, budgetReserveShare: 0.2 });
 });

@@ -73,6 +73,7 @@ import { writeFileSync as writeFile } from "node:fs";
 import { join as joinPath } from "node:path";
 import { startFakeGitHub } from "../support/fake-github.js";
 import { civmEnv, runCivm, startCivm } from "../support/civm-cli.js";
+import { killAfter, logLines, spawnServe } from "../support/serve-harness.js";
 
 interface ServeFile {
   listen?: string;
@@ -106,22 +107,17 @@ test("civm serve: civm reload and SIGHUP re-read the config (pools added, change
     );
   const token1 = "first-api-token-1234";
   write({ apiToken: token1 });
-  const serve = startCivm(["serve", "--config", cfgFile, "--accel", "tcg"], e);
-  t.after(() => {
-    if (serve.child.exitCode === null) serve.child.kill("SIGKILL");
-  });
-  let stdout = "";
-  serve.child.stdout!.on("data", (d) => (stdout += d));
-  const lines = () => stdout.split("\n").filter((l) => l.startsWith("{")).map((l) => JSON.parse(l) as Record<string, unknown>);
+  const serve = spawnServe(["--config", cfgFile, "--accel", "tcg"], e);
+  killAfter(t, serve);
+  const lines = () => logLines(serve.stdout());
   const until = async (cond: () => boolean | Promise<boolean>, what: string, ms = 30_000) => {
     const end = Date.now() + ms;
     while (!(await cond())) {
-      if (Date.now() > end || serve.child.exitCode !== null) throw new Error(`timed out waiting for ${what}; stderr:\n${serve.stderrSoFar()}\nstdout:\n${stdout.slice(-3000)}`);
+      if (Date.now() > end || serve.child.exitCode !== null) throw new Error(`timed out waiting for ${what}; stderr:\n${serve.stderrSoFar()}\nstdout:\n${serve.stdout().slice(-3000)}`);
       await new Promise((r) => setTimeout(r, 100));
     }
   };
-  await until(() => lines().some((l) => l.msg === "civm serve listening"), "civm serve to listen");
-  const url = lines().find((l) => l.msg === "civm serve listening")!.url as string;
+  const { url } = await serve.listening();
   const env = (token: string) => ({ ...e, env: { ...e.env, CIVM_API_URL: url, CIVM_API_TOKEN: token } });
   const pools = async (token: string) => JSON.parse((await runCivm(["pools", "--json"], env(token))).stdout) as { name: string; state: string; maxRunners: number }[];
   assert.deepEqual((await pools(token1)).map((p) => p.name), ["linux"]);
@@ -162,7 +158,7 @@ test("civm serve: civm reload and SIGHUP re-read the config (pools added, change
   await until(async () => (await pools(token2)).length === 1, "SIGHUP to remove pool gpu");
   assert.ok(lines().some((l) => l.msg === "config reloaded" && l.trigger === "SIGHUP"));
   assert.ok(lines().some((l) => l.msg === "removed pool has no runners left; it is gone" && l.pool === "gpu"));
-  for (const secret of [token1, token2, gh.validToken, "hook-secret-1"]) assert.ok(!stdout.includes(secret), "a secret in the log");
+  for (const secret of [token1, token2, gh.validToken, "hook-secret-1"]) assert.ok(!serve.stdout().includes(secret), "a secret in the log");
 
   // Drain, cancel, then drain and exit.
   const d = await runCivm(["drain", "--json"], env(token2));

@@ -7,7 +7,8 @@ import { createServer, type AddressInfo } from "node:net";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { startFakeGitHub } from "../support/fake-github.js";
-import { civmEnv, runCivm, startCivm, type CivmEnv } from "../support/civm-cli.js";
+import { civmEnv, runCivm, type CivmEnv } from "../support/civm-cli.js";
+import { killAfter, spawnServe } from "../support/serve-harness.js";
 
 function serveConfig(e: CivmEnv, githubUrl: string, token: string, listen: string, extra: Record<string, unknown> = {}): string {
   const disk = join(e.root, "runner.img");
@@ -48,17 +49,9 @@ test("civm serve: a second daemon on the same state dir is refused (exit 8) whil
   t.after(() => gh.close());
   const e = civmEnv();
   const cfg = serveConfig(e, gh.url, gh.validToken, "127.0.0.1:0");
-  const first = startCivm(["serve", "--config", cfg, "--accel", "tcg"], e);
-  t.after(() => {
-    if (first.child.exitCode === null) first.child.kill("SIGKILL");
-  });
-  let out = "";
-  first.child.stdout!.on("data", (d) => (out += d));
-  const end = Date.now() + 30_000;
-  while (!out.includes('"civm serve listening"')) {
-    if (Date.now() > end || first.child.exitCode !== null) throw new Error(`the first civm serve did not start:\n${first.stderrSoFar()}\n${out}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
+  const first = spawnServe(["--config", cfg, "--accel", "tcg"], e);
+  killAfter(t, first);
+  await first.listening();
   const second = await runCivm(["serve", "--config", cfg, "--accel", "tcg"], e);
   assert.equal(second.code, 8, second.stderr);
   assert.match(second.stderr, new RegExp(`another civm serve \\(pid ${first.child.pid}\\) is using the state dir ${e.stateDir.replace(/[.]/g, "\\.")}`));
@@ -67,17 +60,10 @@ test("civm serve: a second daemon on the same state dir is refused (exit 8) whil
 
   first.child.kill("SIGKILL");
   await first.done;
-  const third = startCivm(["serve", "--config", cfg, "--accel", "tcg"], e);
-  t.after(() => {
-    if (third.child.exitCode === null) third.child.kill("SIGKILL");
-  });
-  let out3 = "";
-  third.child.stdout!.on("data", (d) => (out3 += d));
-  const end3 = Date.now() + 30_000;
-  while (!out3.includes('"civm serve listening"')) {
-    if (Date.now() > end3 || third.child.exitCode !== null) throw new Error(`civm serve did not start after kill -9 of the lock holder:\n${third.stderrSoFar()}\n${out3}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
+  // After kill -9 of the lock holder, the lock is free again.
+  const third = spawnServe(["--config", cfg, "--accel", "tcg"], e);
+  killAfter(t, third);
+  await third.listening();
   third.child.kill("SIGKILL");
   await third.done;
 });

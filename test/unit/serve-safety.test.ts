@@ -13,7 +13,8 @@ import { loadServeConfig } from "../../src/pool/config.js";
 import { listen } from "../../src/server/index.js";
 import { CIVM_VERSION } from "../../src/version.js";
 import { startFakeGitHub } from "../support/fake-github.js";
-import { civmEnv, runCivm, startCivm } from "../support/civm-cli.js";
+import { civmEnv, runCivm } from "../support/civm-cli.js";
+import { killAfter, spawnServe } from "../support/serve-harness.js";
 import { repoRoot, tempDir } from "../support/paths.js";
 
 function configFile(dir: string, extra: Record<string, unknown>): string {
@@ -114,22 +115,11 @@ test("civm serve with tls and metricsListen: /metrics only on its own listener, 
       pools: [{ name: "linux", maxRunners: 1, runner: { image: "./disk.img", repository: "rust-lang-ci/rust", labels: ["linux"] } }],
     }),
   );
-  const serve = startCivm(["serve", "--config", cfg, "--accel", "tcg"], e);
-  t.after(() => {
-    if (serve.child.exitCode === null) serve.child.kill("SIGKILL");
-  });
-  let out = "";
-  serve.child.stdout!.on("data", (d) => (out += d));
-  const end = Date.now() + 30_000;
-  let started: { url: string; metricsUrl: string } | undefined;
-  while (!started) {
-    const line = out.split("\n").find((l) => l.includes('"civm serve listening"'));
-    if (line) started = JSON.parse(line) as { url: string; metricsUrl: string };
-    else if (Date.now() > end || serve.child.exitCode !== null) throw new Error(`civm serve did not start:\n${serve.stderrSoFar()}\n${out}`);
-    else await new Promise((r) => setTimeout(r, 100));
-  }
+  const serve = spawnServe(["--config", cfg, "--accel", "tcg"], e);
+  killAfter(t, serve);
+  const started = await serve.listening();
   assert.match(started.url, /^https:/);
-  const warned = out.split("\n").filter((l) => l.includes('"level":"warn"')).map((l) => JSON.parse(l) as { msg: string });
+  const warned = serve.stdout().split("\n").filter((l) => l.includes('"level":"warn"')).map((l) => JSON.parse(l) as { msg: string });
   assert.ok(warned.some((w) => /read as a fireactions config\.yaml; civm does not use log_level/.test(w.msg)), `start-up warnings: ${JSON.stringify(warned)}`);
   assert.equal((await httpsGet(`${started.url}/healthz`, cert)).status, 200);
   assert.equal((await httpsGet(`${started.url}/metrics`, cert)).status, 404, "no /metrics on the main listener");

@@ -27,15 +27,18 @@ export function registerExec(program: Command): void {
     .argument("<name>", "VM name (or id)")
     .argument("<command...>", "after --: one argument is a shell command line ('cd /host && make'); several are an argv, each quoted")
     .option("-w, --workdir <dir>", "cd to this folder in the guest first")
-    .option("-u, --user <user>", "run as this user (root, or runner; both get the VM's key)", "root")
+    .option("-u, --user <user>", "run as this user (default root, or the VM's --ssh-user; root and runner get the VM's key)")
+    .option("--ssh-key <file>", "use this private key instead of the VM's own (an image without civm's agent)")
+    .option("--ssh-user <user>", "same as -u")
     .option("-t, --tty", "allocate a terminal (interactive commands)")
-    .action(async (name: string, command: string[], flags: { workdir?: string; user: string; tty?: boolean }, cmd: Command) => {
+    .action(async (name: string, command: string[], flags: { workdir?: string; user?: string; sshKey?: string; sshUser?: string; tty?: boolean }, cmd: Command) => {
       const paths = pathsFrom(cmd);
       if (command.length === 0) throw new ConfigError("civm exec NAME -- COMMAND...: no command");
-      const { findVm, requireDevMeta, sshArgv, remoteCommand } = await import("../../dev/index.js");
+      const { findVm, requireDevMeta, sshArgv, remoteCommand, sshOverride } = await import("../../dev/index.js");
       const e = await findVm(paths.stateDir, name);
       const dev = requireDevMeta(e);
-      const code = await runSsh(sshArgv({ ...dev.ssh, user: flags.user }, remoteCommand(command, flags.workdir), { tty: !!flags.tty }));
+      const target = { ...dev.ssh, ...sshOverride({ ...flags, sshUser: flags.user ?? flags.sshUser }, process.cwd()) };
+      const code = await runSsh(sshArgv(target, remoteCommand(command, flags.workdir), { tty: !!flags.tty }));
       process.exit(code);
     });
 }

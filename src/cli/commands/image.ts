@@ -35,13 +35,17 @@ export function registerImage(program: Command): void {
     .option("--force", "rebuild the image even if its key is unchanged (parents stay cached)")
     .option("-q, --quiet", "print only the result")
     .option("--json", "print progress and the result as JSON lines on stdout")
-    .action(async (name: string, flags: BuildFlags, cmd: Command) => {
+    .action(async (asked: string, flags: BuildFlags, cmd: Command) => {
       const paths = pathsFrom(cmd);
       const { loadImageSpecs, loadBuiltinImageSpecs, buildImage } = await import("../../images/index.js");
+      const { withoutDiskExtension } = await import("../../images/spec.js");
       const { ImageStore, sweepStale } = await import("../../images/store.js");
       const { detectAccel } = await import("../../host/kvm.js");
       const file = specFile(flags.file);
       const specs = file ? await loadImageSpecs(file) : await loadBuiltinImageSpecs();
+      // lvh's names carry the file's extension: "base.qcow2" builds the image base.
+      const all = Array.isArray(specs) ? specs : specs.images;
+      const name = all.some((i) => i.name === asked) ? asked : withoutDiskExtension(asked);
       const store = new ImageStore(paths.stateDir);
       await sweepStale(store);
       const accel = await detectAccel({ stateDir: paths.stateDir });

@@ -49,12 +49,39 @@ interface AdHocFlags extends RunFlags, Omit<DevFlags, "image" | "hostMount" | "p
   wait?: boolean;
   waitTimeout: string;
   printCmd?: boolean;
+  verbose?: boolean;
+  /** lvh's names (see LVH_ALIASES). */
+  cpu?: string;
+  daemonize?: boolean;
+  qemuCmdPrint?: boolean;
+  hwAccel?: boolean;
+  qemuDisableKvm?: boolean;
 }
 
 const AD_HOC_ONLY: [keyof AdHocFlags, string][] = [
   ["kernel", "--kernel"], ["initrd", "--initrd"], ["append", "--append"], ["cpus", "--cpus"], ["mem", "--mem"], ["disk", "--disk"],
   ["name", "--name"], ["network", "--network"], ["detach", "--detach"], ["wait", "--wait"], ["timeout", "--timeout"], ["printCmd", "--print-cmd"],
+  ["cpuKind", "--cpu-kind"], ["consoleLogFile", "--console-log-file"], ["serialPort", "--serial-port"], ["verbose", "-v/--verbose"],
+  ["sshKey", "--ssh-key"], ["sshUser", "--ssh-user"],
 ];
+
+/**
+ * little-vm-helper's `lvh run` flags that mean what a civm flag means: folded into civm's
+ * before anything else looks at them (both given: refused unless they agree).
+ */
+export function foldLvhAliases(flags: AdHocFlags): void {
+  const fold = <K extends keyof AdHocFlags>(alias: string, aliasValue: AdHocFlags[K] | undefined, key: K, civm: string) => {
+    if (aliasValue === undefined) return;
+    if (flags[key] !== undefined && flags[key] !== aliasValue) throw new ConfigError(`${alias} and ${civm} are the same setting (${alias} is lvh's name); give one`);
+    flags[key] = aliasValue;
+  };
+  fold("--cpu", flags.cpu, "cpus", "--cpus");
+  fold("--daemonize", flags.daemonize, "detach", "--detach");
+  fold("--qemu-cmd-print", flags.qemuCmdPrint, "printCmd", "--print-cmd");
+  const tcg = flags.hwAccel === false || flags.qemuDisableKvm ? ("tcg" as const) : undefined;
+  if (tcg && flags.accel === "kvm") throw new ConfigError(`${flags.hwAccel === false ? "--no-hw-accel" : "--qemu-disable-kvm"} and --accel kvm contradict each other; give one`);
+  fold(flags.hwAccel === false ? "--no-hw-accel" : "--qemu-disable-kvm", tcg, "accel", "--accel tcg");
+}
 
 const collect = (v: string, all: string[]): string[] => [...all, v];
 
@@ -84,7 +111,7 @@ export function registerRun(program: Command): void {
     .option("--initrd <file>", "ad-hoc: initrd for a --kernel file")
     .option("--append <args>", "ad-hoc: extra kernel command line arguments")
     .option("--cpus <n>", "ad-hoc: vCPUs (default 2)")
-    .option("--mem <size>", "ad-hoc: memory, e.g. 1G (default 2G)")
+    .option("--mem <size>", "ad-hoc: memory, e.g. 1G or 512M; a bare number is MiB (4096 = 4 GiB); at least 64M (default 2G)")
     .option("--disk <size>", "ad-hoc: virtual disk size, at least the image's (default the image's)")
     .option("--host-mount <dir[:tag][:guest-path][:ro|:rw|:passthrough]>", "ad-hoc: share a host folder over 9p (first at /host, others at /host-TAG; mapped-xattr: no setuid or device files reach the host; :passthrough only for a trusted guest); repeatable", collect, [])
     .option("-p, --port <[addr:]host[:guest][/udp]>", "ad-hoc: forward a host port to the guest (HOST:22 sets the SSH port, else one is picked); repeatable", collect, [])
@@ -96,6 +123,17 @@ export function registerRun(program: Command): void {
     .option("--wait-timeout <seconds>", "with --wait: give up after this long", "600")
     .option("--timeout <seconds>", "ad-hoc: power the VM off after this long; 0 = never (default 3600)")
     .option("--print-cmd", "ad-hoc: print the QEMU command line and exit; nothing is started")
+    .option("-v, --verbose", "ad-hoc: print the QEMU command line on stderr, then start the VM")
+    .option("--cpu-kind <model>", "ad-hoc: QEMU CPU model (-cpu), e.g. qemu64 or max,-vmx (default host with KVM, max with TCG)")
+    .option("--console-log-file <file>", "ad-hoc: also append the serial console (redacted, as civm's own log) to this file")
+    .option("--ssh-key <file>", "ad-hoc, an image without civm's agent (an lvh image): the private key it trusts; wait, exec and ssh use it and wait checks SSH alone")
+    .option("--ssh-user <user>", "ad-hoc: the user wait, exec and ssh log in as (default root)")
+    .option("--serial-port <port>", "ad-hoc: serve the serial console over TCP on the --ssh-bind address, both ways (telnet or nc)")
+    .addOption(new Option("--cpu <n>", "lvh's name for --cpus").hideHelp())
+    .addOption(new Option("--daemonize", "lvh's name for --detach").hideHelp())
+    .addOption(new Option("--qemu-cmd-print", "lvh's name for --print-cmd").hideHelp())
+    .addOption(new Option("--no-hw-accel", "lvh's name for --accel tcg").hideHelp())
+    .addOption(new Option("--qemu-disable-kvm", "lvh's older name for --accel tcg").hideHelp())
     .option("--json", "print the result as one JSON object on stdout (name, id, reason, exitCode, ...); messages stay on stderr")
     .addHelpText(
       "after",
@@ -116,10 +154,16 @@ Logs: civm writes each VM's serial console (redacted, 0600) to the logs dir. Onc
 runs, civm run deletes its own logs (by name; never a VM's that is still running) older
 than --logs-keep-days, then the oldest until --logs-max-bytes is met.
 
+lvh users: --mem without a unit is MiB (as in QEMU and lvh); -p HOST:GUEST:tcp|udp works;
+the first --host-mount is tagged host_mount (lvh images mount it at /host); --cpu,
+--daemonize, --qemu-cmd-print and --no-hw-accel are lvh's names for --cpus, --detach,
+--print-cmd and --accel tcg. See docs/dev-vms.md ("Coming from little-vm-helper").
+
 Exit code 0 only when the guest powered itself off; see "civm --help" for the others.`,
     )
     .action(async (name: string | undefined, flags: AdHocFlags, cmd: Command) => {
       trace("cli: modules loaded");
+      foldLvhAliases(flags);
       // Checked before anything starts: a typo must not surface after the VM ran.
       logRetentionOf(flags);
       if (flags.json && flags.console) throw new ConfigError("--json and --console both write to stdout; use one (civm logs NAME shows the console)");
@@ -288,12 +332,14 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
   plan.accel = accel.accel;
   const name = plan.spec.name;
   if (!flags.printCmd) for (const w of plan.warnings) warn(w);
-  if (flags.printCmd) {
+  if (flags.printCmd || flags.verbose) {
     const vm = new VmRun(dev.devRunRequest(plan, { paths, log: say }));
     const p = vm.plan();
-    if (flags.json) printJson({ name, binary: p.binary, args: buildQemuArgs(p) });
-    else process.stdout.write(describeCommand(p.binary, buildQemuArgs(p)) + "\n");
-    return 0;
+    if (flags.printCmd && flags.json) printJson({ name, binary: p.binary, args: buildQemuArgs(p) });
+    else if (flags.printCmd) process.stdout.write(describeCommand(p.binary, buildQemuArgs(p)) + "\n");
+    // -v (lvh's --verbose): the command on stderr, then the VM runs.
+    else say(`QEMU command: ${describeCommand(p.binary, buildQemuArgs(p))}`);
+    if (flags.printCmd) return 0;
   }
   const ssh = `ssh ${plan.dev.ssh.host}:${plan.dev.ssh.port}`;
   const pruner = logPruner(paths, logRetentionOf(flags));
@@ -318,10 +364,14 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
     return 0;
   }
   const stop = trapSignals(name);
-  const vm = new VmRun({ ...dev.devRunRequest(plan, { paths, log: say, ...(flags.console ? { onConsole: (t: string) => process.stdout.write(t) } : {}) }), onRunning: pruner.start });
+  const sinks = await dev.planConsoleSinks(plan, say);
+  const vm = new VmRun({
+    ...dev.devRunRequest(plan, { paths, log: say, ...(flags.console ? { onConsole: (t: string) => process.stdout.write(t) } : {}), ...(sinks ? { sinks } : {}) }),
+    onRunning: pruner.start,
+  });
   stop.attach(vm);
   say(`${name}: starting (${ssh}); from another shell: civm wait ${name}, civm exec ${name} -- CMD, civm stop ${name}`);
-  const r = await vm.run();
+  const r = await vm.run().finally(() => sinks?.close());
   await pruner.done();
   if (r.detail) process.stderr.write(r.detail.replace(/^/gm, "  ") + "\n");
   if (r.workDirKept) say(`work dir kept: ${r.workDir}`);
