@@ -51,7 +51,7 @@ test("ls and list on every local noun; --json lists are arrays; -q prints names 
 test("pools, vms and hosts: ls, list and the default; -q names only", async (t) => {
   const store = new StateStore(":memory:");
   store.registerHost({ id: "host-a", address: "http://127.0.0.1:8080", cpus: 8, ramBytes: 16 * 1024 ** 3, pools: ["linux"], version: "0.1.0" });
-  const srv = await listen(createApp({ store, hostId: "host-a", deadAfterMs: 60_000, pools: [{ name: "linux", labels: ["linux"], minRunners: 0, maxRunners: 2, target: { kind: "org", org: "o" }, groupId: 1 }], webhookSecret: "s", apiToken: TOKEN, maxWebhookBytes: 1024, registry: new Registry() }), "127.0.0.1", 0);
+  const srv = await listen(createApp({ store, hostId: "host-a", deadAfterMs: 3_600_000, pools: [{ name: "linux", labels: ["linux"], minRunners: 0, maxRunners: 2, target: { kind: "org", org: "o" }, groupId: 1 }], webhookSecret: "s", apiToken: TOKEN, maxWebhookBytes: 1024, registry: new Registry() }), "127.0.0.1", 0);
   t.after(() => srv.close());
   store.insertVm({ id: "abcd0001", pool: "linux", name: "linux-abcd0001", imageKey: "k", createdAt: Date.now(), host: "host-a", cpus: 2, ramBytes: 1024 ** 3 });
   const e = civmEnv({ CIVM_API_URL: srv.url, CIVM_API_TOKEN: TOKEN });
