@@ -13,6 +13,7 @@ PACKAGES=(
   zstd jq shellcheck ovmf      # compressed images, guest agent tests, lint
   nftables                     # the per-VM network policy
   iproute2                     # tests: network namespaces for the policy tests
+  postgresql                   # tests: a throwaway PostgreSQL cluster for the fleet store (civm serve store: postgres://...)
   zsh fish                     # tests: civm completion zsh|fish loaded in the real shells
   docker-registry              # tests: a local OCI registry for image pull/push (started by the test)
 )

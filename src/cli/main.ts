@@ -65,6 +65,7 @@ const SUMMARIES: Record<string, string> = {
   reload: "Make a running civm serve re-read its config",
   drain: "Make a running civm serve stop taking work (and exit)",
   vms: "List the runner VMs of a running civm serve",
+  hosts: "List the hosts of a civm serve fleet",
   wait: "Wait until an ad-hoc VM answers",
   exec: "Run a command in an ad-hoc VM",
   ssh: "Open a shell in an ad-hoc VM",

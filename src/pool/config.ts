@@ -56,7 +56,9 @@ export const SERVE_DEFAULTS = {
 /** The largest github.rateLimitReserve: polling needs some budget too. */
 export const MAX_RATE_LIMIT_RESERVE_PERCENT = 90;
 
-export const SERVE_KEYS = ["listen", "metricsListen", "tls", "stateDir", "github", "webhookSecret", "apiToken", "pools", "pollInterval", "shutdownTimeout", "retention", "maxWebhookBytes", "logs", "qemuUser"] as const;
+export const SERVE_KEYS = ["listen", "metricsListen", "tls", "stateDir", "store", "fleet", "github", "webhookSecret", "apiToken", "pools", "pollInterval", "shutdownTimeout", "retention", "maxWebhookBytes", "logs", "qemuUser"] as const;
+export const FLEET_KEYS = ["hostId", "address", "cpus", "ram", "heartbeat", "deadAfter", "placementGrace"] as const;
+export const FLEET_DEFAULTS = { heartbeatSeconds: 10, deadAfterSeconds: 60, placementGraceSeconds: 15 } as const;
 export const TLS_KEYS = ["cert", "key"] as const;
 /** GitHub sends at most 25 MB per delivery; the body is buffered before its signature is checked. */
 export const MAX_WEBHOOK_BYTES_CAP = 25 * 1024 * 1024;
@@ -289,6 +291,8 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
     if (!metricsListen) f.add(`"metricsListen" must be HOST:PORT (e.g. "127.0.0.1:9464") or a port number.`);
   }
   const tls = await loadTls(f, baseDir);
+  const store = loadStore(f, stateDir);
+  const fleet = loadFleet(f);
   const logs = loadLogs(f);
   const qemuUserName = f.str("qemuUser");
   if (qemuUserName !== undefined && !/^[a-z_][a-z0-9_-]*\$?$/.test(qemuUserName)) f.add(`"qemuUser" must be a user name such as "civm-qemu" (the unprivileged user QEMU runs as), not ${JSON.stringify(qemuUserName)}.`);
@@ -318,6 +322,8 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
     baseDir,
     listen: listen ?? { host: "127.0.0.1", port: 8080 },
     stateDir,
+    store,
+    fleet,
     github: github ?? { apiUrl: SERVE_DEFAULTS.apiUrl, auth: { kind: "token", token: "" } },
     githubLimits,
     webhookSecret,
@@ -332,6 +338,52 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
     pools,
     secrets: [...new Set(secrets)],
   };
+}
+
+/**
+ * `store`: "sqlite" (the default: `<state>/serve.db`, one host) or a postgres:// URL that a
+ * fleet of hosts shares. The URL may carry a password (through the pre-processor, e.g.
+ * postgres://civm:${{ file:/etc/civm/pg-password }}@db/civm): messages never show it.
+ */
+function loadStore(top: Fields, stateDir: string | undefined): ServeConfig["store"] {
+  const sqlite = { kind: "sqlite" as const, where: `sqlite (${stateDir ?? "the state dir"}/serve.db)` };
+  const v = top.str("store");
+  if (v === undefined || v.trim() === "sqlite") return sqlite;
+  const text = v.trim();
+  let u: URL | undefined;
+  try {
+    u = new URL(text);
+  } catch {
+    // reported below
+  }
+  if (!u || (u.protocol !== "postgres:" && u.protocol !== "postgresql:")) {
+    top.add(`"store" must be "sqlite" (the default, one host) or a PostgreSQL URL such as "postgres://civm@db.example:5432/civm" (a fleet of hosts sharing one database); put a password through \${{ file:... }} or PGPASSWORD.`);
+    return sqlite;
+  }
+  if (!u.hostname && !u.searchParams.has("host")) {
+    top.add(`"store" names no database host; write postgres://USER@HOST:PORT/DATABASE.`);
+    return sqlite;
+  }
+  const shown = new URL(text);
+  if (shown.password) shown.password = "***";
+  return { kind: "postgres", url: text, where: shown.toString() };
+}
+
+/** `fleet:` this host's id, address and capacity, and the heartbeat timing (see docs/fleet.md). */
+function loadFleet(top: Fields): ServeConfig["fleet"] {
+  const o = top.object("fleet");
+  const f = new Fields(o ?? {}, top.where, top.problems, "fleet.");
+  if (o) f.unknownKeys(FLEET_KEYS);
+  const hostId = f.str("hostId");
+  if (hostId !== undefined && !NAME_RE.test(hostId)) f.add(`"fleet.hostId" must be made of letters, digits, ".", "_" and "-" (got ${JSON.stringify(hostId)}).`);
+  const address = f.str("address");
+  const cpus = f.int("cpus", { min: 1, hint: "the cpus runner VMs may take on this host together" });
+  const ramBytes = f.size("ram");
+  const heartbeatSeconds = f.seconds("heartbeat", FLEET_DEFAULTS.heartbeatSeconds, 1);
+  const deadAfterSeconds = f.seconds("deadAfter", FLEET_DEFAULTS.deadAfterSeconds, 2);
+  const placementGraceSeconds = f.seconds("placementGrace", FLEET_DEFAULTS.placementGraceSeconds, 0);
+  if (deadAfterSeconds < 2 * heartbeatSeconds) f.add(`"fleet.deadAfter" (${deadAfterSeconds} s) must be at least twice "fleet.heartbeat" (${heartbeatSeconds} s), or a host that misses one heartbeat is declared dead.`);
+  return { hostId, address, cpus, ramBytes, heartbeatSeconds, deadAfterSeconds, placementGraceSeconds };
 }
 
 /** `tls: {cert, key}`: PEM files (relative to the config), read now so a bad path is a config error. */
@@ -768,6 +820,7 @@ export function summarizeServeConfig(c: ServeConfig): string[] {
   const lines = [
     `listen ${c.tls ? "https" : "http"} ${c.listen.host}:${c.listen.port}${c.metricsListen ? `, metrics on ${c.metricsListen.host}:${c.metricsListen.port}` : ""}; GitHub ${c.github.apiUrl} (${auth}); webhook secret ${c.webhookSecret ? "set" : "not set (POST /webhook answers 401)"}; API token ${c.apiToken ? "set" : "not set (API answers 401)"}`,
     `poll every ${c.pollIntervalSeconds}s; shutdown waits up to ${c.shutdownTimeoutSeconds}s for busy runners; state kept ${c.retentionSeconds}s; webhook bodies up to ${c.maxWebhookBytes} bytes`,
+    `store ${c.store.where}${c.store.kind === "postgres" ? `; host ${c.fleet.hostId ?? "(host name)"}, heartbeat ${c.fleet.heartbeatSeconds}s, dead after ${c.fleet.deadAfterSeconds}s` : ""}${c.fleet.cpus !== undefined || c.fleet.ramBytes !== undefined ? `; capacity ${c.fleet.cpus ?? "all"} cpus, ${c.fleet.ramBytes !== undefined ? `${Math.round(c.fleet.ramBytes / 1024 ** 2)} MiB` : "all memory"}` : ""}`,
     `GitHub calls time out after ${c.githubLimits.requestTimeoutSeconds}s; a target failing or rate-limited for ${c.githubLimits.degradedAfterSeconds}s is degraded; organization repository lists kept ${c.githubLimits.repositoryListCacheSeconds}s; ${c.githubLimits.rateLimitReservePercent}% of the rate limit kept for JIT configs and deregistration`,
   ];
   for (const p of c.pools) {

@@ -12,7 +12,8 @@ import { detectAccel } from "../host/kvm.js";
 import { resolvePaths } from "../host/paths.js";
 import { pruneLogs } from "../host/log-retention.js";
 import { createApp, createMetricsApp, listen, type HostHealth, type ReloadOutcome, type ServerOptions, type ServerPool } from "../server/index.js";
-import { StateStore } from "../store/index.js";
+import { openStore } from "../store/open.js";
+import { hostOptions } from "./fleet.js";
 import { lockStateDir } from "../host/serve-lock.js";
 import { redactAll } from "../vm/run.js";
 import { loadServeConfig } from "./config.js";
@@ -168,8 +169,10 @@ async function startUp(o: RunServeOptions, initial: ServeConfig, secrets: Set<st
   // Before anything reads the store: a second daemon would take the first's VMs for leftovers.
   const lock = lockStateDir(paths.stateDir);
   closers.push(() => lock.release());
-  const store = new StateStore(paths.stateDir);
+  const host = hostOptions(config);
+  const store = await openStore({ url: config.store.kind === "postgres" ? config.store.url : undefined, stateDir: paths.stateDir, hostId: host.id });
   closers.push(() => store.close());
+  if (config.store.kind === "postgres") logger.info({ store: store.where, host: host.id, migrationsApplied: store.applied ?? 0 }, "fleet store open");
   const registry = new Registry();
   registerProcessMetrics(registry, CIVM_VERSION);
   const warn = (m: string) => logger.warn({}, m);
@@ -200,6 +203,8 @@ async function startUp(o: RunServeOptions, initial: ServeConfig, secrets: Set<st
     router,
     pools: config.pools,
     store,
+    host: { ...host, address: host.address || `${config.tls ? "https" : "http"}://${config.listen.host}:${config.listen.port}` },
+    version: CIVM_VERSION,
     access,
     launcher,
     logger,
@@ -240,7 +245,7 @@ async function startUp(o: RunServeOptions, initial: ServeConfig, secrets: Set<st
       for (const w of poolCmdlineWarnings(next.pools, next.poolsFile)) logger.warn({ trigger }, w);
       const settings = settingsChanges(config, next, paths.stateDir);
       const newAccess = settings.applied.includes("github credentials") || settings.applied.includes("github.requestTimeout");
-      const pools = daemon.reload(next.pools, { ...(newAccess ? { access: accessFor(next, warn, registry, githubAbort.signal) } : {}), ...daemonSettings(next) });
+      const pools = await daemon.reload(next.pools, { ...(newAccess ? { access: accessFor(next, warn, registry, githubAbort.signal) } : {}), ...daemonSettings(next) });
       config = effectiveConfig(config, next);
       serverOpts.webhookSecret = config.webhookSecret;
       serverOpts.apiToken = config.apiToken;
@@ -258,6 +263,8 @@ async function startUp(o: RunServeOptions, initial: ServeConfig, secrets: Set<st
   let hostHealth: HostHealth | undefined;
   const serverOpts: ServerOptions = {
     store,
+    hostId: host.id,
+    deadAfterMs: daemon.fleet.deadAfterMs,
     pools: serverPools,
     webhookSecret: config.webhookSecret,
     apiToken: config.apiToken,
@@ -268,9 +275,9 @@ async function startUp(o: RunServeOptions, initial: ServeConfig, secrets: Set<st
     hostHealth: () => hostHealth,
     control: {
       reload: () => reload("api"),
-      drain: (d) => ({ ...daemon.drain(d) }),
-      undrain: () => ({ ...daemon.undrain() }),
-      status: () => ({ ...daemon.status() }),
+      drain: async (d) => ({ ...(await daemon.drain(d)) }),
+      undrain: async () => ({ ...(await daemon.undrain()) }),
+      status: async () => ({ ...(await daemon.status()) }),
     },
     consoleLog: async (vm) => {
       const known = consoleLogs.get(vm.id);

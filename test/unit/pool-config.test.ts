@@ -421,6 +421,29 @@ test("durations past the timer limit (2^31-1 ms) are refused by field; retention
   assert.equal((await load(setup(serve([pool({ "timeout-seconds": 2147483, idleTimeout: "24d" })], { retention: "90d" })))).retentionSeconds, 90 * 86400);
 });
 
+test("store: sqlite by default; a postgres URL with its password through ${{ file: }} is redacted; bad stores and fleet keys are named", async () => {
+  const d = setup(serve([pool()]));
+  const c = await load(d);
+  assert.equal(c.store.kind, "sqlite");
+  assert.equal(c.fleet.deadAfterSeconds, 60);
+  writeFileSync(join(d.dir, "pg-password"), "s3cr3t-pg-pass\n");
+  const pg = setup(serve([pool()], { store: "postgres://civm:${{ file:pg-password }}@db.example:5432/civm", fleet: { hostId: "runner-07", cpus: 8, ram: "16G", heartbeat: "2s", deadAfter: "10s" } }));
+  writeFileSync(join(pg.dir, "pg-password"), "s3cr3t-pg-pass\n");
+  const p = await load(pg);
+  assert.equal(p.store.kind, "postgres");
+  assert.ok(p.store.kind === "postgres" && p.store.url.includes("s3cr3t-pg-pass"));
+  assert.equal(p.store.where, "postgres://civm:***@db.example:5432/civm");
+  assert.ok(p.secrets.includes("s3cr3t-pg-pass"), "the password is redacted from logs");
+  assert.deepEqual({ ...p.fleet }, { hostId: "runner-07", address: undefined, cpus: 8, ramBytes: 16 * 1024 ** 3, heartbeatSeconds: 2, deadAfterSeconds: 10, placementGraceSeconds: 15 });
+  const bad = setup(serve([pool()], { store: "mysql://root:hunter2@db/civm", fleet: { hostID: "x", heartbeat: "10s", deadAfter: "15s", cpus: 0 } }));
+  const msg = await problems(bad);
+  assert.match(msg, /"store" must be "sqlite" \(the default, one host\) or a PostgreSQL URL/);
+  assert.doesNotMatch(msg, /hunter2/, "a store value is never shown");
+  assert.match(msg, /unknown key "fleet.hostID"; did you mean "fleet.hostId"\?/);
+  assert.match(msg, /"fleet.deadAfter" \(15 s\) must be at least twice "fleet.heartbeat" \(10 s\)/);
+  assert.match(msg, /"fleet.cpus" must be at least 1/);
+});
+
 test("github thresholds: requestTimeout 30 s, degradedAfter 5 min, repositoryListCache 10 min, rateLimitReserve 10% by default; durations and percentages as written", async () => {
   const d = await load(setup(serve([pool()])));
   assert.deepEqual(d.githubLimits, { requestTimeoutSeconds: 30, degradedAfterSeconds: 300, repositoryListCacheSeconds: 600, rateLimitReservePercent: 10 });
