@@ -228,8 +228,9 @@ test("BIOS boot with seed 003's user-data: civm serve runs with the App and pool
     t.diagnostic(`/healthz host: ${JSON.stringify(health.host)}`);
 
     // The App's installation token and the pool's minRunners JIT config came from the fake GitHub.
-    await eventually("the installation token request", 5 * 60_000, async () => (github.requests.some((r) => r.method === "POST" && r.path === `/app/installations/${INSTALLATION}/access_tokens`) ? true : undefined));
-    await eventually("the pool's JIT config (minRunners: 1 registered)", 10 * 60_000, async () => (github.requests.some((r) => r.method === "POST" && r.path === `/orgs/${ORG}/actions/runners/generate-jitconfig`) ? true : undefined));
+    const why = async () => `fake GitHub saw: ${github.requests.map((r) => `${r.method} ${r.path}`).join(", ") || "nothing"}\n` + (await host.run("sudo journalctl -u civm-serve -n 60 --no-pager -o cat")).stdout;
+    await eventually("the installation token request", 5 * 60_000, async () => (github.requests.some((r) => r.method === "POST" && r.path === `/app/installations/${INSTALLATION}/access_tokens`) ? true : undefined)).catch(async (e: Error) => assert.fail(`${e.message}; ${await why()}`));
+    await eventually("the pool's JIT config (minRunners: 1 registered)", 10 * 60_000, async () => (github.requests.some((r) => r.method === "POST" && r.path === `/orgs/${ORG}/actions/runners/generate-jitconfig`) ? true : undefined)).catch(async (e: Error) => assert.fail(`${e.message}; ${await why()}`));
     const registeredAt = (Date.now() - started) / 1000;
     t.diagnostic(`runner registered (JIT config) ${registeredAt.toFixed(0)} s after start`);
 
