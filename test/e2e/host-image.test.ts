@@ -240,7 +240,7 @@ test("BIOS boot with seed 003's user-data: civm serve runs with the App and pool
     assert.match(nft.stdout, /elements = \{ 22, 8080 \}/, nft.stdout);
     assert.match(nft.stdout, /chain forward \{[^}]*policy drop/);
     const sysctl = await host.run(
-      "sysctl -n kernel.dmesg_restrict kernel.kptr_restrict kernel.unprivileged_bpf_disabled net.core.bpf_jit_harden kernel.yama.ptrace_scope kernel.randomize_va_space " +
+      "sudo sysctl -n kernel.dmesg_restrict kernel.kptr_restrict kernel.unprivileged_bpf_disabled net.core.bpf_jit_harden kernel.yama.ptrace_scope kernel.randomize_va_space " +
         "fs.protected_hardlinks fs.protected_symlinks fs.protected_fifos fs.protected_regular net.ipv4.conf.all.rp_filter net.ipv4.conf.all.accept_redirects " +
         "net.ipv4.conf.all.send_redirects net.ipv4.conf.all.accept_source_route net.ipv6.conf.all.accept_redirects",
     );
