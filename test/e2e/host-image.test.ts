@@ -228,8 +228,9 @@ test("BIOS boot with seed 003's user-data: civm serve runs with the App and pool
     t.diagnostic(`/healthz host: ${JSON.stringify(health.host)}`);
 
     // The App's installation token and the pool's minRunners JIT config came from the fake GitHub.
-    await eventually("the installation token request", 5 * 60_000, async () => (github.requests.some((r) => r.method === "POST" && r.path === `/app/installations/${INSTALLATION}/access_tokens`) ? true : undefined));
-    await eventually("the pool's JIT config (minRunners: 1 registered)", 10 * 60_000, async () => (github.requests.some((r) => r.method === "POST" && r.path === `/orgs/${ORG}/actions/runners/generate-jitconfig`) ? true : undefined));
+    const why = async () => `fake GitHub saw: ${github.requests.map((r) => `${r.method} ${r.path}`).join(", ") || "nothing"}\n` + (await host.run("sudo journalctl -u civm-serve -n 60 --no-pager -o cat")).stdout;
+    await eventually("the installation token request", 5 * 60_000, async () => (github.requests.some((r) => r.method === "POST" && r.path === `/app/installations/${INSTALLATION}/access_tokens`) ? true : undefined)).catch(async (e: Error) => assert.fail(`${e.message}; ${await why()}`));
+    await eventually("the pool's JIT config (minRunners: 1 registered)", 10 * 60_000, async () => (github.requests.some((r) => r.method === "POST" && r.path === `/orgs/${ORG}/actions/runners/generate-jitconfig`) ? true : undefined)).catch(async (e: Error) => assert.fail(`${e.message}; ${await why()}`));
     const registeredAt = (Date.now() - started) / 1000;
     t.diagnostic(`runner registered (JIT config) ${registeredAt.toFixed(0)} s after start`);
 
@@ -239,7 +240,7 @@ test("BIOS boot with seed 003's user-data: civm serve runs with the App and pool
     assert.match(nft.stdout, /elements = \{ 22, 8080 \}/, nft.stdout);
     assert.match(nft.stdout, /chain forward \{[^}]*policy drop/);
     const sysctl = await host.run(
-      "sysctl -n kernel.dmesg_restrict kernel.kptr_restrict kernel.unprivileged_bpf_disabled net.core.bpf_jit_harden kernel.yama.ptrace_scope kernel.randomize_va_space " +
+      "sudo sysctl -n kernel.dmesg_restrict kernel.kptr_restrict kernel.unprivileged_bpf_disabled net.core.bpf_jit_harden kernel.yama.ptrace_scope kernel.randomize_va_space " +
         "fs.protected_hardlinks fs.protected_symlinks fs.protected_fifos fs.protected_regular net.ipv4.conf.all.rp_filter net.ipv4.conf.all.accept_redirects " +
         "net.ipv4.conf.all.send_redirects net.ipv4.conf.all.accept_source_route net.ipv6.conf.all.accept_redirects",
     );

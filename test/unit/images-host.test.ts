@@ -41,6 +41,8 @@ test("the built-in civm-host: a root image with civm and UEFI, the packages the 
   for (const s of ["kernel.dmesg_restrict = 1", "kernel.kptr_restrict = 2", "kernel.unprivileged_bpf_disabled = 1", "net.core.bpf_jit_harden = 2", "kernel.yama.ptrace_scope = 1", "kernel.randomize_va_space = 2", "fs.protected_regular = 2", "rp_filter = 1", "accept_redirects = 0", "accept_source_route = 0"]) {
     assert.ok(text.includes(s), `sysctl ${s}`);
   }
+  // Applied last (name order across sysctl.d folders: Debian's protect-links.conf sets fifos to 1).
+  assert.ok(host.actions.some((a) => a.kind === "write" && a.path === "/etc/sysctl.d/zz-civm-host.conf"));
   assert.match(text, /PasswordAuthentication no/);
   assert.match(text, /PermitRootLogin no/);
   assert.match(text, /tmpfs {5}\/tmp {5}tmpfs rw,nodev,nosuid,noexec/);
