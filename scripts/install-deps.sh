@@ -7,13 +7,15 @@ PACKAGES=(
   qemu-system-x86 qemu-utils   # the VMM and qemu-img
   xorriso genisoimage          # config drive ISO (genisoimage starts faster)
   mmdebstrap e2fsprogs fdisk   # image builder: root tree, ext4 without mounting, partitions
+  dpkg-repack                  # images with civm inside (civm-host): the host's Node.js package
   busybox-static cpio kmod     # initramfs of the tiny test guest and of civm kernel add (depmod)
   openssh-client               # civm exec/ssh, per-VM keys
   zstd jq shellcheck ovmf      # compressed images, guest agent tests, lint
   nftables                     # the per-VM network policy
   iproute2                     # tests: network namespaces for the policy tests
-  docker-registry squid        # civm serve's registry and HTTP caches (docs/caches.md)
+  postgresql                   # tests: a throwaway PostgreSQL cluster for the fleet store (civm serve store: postgres://...)
   zsh fish                     # tests: civm completion zsh|fish loaded in the real shells
+  docker-registry squid        # civm serve's registry and HTTP caches (docs/caches.md); tests: a local OCI registry
 )
 # Packages whose Debian service civm does not want: civm serve runs its own instances.
 OWN_SERVICES=(docker-registry squid)

@@ -68,6 +68,7 @@ const SUMMARIES: Record<string, string> = {
   drain: "Make a running civm serve stop taking work (and exit)",
   vms: "List the runner VMs of a running civm serve",
   caches: "List the registry and HTTP caches of a running civm serve",
+  hosts: "List the hosts of a civm serve fleet",
   wait: "Wait until an ad-hoc VM answers",
   exec: "Run a command in an ad-hoc VM",
   ssh: "Open a shell in an ad-hoc VM",

@@ -2,8 +2,48 @@
 // error's code. Stack traces only with CIVM_DEBUG=1 (a user's mistake never shows one).
 import { CivmError, EXIT_CODES } from "../errors/index.js";
 
+/**
+ * An AbortSignal that fires on the first SIGINT/SIGTERM (a transfer ends cleanly: its
+ * pending files removed, exit 5) until release() is called.
+ */
+export function abortOnSignals(what: string): { signal: AbortSignal; release(): void } {
+  const controller = new AbortController();
+  const onSignal = (sig: NodeJS.Signals) => controller.abort(new CivmError("signal", `${sig}: ${what}`));
+  process.once("SIGINT", onSignal).once("SIGTERM", onSignal);
+  return { signal: controller.signal, release: () => void process.off("SIGINT", onSignal).off("SIGTERM", onSignal) };
+}
+
 export function say(line: string): void {
   process.stderr.write(`civm: ${line}\n`);
+}
+
+let progressShown = false;
+let lastPlainProgress = 0;
+
+/**
+ * Progress of a transfer on stderr: on a terminal one line rewritten in place, elsewhere
+ * (CI logs) a plain line every 10 s. "layer 2/2: 120M of 900M, 40M/s".
+ */
+export function progressLine(format: (n: number) => string = (n) => `${Math.round(n / 1048576)} MiB`): (p: { what: string; bytes: number; total: number; bytesPerSecond: number }) => void {
+  return (p) => {
+    const rate = p.bytesPerSecond > 0 ? `, ${format(p.bytesPerSecond)}/s` : "";
+    const text = `${p.what}: ${format(p.bytes)} of ${format(p.total)}${rate}`;
+    if (process.stderr.isTTY) {
+      progressShown = true;
+      process.stderr.write(`\rcivm: ${text}\x1b[K`);
+      return;
+    }
+    const now = Date.now();
+    if (now - lastPlainProgress < 10_000 && p.bytes < p.total) return;
+    lastPlainProgress = now;
+    process.stderr.write(`civm: ${text}\n`);
+  };
+}
+
+/** Ends a progress line (a terminal's in-place line gets its newline). */
+export function clearProgress(): void {
+  if (progressShown) process.stderr.write("\n");
+  progressShown = false;
 }
 
 export function warn(line: string): void {

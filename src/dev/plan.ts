@@ -15,7 +15,9 @@ import { DEFAULT_CMDLINE, qemuOptValue, type HostMount, type PortForward } from 
 import { imageInfo, sniffImage } from "../vm/disk.js";
 import { checkPortFree } from "../vm/ports.js";
 import { newVmId, type RunVmRequest } from "../vm/run.js";
-import { looksLikeImageName, STORED_IMAGE_CMDLINE } from "../images/resolve.js";
+import { resolveImageRef, STORED_IMAGE_CMDLINE } from "../images/resolve.js";
+import { almostOciReference } from "../images/oci-ref.js";
+import type { OciProgress } from "../images/oci.js";
 import { formatBytes } from "../vm/format.js";
 import { securityModelFor } from "../vm/ninep.js";
 import { checkForwardsDistinct, checkVmName, parsePortSpec, passthroughWarning, planHostMounts } from "./options.js";
@@ -89,6 +91,10 @@ export interface PlanContext {
   accel?: "kvm" | "tcg";
   /** Supervisor log path for detached VMs (given a name and id). */
   supervisorLog?: (name: string, id: string) => string;
+  /** Lines and progress of an OCI pull (--image REF not pulled yet). */
+  pullLog?: (line: string) => void;
+  onPullProgress?: (p: OciProgress) => void;
+  pullSignal?: AbortSignal;
 }
 
 function wholeNumber(v: string, flag: string, min: number): number {
@@ -126,21 +132,19 @@ export function cpuKindFlag(v: string): string {
   return v;
 }
 
-async function resolveImage(ref: string, cwd: string, stateDir: string): Promise<{ path: string; kernel?: string; initrd?: string; stored: boolean }> {
-  const asPath = isAbsolute(ref) ? ref : resolve(cwd, ref);
-  if (existsSync(asPath)) {
-    const st = await stat(asPath);
-    if (!st.isFile()) throw new ConfigError(`--image ${ref}: ${asPath} is not a file (give a disk image or the name of a stored image)`);
-    return { path: asPath, stored: false };
+async function resolveImage(ref: string, ctx: PlanContext): Promise<{ path: string; kernel?: string; initrd?: string; stored: boolean }> {
+  // A path, a stored name or an OCI reference (pulled on first use): resolveImageRef decides.
+  const r = await resolveImageRef(ref, { stateDir: ctx.paths.stateDir, baseDir: ctx.cwd, ...(ctx.pullLog ? { log: ctx.pullLog } : {}), ...(ctx.onPullProgress ? { onProgress: ctx.onPullProgress } : {}), ...(ctx.pullSignal ? { signal: ctx.pullSignal } : {}) });
+  if (r.kind === "path") {
+    if (!existsSync(r.path)) {
+      const hint = almostOciReference(ref);
+      throw new ConfigError(`--image ${ref}: ${r.path} does not exist${hint ? ` (${hint})` : ""}`);
+    }
+    const st = await stat(r.path);
+    if (!st.isFile()) throw new ConfigError(`--image ${ref}: ${r.path} is not a file (give a disk image, the name of a stored image or an OCI reference)`);
+    return { path: r.path, stored: false };
   }
-  const { ImageStore } = await import("../images/store.js");
-  const store = new ImageStore(stateDir);
-  // lvh's habit: "base.qcow2" names the stored image base when there is no such file.
-  const bare = ref.replace(/\.(qcow2|img|raw)$/i, "");
-  if (!looksLikeImageName(ref) && !(bare !== ref && looksLikeImageName(bare) && (await store.get(bare)))) {
-    throw new ConfigError(`--image ${ref}: ${asPath} does not exist`);
-  }
-  const img = await store.require(looksLikeImageName(ref) ? ref : bare); // a ConfigError naming the stored images
+  const img = r.stored!;
   return { path: img.diskPath, ...(img.kernelPath && img.initrdPath ? { kernel: img.kernelPath, initrd: img.initrdPath } : {}), stored: true };
 }
 
@@ -160,7 +164,7 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
   const sshBind = f.sshBind ?? "127.0.0.1";
 
   // Image (a stored name or a path) and the kernel that boots it.
-  const image = await resolveImage(f.image, cwd, paths.stateDir);
+  const image = await resolveImage(f.image, ctx);
   await sniffImage(image.path, `--image ${f.image}:`);
   if (rootDiskBytes !== undefined) {
     const info = await imageInfo(image.path, `--image ${f.image}:`);

@@ -16,6 +16,8 @@ export const PACKAGE_OF: Record<string, string> = {
   zstd: "zstd",
   "apt-get": "apt",
   "dpkg-deb": "dpkg",
+  "dpkg-query": "dpkg",
+  "dpkg-repack": "dpkg-repack",
   sfdisk: "fdisk",
   depmod: "kmod",
   cpio: "cpio",

@@ -72,7 +72,7 @@ export const TOOLS: readonly ToolSpec[] = [
   { name: "mmdebstrap", programs: ["mmdebstrap"], versionArgs: { mmdebstrap: ["--version"] }, severity: "optional", purpose: "needed only to build images" },
   { name: "mke2fs", programs: ["mke2fs"], versionArgs: { mke2fs: ["-V"] }, severity: "optional", purpose: "needed only to build images" },
   { name: "sfdisk", programs: ["sfdisk"], versionArgs: { sfdisk: ["--version"] }, severity: "optional", purpose: "needed only to build images" },
-  { name: "zstd", programs: ["zstd"], versionArgs: { zstd: ["--version"] }, severity: "optional", purpose: "needed only for compressed image artifacts" },
+  { name: "zstd", programs: ["zstd"], versionArgs: { zstd: ["--version"] }, severity: "optional", purpose: "needed only for compressed images: .zst pulls, OCI pulls and pushes (lvh's .qcow2.zst, zstd layers)" },
   { name: "ssh-keygen", programs: ["ssh-keygen"], versionArgs: {}, severity: "optional", purpose: "needed only to log into VMs over SSH" },
   { name: "ssh", programs: ["ssh"], versionArgs: { ssh: ["-V"] }, severity: "optional", purpose: "needed only to log into VMs over SSH" },
 ];

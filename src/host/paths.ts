@@ -34,6 +34,8 @@ export const STATE_LAYOUT = {
   hostCache: "host-cache.json",
   /** Stored images (image builder). */
   images: "images",
+  /** OCI pulls: refs.json maps a tag reference to the manifest digest and stored image it was pulled as. */
+  oci: "oci",
 } as const;
 
 export function ensureDir(path: string, mode = 0o755): string {

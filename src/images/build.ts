@@ -13,7 +13,7 @@ import { VmRun, securityModelFor, type HostMount } from "../vm/index.js";
 import { parseAllowEntry, type NetworkSpec } from "../net/policy.js";
 import { cacheKeysFor } from "./cache-key.js";
 import { DOWNLOADS_DIR, ensureVerifiedFile } from "./download.js";
-import { assembleDisk, convertRaw, compressArtifact } from "./disk.js";
+import { ESP_LAYOUT, assembleDisk, convertRaw, compressArtifact } from "./disk.js";
 import { buildRootTree, actionHook, describeAction, removeTree } from "./rootfs.js";
 import { resolveBuildOrder, describeImage } from "./spec.js";
 import { shq } from "./shell.js";
@@ -56,6 +56,7 @@ const GUEST_SHARE = "/run/civm-build";
 const GUEST_OUT = "/run/civm-out";
 const BUILD_OK = "civm-build-ok";
 const BUILD_VM_TIMEOUT_S = 3600;
+export const BUILD_VM_CMDLINE = "console=ttyS0 root=LABEL=civm-root rw panic=-1 civm.build cloud-init=disabled";
 
 export async function buildImage(o: BuildOptions): Promise<BuildOutcome[]> {
   const chain = resolveBuildOrder(o.specs as LoadedImageSpecs, o.name);
@@ -108,15 +109,17 @@ async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey
     let parent: StoredImage | undefined;
 
     if (!spec.parent) {
+      let rootSpec = withUefi(spec);
+      if (spec.civm) rootSpec = await withCivmRelease(rootSpec, join(work, "release"), join(o.paths.stateDir, DOWNLOADS_DIR), o.log, (m) => ev("download", m));
       ev("rootfs", `mmdebstrap ${spec.suite} (${spec.packages.length} extra packages)`);
       const tree = await buildRootTree({
-        spec: withGuestAgent(spec), workDir: work, log: o.log,
+        spec: withGuestAgent(rootSpec), workDir: work, log: o.log,
         onProgress: (p) => ev("rootfs", p.message),
         ...(o.aptCacheDir ? { aptCacheDir: o.aptCacheDir } : {}),
       });
       try {
         ev("disk", `assembling ${bootFormat} disk`);
-        const asm = await assembleDisk({ tree: tree.tree, output: disk, sizeBytes: spec.sizeBytes, format: bootFormat, log: o.log, onProgress: (p) => ev("disk", p.message), kernelPath: kernel, initrdPath: initrd, label: describeImage(spec) });
+        const asm = await assembleDisk({ tree: tree.tree, output: disk, sizeBytes: spec.sizeBytes, format: bootFormat, log: o.log, onProgress: (p) => ev("disk", p.message), kernelPath: kernel, initrdPath: initrd, label: describeImage(spec), ...(spec.uefi ? { uefi: true } : {}) });
         packages = asm.packages;
       } finally {
         await removeTree(tree.tree);
@@ -195,6 +198,29 @@ export function withGuestAgent(spec: ImageSpec): ImageSpec {
   };
 }
 
+/** What `uefi: true` adds to a root image: GRUB's EFI modules and mkfs.vfat for the ESP. */
+export const UEFI_PACKAGES: readonly string[] = ["grub-efi-amd64-bin", "dosfstools"];
+
+export function withUefi(spec: ImageSpec): ImageSpec {
+  return spec.uefi ? { ...spec, packages: [...new Set([...spec.packages, ...UEFI_PACKAGES])] } : spec;
+}
+
+/**
+ * `civm: true`: stages this checkout's civm release and the host's Node.js package (see
+ * civm-release.ts) in `dir` and puts the actions that install them before the spec's own.
+ */
+async function withCivmRelease(spec: ImageSpec, dir: string, cacheDir: string, log: (l: string) => void, ev: (m: string) => void): Promise<ImageSpec> {
+  const { hostNodeRuntime, repackNode, stageRelease, stageNodeDeb, releaseActions } = await import("./civm-release.js");
+  const where = describeImage(spec);
+  const node = await hostNodeRuntime(where);
+  await mkdir(dir, { recursive: true });
+  const deb = await stageNodeDeb(await repackNode(node, cacheDir, log), dir);
+  ev(`Node.js ${node.version} (${node.package}, the build host's package)`);
+  const release = await stageRelease(dir, where);
+  ev(`civm release staged from ${repoRoot}`);
+  return { ...spec, actions: [...releaseActions(release, deb, node), ...spec.actions] };
+}
+
 /** A child's disk: a qcow2 on its parent (backing chain) or a standalone copy. */
 async function childDisk(spec: ImageSpec, parent: StoredImage, disk: string, bootFormat: "qcow2" | "raw", ev: (s: BuildEvent["step"], m: string) => void): Promise<void> {
   const size = Math.max(spec.sizeBytes, parent.manifest.virtualSize);
@@ -227,6 +253,7 @@ async function stage2Script(spec: ImageSpec, share: string, isChild: boolean): P
   const lines = ["set -eu", "export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8", `echo "civm-build: stage 2 of ${spec.name}"`];
   if (!isChild) {
     lines.push(...STAGE2_BOOTLOADER);
+    if (spec.uefi) lines.push(...STAGE2_UEFI);
   }
   if (isChild && spec.packages.length) {
     lines.push(`echo "civm-build: installing ${spec.packages.length} packages"`, "apt-get update -q", `apt-get install -y -q --no-install-recommends ${spec.packages.map(shq).join(" ")}`, "apt-get clean");
@@ -325,6 +352,21 @@ export function sudoScript(on: boolean): string[] {
 export const STAGE2_BOOTLOADER: readonly string[] = ['echo "civm-build: installing GRUB on /dev/vda"', "grub-install --target=i386-pc /dev/vda", "update-grub"];
 
 /**
+ * `uefi: true`: GRUB for UEFI on the EFI system partition, at the removable-media path
+ * (/EFI/BOOT/BOOTX64.EFI), which firmware boots without an NVRAM entry (none survives a copy
+ * of the disk). It reads the same /boot/grub/grub.cfg as the BIOS GRUB. Not mounted at run
+ * time: nothing on the host changes it.
+ */
+export const STAGE2_UEFI: readonly string[] = [
+  `echo "civm-build: installing GRUB for UEFI on the EFI system partition ${ESP_LAYOUT.device}"`,
+  `mkfs.vfat -n CIVM-EFI ${ESP_LAYOUT.device} >/dev/null`,
+  "mkdir -p /boot/efi",
+  `mount -t vfat ${ESP_LAYOUT.device} /boot/efi`,
+  "grub-install --target=x86_64-efi --efi-directory=/boot/efi --removable --no-nvram",
+  "umount /boot/efi",
+];
+
+/**
  * The end of every build script: export the kernel, initrd and package list, forget this
  * boot's identity, leave a clean filesystem. (A change here must bump IMAGE_BUILDER_VERSION;
  * test/unit/images-builder-version.test.ts holds it to that.)
@@ -377,7 +419,9 @@ async function bootBuildVm(
     },
     kernel: b.kernel,
     initrd: b.initrd,
-    cmdline: "console=ttyS0 root=LABEL=civm-root rw panic=-1",
+    // civm.build: units that must run only in a build VM (the guest agent, in images such as
+    // civm-host that are not runner VMs) check it; cloud-init has nothing to do in a build.
+    cmdline: BUILD_VM_CMDLINE,
     machine: "pc",
     qemuArgs: [],
     network: buildNetwork(spec.mirror),

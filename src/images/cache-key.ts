@@ -27,6 +27,8 @@ export interface CacheKeyInputs {
   fileHashes: Readonly<Record<string, string>>;
   /** The guest agent's version (guest/VERSION). */
   agentVersion: string;
+  /** `civm: true` images: the release's identity (releaseIdentity: its files' hash and the Node package). */
+  civmRelease?: string;
 }
 
 /** Paths on the host an image's actions read (copy sources, provision scripts), in order. */
@@ -62,8 +64,14 @@ export function computeCacheKey(inputs: CacheKeyInputs): string {
     // The runner is its sha256 (and version): where it is downloaded from does not change it.
     githubRunner: spec.githubRunner ? { version: spec.githubRunner.version, sha256: spec.githubRunner.sha256 } : undefined,
     sudo: spec.sudo,
+    civm: spec.civm ? (inputs.civmRelease ?? missing("the civm release's identity")) : undefined,
+    uefi: spec.uefi,
   };
   return createHash("sha256").update(canonicalJson(doc)).digest("hex");
+}
+
+function missing(what: string): never {
+  throw new Error(`cache key: ${what} is needed`);
 }
 
 function canonicalAction(a: ImageAction, hashes: Readonly<Record<string, string>>): unknown {
@@ -163,12 +171,22 @@ export async function readAgentVersion(file = guestVersionFile): Promise<string>
 /** Reads the files the image's actions use, then computes its key. */
 export async function cacheKeyFor(
   spec: ImageSpec,
-  opts: { parentKey?: string; agentVersion?: string } = {},
+  opts: { parentKey?: string; agentVersion?: string; civmRelease?: string } = {},
 ): Promise<string> {
   const fileHashes: Record<string, string> = {};
   for (const p of inputFiles(spec)) fileHashes[p] = await hashPath(p);
   const agentVersion = opts.agentVersion ?? (await readAgentVersion());
-  return computeCacheKey({ spec, fileHashes, agentVersion, ...(opts.parentKey !== undefined ? { parentKey: opts.parentKey } : {}) });
+  let civmRelease = opts.civmRelease;
+  if (spec.civm && civmRelease === undefined) {
+    const { releaseIdentity } = await import("./civm-release.js");
+    const r = await releaseIdentity(`${spec.source.file}: image ${JSON.stringify(spec.name)} (#${spec.source.index + 1})`);
+    civmRelease = `${r.hash} ${r.node.package}=${r.node.version}:${r.node.arch}`;
+  }
+  return computeCacheKey({
+    spec, fileHashes, agentVersion,
+    ...(opts.parentKey !== undefined ? { parentKey: opts.parentKey } : {}),
+    ...(civmRelease !== undefined ? { civmRelease } : {}),
+  });
 }
 
 /** Keys of a build chain (resolveBuildOrder's result), parents first. */

@@ -28,6 +28,24 @@ export const DISK_LAYOUT = {
   rootDevice: "/dev/vda1",
 } as const;
 
+/**
+ * Images with `uefi: true`: an EFI system partition (FAT, formatted and filled by GRUB in the
+ * VM stage) takes the first 63 MiB after the 1 MiB gap, as partition 2; the root partition
+ * (still number 1, still last on the disk, so it grows into the disk) starts after it.
+ */
+export const ESP_LAYOUT = {
+  sizeBytes: 63 * MiB,
+  partitionNumber: 2,
+  partitionType: "ef",
+  /** The ESP with a virtio disk. */
+  device: "/dev/vda2",
+} as const;
+
+/** Where the root partition starts: 1 MiB, or after the EFI system partition. */
+export function rootPartitionStart(uefi: boolean): number {
+  return DISK_LAYOUT.partitionStartBytes + (uefi ? ESP_LAYOUT.sizeBytes : 0);
+}
+
 export interface DiskProgress {
   step: "check" | "partition" | "filesystem" | "convert" | "boot-files" | "compress" | "done";
   message: string;
@@ -53,6 +71,8 @@ export interface AssembleDiskOptions {
   compress?: "zstd";
   /** Names the image in messages, e.g. `images.json: image "base" (#1)`. */
   label?: string;
+  /** Leave room for an EFI system partition (ESP_LAYOUT) before the root partition. */
+  uefi?: boolean;
 }
 
 export interface AssembledDisk {
@@ -80,7 +100,8 @@ export async function assembleDisk(opts: AssembleDiskOptions): Promise<Assembled
   };
   const started = Date.now();
   const sizeBytes = Math.ceil(opts.sizeBytes / MiB) * MiB;
-  const partSize = sizeBytes - DISK_LAYOUT.partitionStartBytes;
+  const rootStart = rootPartitionStart(opts.uefi === true);
+  const partSize = sizeBytes - rootStart;
   const label = opts.label ? `${opts.label}: ` : "";
 
   progress("check", `measuring ${opts.tree}`);
@@ -95,10 +116,14 @@ export async function assembleDisk(opts: AssembleDiskOptions): Promise<Assembled
   const converted = `${opts.output}.partial`;
   try {
     await createSparseFile(raw, sizeBytes);
-    progress("partition", `MBR, partition 1 (bootable, Linux) from 1 MiB to the end: ${partSize / MiB} MiB`);
-    await writePartitionTable(raw, sizeBytes, opts.uuid);
+    progress(
+      "partition",
+      `MBR, partition 1 (bootable, Linux) from ${rootStart / MiB} MiB to the end: ${partSize / MiB} MiB` +
+        (opts.uefi ? `; partition 2 (EFI system) from 1 MiB: ${ESP_LAYOUT.sizeBytes / MiB} MiB` : ""),
+    );
+    await writePartitionTable(raw, sizeBytes, opts.uuid, opts.uefi === true);
     progress("filesystem", `ext4 "${DISK_LAYOUT.label}" from ${opts.tree}`);
-    await makeFilesystem({ file: raw, tree: opts.tree, offsetBytes: DISK_LAYOUT.partitionStartBytes, sizeBytes: partSize, label: DISK_LAYOUT.label, ...(opts.uuid ? { uuid: opts.uuid } : {}), sizeLabel: label });
+    await makeFilesystem({ file: raw, tree: opts.tree, offsetBytes: rootStart, sizeBytes: partSize, label: DISK_LAYOUT.label, ...(opts.uuid ? { uuid: opts.uuid } : {}), sizeLabel: label });
     if (opts.format !== "raw") {
       progress("convert", `raw -> ${opts.format}`);
       await convertRaw(raw, converted, opts.format);
@@ -128,7 +153,7 @@ export async function assembleDisk(opts: AssembleDiskOptions): Promise<Assembled
     disk: opts.output,
     format: opts.format,
     sizeBytes,
-    partition: { startBytes: DISK_LAYOUT.partitionStartBytes, sizeBytes: partSize },
+    partition: { startBytes: rootStart, sizeBytes: partSize },
     ...boot,
     packages,
     ...(compressed ? { compressed } : {}),
@@ -161,13 +186,19 @@ export async function createSparseFile(path: string, sizeBytes: number): Promise
   }
 }
 
-/** One bootable Linux partition from 1 MiB to the end; the disk id comes from uuid if given. */
-export async function writePartitionTable(file: string, sizeBytes: number, uuid?: string): Promise<void> {
-  const start = DISK_LAYOUT.partitionStartBytes / 512;
-  const sectors = (sizeBytes - DISK_LAYOUT.partitionStartBytes) / 512;
+/**
+ * One bootable Linux partition from 1 MiB to the end (with `uefi`: after an EFI system
+ * partition at 1 MiB, which is partition 2); the disk id comes from uuid if given.
+ */
+export async function writePartitionTable(file: string, sizeBytes: number, uuid?: string, uefi = false): Promise<void> {
+  const rootStart = rootPartitionStart(uefi);
+  const start = rootStart / 512;
+  const sectors = (sizeBytes - rootStart) / 512;
   const lines = ["label: dos", "unit: sectors"];
   if (uuid) lines.push(`label-id: 0x${uuid.replace(/-/g, "").slice(0, 8)}`);
-  lines.push("", `start=${start}, size=${sectors}, type=${DISK_LAYOUT.partitionType}, bootable`, "");
+  lines.push("", `start=${start}, size=${sectors}, type=${DISK_LAYOUT.partitionType}, bootable`);
+  if (uefi) lines.push(`start=${DISK_LAYOUT.partitionStartBytes / 512}, size=${ESP_LAYOUT.sizeBytes / 512}, type=${ESP_LAYOUT.partitionType}`);
+  lines.push("");
   await run("sfdisk", ["--quiet", "--no-reread", "--no-tell-kernel", "--wipe", "always", file], { input: lines.join("\n") });
 }
 

@@ -15,7 +15,7 @@ import { pipeline } from "node:stream/promises";
 import type { ReadableStream as WebReadableStream } from "node:stream/web";
 import { CivmError, ConfigError, ExternalError, messageOf } from "../errors/index.js";
 import { missingProgram } from "../exec/index.js";
-import { checkImageName, qemuImgInfo, type ImageStore, type StoredImage } from "./store.js";
+import { checkImageName, qemuImgInfo, type ImageStore, type QemuImgInfo, type StoredImage } from "./store.js";
 
 export interface PullProgress {
   /** Bytes received from the network so far (compressed bytes for .zst). */
@@ -239,6 +239,29 @@ function forwardAbort(from: AbortSignal | undefined, to: AbortController): () =>
   return () => from.removeEventListener("abort", onAbort);
 }
 
+/**
+ * qemu-img info of a downloaded disk, or a ConfigError when it is not a self-contained
+ * qcow2 (another format, an overlay with a backing file, an external data file): such a
+ * disk would read host files or not boot. `what` names where it came from.
+ */
+export async function checkSelfContainedQcow2(diskPath: string, what: string): Promise<QemuImgInfo> {
+  const info = await qemuImgInfo(diskPath).catch((e: unknown) => {
+    throw new ConfigError(`${what} is not a disk image qemu-img can read; the download was deleted`, { cause: e, ...(e instanceof CivmError && e.details ? { details: e.details } : {}) });
+  });
+  if (info.format !== "qcow2") {
+    throw new ConfigError(`${what} is not a qcow2 image (qemu-img sees ${info.format}); the download was deleted`);
+  }
+  const backing = info["backing-filename"];
+  if (backing) {
+    throw new ConfigError(`${what} is a qcow2 overlay (backing file ${backing}); civm pulls only self-contained images; the download was deleted`);
+  }
+  const dataFile = info["format-specific"]?.data?.["data-file"];
+  if (dataFile) {
+    throw new ConfigError(`${what} keeps its data in an external file (${String(dataFile)}); civm pulls only self-contained images; the download was deleted`);
+  }
+  return info;
+}
+
 /** Downloads, verifies and stores an image; returns it as stored. */
 export async function pullImage(opts: PullOptions): Promise<StoredImage> {
   const { store, log } = opts;
@@ -289,20 +312,7 @@ export async function pullImage(opts: PullOptions): Promise<StoredImage> {
         );
       }
       log(`downloaded ${got.received} bytes in ${(got.ms / 1000).toFixed(1)} s; sha256 verified`);
-      const info = await qemuImgInfo(diskPath).catch((e: unknown) => {
-        throw new ConfigError(`${target.url.href} is not a disk image qemu-img can read; the download was deleted`, { cause: e, ...(e instanceof CivmError && e.details ? { details: e.details } : {}) });
-      });
-      if (info.format !== "qcow2") {
-        throw new ConfigError(`${target.url.href} is not a qcow2 image (qemu-img sees ${info.format}); the download was deleted`);
-      }
-      const backing = info["backing-filename"];
-      if (backing) {
-        throw new ConfigError(`${target.url.href} is a qcow2 overlay (backing file ${backing}); civm pulls only self-contained images; the download was deleted`);
-      }
-      const dataFile = info["format-specific"]?.data?.["data-file"];
-      if (dataFile) {
-        throw new ConfigError(`${target.url.href} keeps its data in an external file (${String(dataFile)}); civm pulls only self-contained images; the download was deleted`);
-      }
+      const info = await checkSelfContainedQcow2(diskPath, target.url.href);
       const stored = await pending.commit({
         name,
         key: `sha256:${expected}`,

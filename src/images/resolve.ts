@@ -1,8 +1,17 @@
-// instances.json's `image` may name an image in civm's store instead of a path. A stored
+// The one place an image string becomes a disk: instances.json's `image`, `civm run
+// --image`, pools' `runner.image`. It may be a disk path, the name of an image in civm's
+// store, or an OCI reference (REGISTRY/REPO:TAG, @sha256:...) pulled into the store on
+// first use; classifyImageRef (oci-ref.ts) says which, by syntax alone. A stored or pulled
 // image brings its kernel and initrd: unless the instance sets its own kernel or asks for
 // firmware-boot, civm boots that kernel directly (no BIOS, no GRUB: faster).
 import { existsSync } from "node:fs";
+import { isAbsolute, resolve } from "node:path";
 import type { InstanceSpec } from "../config/types.js";
+import { classifyImageRef, type ImageRefKind } from "./oci-ref.js";
+import type { OciProgress, PullPolicy } from "./oci.js";
+import type { StoredImage } from "./store.js";
+
+export { classifyImageRef, type ImageRefKind };
 
 /**
  * Kernel command line for a stored civm image booted by its kernel. Besides the root and
@@ -16,17 +25,106 @@ import type { InstanceSpec } from "../config/types.js";
  */
 export const STORED_IMAGE_CMDLINE = "console=ttyS0 root=LABEL=civm-root rw panic=-1 quiet tsc=reliable no_timer_check 8250.nr_uarts=1";
 
+/** Whether `ref` names a stored image (rule 3 of classifyImageRef). */
 export function looksLikeImageName(ref: string | undefined): ref is string {
-  return !!ref && !ref.includes("/") && !/\.(qcow2|img|raw|vhd|vmdk)$/i.test(ref);
+  return ref !== undefined && classifyImageRef(ref).kind === "stored";
 }
 
-export async function resolveStoredImage(spec: InstanceSpec, stateDir: string): Promise<InstanceSpec> {
-  if (!looksLikeImageName(spec.imageRef) || existsSync(spec.image)) return spec;
+/** Whether `ref` is an OCI reference (rule 2 of classifyImageRef). */
+export function isOciImageRef(ref: string | undefined): ref is string {
+  return ref !== undefined && classifyImageRef(ref).kind === "oci";
+}
+
+export interface ResolveImageOptions {
+  stateDir: string;
+  /** Relative paths (and a file shadowing a stored name) resolve against this folder. */
+  baseDir: string;
+  /** For OCI references (default "missing": pull only what is not stored). */
+  pull?: PullPolicy;
+  /** Progress lines of a pull. */
+  log?: (line: string) => void;
+  onProgress?: (p: OciProgress) => void;
+  authFile?: string;
+  env?: NodeJS.ProcessEnv;
+  signal?: AbortSignal;
+}
+
+export interface ResolvedImage {
+  kind: ImageRefKind["kind"];
+  /** Absolute path of the disk (not checked for existence when kind is "path"). */
+  path: string;
+  /** The stored image (kinds "stored" and "oci"). */
+  stored?: StoredImage;
+}
+
+/**
+ * Resolves an image string. A path is made absolute; a name is looked up in the store (a
+ * file of that name in baseDir wins, as it always has; a missing one is a ConfigError
+ * naming the stored images); a reference is found in the store by digest or by its tag's
+ * last pull, else pulled as `pull` says.
+ */
+export async function resolveImageRef(ref: string, opts: ResolveImageOptions): Promise<ResolvedImage> {
+  const c = classifyImageRef(ref);
+  if (c.kind === "path") {
+    const t = ref.trim();
+    const home = t === "~" || t.startsWith("~/") ? (opts.env ?? process.env).HOME : undefined;
+    const p = home ? resolve(home, t.slice(2)) : t;
+    const path = isAbsolute(p) ? p : resolve(opts.baseDir, p);
+    // lvh's habit: a bare "base.qcow2" that is no file names the stored image base.
+    const bare = t.replace(/\.(qcow2|img|raw)$/i, "");
+    if (!existsSync(path) && bare !== t && looksLikeImageName(bare)) {
+      const { ImageStore } = await import("./store.js");
+      const img = await new ImageStore(opts.stateDir).get(bare);
+      if (img) return { kind: "stored", path: img.diskPath, stored: img };
+    }
+    return { kind: "path", path };
+  }
   const { ImageStore } = await import("./store.js"); // only when a name is used: start-up time
-  const img = await new ImageStore(stateDir).get(spec.imageRef);
-  if (!img) return spec;
-  const out: InstanceSpec = { ...spec, image: img.diskPath };
-  if (!spec.kernel && !spec.firmwareBoot && img.kernelPath && img.initrdPath) {
+  const store = new ImageStore(opts.stateDir);
+  if (c.kind === "stored") {
+    const asPath = resolve(opts.baseDir, c.name);
+    if (existsSync(asPath)) return { kind: "path", path: asPath };
+    const img = await store.require(c.name);
+    return { kind: "stored", path: img.diskPath, stored: img };
+  }
+  const { ensureOciImage } = await import("./oci.js");
+  const img = await ensureOciImage({
+    ref: c.oci,
+    store,
+    stateDir: opts.stateDir,
+    policy: opts.pull ?? "missing",
+    log: opts.log ?? (() => {}),
+    ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
+    ...(opts.authFile ? { authFile: opts.authFile } : {}),
+    ...(opts.env ? { env: opts.env } : {}),
+    ...(opts.signal ? { signal: opts.signal } : {}),
+  });
+  return { kind: "oci", path: img.diskPath, stored: img };
+}
+
+/**
+ * An instance whose `image` names a stored image or an OCI reference, pointed at the disk
+ * (and kernel). A stored name that is not stored leaves the spec as it is: the caller's
+ * file check reports it with its own words.
+ */
+export async function resolveStoredImage(spec: InstanceSpec, stateDir: string, opts: Omit<ResolveImageOptions, "stateDir" | "baseDir"> = {}): Promise<InstanceSpec> {
+  const ref = spec.imageRef;
+  if (ref === undefined) return spec;
+  const c = classifyImageRef(ref);
+  if (c.kind === "path" || (c.kind === "stored" && existsSync(spec.image))) return spec;
+  if (c.kind === "stored") {
+    const { ImageStore } = await import("./store.js");
+    const img = await new ImageStore(stateDir).get(c.name);
+    return img ? withStoredImage(spec, img, img.diskPath) : spec;
+  }
+  const resolved = await resolveImageRef(ref, { ...opts, stateDir, baseDir: "/" });
+  return withStoredImage(spec, resolved.stored, resolved.path);
+}
+
+/** `spec` booting `img` (its disk, and its kernel unless the spec brings one or asks for firmware boot). */
+export function withStoredImage(spec: InstanceSpec, img: StoredImage | undefined, diskPath: string): InstanceSpec {
+  const out: InstanceSpec = { ...spec, image: diskPath };
+  if (img && !spec.kernel && !spec.firmwareBoot && img.kernelPath && img.initrdPath) {
     out.kernel = img.kernelPath;
     out.initrd = img.initrdPath;
     out.cmdline = spec.cmdline ?? STORED_IMAGE_CMDLINE;

@@ -102,6 +102,8 @@ const IMAGE_FIELDS = {
     { error: 'must be an object like {"version": "2.321.0", "sha256": "<64 hex digits>"} (and optionally "url")' },
   ),
   sudo: z.boolean({ error: "must be true (passwordless sudo for the runner user) or false (no sudo)" }),
+  civm: z.boolean({ error: "must be true (install civm itself, built from this checkout, into /opt/civm) or false" }),
+  uefi: z.boolean({ error: "must be true (the disk also boots under UEFI: an EFI system partition with GRUB) or false (BIOS only)" }),
 };
 type ImageField = keyof typeof IMAGE_FIELDS;
 const IMAGE_KEYS = Object.keys(IMAGE_FIELDS) as ImageField[];
@@ -401,7 +403,7 @@ async function validateImage(entry: unknown, ctx: Ctx, problems: string[]): Prom
   }
   const isChild = typeof values.parent === "string";
   if (isChild) {
-    for (const key of ["suite", "mirror", "kernel"] as const) {
+    for (const key of ["suite", "mirror", "kernel", "civm", "uefi"] as const) {
       if (entry[key] !== undefined) fieldProblem(key, `only root images (without "parent") take ${JSON.stringify(key)}; a child uses its parent's, so remove it`);
     }
     if (values.parent === values.name) fieldProblem("parent", `an image cannot be its own parent`);
@@ -426,6 +428,8 @@ async function validateImage(entry: unknown, ctx: Ctx, problems: string[]): Prom
   if (values.flatten !== undefined) spec.flatten = values.flatten as boolean;
   if (!isChild) spec.kernel = (values.kernel as string | undefined) ?? DEFAULT_KERNEL;
   if (values.sudo !== undefined) spec.sudo = values.sudo as boolean;
+  if (values.civm === true) spec.civm = true;
+  if (values.uefi === true) spec.uefi = true;
   if (values.githubRunner !== undefined) {
     const gr = values.githubRunner as { version: string; sha256: string; url?: string };
     const runner = await githubRunnerSpec(gr, ctx.baseDir, (m) => fieldProblem("githubRunner.url", m));

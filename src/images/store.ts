@@ -64,10 +64,32 @@ export interface ImageManifest {
   /** ISO 8601. */
   createdAt: string;
   source: "build" | "pull";
-  /** Where a pulled image came from. */
+  /** Where a pulled image came from (an OCI pull: the reference pinned to its manifest digest). */
   url?: string;
+  /** An image pulled from (or pushed to) an OCI registry: its source, digests and layout. */
+  oci?: OciSource;
   /** File name of the zstd-compressed artifact beside the disk (disk.<fmt>.zst). */
   compressed?: string;
+}
+
+export interface OciSource {
+  /** The reference as pulled, canonical (REGISTRY/REPO:TAG or REGISTRY/REPO@DIGEST). */
+  reference: string;
+  registry: string;
+  repository: string;
+  tag?: string;
+  /** Digest of the image manifest the disk came from. */
+  digest: string;
+  /** Digest of the index (manifest list) the manifest was picked from, when there was one. */
+  index?: string;
+  /** os/architecture[/variant]. */
+  platform: string;
+  /** Digest of the blob (layer or artifact) holding the disk. */
+  layer: string;
+  /** The disk's file name in the image (base.qcow2.zst) or its title annotation. */
+  file: string;
+  /** "layer" (lvh: a file in an image layer) or "artifact" (a blob titled *.qcow2[.zst]). */
+  layout: "layer" | "artifact";
 }
 
 /** What commit() is given: the store fills in sha256, sizes and backing (sha256 and sizes may be given). */
@@ -457,7 +479,7 @@ export class ImageStore {
     const stored = names.length > 0 ? `stored images: ${names.join(", ")}` : `no images are stored in ${this.dir}`;
     return new ConfigError(
       `no stored image named ${name}${didYouMean(name, names)} (${stored}); civm image ls lists them` +
-        (hintBuild ? `; build it with civm image build ${name}, or fetch one with civm image pull URL --name ${name}` : ""),
+        (hintBuild ? `; build it with civm image build ${name}, or fetch one with civm image pull URL|REGISTRY/REPO:TAG --name ${name}` : ""),
     );
   }
 }

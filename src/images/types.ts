@@ -157,6 +157,14 @@ export interface ImageSpec {
   githubRunner?: GithubRunnerSpec;
   /** true: passwordless sudo for the runner user; false: none (removes a parent's). Unset: left as the parent has it. */
   sudo?: boolean;
+  /**
+   * Root images: true installs civm itself into /opt/civm (this checkout's bundle, its
+   * production node_modules with their native modules, the build host's Node.js package);
+   * see src/images/civm-release.ts.
+   */
+  civm?: boolean;
+  /** Root images: true also makes the disk boot under UEFI (an EFI system partition with GRUB's removable-media loader). */
+  uefi?: boolean;
   source: ImageSource;
 }
 

@@ -17,7 +17,7 @@ import { closestMatch } from "../config/suggest.js";
 import type { JsonValue } from "../config/types.js";
 import { parseRunnerTarget, type RunnerTarget } from "../github/registration-token.js";
 import { resolvePaths } from "../host/paths.js";
-import { looksLikeImageName } from "../images/resolve.js";
+import { classifyImageRef } from "../images/oci-ref.js";
 import { LOG_RETENTION_DEFAULTS, parseKeepDays, parseMaxBytes, type LogRetention } from "../host/log-retention.js";
 import { labelKey, normalizeLabels } from "./labels.js";
 import { kindOf } from "../config/kind.js";
@@ -57,7 +57,9 @@ export const SERVE_DEFAULTS = {
 /** The largest github.rateLimitReserve: polling needs some budget too. */
 export const MAX_RATE_LIMIT_RESERVE_PERCENT = 90;
 
-export const SERVE_KEYS = ["listen", "metricsListen", "tls", "stateDir", "github", "webhookSecret", "apiToken", "pools", "pollInterval", "shutdownTimeout", "retention", "maxWebhookBytes", "logs", "qemuUser", "caches"] as const;
+export const SERVE_KEYS = ["listen", "metricsListen", "tls", "stateDir", "store", "fleet", "github", "webhookSecret", "apiToken", "pools", "pollInterval", "shutdownTimeout", "retention", "maxWebhookBytes", "logs", "qemuUser", "caches"] as const;
+export const FLEET_KEYS = ["hostId", "address", "cpus", "ram", "heartbeat", "deadAfter", "placementGrace"] as const;
+export const FLEET_DEFAULTS = { heartbeatSeconds: 10, deadAfterSeconds: 60, placementGraceSeconds: 15 } as const;
 export const TLS_KEYS = ["cert", "key"] as const;
 /** GitHub sends at most 25 MB per delivery; the body is buffered before its signature is checked. */
 export const MAX_WEBHOOK_BYTES_CAP = 25 * 1024 * 1024;
@@ -290,6 +292,8 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
     if (!metricsListen) f.add(`"metricsListen" must be HOST:PORT (e.g. "127.0.0.1:9464") or a port number.`);
   }
   const tls = await loadTls(f, baseDir);
+  const store = loadStore(f, stateDir);
+  const fleet = loadFleet(f);
   const logs = loadLogs(f);
   const qemuUserName = f.str("qemuUser");
   if (qemuUserName !== undefined && !/^[a-z_][a-z0-9_-]*\$?$/.test(qemuUserName)) f.add(`"qemuUser" must be a user name such as "civm-qemu" (the unprivileged user QEMU runs as), not ${JSON.stringify(qemuUserName)}.`);
@@ -308,7 +312,7 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
   if (opts.checkImages !== false) {
     const store = opts.stateDir ?? stateDir ?? resolvePaths({}, env).stateDir;
     for (const p of pools) {
-      const problem = await checkImage(p.runner.image, store);
+      const problem = await checkImage(p.runner.image, store, p.runner.imagePullPolicy);
       if (problem) problems.push(`${poolsFile}: ${poolLabel(p.name, p.index)}: "runner.image" ${problem}`);
     }
   }
@@ -323,6 +327,8 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
     baseDir,
     listen: listen ?? { host: "127.0.0.1", port: 8080 },
     stateDir,
+    store,
+    fleet,
     github: github ?? { apiUrl: SERVE_DEFAULTS.apiUrl, auth: { kind: "token", token: "" } },
     githubLimits,
     webhookSecret,
@@ -338,6 +344,52 @@ export async function loadServeConfig(file: string, opts: LoadServeOptions = {})
     pools,
     secrets: [...new Set(secrets)],
   };
+}
+
+/**
+ * `store`: "sqlite" (the default: `<state>/serve.db`, one host) or a postgres:// URL that a
+ * fleet of hosts shares. The URL may carry a password (through the pre-processor, e.g.
+ * postgres://civm:${{ file:/etc/civm/pg-password }}@db/civm): messages never show it.
+ */
+function loadStore(top: Fields, stateDir: string | undefined): ServeConfig["store"] {
+  const sqlite = { kind: "sqlite" as const, where: `sqlite (${stateDir ?? "the state dir"}/serve.db)` };
+  const v = top.str("store");
+  if (v === undefined || v.trim() === "sqlite") return sqlite;
+  const text = v.trim();
+  let u: URL | undefined;
+  try {
+    u = new URL(text);
+  } catch {
+    // reported below
+  }
+  if (!u || (u.protocol !== "postgres:" && u.protocol !== "postgresql:")) {
+    top.add(`"store" must be "sqlite" (the default, one host) or a PostgreSQL URL such as "postgres://civm@db.example:5432/civm" (a fleet of hosts sharing one database); put a password through \${{ file:... }} or PGPASSWORD.`);
+    return sqlite;
+  }
+  if (!u.hostname && !u.searchParams.has("host")) {
+    top.add(`"store" names no database host; write postgres://USER@HOST:PORT/DATABASE.`);
+    return sqlite;
+  }
+  const shown = new URL(text);
+  if (shown.password) shown.password = "***";
+  return { kind: "postgres", url: text, where: shown.toString() };
+}
+
+/** `fleet:` this host's id, address and capacity, and the heartbeat timing (see docs/fleet.md). */
+function loadFleet(top: Fields): ServeConfig["fleet"] {
+  const o = top.object("fleet");
+  const f = new Fields(o ?? {}, top.where, top.problems, "fleet.");
+  if (o) f.unknownKeys(FLEET_KEYS);
+  const hostId = f.str("hostId");
+  if (hostId !== undefined && !NAME_RE.test(hostId)) f.add(`"fleet.hostId" must be made of letters, digits, ".", "_" and "-" (got ${JSON.stringify(hostId)}).`);
+  const address = f.str("address");
+  const cpus = f.int("cpus", { min: 1, hint: "the cpus runner VMs may take on this host together" });
+  const ramBytes = f.size("ram");
+  const heartbeatSeconds = f.seconds("heartbeat", FLEET_DEFAULTS.heartbeatSeconds, 1);
+  const deadAfterSeconds = f.seconds("deadAfter", FLEET_DEFAULTS.deadAfterSeconds, 2);
+  const placementGraceSeconds = f.seconds("placementGrace", FLEET_DEFAULTS.placementGraceSeconds, 0);
+  if (deadAfterSeconds < 2 * heartbeatSeconds) f.add(`"fleet.deadAfter" (${deadAfterSeconds} s) must be at least twice "fleet.heartbeat" (${heartbeatSeconds} s), or a host that misses one heartbeat is declared dead.`);
+  return { hostId, address, cpus, ramBytes, heartbeatSeconds, deadAfterSeconds, placementGraceSeconds };
 }
 
 /** `tls: {cert, key}`: PEM files (relative to the config), read now so a bad path is a config error. */
@@ -596,7 +648,7 @@ function validateRunner(pool: Fields, poolName: string | undefined, baseDir: str
   if (f.has("name") && namePrefix !== undefined && !NAME_RE.test(namePrefix)) {
     f.add(`"runner.name" must be made of letters, digits, ".", "_" and "-" (got ${JSON.stringify(namePrefix)}).`);
   }
-  const imageRef = f.str("image", { required: "a stored civm image name (civm image ls) or the path of a disk image" });
+  const imageRef = f.str("image", { required: "a stored civm image name (civm image ls), the path of a disk image, or an OCI reference REGISTRY/REPO:TAG" });
   const imagePullPolicy = f.oneOf("imagePullPolicy", PULL_POLICIES, SERVE_DEFAULTS.imagePullPolicy);
   const target = runnerTarget(f);
   const labels = runnerLabels(f);
@@ -612,7 +664,8 @@ function validateRunner(pool: Fields, poolName: string | undefined, baseDir: str
     f.add(`"runner.workFolder" (${JSON.stringify(workFolder)}) applies to JIT registration only; with "runner.registration": "token" the guest's config.sh uses "${SERVE_DEFAULTS.workFolder}", so remove "runner.workFolder" or use "jit".`);
   }
   if (!namePrefix || !imageRef || !target || !labels) return undefined;
-  const image: PoolImage = looksLikeImageName(imageRef) ? { ref: imageRef, kind: "stored" } : { ref: imageRef, kind: "path", path: resolve(baseDir, imageRef) };
+  const kind = classifyImageRef(imageRef).kind;
+  const image: PoolImage = kind === "path" ? { ref: imageRef, kind, path: resolve(baseDir, imageRef) } : { ref: imageRef, kind };
   return { namePrefix, image, imagePullPolicy, target, labels, groupId, registration, workFolder };
 }
 
@@ -721,7 +774,16 @@ function targetsOverlap(a: RunnerTarget, b: RunnerTarget): boolean {
   return a.repo.toLowerCase() === b.repo.toLowerCase();
 }
 
-async function checkImage(image: PoolImage, stateDir: string): Promise<string | undefined> {
+async function checkImage(image: PoolImage, stateDir: string, policy: ImagePullPolicy): Promise<string | undefined> {
+  if (image.kind === "oci") {
+    // Pulled when the pool first needs it (no network here), unless the policy forbids pulls.
+    if (policy !== "Never") return undefined;
+    const { parseOciReference } = await import("../images/oci-ref.js");
+    const { findStoredOci } = await import("../images/oci.js");
+    const { ImageStore } = await import("../images/store.js");
+    if (await findStoredOci(new ImageStore(stateDir), stateDir, parseOciReference(image.ref)!)) return undefined;
+    return `${JSON.stringify(image.ref)} has not been pulled and "runner.imagePullPolicy" is "Never"; pull it first (civm image pull ${image.ref}) or use "IfNotPresent".`;
+  }
   if (image.kind === "stored") {
     const { ImageStore } = await import("../images/store.js");
     const store = new ImageStore(stateDir);
@@ -738,7 +800,7 @@ async function checkImage(image: PoolImage, stateDir: string): Promise<string | 
     return undefined;
   } catch (e) {
     if (looksLikeContainerRef(image.ref)) {
-      return `${JSON.stringify(image.ref)} looks like a container image; civm boots disk images and does not pull from container registries: build or pull a civm image ("civm image build", "civm image pull URL") and name it here.`;
+      return `${JSON.stringify(image.ref)} looks like a container image, but not like a reference civm pulls: those start with the registry (a host with a "." or ":PORT", e.g. docker.io/${image.ref}) and have a lowercase repository and a :TAG or @sha256: digest; or give a stored image name or the path of a disk image.`;
     }
     return `${path} cannot be used (${osReason(e)}); give a stored image name (civm image ls) or the path of a disk image (relative paths start from the pools file's folder).`;
   }
@@ -764,6 +826,7 @@ export function summarizeServeConfig(c: ServeConfig): string[] {
   const lines = [
     `listen ${c.tls ? "https" : "http"} ${c.listen.host}:${c.listen.port}${c.metricsListen ? `, metrics on ${c.metricsListen.host}:${c.metricsListen.port}` : ""}; GitHub ${c.github.apiUrl} (${auth}); webhook secret ${c.webhookSecret ? "set" : "not set (POST /webhook answers 401)"}; API token ${c.apiToken ? "set" : "not set (API answers 401)"}`,
     `poll every ${c.pollIntervalSeconds}s; shutdown waits up to ${c.shutdownTimeoutSeconds}s for busy runners; state kept ${c.retentionSeconds}s; webhook bodies up to ${c.maxWebhookBytes} bytes`,
+    `store ${c.store.where}${c.store.kind === "postgres" ? `; host ${c.fleet.hostId ?? "(host name)"}, heartbeat ${c.fleet.heartbeatSeconds}s, dead after ${c.fleet.deadAfterSeconds}s` : ""}${c.fleet.cpus !== undefined || c.fleet.ramBytes !== undefined ? `; capacity ${c.fleet.cpus ?? "all"} cpus, ${c.fleet.ramBytes !== undefined ? `${Math.round(c.fleet.ramBytes / 1024 ** 2)} MiB` : "all memory"}` : ""}`,
     `GitHub calls time out after ${c.githubLimits.requestTimeoutSeconds}s; a target failing or rate-limited for ${c.githubLimits.degradedAfterSeconds}s is degraded; organization repository lists kept ${c.githubLimits.repositoryListCacheSeconds}s; ${c.githubLimits.rateLimitReservePercent}% of the rate limit kept for JIT configs and deregistration`,
   ];
   lines.push(...summarizeCaches(c.caches));

@@ -4,7 +4,10 @@
 // → busy → finished) from webhooks (server/) and the runners API, deregisters runners when
 // their VM ends, backs off after failed boots, polls queued jobs (lost webhooks), cleans up
 // after a crash, takes new pools on a reload, drains on request and prunes old state hourly.
-// Clock, logger, metrics registry, GitHub access and launcher are injected.
+// Clock, logger, metrics registry, GitHub access, launcher and store are injected. With a
+// shared store (PostgreSQL) the same loop is one host of a fleet (fleet.ts: heartbeats, dead
+// hosts, the store's outages): demand and pool limits are fleet-wide, runners are placed by
+// claiming a slot in a transaction, and each GitHub target is polled by one host.
 import { createHash, randomBytes } from "node:crypto";
 import { Counter, Gauge, type Registry } from "prom-client";
 import type { JsonValue } from "../config/types.js";
@@ -13,7 +16,8 @@ import type { GitHubAccess } from "../github/app-auth.js";
 import { listQueuedJobs, targetRepositories } from "../github/jobs.js";
 import type { RunnerTarget } from "../github/registration-token.js";
 import { createRegistrationToken, deleteRunner, generateJitConfig, getRunner, listRunners, registrationUrl, runnerGroupName, type RunnerInfo } from "../github/runners.js";
-import type { StateStore, VmRecord } from "../store/index.js";
+import type { Store, VmRecord, VmState } from "../store/types.js";
+import { FleetMember, LOCAL_HOST, type HostOptions } from "./fleet.js";
 import { registrationLabels } from "./labels.js";
 import { TargetSchedule, nextPollDelay, DEFAULT_REPO_LIST_TTL_MS, type TargetHealth } from "./github-poll.js";
 import { observeVmTransition, serveMetrics } from "./metrics.js";
@@ -69,7 +73,9 @@ export interface VmLauncher {
 
 export interface DaemonOptions {
   pools: readonly PoolSpec[];
-  store: StateStore;
+  store: Store;
+  /** This host: id, capacity, heartbeat and dead-host timing (default: one host, no capacity limit). */
+  host?: HostOptions;
   access: GitHubAccess;
   launcher: VmLauncher;
   logger: DaemonLogger;
@@ -94,6 +100,8 @@ export interface DaemonOptions {
   pruneIntervalMs?: number;
   /** Runs with each pruning, in the background (console log retention); a failure is a warning. */
   pruneLogs?: () => Promise<void>;
+  /** civm's version (the hosts table shows it). */
+  version?: string;
   /** Job → pool (shared with the webhook server); default: one of its own on `registry`. */
   router?: JobRouter;
   /** A pass waits this long for the targets' GitHub work before it tends the pools (ms; default 2000). */
@@ -129,6 +137,9 @@ export type DaemonState = "serving" | "draining" | "drained" | "stopping";
 
 export interface DaemonStatus {
   state: DaemonState;
+  /** This host's id; false while the store cannot be reached (nothing new starts). */
+  host: string;
+  store: { kind: string; reachable: boolean; unreachableSince: string | null };
   /** A drain asked the daemon to exit once no VM is left. */
   exitWhenDrained: boolean;
   drainingSince: number | null;
@@ -145,7 +156,9 @@ interface Live {
   pool: string;
   /** The pool's settings when the VM started (its runner is registered with these). */
   spec: PoolSpec;
-  stopReason?: StopReason | "registration-timeout";
+  stopReason?: StopReason | "registration-timeout" | "host-dead";
+  /** What the store said last (it may become unreachable): exit handling works from this. */
+  record: VmRecord;
 }
 
 /** Hash of what a runner VM is started with besides the image: replaced when it changes. */
@@ -200,6 +213,12 @@ export class Daemon {
   private readonly backoff: BackoffOptions;
   private readonly router: JobRouter;
   private readonly metrics: { runners: Gauge; desired: Gauge; queued: Gauge; starts: Counter; exits: Counter; health: Gauge };
+  /** This host in the fleet (one host with SQLite): heartbeat, dead hosts, the store's reachability. */
+  readonly fleet: FleetMember;
+  /** GitHub targets this host polls (the fleet's poller for each). */
+  private leading = new Set<string>();
+  /** Per pool: since when this host has seen it short of runners without placing one (placement grace). */
+  private readonly waitingSince = new Map<string, number>();
 
   constructor(private readonly opts: DaemonOptions) {
     this.now = opts.now ?? Date.now;
@@ -220,6 +239,48 @@ export class Daemon {
     };
     const timing = serveMetrics(opts.registry);
     opts.store.onVmTransition = (vm, from) => observeVmTransition(timing, opts.store, vm, from);
+    this.fleet = new FleetMember(opts.store, opts.host ?? LOCAL_HOST(), {
+      now: this.now,
+      log: this.log,
+      version: opts.version ?? "",
+      hooks: {
+        pools: () => this.pools.map((p) => p.name),
+        polls: () => [...this.leading],
+        draining: () => this.drainState !== undefined || this.stopping,
+        declaredDead: () => this.declaredDead(),
+        reaped: (_host, vms) => this.reaped(vms),
+      },
+    });
+    if (this.fleet.shared) opts.store.onWake(() => this.wake());
+  }
+
+  /** This host's id in the fleet. */
+  get hostId(): string {
+    return this.fleet.id;
+  }
+
+  /** Another host declared this one dead (it finished our VMs' records, deregistered their runners): idle and starting ones stop, busy ones finish their job. */
+  private async declaredDead(): Promise<void> {
+    for (const [id, l] of this.live) {
+      const rec = await this.opts.store.vm(id);
+      if (rec?.state !== "finished" || l.stopReason) continue;
+      if (l.record.state === "busy") {
+        this.log.warn({ pool: l.pool, vm: id, runner: l.record.name }, "busy runner of this host was finished by another host; it carries on until its job ends");
+        continue;
+      }
+      l.stopReason = "host-dead";
+      this.log.warn({ pool: l.pool, vm: id, runner: l.record.name }, "stopping runner VM: another host deregistered it while this host was cut off");
+      l.handle.stop();
+    }
+  }
+
+  /** A dead host's VMs (finished by the store): their runners are deregistered from here. */
+  private async reaped(vms: VmRecord[]): Promise<void> {
+    for (const vm of vms) {
+      const pool = this.poolSpec(vm.pool);
+      if (pool) await this.deregister(pool, vm);
+    }
+    this.wake();
   }
 
   /**
@@ -227,13 +288,13 @@ export class Daemon {
    * (live VMs, queued and running jobs, and deliveries inside the window stay: a redelivery
    * within it is still a duplicate). Runs at start and then hourly from the loop.
    */
-  prune(): { vms: number; jobs: number; deliveries: number } {
+  async prune(): Promise<{ vms: number; jobs: number; deliveries: number }> {
     const { store } = this.opts;
     const now = this.now();
     const before = now - (this.opts.retentionMs ?? DEFAULT_RETENTION_MS);
     this.nextPruneAt = now + (this.opts.pruneIntervalMs ?? DEFAULT_PRUNE_INTERVAL_MS);
     // Only finished VMs go: a VM this process runs is marked finished after it left `live`.
-    const pruned = store.transaction(() => ({ vms: store.pruneFinished(before), jobs: store.pruneJobs(before), deliveries: store.pruneDeliveries(before) }));
+    const pruned = await store.prune(before);
     if (pruned.vms + pruned.jobs + pruned.deliveries > 0) this.log.info({ ...pruned, olderThan: new Date(before).toISOString() }, "pruned old state");
     return pruned;
   }
@@ -257,14 +318,15 @@ export class Daemon {
   async start(signal?: AbortSignal): Promise<boolean> {
     await this.recover();
     if (signal?.aborted || this.stopping) return false;
-    this.pruneSafely();
+    await this.fleet.start();
+    await this.pruneSafely();
     this.loopDone = this.loop();
     return true;
   }
 
-  private pruneSafely(): void {
+  private async pruneSafely(): Promise<void> {
     try {
-      this.prune();
+      await this.prune();
     } catch (e) {
       this.log.warn({ err: messageOf(e) }, "pruning old state failed; trying again next hour");
     }
@@ -273,11 +335,15 @@ export class Daemon {
 
   private async loop(): Promise<void> {
     while (!this.stopping) {
-      if (this.now() >= this.nextPruneAt) this.pruneSafely();
-      try {
-        await this.pass();
-      } catch (e) {
-        this.log.error({ err: messageOf(e) }, "reconcile pass failed");
+      // While the store is unreachable no pass runs: nothing new starts, running VMs carry on.
+      if (await this.fleet.ensure()) {
+        if (this.now() >= this.nextPruneAt) await this.pruneSafely();
+        try {
+          await this.pass();
+        } catch (e) {
+          this.log.error({ err: messageOf(e) }, "reconcile pass failed");
+          await this.fleet.check(e);
+        }
       }
       this.passesDone++;
       if (this.stopping) break;
@@ -302,9 +368,9 @@ export class Daemon {
    */
   async recover(): Promise<void> {
     await this.opts.launcher.reconcileLeftovers?.();
-    for (const vm of this.opts.store.vms({ live: true })) {
+    for (const vm of await this.opts.store.vms({ live: true, host: this.hostId })) {
       if (this.live.has(vm.id)) continue;
-      this.opts.store.markFinished(vm.id, "civm-restarted", this.now());
+      await this.opts.store.markFinished(vm.id, "civm-restarted", this.now());
       this.log.warn({ pool: vm.pool, vm: vm.id, runner: vm.name }, "VM of a previous civm run is gone; its runner will be removed if GitHub still lists it");
     }
   }
@@ -353,7 +419,7 @@ export class Daemon {
    * credentials; the poll interval, shutdown timeout, retention and GitHub thresholds apply at once. Queued jobs are
    * matched to the new pools again.
    */
-  reload(pools: readonly PoolSpec[], o: DaemonReloadOptions = {}): PoolChanges {
+  async reload(pools: readonly PoolSpec[], o: DaemonReloadOptions = {}): Promise<PoolChanges> {
     const old = new Map(this.pools.map((p) => [p.name, p]));
     const next = new Set(pools.map((p) => p.name));
     const changes: PoolChanges = { added: [], removed: [], changed: [], unchanged: [] };
@@ -387,25 +453,38 @@ export class Daemon {
     if (o.githubDegradedAfterMs !== undefined) this.github.degradedAfterMs = o.githubDegradedAfterMs;
     if (o.repoListTtlMs !== undefined) this.opts.repoListTtlMs = o.repoListTtlMs;
     if (o.budgetReserveShare !== undefined) this.opts.budgetReserveShare = o.budgetReserveShare;
-    // With what the router has cached; the next poll routes them again with fresh access.
-    const matchable = this.pools.map(routable);
-    for (const j of this.opts.store.jobs({ status: "queued" })) {
-      const pool = this.router.routeCached(matchable, { repository: j.repository, labels: j.labels }).pool?.name;
-      if (pool !== j.pool) this.opts.store.setJobPool(j.id, pool);
-    }
+    await this.rerouteQueued().catch((e: unknown) => this.log.warn({ err: messageOf(e) }, "could not match queued jobs to the new pools; the next poll does"));
     this.log.info({ added: changes.added, removed: changes.removed, changed: changes.changed.map((c) => `${c.name} (${c.fields.join(", ")})`) }, "pools reloaded");
     this.wake();
     return changes;
   }
 
+  /** Queued jobs matched to the pools again (a reload): with what the router has cached; the next poll routes them again with fresh access. */
+  private async rerouteQueued(): Promise<void> {
+    const matchable = this.pools.map(routable);
+    for (const j of await this.opts.store.jobs({ status: "queued" })) {
+      const pool = this.router.routeCached(matchable, { repository: j.repository, labels: j.labels }).pool?.name;
+      if (pool !== j.pool) await this.opts.store.setJobPool(j.id, pool);
+    }
+  }
+
+  /** The host's state in the store follows drains (others place the fleet's runners elsewhere); best effort. */
+  private setHostState(state: "active" | "draining"): void {
+    void Promise.resolve()
+      .then(() => this.opts.store.setHostState(this.hostId, state))
+      .catch((e: unknown) => this.log.warn({ err: messageOf(e), state }, "could not record this host's state in the store; the next heartbeat after a reconnect does"));
+  }
+
   /**
    * Stop taking work: no new runners, idle and starting ones stop, busy ones finish. The
    * server keeps answering. With `exitWhenDrained`, onDrained is called once no VM is left.
+   * In a fleet the host is recorded as draining: the other hosts place the runners it had.
    */
-  drain(o: { exitWhenDrained?: boolean } = {}): DaemonStatus {
+  async drain(o: { exitWhenDrained?: boolean } = {}): Promise<DaemonStatus> {
     if (!this.drainState) {
       this.drainState = { since: this.now(), exitWhenDrained: o.exitWhenDrained === true };
       this.log.info({ exitWhenDrained: this.drainState.exitWhenDrained }, "draining: no new runners, idle ones stop, busy ones finish");
+      this.setHostState("draining");
     } else if (o.exitWhenDrained && !this.drainState.exitWhenDrained) {
       this.drainState.exitWhenDrained = true;
       this.log.info({}, "draining: will exit once drained");
@@ -415,22 +494,32 @@ export class Daemon {
   }
 
   /** Ends a drain: the pools take work again (unless the process is already exiting). */
-  undrain(): DaemonStatus {
+  async undrain(): Promise<DaemonStatus> {
     if (this.drainState && !this.drainState.exitCalled) {
       this.drainState = undefined;
       this.log.info({}, "drain cancelled: taking work again");
+      this.setHostState("active");
       this.wake();
     }
     return this.status();
   }
 
-  status(): DaemonStatus {
-    const live = this.opts.store.vms({ live: true }).filter((v) => this.live.has(v.id));
-    const n = (s: string) => live.filter((v) => v.state === s).length;
+  /** This process's state and VMs (from what the store said last when it cannot be reached). */
+  async status(): Promise<DaemonStatus> {
+    let states: VmState[];
+    try {
+      if (!this.fleet.reachable) throw new Error("unreachable");
+      states = (await this.opts.store.vms({ live: true, host: this.hostId })).filter((v) => this.live.has(v.id)).map((v) => v.state);
+    } catch {
+      states = [...this.live.values()].map((l) => l.record.state);
+    }
+    const n = (s: string) => states.filter((v) => v === s).length;
     const d = this.drainState;
     const state: DaemonState = this.stopping ? "stopping" : d ? (d.drainedAt !== undefined ? "drained" : "draining") : "serving";
     return {
       state,
+      host: this.hostId,
+      store: { kind: this.opts.store.kind, reachable: this.fleet.reachable, unreachableSince: this.fleet.unreachableSince !== undefined ? new Date(this.fleet.unreachableSince).toISOString() : null },
       exitWhenDrained: d?.exitWhenDrained ?? false,
       drainingSince: d?.since ?? null,
       runners: { starting: n("starting"), idle: n("idle"), busy: n("busy") },
@@ -449,14 +538,25 @@ export class Daemon {
     const now = this.now();
     const targets = this.targets();
     this.github.retain(targets.map((t) => t.key));
+    await this.fleet.ensureRegistered();
+    await this.refreshLocal();
+    // In a fleet one host polls each target (its runners and queued jobs) for all: the holder
+    // of the target's lock in the store; when it dies the lock is free for another.
+    const leading = await this.opts.store.lead(targets.map((t) => t.key));
+    if (this.fleet.shared) {
+      for (const k of leading) if (!this.leading.has(k)) this.log.info({ target: k, host: this.hostId }, "this host polls the target for the fleet");
+      for (const k of this.leading) if (!leading.has(k)) this.log.info({ target: k, host: this.hostId }, "this host no longer polls the target");
+    }
+    this.leading = leading;
+    const starting = await this.opts.store.vms({ live: true, state: "starting" });
     const work: Promise<void>[] = [];
     for (const t of targets) {
       const st = this.github.state(t.key);
-      if (st.inFlight) continue;
+      if (st.inFlight || !leading.has(t.key)) continue;
       const pollDue = opts.poll === true || now >= st.nextPollAt;
-      const starting = this.opts.store.vms({ live: true, state: "starting" }).some((v) => this.targetOf(v) === t.key);
+      const startingHere = starting.some((v) => this.targetOf(v) === t.key);
       // While GitHub rate-limits the target, no request is spent on it.
-      if ((!pollDue && !starting) || this.github.limitedUntil(t.key) !== undefined) continue;
+      if ((!pollDue && !startingHere) || this.github.limitedUntil(t.key) !== undefined) continue;
       const p = this.targetWork(t.key, t.target, t.pools, pollDue);
       st.inFlight = p;
       void p.finally(() => (st.inFlight = undefined));
@@ -464,10 +564,11 @@ export class Daemon {
     }
     await this.boundedWait(work);
     // The registration timeout holds even when GitHub cannot say whether the runner came
-    // online (the runners list fails or is rate-limited): such a VM is stopped all the same.
-    for (const vm of this.opts.store.vms({ live: true, state: "starting" })) {
+    // online (the runners list fails or is rate-limited), or another host polls the target
+    // (it would have marked the runner idle): such a VM is stopped all the same.
+    for (const vm of await this.opts.store.vms({ live: true, state: "starting", host: this.hostId })) {
       const k = this.targetOf(vm);
-      if (k === undefined || this.github.health(k).state === "ok" || this.now() - vm.createdAt <= (this.opts.registrationTimeoutMs ?? 600_000)) continue;
+      if (k === undefined || (leading.has(k) && this.github.health(k).state === "ok") || this.now() - vm.createdAt <= (this.opts.registrationTimeoutMs ?? 600_000)) continue;
       await this.stopVm(vm.id, "registration-timeout");
     }
     // The pools of each target on their own too (JIT configs, runner checks before a stop
@@ -497,7 +598,10 @@ export class Daemon {
           else await this.reconcilePool(pool);
         }
       })()
-        .catch((e: unknown) => this.log.error({ target: k, err: messageOf(e) }, "reconcile pass failed"))
+        .catch(async (e: unknown) => {
+          this.log.error({ target: k, err: messageOf(e) }, "reconcile pass failed");
+          await this.fleet.check(e);
+        })
         .finally(() => (st.poolsInFlight = undefined));
       st.poolsInFlight = p;
       poolWork.push(p);
@@ -505,6 +609,15 @@ export class Daemon {
     await this.boundedWait(poolWork);
     if (this.stopping) return;
     this.checkDrained();
+  }
+
+  /** What the store says of this host's VMs, kept for when it cannot be reached. */
+  private async refreshLocal(): Promise<void> {
+    if (this.live.size === 0) return;
+    for (const v of await this.opts.store.vms({ live: true, host: this.hostId })) {
+      const l = this.live.get(v.id);
+      if (l) l.record = v;
+    }
   }
 
   /** Waits for `work` at most targetWaitMs; if it finishes later, the loop runs again at once (what it found is acted on). */
@@ -571,7 +684,7 @@ export class Daemon {
 
   /** Stops the pool's idle and starting runners (busy ones finish); returns how many VMs it still has. */
   private async stopAllIdle(pool: PoolSpec, reason: StopReason): Promise<number> {
-    const vms = this.opts.store.vms({ pool: pool.name, live: true });
+    const vms = await this.opts.store.vms({ pool: pool.name, live: true, host: this.hostId });
     const plan = planShutdown(vms.map((v) => ({ id: v.id, state: v.state, imageKey: v.imageKey })), reason);
     for (const s of plan.stop) await this.stopVm(s.id, s.reason);
     this.metrics.desired.set({ pool: pool.name }, 0);
@@ -584,7 +697,8 @@ export class Daemon {
   private async retirePool(pool: PoolSpec): Promise<void> {
     if ((await this.stopAllIdle(pool, "pool-removed")) > 0) return;
     this.retiring.delete(pool.name);
-    this.opts.store.forgetPool(pool.name);
+    // The pool's record is shared in a fleet: another host may still serve it.
+    if (!this.fleet.shared) await this.opts.store.forgetPool(pool.name);
     for (const g of [this.metrics.desired, this.metrics.health]) g.remove({ pool: pool.name });
     for (const state of ["starting", "idle", "busy"]) this.metrics.runners.remove({ pool: pool.name, state });
     this.log.info({ pool: pool.name }, "removed pool has no runners left; it is gone");
@@ -609,14 +723,15 @@ export class Daemon {
   private async reconcilePool(pool: PoolSpec): Promise<void> {
     const { store } = this.opts;
     const now = this.now();
-    const st = store.pool(pool.name);
-    const vms = store.vms({ pool: pool.name, live: true });
+    const st = await store.pool(pool.name);
+    // Fleet-wide: every host's VMs of the pool (one host: its own).
+    const vms = await store.vms({ pool: pool.name, live: true });
     let imageKey: string;
     try {
       imageKey = await this.opts.launcher.imageKey(pool);
     } catch (e) {
       this.log.error({ pool: pool.name, err: messageOf(e) }, "pool image unavailable");
-      store.recordFailure(pool.name, now);
+      await store.recordFailure(pool.name, now);
       return;
     }
     const configKey = poolConfigKey(pool);
@@ -628,7 +743,7 @@ export class Daemon {
       ...(v.configKey !== undefined ? { configKey: v.configKey } : {}),
     }));
     const { retryAt, health } = backoffState(st, this.backoff);
-    const queued = store.jobs({ status: "queued", pool: pool.name }).length;
+    const queued = (await store.jobs({ status: "queued", pool: pool.name })).length;
     const plan = planPool({
       pool: { name: pool.name, minRunners: Math.min(st.minRunnersOverride ?? pool.minRunners, pool.maxRunners), maxRunners: pool.maxRunners, idleTimeoutSeconds: pool.idleTimeoutSeconds, paused: st.paused, imageKey, configKey },
       queued,
@@ -639,28 +754,51 @@ export class Daemon {
     this.metrics.desired.set({ pool: pool.name }, plan.desired);
     this.metrics.queued.set({ pool: pool.name }, queued);
     this.metrics.health.set({ pool: pool.name }, health === "degraded" ? 1 : 0);
+    // Only this host's VMs are stopped here; each host acts on its own share of the plan.
     for (const s of plan.stop) await this.stopVm(s.id, s.reason);
     const limited = plan.start > 0 ? this.github.limitedUntil(targetKey(pool.runner.target)) : undefined;
+    if (plan.start === 0) this.waitingSince.delete(pool.name);
+    else if (!this.waitingSince.has(pool.name)) this.waitingSince.set(pool.name, now);
     for (let i = 0; i < plan.start && limited === undefined; i++) {
       if (this.stopping || this.drainState || !(await this.startVm(pool, imageKey, configKey))) break;
     }
-    const after = store.vms({ pool: pool.name, live: true });
+    // This host's runners (in a fleet each host exports its own: sum them across hosts).
+    const after = await store.vms({ pool: pool.name, live: true, host: this.hostId });
     for (const state of ["starting", "idle", "busy"] as const) this.metrics.runners.set({ pool: pool.name, state }, after.filter((v) => v.state === state).length);
   }
 
+  /**
+   * Claims a slot for one runner VM of the pool (the store's transaction: the pool's limits
+   * for the fleet, this host's capacity), then registers and starts it. false: nothing
+   * started (no slot here, or it failed).
+   */
   private async startVm(pool: PoolSpec, imageKey: string, configKey: string): Promise<boolean> {
     const { store } = this.opts;
     const id = randomBytes(4).toString("hex");
     const name = `${pool.runner.namePrefix}-${id}`;
     const fields = { pool: pool.name, vm: id, runner: name };
     const mode = pool.runner.registration;
-    store.insertVm({ id, pool: pool.name, name, imageKey, configKey, createdAt: this.now() });
+    const now = this.now();
+    const claim = await store.claimVm({
+      vm: { id, pool: pool.name, name, imageKey, configKey, createdAt: now, host: this.hostId, cpus: pool.vm.cpus, ramBytes: pool.vm.ramBytes },
+      host: this.hostId,
+      minRunners: pool.minRunners,
+      maxRunners: pool.maxRunners,
+      waitedMs: now - (this.waitingSince.get(pool.name) ?? now),
+      graceMs: this.fleet.shared ? this.fleet.placementGraceMs : 0,
+      deadAfterMs: this.fleet.deadAfterMs,
+    });
+    if (!claim.claimed) {
+      if (claim.reason === "no-capacity") this.log.info({ pool: pool.name, host: this.hostId, cpus: this.fleet.host.cpus, ramBytes: this.fleet.host.ramBytes }, "no room on this host for another runner VM of the pool");
+      return false;
+    }
+    this.waitingSince.delete(pool.name);
     let reg: { config: JsonValue; secret: string; runnerId: number | undefined };
     try {
       reg = await this.registration(pool, name);
     } catch (e) {
       const what = mode === "token" ? "token-failed" : "jit-failed";
-      store.markFinished(id, what, this.now());
+      await store.markFinished(id, what, this.now());
       const key = targetKey(pool.runner.target);
       this.github.failed(key, e);
       const until = this.github.limitedUntil(key);
@@ -670,16 +808,17 @@ export class Daemon {
         this.log.warn({ ...fields, err: messageOf(e), rateLimitedUntil: new Date(until).toISOString() }, "GitHub rate-limits this target: no runner starts until the limit ends");
         return false;
       }
-      const st = store.recordFailure(pool.name, this.now());
+      const st = await store.recordFailure(pool.name, this.now());
       this.metrics.starts.inc({ pool: pool.name, result: what });
       this.log.error({ ...fields, failures: st.failures, err: messageOf(e) }, mode === "token" ? "could not get a runner registration token" : "could not get a JIT runner config");
       return false;
     }
-    if (reg.runnerId !== undefined) store.setRunnerId(id, reg.runnerId);
+    if (reg.runnerId !== undefined) await store.setRunnerId(id, reg.runnerId);
+    const record: VmRecord = { ...claim.vm, githubRunnerId: reg.runnerId };
     if (this.stopping) {
       // SIGTERM came while GitHub answered: start nothing, give the registration back.
-      store.markFinished(id, "stopped:shutdown", this.now());
-      void this.deregister(pool, { ...(store.vm(id) as VmRecord) });
+      await store.markFinished(id, "stopped:shutdown", this.now());
+      void this.deregister(pool, record);
       return false;
     }
     let handle: VmHandle;
@@ -688,7 +827,7 @@ export class Daemon {
     } catch (e) {
       handle = { stop: () => {}, result: Promise.reject(e) };
     }
-    this.live.set(id, { handle, pool: pool.name, spec: pool });
+    this.live.set(id, { handle, pool: pool.name, spec: pool, record });
     this.metrics.starts.inc({ pool: pool.name, result: "started" });
     this.log.info({ ...fields, registration: mode, ...(reg.runnerId !== undefined ? { runnerId: reg.runnerId } : {}) }, "runner VM starting");
     let done: Promise<void> = Promise.resolve();
@@ -747,15 +886,16 @@ export class Daemon {
   /** Stops an idle (or starting) runner's VM; asks GitHub first so a just-assigned runner is left alone. */
   private async stopVm(id: string, reason: StopReason | "registration-timeout"): Promise<void> {
     const l = this.live.get(id);
-    const vm = this.opts.store.vm(id);
-    if (!l || !vm || l.stopReason) return;
+    if (!l || l.stopReason) return;
+    const vm = await this.opts.store.vm(id);
+    if (!vm || l.stopReason) return;
     if (vm.state === "busy") return;
     const pool = l.spec;
     if (vm.githubRunnerId !== undefined && vm.state === "idle") {
       try {
         const r = await getRunner(await this.access.client(pool.runner.target), pool.runner.target, vm.githubRunnerId);
         if (r?.busy) {
-          this.opts.store.markBusy(id, undefined, this.now());
+          await this.opts.store.markBusy(id, undefined, this.now());
           return;
         }
       } catch (e) {
@@ -763,27 +903,42 @@ export class Daemon {
         return;
       }
     }
+    if (l.stopReason) return;
     l.stopReason = reason;
+    // No longer a kept runner: the pool's next one may be placed (on any host) meanwhile.
+    await this.opts.store.markStopping(id, reason);
     this.log.info({ pool: vm.pool, vm: id, runner: vm.name, reason }, "stopping runner VM");
     l.handle.stop();
   }
 
+  /**
+   * The VM has ended: its runner is deregistered and the end recorded. While the store
+   * cannot be reached this works from the last record, and the end is written once it is
+   * back (fleet.ts): the slot stays taken until then.
+   */
   private async onExit(id: string, outcome: LaunchOutcome): Promise<void> {
     const { store } = this.opts;
     const l = this.live.get(id);
     this.live.delete(id);
-    const vm = store.vm(id);
+    let vm: VmRecord | undefined;
+    try {
+      if (!this.fleet.reachable) throw new Error("the store is unreachable");
+      vm = await store.vm(id);
+    } catch (e) {
+      vm = l?.record;
+      await this.fleet.check(e);
+    }
     if (!vm) return;
     const pool = l?.spec ?? this.poolSpec(vm.pool);
     const fields = { pool: vm.pool, vm: id, runner: vm.name, ...(vm.jobId !== undefined ? { job: vm.jobId } : {}) };
     const reason = l?.stopReason && l.stopReason !== "registration-timeout" ? `stopped:${l.stopReason}` : l?.stopReason ?? outcome.reason;
     const failed = vm.state === "starting" && (l?.stopReason === undefined || l.stopReason === "registration-timeout");
     if (failed) {
-      const st = store.recordFailure(vm.pool, this.now());
-      this.log.error({ ...fields, reason, failures: st.failures, ...(outcome.detail ? { detail: outcome.detail } : {}) }, "runner VM ended before its runner came online");
+      const st = await Promise.resolve(store.recordFailure(vm.pool, this.now())).catch(() => undefined);
+      this.log.error({ ...fields, reason, ...(st ? { failures: st.failures } : {}), ...(outcome.detail ? { detail: outcome.detail } : {}) }, "runner VM ended before its runner came online");
     }
     if (pool) await this.deregister(pool, vm);
-    store.markFinished(id, reason, this.now());
+    await this.fleet.finish(id, reason, this.now());
     this.metrics.exits.inc({ pool: vm.pool, reason });
     this.log.info({ ...fields, reason, exitCode: outcome.exitCode }, "runner VM finished");
     this.wake();
@@ -798,7 +953,7 @@ export class Daemon {
       if (runnerId === undefined) {
         runnerId = (await listRunners(client, pool.runner.target)).find((r) => r.name === vm.name)?.id;
         if (runnerId === undefined) return;
-        this.opts.store.setRunnerId(vm.id, runnerId);
+        await Promise.resolve(this.opts.store.setRunnerId(vm.id, runnerId)).catch(() => {});
       }
       const r = await getRunner(client, pool.runner.target, runnerId);
       if (r && (await deleteRunner(client, pool.runner.target, runnerId))) {
@@ -818,15 +973,15 @@ export class Daemon {
     const byName = new Map<string, RunnerInfo>(runners.map((r) => [r.name, r]));
     const names = new Set(pools.map((p) => p.name));
     const now = this.now();
-    for (const vm of store.vms({ live: true })) {
+    for (const vm of await store.vms({ live: true })) {
       if (this.targetOf(vm) !== key) continue;
       const r = byName.get(vm.name);
       // A runner registered with a token: its id is known once GitHub lists it.
-      if (r && vm.githubRunnerId === undefined) store.setRunnerId(vm.id, r.id);
-      if (r?.busy) store.markBusy(vm.id, undefined, now);
+      if (r && vm.githubRunnerId === undefined) await store.setRunnerId(vm.id, r.id);
+      if (r?.busy) await store.markBusy(vm.id, undefined, now);
       else if (r?.status === "online" && vm.state === "starting") {
-        store.markIdle(vm.id, now);
-        store.clearFailures(vm.pool);
+        await store.markIdle(vm.id, now);
+        await store.clearFailures(vm.pool);
         this.log.info({ pool: vm.pool, vm: vm.id, runner: vm.name }, "runner online (idle)");
       } else if (vm.state === "starting" && now - vm.createdAt > (this.opts.registrationTimeoutMs ?? 600_000)) {
         await this.stopVm(vm.id, "registration-timeout");
@@ -834,10 +989,11 @@ export class Daemon {
     }
     const seen = new Set<number>();
     for (const r of runners) {
-      const rec = store.vmByName(r.name);
-      // Only runners civm created: its name pattern, a pool prefix of this target, and a store record.
-      const ours = rec && names.has(rec.pool) && RUNNER_NAME_SUFFIX.test(r.name) && pools.some((p) => r.name.startsWith(`${p.runner.namePrefix}-`));
-      if (!ours || rec.state !== "finished" || this.live.has(rec.id) || r.busy || r.status !== "offline") continue;
+      // Only offline runners civm created: its name pattern, a pool prefix of this target, and
+      // a store record (looked up last: a fleet's poller lists many runners, most online).
+      if (r.busy || r.status !== "offline" || !RUNNER_NAME_SUFFIX.test(r.name) || !pools.some((p) => r.name.startsWith(`${p.runner.namePrefix}-`))) continue;
+      const rec = await store.vmByName(r.name);
+      if (!rec || !names.has(rec.pool) || rec.state !== "finished" || this.live.has(rec.id)) continue;
       seen.add(r.id);
       if (!this.staleMarks.has(r.id)) {
         this.staleMarks.set(r.id, now);
@@ -865,23 +1021,23 @@ export class Daemon {
         queuedIds.add(j.id);
         const route = await this.router.route(matchable, { repository: j.repository, labels: j.labels });
         const pool = route.pool?.name;
-        const old = store.job(j.id);
+        const old = await store.job(j.id);
         if (route.ignored) {
           this.router.ignored(j.id, route.ignored);
           // A job recorded for a pool that no longer serves it (a reload, a runner group change) is no demand.
-          if (old?.pool !== undefined && old.status === "queued") store.setJobPool(j.id, undefined);
+          if (old?.pool !== undefined && old.status === "queued") await store.setJobPool(j.id, undefined);
           if (!old) continue;
         }
-        store.upsertJob({ id: j.id, labels: j.labels, status: "queued", at: started, repository: j.repository, ...(pool ? { pool } : {}) });
-        if (pool && old && old.pool !== pool && old.status === "queued") store.setJobPool(j.id, pool);
+        await store.upsertJob({ id: j.id, labels: j.labels, status: "queued", at: started, repository: j.repository, ...(pool ? { pool } : {}) });
+        if (pool && old && old.pool !== pool && old.status === "queued") await store.setJobPool(j.id, pool);
         if (!old && pool) this.log.info({ pool, job: j.id, repository: j.repository }, "queued job found by polling");
       }
     }
     const repoSet = new Set(repos.map((r) => r.toLowerCase()));
-    for (const j of store.jobs({ status: "queued" })) {
+    for (const j of await store.jobs({ status: "queued" })) {
       if (queuedIds.has(j.id) || !j.repository || !repoSet.has(j.repository.toLowerCase())) continue;
       if ((j.queuedAt ?? 0) >= started) continue;
-      store.upsertJob({ id: j.id, labels: j.labels, status: "completed", at: started, conclusion: "not-queued-on-github" });
+      await store.upsertJob({ id: j.id, labels: j.labels, status: "completed", at: started, conclusion: "not-queued-on-github" });
     }
   }
 
@@ -910,8 +1066,17 @@ export class Daemon {
     // A pass may be waiting on GitHub: it ends on its own (it checks `stopping`), but is not
     // waited for longer than a moment; VMs it might still start are refused (startVm).
     await untilOr(this.loopDone ?? Promise.resolve(), Math.min(2000, this.opts.shutdownTimeoutMs));
-    const vms = this.opts.store.vms({ live: true }).filter((v) => this.live.has(v.id));
-    const plan = planShutdown(vms.map((v) => ({ id: v.id, state: v.state, imageKey: v.imageKey })));
+    // No more placements here (the rest of the fleet takes this host's share).
+    if (this.fleet.reachable) await Promise.resolve(this.opts.store.setHostState(this.hostId, "draining")).catch(() => {});
+    let vms: { id: string; state: VmState; imageKey: string }[];
+    try {
+      if (!this.fleet.reachable) throw new Error("the store is unreachable");
+      vms = (await this.opts.store.vms({ live: true, host: this.hostId })).filter((v) => this.live.has(v.id));
+    } catch {
+      // What the store said last (a runner idle then may be busy now: it is stopped only if it was idle).
+      vms = [...this.live].map(([id, l]) => ({ id, state: l.record.state, imageKey: l.record.imageKey }));
+    }
+    const plan = planShutdown(vms);
     this.log.info({ stopping: plan.stop.length, busy: plan.waitFor.length }, "shutting down: stopping idle runners, waiting for busy ones");
     for (const s of plan.stop) {
       const l = this.live.get(s.id);
@@ -933,6 +1098,7 @@ export class Daemon {
     if (!(await untilOr(Promise.allSettled([...this.exits]), remaining))) {
       this.log.warn({ vms: [...this.live.keys()] }, "shutdown: exit handling (runner deregistration) did not finish in time; leaving it to the next start's clean-up");
     }
+    await untilOr(this.fleet.stop(), 5000);
   }
 }
 

@@ -1,13 +1,15 @@
 // The production VmLauncher: one VmRun per runner VM, from the pool's spec. A stored image
-// brings its kernel and initrd (resolveStoredImage); a disk path with `vmlinuz` and
-// `initrd.img` next to it boots those too (the layout of a stored image's folder).
+// brings its kernel and initrd (resolveStoredImage); an OCI reference is pulled into the
+// store per imagePullPolicy (ociImage); a disk path with `vmlinuz` and `initrd.img` next to
+// it boots those too (the layout of a stored image's folder).
 import { existsSync } from "node:fs";
 import { readdir, stat } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import type { InstanceSpec } from "../config/types.js";
 import { ConfigError } from "../errors/index.js";
 import type { Paths } from "../host/paths.js";
-import { resolveStoredImage, STORED_IMAGE_CMDLINE } from "../images/resolve.js";
+import { resolveStoredImage, STORED_IMAGE_CMDLINE, withStoredImage } from "../images/resolve.js";
+import type { StoredImage } from "../images/store.js";
 import { Registry } from "../vm/registry.js";
 import { reconcile } from "../vm/reconcile.js";
 import { VmRun } from "../vm/run.js";
@@ -24,7 +26,12 @@ export interface VmRunLauncherOptions {
   qemuUser?: string | undefined;
   /** Lines from VmRun (already redacted). */
   log: (line: string, fields: Record<string, unknown>) => void;
+  /** imagePullPolicy Always: how long a tag's digest is trusted before it is asked again (default OCI_RECHECK_MS). */
+  ociRecheckMs?: number;
 }
+
+/** How often a pool with imagePullPolicy Always asks the registry whether its tag moved. */
+export const OCI_RECHECK_MS = 60_000;
 
 export class VmRunLauncher implements VmLauncher {
   constructor(private readonly opts: VmRunLauncherOptions) {}
@@ -50,7 +57,10 @@ export class VmRunLauncher implements VmLauncher {
       network: pool.vm.network,
       source: { file: `pool ${pool.name}`, index: pool.index },
     };
-    if (img.kind === "stored") {
+    if (img.kind === "oci") {
+      const stored = await this.ociImage(pool);
+      spec = withStoredImage(spec, stored, stored.diskPath);
+    } else if (img.kind === "stored") {
       spec = await resolveStoredImage(spec, this.opts.paths.stateDir);
       if (!existsSync(spec.image)) throw new ConfigError(`pool ${pool.name}: image ${JSON.stringify(img.ref)} is not in the image store (civm image ls)`);
     } else {
@@ -72,6 +82,10 @@ export class VmRunLauncher implements VmLauncher {
    */
   async imageKey(pool: PoolSpec): Promise<string> {
     const img = pool.runner.image;
+    if (img.kind === "oci") {
+      const stored = await this.ociImage(pool);
+      return `oci:${img.ref}:${stored.manifest.oci?.digest ?? stored.manifest.key}:${stored.manifest.sha256.slice(0, 16)}`;
+    }
     if (img.kind === "stored") {
       const { ImageStore } = await import("../images/store.js");
       const stored = await new ImageStore(this.opts.paths.stateDir).get(img.ref);
@@ -81,6 +95,47 @@ export class VmRunLauncher implements VmLauncher {
     const spec = await this.spec(pool, "00000000");
     const s = await stat(spec.image);
     return `${spec.image}:${s.size}:${Math.floor(s.mtimeMs)}`;
+  }
+
+  /** OCI pulls in flight, and when a reference was last asked of the registry (Always). */
+  private readonly ociPulls = new Map<string, { at: number; pending?: Promise<StoredImage> }>();
+
+  /**
+   * The stored image of a pool's OCI reference, pulled per runner.imagePullPolicy:
+   * IfNotPresent pulls when nothing is stored for it, Never only looks in the store, Always
+   * asks the registry for the tag's digest again once the last check is older than
+   * ociRecheckMs (a new digest is pulled, and the image key change replaces idle runners).
+   * Looking in the store costs no request. One pull per reference at a time; its lines go
+   * to the daemon's log.
+   */
+  private async ociImage(pool: PoolSpec): Promise<StoredImage> {
+    const ref = pool.runner.image.ref;
+    const policy = pool.runner.imagePullPolicy;
+    const memo = this.ociPulls.get(ref);
+    if (memo?.pending) return memo.pending;
+    const now = Date.now();
+    const recheck = policy === "Always" && (!memo || now - memo.at >= (this.opts.ociRecheckMs ?? OCI_RECHECK_MS));
+    const { ensureOciImage } = await import("../images/oci.js");
+    const { parseOciReference } = await import("../images/oci-ref.js");
+    const { ImageStore } = await import("../images/store.js");
+    const oci = parseOciReference(ref);
+    if (!oci) throw new ConfigError(`pool ${pool.name}: ${JSON.stringify(ref)} is not an OCI reference`);
+    const pending = ensureOciImage({
+      ref: oci,
+      store: new ImageStore(this.opts.paths.stateDir),
+      stateDir: this.opts.paths.stateDir,
+      policy: recheck ? "always" : policy === "Never" ? "never" : "missing",
+      log: (line) => this.opts.log(line, { pool: pool.name, image: ref }),
+    });
+    this.ociPulls.set(ref, { at: memo?.at ?? 0, pending });
+    try {
+      const image = await pending;
+      this.ociPulls.set(ref, { at: recheck ? now : (memo?.at ?? now) });
+      return image;
+    } catch (e) {
+      this.ociPulls.set(ref, { at: memo?.at ?? 0 });
+      throw e;
+    }
   }
 
   async reconcileLeftovers(): Promise<void> {

@@ -3,7 +3,7 @@
 // the GitHub clients (every request) all report here; each metric is created once per
 // registry and found again by name, so those parts need only the registry.
 import { collectDefaultMetrics, Counter, Gauge, Histogram, type Registry } from "prom-client";
-import type { StateStore, VmRecord, VmState } from "../store/index.js";
+import type { JobRecord, Store, VmRecord, VmState } from "../store/types.js";
 
 /** Seconds: a KVM boot takes a few, a TCG one minutes; the registration timeout is 10 min. */
 export const BOOT_BUCKETS = [1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600];
@@ -56,7 +56,7 @@ const seconds = (ms: number) => Math.max(0, ms) / 1000;
  * when a busy VM finishes: from busy until the job completed (when the store knows it) or
  * the VM ended. VMs a restarted civm finds gone are left out (their end time is unknown).
  */
-export function observeVmTransition(m: ServeMetrics, store: StateStore, vm: VmRecord, from: VmState): void {
+export function observeVmTransition(m: ServeMetrics, store: Pick<Store, "job">, vm: VmRecord, from: VmState): void {
   if (from === "starting" && (vm.state === "idle" || vm.state === "busy")) {
     const at = vm.state === "idle" ? vm.idleSince : vm.busySince;
     if (at !== undefined) m.boot.observe({ pool: vm.pool }, seconds(at - vm.createdAt));
@@ -65,9 +65,15 @@ export function observeVmTransition(m: ServeMetrics, store: StateStore, vm: VmRe
   if (from === "busy" && vm.state === "finished" && vm.finishedAt !== undefined && vm.exitReason !== "civm-restarted") {
     const start = vm.busySince ?? vm.startedAt;
     if (start === undefined) return;
+    const finishedAt = vm.finishedAt;
+    const observe = (job: JobRecord | undefined) => {
+      const end = job?.completedAt !== undefined && job.completedAt >= start && job.completedAt <= finishedAt ? job.completedAt : finishedAt;
+      m.job.observe({ pool: vm.pool }, seconds(end - start));
+    };
     const job = vm.jobId !== undefined ? store.job(vm.jobId) : undefined;
-    const end = job?.completedAt !== undefined && job.completedAt >= start && job.completedAt <= vm.finishedAt ? job.completedAt : vm.finishedAt;
-    m.job.observe({ pool: vm.pool }, seconds(end - start));
+    // The SQLite store answers at once, PostgreSQL later (then without a failure mattering).
+    if (job instanceof Promise) job.then(observe, () => observe(undefined));
+    else observe(job);
   }
 }
 

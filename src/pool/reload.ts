@@ -6,7 +6,7 @@ import { createHash } from "node:crypto";
 import type { ServeConfig } from "./types.js";
 
 export interface RestartNeeded {
-  field: "listen" | "metricsListen" | "tls" | "stateDir" | "github.apiUrl" | "qemuUser" | "caches";
+  field: "listen" | "metricsListen" | "tls" | "stateDir" | "github.apiUrl" | "qemuUser" | "store" | "fleet" | "caches";
   running: string;
   configured: string;
 }
@@ -34,6 +34,12 @@ export function settingsChanges(running: ServeConfig, next: ServeConfig, default
   if (tl(running) !== tl(next)) restartNeeded.push({ field: "tls", running: tl(running), configured: tl(next) });
   const qu = (c: ServeConfig) => c.qemuUser ?? "civm-qemu";
   if (qu(running) !== qu(next)) restartNeeded.push({ field: "qemuUser", running: qu(running), configured: qu(next) });
+  // The store is open and this host registered with these: a restart applies them (the URL is
+  // shown without its password).
+  const st = (c: ServeConfig) => c.store.where;
+  if (st(running) !== st(next) || (running.store.kind === "postgres" && next.store.kind === "postgres" && running.store.url !== next.store.url)) restartNeeded.push({ field: "store", running: st(running), configured: st(next) });
+  const fl = (c: ServeConfig) => JSON.stringify(c.fleet);
+  if (fl(running) !== fl(next)) restartNeeded.push({ field: "fleet", running: fl(running), configured: fl(next) });
   // The caches run as children with their ports handed to VMs: changed on restart only. Shown by name, not values (credentials).
   const ca = (c: ServeConfig) => (c.caches ? [...(c.caches.registry?.mirrors ?? []).map((m) => `registry/${m.registry}`), ...(c.caches.http ? ["http"] : [])].join(",") : "none");
   const caKey = (c: ServeConfig) => createHash("sha256").update(JSON.stringify(c.caches ?? null)).digest("hex");
@@ -79,7 +85,7 @@ export function daemonSettings(c: ServeConfig): DaemonSettings {
 
 /** The config the process runs after applying `next`: restart-only settings keep their running values. */
 export function effectiveConfig(running: ServeConfig, next: ServeConfig): ServeConfig {
-  return { ...next, listen: running.listen, metricsListen: running.metricsListen, tls: running.tls, stateDir: running.stateDir, caches: running.caches, github: { apiUrl: running.github.apiUrl, auth: next.github.auth } };
+  return { ...next, listen: running.listen, metricsListen: running.metricsListen, tls: running.tls, stateDir: running.stateDir, store: running.store, fleet: running.fleet, caches: running.caches, github: { apiUrl: running.github.apiUrl, auth: next.github.auth } };
 }
 
 /** One line for the log and the CLI: "restart civm serve to apply listen (running 127.0.0.1:8080, configured :9090)". */

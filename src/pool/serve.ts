@@ -11,8 +11,9 @@ import { createGitHubAccess, type GitHubAccess } from "../github/app-auth.js";
 import { detectAccel } from "../host/kvm.js";
 import { resolvePaths } from "../host/paths.js";
 import { pruneLogs } from "../host/log-retention.js";
-import { createApp, createMetricsApp, listen, type ReloadOutcome, type ServerOptions, type ServerPool } from "../server/index.js";
-import { StateStore } from "../store/index.js";
+import { createApp, createMetricsApp, listen, type HostHealth, type ReloadOutcome, type ServerOptions, type ServerPool } from "../server/index.js";
+import { openStore } from "../store/open.js";
+import { hostOptions } from "./fleet.js";
 import { lockStateDir } from "../host/serve-lock.js";
 import { redactAll } from "../vm/run.js";
 import { loadServeConfig } from "./config.js";
@@ -44,6 +45,17 @@ function accessFor(config: ServeConfig, warn: (m: string) => void, registry: Reg
     // waiting up to an hour; every call has a timeout; shutdown aborts what is in flight.
     { baseUrl: config.github.apiUrl, warn, onRequest: githubRequestObserver(registry), maxRateLimitWaitSeconds: 0, signal, timeoutMs: config.githubLimits.requestTimeoutSeconds * 1000 },
   );
+}
+
+/** /healthz's `host` from a doctor report. */
+export function doctorHealth(r: import("../host/doctor.js").DoctorReport, now = new Date()): HostHealth {
+  return {
+    ok: r.ok,
+    accel: r.accel?.accel,
+    kvm: r.accel?.accel === "kvm",
+    checkedAt: now.toISOString(),
+    problems: r.checks.filter((c) => c.status !== "pass").map((c) => ({ name: c.name, status: c.status, detail: c.detail, ...(c.fix ? { fix: c.fix } : {}) })),
+  };
 }
 
 /** After a shutdown, the process exits this long later even if something keeps it alive. */
@@ -158,8 +170,10 @@ async function startUp(o: RunServeOptions, initial: ServeConfig, secrets: Set<st
   // Before anything reads the store: a second daemon would take the first's VMs for leftovers.
   const lock = lockStateDir(paths.stateDir);
   closers.push(() => lock.release());
-  const store = new StateStore(paths.stateDir);
+  const host = hostOptions(config);
+  const store = await openStore({ url: config.store.kind === "postgres" ? config.store.url : undefined, stateDir: paths.stateDir, hostId: host.id });
   closers.push(() => store.close());
+  if (config.store.kind === "postgres") logger.info({ store: store.where, host: host.id, migrationsApplied: store.applied ?? 0 }, "fleet store open");
   const registry = new Registry();
   registerProcessMetrics(registry, CIVM_VERSION);
   const warn = (m: string) => logger.warn({}, m);
@@ -192,6 +206,8 @@ async function startUp(o: RunServeOptions, initial: ServeConfig, secrets: Set<st
     router,
     pools: config.pools,
     store,
+    host: { ...host, address: host.address || `${config.tls ? "https" : "http"}://${config.listen.host}:${config.listen.port}` },
+    version: CIVM_VERSION,
     access,
     launcher,
     logger,
@@ -232,7 +248,7 @@ async function startUp(o: RunServeOptions, initial: ServeConfig, secrets: Set<st
       for (const w of poolCmdlineWarnings(next.pools, next.poolsFile)) logger.warn({ trigger }, w);
       const settings = settingsChanges(config, next, paths.stateDir);
       const newAccess = settings.applied.includes("github credentials") || settings.applied.includes("github.requestTimeout");
-      const pools = daemon.reload(next.pools, { ...(newAccess ? { access: accessFor(next, warn, registry, githubAbort.signal) } : {}), ...daemonSettings(next) });
+      const pools = await daemon.reload(next.pools, { ...(newAccess ? { access: accessFor(next, warn, registry, githubAbort.signal) } : {}), ...daemonSettings(next) });
       config = effectiveConfig(config, next);
       serverOpts.webhookSecret = config.webhookSecret;
       serverOpts.apiToken = config.apiToken;
@@ -247,8 +263,11 @@ async function startUp(o: RunServeOptions, initial: ServeConfig, secrets: Set<st
     return p;
   };
   const consoleLogs = new Map<string, string>();
+  let hostHealth: HostHealth | undefined;
   const serverOpts: ServerOptions = {
     store,
+    hostId: host.id,
+    deadAfterMs: daemon.fleet.deadAfterMs,
     pools: serverPools,
     webhookSecret: config.webhookSecret,
     apiToken: config.apiToken,
@@ -256,11 +275,12 @@ async function startUp(o: RunServeOptions, initial: ServeConfig, secrets: Set<st
     registry,
     onDemand: () => daemon.wake(),
     health: () => daemon.githubHealth(),
+    hostHealth: () => hostHealth,
     control: {
       reload: () => reload("api"),
-      drain: (d) => ({ ...daemon.drain(d) }),
-      undrain: () => ({ ...daemon.undrain() }),
-      status: () => ({ ...daemon.status() }),
+      drain: async (d) => ({ ...(await daemon.drain(d)) }),
+      undrain: async () => ({ ...(await daemon.undrain()) }),
+      status: async () => ({ ...(await daemon.status()) }),
     },
     consoleLog: async (vm) => {
       const known = consoleLogs.get(vm.id);
@@ -300,6 +320,18 @@ async function startUp(o: RunServeOptions, initial: ServeConfig, secrets: Set<st
   // Start-up reconciliation (a previous run's VMs, network tables, work dirs) runs to its end
   // even when a signal comes meanwhile; the loop then starts only without one.
   if (!(await daemon.start(signals.stop.signal))) return undefined;
+  // civm doctor's checks for /healthz and the log, off the start path (the KVM probe boots).
+  void (async () => {
+    try {
+      const { runDoctor } = await import("../host/doctor.js");
+      hostHealth = doctorHealth(await runDoctor({ paths }));
+      const fields = { component: "doctor", ok: hostHealth.ok, accel: hostHealth.accel, kvm: hostHealth.kvm, problems: hostHealth.problems.map((p) => `${p.name}: ${p.detail}`) };
+      if (hostHealth.ok && hostHealth.problems.length === 0) logger.info(fields, "civm doctor: host ready");
+      else logger.warn(fields, "civm doctor found problems (also on /healthz)");
+    } catch (e) {
+      logger.warn({ component: "doctor", err: messageOf(e) }, "civm doctor could not run");
+    }
+  })();
 
   const done = new Promise<number>((resolve) => {
     signals.onStop = (sig) => {

@@ -13,8 +13,11 @@ export type RegistrationMode = "jit" | "token";
 export interface PoolImage {
   /** As written in the config. */
   ref: string;
-  /** "stored": a civm image in the store (re-resolved before each VM start); "path": a disk file. */
-  kind: "stored" | "path";
+  /**
+   * "stored": a civm image in the store (re-resolved before each VM start); "path": a disk
+   * file; "oci": an OCI reference, pulled into the store as runner.imagePullPolicy says.
+   */
+  kind: "stored" | "path" | "oci";
   /** Absolute disk path for kind "path". */
   path?: string;
 }
@@ -60,6 +63,20 @@ export type GitHubAuthConfig =
   | { kind: "app"; appId: number; privateKey: string; privateKeyFile: string | undefined; installationId: number | undefined }
   | { kind: "token"; token: string };
 
+/** Where civm serve keeps its state: SQLite in the state dir (one host), or a fleet's PostgreSQL. */
+export type StoreConfig = { kind: "sqlite"; where: string } | { kind: "postgres"; url: string; where: string };
+
+/** This host in the fleet (`fleet:`); undefined fields take their defaults at start. */
+export interface FleetConfig {
+  hostId: string | undefined;
+  address: string | undefined;
+  cpus: number | undefined;
+  ramBytes: number | undefined;
+  heartbeatSeconds: number;
+  deadAfterSeconds: number;
+  placementGraceSeconds: number;
+}
+
 /** How civm serve deals with GitHub's answers (the `github:` keys besides the credentials). */
 export interface GitHubLimits {
   /** A GitHub call, its retries included, fails after this long (s; `github.requestTimeout`). */
@@ -79,6 +96,8 @@ export interface ServeConfig {
   listen: { host: string; port: number };
   /** undefined: civm's default state dir. */
   stateDir: string | undefined;
+  store: StoreConfig;
+  fleet: FleetConfig;
   github: { apiUrl: string; auth: GitHubAuthConfig };
   githubLimits: GitHubLimits;
   webhookSecret: string | undefined;

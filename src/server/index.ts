@@ -11,12 +11,28 @@ import { Hono, type Context } from "hono";
 import { serve, type ServerType } from "@hono/node-server";
 import { Webhooks } from "@octokit/webhooks";
 import { Counter, Registry } from "prom-client";
-import type { StateStore, VmRecord } from "../store/index.js";
+import type { Awaitable, HostRecord, Store, VmRecord } from "../store/types.js";
 import { backoffState, desiredRunners } from "../pool/plan.js";
 import { JobRouter } from "../pool/routing.js";
 import type { RunnerTarget } from "../github/registration-token.js";
 import { pickupSeconds, serveMetrics } from "../pool/metrics.js";
 import { HostError } from "../errors/index.js";
+
+/**
+ * What /healthz says about the host: `civm doctor`'s checks, run once at start (the KVM probe
+ * included). Informational: `status` stays about serving; a host without KVM still serves
+ * (under TCG), and `kvm` says so.
+ */
+export interface HostHealth {
+  /** No required check failed. */
+  ok: boolean;
+  /** The accelerator runner VMs use, and whether KVM is usable. */
+  accel: "kvm" | "tcg" | undefined;
+  kvm: boolean;
+  checkedAt: string;
+  /** Checks that did not pass: name, status (warn|fail), detail, fix. */
+  problems: { name: string; status: string; detail: string; fix?: string }[];
+}
 
 /** One pool as the API reports it (GET /api/pools, /api/pools/NAME, scale, pause, resume). */
 export interface ApiPool {
@@ -32,6 +48,31 @@ export interface ApiPool {
   failures: number;
   /** GitHub for the pool's target: ok, failing or rate-limited (degraded once that lasted longer than the threshold). */
   github?: ServerPool["github"];
+  /** A fleet (PostgreSQL store): the counts above are the fleet's; these are each host's live VMs. */
+  hosts?: Record<string, { starting: number; idle: number; busy: number }>;
+}
+
+/** One host as GET /api/hosts reports it. */
+export interface ApiHost {
+  id: string;
+  address: string;
+  state: HostRecord["state"];
+  /** No heartbeat for longer than the dead-host time: about to be declared dead. */
+  stale: boolean;
+  heartbeatAgeSeconds: number;
+  cpus: number | null;
+  ramBytes: number | null;
+  usedCpus: number;
+  usedRamBytes: number;
+  vms: { starting: number; idle: number; busy: number };
+  pools: string[];
+  polls: string[];
+  version: string;
+  startedAt: string;
+  deadAt: string | null;
+  deadBy: string | null;
+  /** The host answering the request. */
+  self: boolean;
 }
 
 export interface ServerPool {
@@ -55,9 +96,9 @@ export type ReloadOutcome = ({ ok: true } & Record<string, unknown>) | { ok: fal
 /** Reload and drain, backed by the daemon (serve.ts). */
 export interface ServerControl {
   reload(): Promise<ReloadOutcome>;
-  drain(o: { exitWhenDrained: boolean }): DaemonStatusJson;
-  undrain(): DaemonStatusJson;
-  status(): DaemonStatusJson;
+  drain(o: { exitWhenDrained: boolean }): Awaitable<DaemonStatusJson>;
+  undrain(): Awaitable<DaemonStatusJson>;
+  status(): Awaitable<DaemonStatusJson>;
 }
 
 export interface DaemonStatusJson {
@@ -71,7 +112,10 @@ export interface DaemonStatusJson {
  * new pools, secrets and limits to the same object).
  */
 export interface ServerOptions {
-  store: StateStore;
+  store: Store;
+  /** This host's id (GET /api/hosts marks it), and the dead-host time (ms) past which a heartbeat is stale. */
+  hostId?: string;
+  deadAfterMs?: number;
   pools: readonly ServerPool[] | (() => readonly ServerPool[]);
   webhookSecret: string | undefined;
   apiToken: string | undefined;
@@ -80,6 +124,8 @@ export interface ServerOptions {
   now?: () => number;
   /** GitHub's state per target for /healthz (status "degraded" when one has failed too long). */
   health?: () => { status: "ok" | "degraded"; [k: string]: unknown };
+  /** The host's `civm doctor` verdict for /healthz (`host`); undefined until it has run. */
+  hostHealth?: () => HostHealth | undefined;
   /** Called after a delivery changed what the pools must do (the reconciler wakes up). */
   onDemand?: () => void;
   /** POST /api/reload, /api/drain, /api/undrain, GET /api/status; without it they answer 501. */
@@ -149,7 +195,11 @@ export function createApp(opts: ServerOptions): Hono {
     const jobId = typeof job?.id === "number" ? job.id : undefined;
     // A replay of the same signed body under a new delivery id is a duplicate too.
     const key = { id: delivery, event, ...(action ? { action } : {}), ...(jobId !== undefined ? { jobId } : {}), digest: createHash("sha256").update(raw).digest("hex") };
-    if (opts.store.knowsDelivery(key)) return count(c, "duplicate", 200);
+    try {
+      if (await opts.store.knowsDelivery(key)) return count(c, "duplicate", 200);
+    } catch {
+      return count(c, "failed", 500, { error: "the delivery could not be recorded; GitHub may redeliver it" });
+    }
     if (event === "workflow_job" && (!job || jobId === undefined || !Array.isArray(job.labels))) return count(c, "malformed", 400, { error: "workflow_job without id or labels" });
     const status = event !== "workflow_job" ? undefined : action === "queued" ? "queued" : action === "in_progress" ? "in_progress" : action === "completed" ? "completed" : undefined;
     const labels = Array.isArray(job?.labels) ? job.labels.filter((l): l is string => typeof l === "string") : [];
@@ -160,34 +210,32 @@ export function createApp(opts: ServerOptions): Hono {
     let outcome: "duplicate" | "ignored" | "accepted";
     try {
       // The delivery and what it says are recorded together: a failure in between records
-      // neither, so GitHub's redelivery is processed instead of answered "duplicate".
-      outcome = opts.store.transaction(() => {
-        if (!opts.store.recordDelivery({ ...key, at: now() })) return "duplicate";
-        if (!status || jobId === undefined) return "ignored";
-        const before = opts.store.job(jobId);
-        const vm = runnerName ? opts.store.vmByName(runnerName) : undefined;
-        // Not a job for any pool, not one already followed, not on a civm runner: not ours.
-        if (!pool && !before && !vm) return "ignored";
-        opts.store.upsertJob({
-          id: jobId,
-          labels,
-          status,
-          at: now(),
-          ...(pool ? { pool } : {}),
-          ...(repo !== undefined ? { repository: repo } : {}),
-          ...(runnerName ? { runnerName } : {}),
-          ...(typeof job?.conclusion === "string" ? { conclusion: job.conclusion } : {}),
-        });
-        if (vm && status === "in_progress") {
-          opts.store.markBusy(vm.id, jobId, now());
-          // First time in progress, on a civm runner: how long it waited.
-          if (before?.startedAt === undefined) {
-            const s = pickupSeconds(job ?? {}, before?.queuedAt, now());
-            if (s !== undefined) metrics.pickup.observe({ pool: vm.pool }, s);
-          }
-        }
-        return "accepted";
+      // neither, so GitHub's redelivery is processed instead of answered "duplicate". Not a
+      // job for any pool, not one already followed, not on a civm runner: not ours.
+      const at = now();
+      const r = await opts.store.recordWebhook({
+        delivery: key,
+        at,
+        ...(status && jobId !== undefined
+          ? {
+              job: {
+                id: jobId,
+                labels,
+                status,
+                ...(pool ? { pool } : {}),
+                ...(repo !== undefined ? { repository: repo } : {}),
+                ...(runnerName ? { runnerName } : {}),
+                ...(typeof job?.conclusion === "string" ? { conclusion: job.conclusion } : {}),
+              },
+            }
+          : {}),
       });
+      outcome = r.outcome;
+      // First time in progress, on a civm runner: how long it waited.
+      if (r.outcome === "accepted" && r.vm && status === "in_progress" && r.before?.startedAt === undefined) {
+        const s = pickupSeconds(job ?? {}, r.before?.queuedAt, at);
+        if (s !== undefined) metrics.pickup.observe({ pool: r.vm.pool }, s);
+      }
     } catch {
       return count(c, "failed", 500, { error: "the delivery could not be recorded; GitHub may redeliver it" });
     }
@@ -203,9 +251,10 @@ export function createApp(opts: ServerOptions): Hono {
   // Still 200 when degraded: the process is fine, GitHub is not; restarting would not help.
   app.get("/healthz", (c) => {
     const h = opts.health?.();
+    const host = opts.hostHealth?.();
     const caches = opts.caches?.health();
     const status = h?.status === "degraded" || caches?.status === "degraded" ? "degraded" : "ok";
-    return c.json({ ok: true, status, ...(h ? { github: h } : {}), ...(caches ? { caches: caches.caches } : {}) });
+    return c.json({ ok: true, status, ...(h ? { github: h } : {}), ...(host ? { host } : {}), ...(caches ? { caches: caches.caches } : {}) });
   });
   if (opts.metrics !== false) app.get("/metrics", metricsHandler(opts.registry));
 
@@ -215,26 +264,35 @@ export function createApp(opts: ServerOptions): Hono {
     await next();
   });
 
-  const poolJson = (p: ServerPool): ApiPool => {
-    const st = opts.store.pool(p.name);
-    const live = opts.store.vms({ pool: p.name, live: true });
+  const poolJson = async (p: ServerPool): Promise<ApiPool> => {
+    const st = await opts.store.pool(p.name);
+    const live = await opts.store.vms({ pool: p.name, live: true });
     const n = (s: string) => live.filter((v) => v.state === s).length;
     const minRunners = st.minRunnersOverride ?? p.minRunners;
-    const queued = opts.store.jobs({ status: "queued", pool: p.name }).length;
-    const daemon = opts.control?.status().state;
+    const queued = (await opts.store.jobs({ status: "queued", pool: p.name })).length;
+    const daemon = (await opts.control?.status())?.state;
     const draining = daemon === "draining" || daemon === "drained" || daemon === "stopping";
     // The same rules the reconciler plans with (busy runners count as demand).
     const desired = st.paused || draining || p.removing ? 0 : desiredRunners({ minRunners, maxRunners: p.maxRunners }, queued + n("busy"));
     const health = backoffState(st).health;
     const state = p.removing ? "removing" : draining ? "draining" : health === "active" && p.github?.degraded ? "degraded" : health;
-    return { name: p.name, state, minRunners, maxRunners: p.maxRunners, desired, queued, starting: n("starting"), idle: n("idle"), busy: n("busy"), failures: st.failures, ...(p.github ? { github: p.github } : {}) };
+    const out: ApiPool = { name: p.name, state, minRunners, maxRunners: p.maxRunners, desired, queued, starting: n("starting"), idle: n("idle"), busy: n("busy"), failures: st.failures, ...(p.github ? { github: p.github } : {}) };
+    if (opts.store.kind === "postgres") {
+      const hosts: NonNullable<ApiPool["hosts"]> = {};
+      for (const v of live) {
+        const h = (hosts[v.host ?? "?"] ??= { starting: 0, idle: 0, busy: 0 });
+        if (v.state !== "finished") h[v.state]++;
+      }
+      out.hosts = hosts;
+    }
+    return out;
   };
   const findPool = (name: string) => pools().find((p) => p.name === name && !p.removing);
 
-  app.get("/api/pools", (c) => c.json(pools().map(poolJson)));
-  app.get("/api/pools/:name", (c) => {
+  app.get("/api/pools", async (c) => c.json(await Promise.all(pools().map(poolJson))));
+  app.get("/api/pools/:name", async (c) => {
     const p = pools().find((x) => x.name === c.req.param("name"));
-    return p ? c.json(poolJson(p)) : c.json({ error: `no pool named ${JSON.stringify(c.req.param("name"))}` }, 404);
+    return p ? c.json(await poolJson(p)) : c.json({ error: `no pool named ${JSON.stringify(c.req.param("name"))}` }, 404);
   });
   app.post("/api/pools/:name/scale", async (c) => {
     const p = findPool(c.req.param("name"));
@@ -244,28 +302,56 @@ export function createApp(opts: ServerOptions): Hono {
     if (n !== null && (typeof n !== "number" || !Number.isInteger(n) || n < 0 || n > p.maxRunners)) {
       return c.json({ error: `minRunners must be a whole number from 0 to maxRunners (${p.maxRunners}), or null to go back to the config's value` }, 400);
     }
-    opts.store.setMinRunners(p.name, n === null ? undefined : n);
+    await opts.store.setMinRunners(p.name, n === null ? undefined : n);
     opts.onDemand?.();
-    return c.json(poolJson(p));
+    return c.json(await poolJson(p));
   });
   for (const [verb, paused] of [["pause", true], ["resume", false]] as const) {
-    app.post(`/api/pools/:name/${verb}`, (c) => {
+    app.post(`/api/pools/:name/${verb}`, async (c) => {
       const p = findPool(c.req.param("name"));
       if (!p) return c.json({ error: `no pool named ${JSON.stringify(c.req.param("name"))}` }, 404);
-      opts.store.setPaused(p.name, paused);
+      await opts.store.setPaused(p.name, paused);
       opts.onDemand?.();
-      return c.json(poolJson(p));
+      return c.json(await poolJson(p));
     });
   }
-  app.get("/api/vms", (c) => {
+  app.get("/api/vms", async (c) => {
     const pool = c.req.query("pool");
+    const host = c.req.query("host");
     const t = now();
-    const vms = opts.store.vms({ live: c.req.query("all") !== "1", ...(pool ? { pool } : {}) });
-    return c.json(vms.map((v) => ({ id: v.id, pool: v.pool, name: v.name, state: v.state, runnerId: v.githubRunnerId ?? null, job: v.jobId ?? null, ageSeconds: Math.floor((t - v.createdAt) / 1000), exitReason: v.exitReason ?? null })));
+    const vms = await opts.store.vms({ live: c.req.query("all") !== "1", ...(pool ? { pool } : {}), ...(host ? { host } : {}) });
+    return c.json(vms.map((v) => ({ id: v.id, pool: v.pool, name: v.name, state: v.state, runnerId: v.githubRunnerId ?? null, job: v.jobId ?? null, ageSeconds: Math.floor((t - v.createdAt) / 1000), exitReason: v.exitReason ?? null, host: v.host ?? null })));
+  });
+  app.get("/api/hosts", async (c) => {
+    const unlimited = (n: number, limit: number) => (n >= limit ? null : n);
+    const hosts = await opts.store.hosts();
+    return c.json(
+      hosts.map(
+        (h): ApiHost => ({
+          id: h.id,
+          address: h.address,
+          state: h.state,
+          stale: (h.state === "active" || h.state === "draining") && opts.deadAfterMs !== undefined && h.heartbeatAgeMs > opts.deadAfterMs,
+          heartbeatAgeSeconds: Math.floor(h.heartbeatAgeMs / 1000),
+          cpus: unlimited(h.cpus, 2 ** 31 - 1),
+          ramBytes: unlimited(h.ramBytes, Number.MAX_SAFE_INTEGER),
+          usedCpus: h.usedCpus,
+          usedRamBytes: h.usedRamBytes,
+          vms: h.vms,
+          pools: h.pools,
+          polls: h.polls,
+          version: h.version,
+          startedAt: new Date(h.startedAt).toISOString(),
+          deadAt: h.deadAt !== undefined ? new Date(h.deadAt).toISOString() : null,
+          deadBy: h.deadBy ?? null,
+          self: h.id === opts.hostId,
+        }),
+      ),
+    );
   });
   app.get("/api/vms/:id/log", async (c) => {
     const key = c.req.param("id");
-    const vm = opts.store.vm(key) ?? opts.store.vmByName(key);
+    const vm = (await opts.store.vm(key)) ?? (await opts.store.vmByName(key));
     if (!vm) return c.json({ error: `no runner VM with the id or runner name ${JSON.stringify(key)} (civm vms --all lists them)` }, 404);
     const offsetText = c.req.query("offset") ?? "0";
     if (!/^\d+$/.test(offsetText)) return c.json({ error: `offset must be a whole number of bytes (got ${JSON.stringify(offsetText)})` }, 400);
@@ -283,7 +369,7 @@ export function createApp(opts: ServerOptions): Hono {
   app.get("/api/caches", async (c) => c.json(opts.caches ? await opts.caches.status() : []));
 
   const noControl = (c: Context) => c.json({ error: "this server has no daemon to control" }, 501);
-  app.get("/api/status", (c) => (opts.control ? c.json(opts.control.status()) : noControl(c)));
+  app.get("/api/status", async (c) => (opts.control ? c.json(await opts.control.status()) : noControl(c)));
   app.post("/api/reload", async (c) => {
     if (!opts.control) return noControl(c);
     const r = await opts.control.reload();
@@ -299,10 +385,12 @@ export function createApp(opts: ServerOptions): Hono {
       return c.json({ error: 'the body must be JSON such as {"exit": true}, or empty' }, 400);
     }
     if (body.exit !== undefined && typeof body.exit !== "boolean") return c.json({ error: '"exit" must be true or false' }, 400);
-    return c.json(opts.control.drain({ exitWhenDrained: body.exit === true }), 202);
+    return c.json(await opts.control.drain({ exitWhenDrained: body.exit === true }), 202);
   });
-  app.post("/api/undrain", (c) => (opts.control ? c.json(opts.control.undrain()) : noControl(c)));
+  app.post("/api/undrain", async (c) => (opts.control ? c.json(await opts.control.undrain()) : noControl(c)));
   app.notFound((c) => c.json({ error: "not found" }, 404));
+  // The store (PostgreSQL) may be unreachable for a while: say so instead of a bare 500.
+  app.onError((e, c) => c.json({ error: `the state store could not answer (${e.message}); try again shortly` }, 503));
   return app;
 }
 

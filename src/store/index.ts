@@ -1,61 +1,23 @@
-// The `civm serve` state: one SQLite database (better-sqlite3, WAL) in the state dir.
-// Everything the daemon must know after a crash lives here: pool overrides, every runner VM
-// it started (recorded before the VM is), jobs seen through webhooks or the poll, and
-// webhook deliveries (for de-duplication). Schema changes are numbered migrations applied
-// in order inside a transaction; PRAGMA user_version holds the number applied.
+// The `civm serve` state of one host: one SQLite database (better-sqlite3, WAL) in the state
+// dir, the default store (a fleet shares PostgreSQL instead: postgres.ts; both implement
+// Store, types.ts). Everything the daemon must know after a crash lives here: pool
+// overrides, every runner VM it started (recorded before the VM is), jobs seen through
+// webhooks or the poll, webhook deliveries (for de-duplication) and the host itself. Schema
+// changes are numbered migrations applied in order inside a transaction; PRAGMA
+// user_version holds the number applied.
 import { createRequire } from "node:module";
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import type Sqlite from "better-sqlite3";
 import { CivmError } from "../errors/index.js";
+import { decideClaim } from "./claim.js";
+import { JOB_STATUS_ORDER, opt, toHost, toJob, toPool, toVm, type Row } from "./rows.js";
+import type { ClaimRequest, ClaimResult, HostInfo, HostRecord, HostState, JobRecord, JobStatus, NewVm, PoolState, Store, VmFilter, VmRecord, VmTransitionListener, WebhookOutcome, WebhookRecord } from "./types.js";
 
 export const STORE_FILE = "serve.db";
 
-export type VmState = "starting" | "idle" | "busy" | "finished";
-export type JobStatus = "queued" | "in_progress" | "completed";
-
-export interface PoolState {
-  name: string;
-  paused: boolean;
-  /** Set through the API; overrides the config's minRunners until cleared. */
-  minRunnersOverride: number | undefined;
-  /** Consecutive VM boot/registration failures (reset by a success). */
-  failures: number;
-  lastFailureAt: number | undefined;
-}
-
-export interface VmRecord {
-  id: string;
-  pool: string;
-  /** Runner name registered with GitHub: `<runner.name>-<id>`. */
-  name: string;
-  state: VmState;
-  githubRunnerId: number | undefined;
-  imageKey: string;
-  /** Hash of the pool settings the VM started with (undefined for VMs of older civm versions). */
-  configKey: string | undefined;
-  createdAt: number;
-  startedAt: number | undefined;
-  idleSince: number | undefined;
-  finishedAt: number | undefined;
-  /** When the VM became busy (undefined before it did, and for VMs of older civm versions). */
-  busySince: number | undefined;
-  jobId: number | undefined;
-  exitReason: string | undefined;
-}
-
-export interface JobRecord {
-  id: number;
-  labels: string[];
-  status: JobStatus;
-  pool: string | undefined;
-  repository: string | undefined;
-  runnerName: string | undefined;
-  queuedAt: number | undefined;
-  startedAt: number | undefined;
-  completedAt: number | undefined;
-  conclusion: string | undefined;
-}
+export * from "./types.js";
+export { decideClaim, type ClaimFacts } from "./claim.js";
 
 /** Migration n (1-based) brings the schema from version n-1 to n. Never edit a released one. */
 export const MIGRATIONS: readonly string[] = [
@@ -111,16 +73,27 @@ export const MIGRATIONS: readonly string[] = [
   `ALTER TABLE deliveries ADD COLUMN job_id INTEGER;
    ALTER TABLE deliveries ADD COLUMN digest TEXT;
    CREATE UNIQUE INDEX deliveries_job_action_digest ON deliveries (job_id, action, digest) WHERE job_id IS NOT NULL AND digest IS NOT NULL;`,
+  // 5: hosts (one here; a fleet's in PostgreSQL), the host of each VM and what it takes of
+  // the host's capacity, and whether its host is stopping it (then it is no kept runner).
+  `ALTER TABLE vms ADD COLUMN host TEXT;
+   ALTER TABLE vms ADD COLUMN cpus INTEGER NOT NULL DEFAULT 0;
+   ALTER TABLE vms ADD COLUMN ram_bytes INTEGER NOT NULL DEFAULT 0;
+   ALTER TABLE vms ADD COLUMN stopping TEXT;
+   CREATE TABLE hosts (
+     id TEXT PRIMARY KEY,
+     address TEXT NOT NULL,
+     cpus INTEGER NOT NULL,
+     ram_bytes INTEGER NOT NULL,
+     pools TEXT NOT NULL,
+     state TEXT NOT NULL CHECK (state IN ('active','draining','stopped','dead')),
+     version TEXT NOT NULL,
+     started_at INTEGER NOT NULL,
+     heartbeat_at INTEGER NOT NULL,
+     polls TEXT NOT NULL DEFAULT '[]',
+     dead_at INTEGER,
+     dead_by TEXT
+   );`,
 ];
-
-/** A VM state change (markIdle, markBusy, markFinished): the record after it and the state before. */
-export type VmTransitionListener = (vm: VmRecord, from: VmState) => void;
-
-const STATUS_ORDER: Record<JobStatus, number> = { queued: 0, in_progress: 1, completed: 2 };
-
-interface Row {
-  [k: string]: unknown;
-}
 
 let driver: (new (file: string) => Sqlite.Database) | undefined;
 function openDatabase(file: string): Sqlite.Database {
@@ -129,7 +102,8 @@ function openDatabase(file: string): Sqlite.Database {
   return new driver(file);
 }
 
-export class StateStore {
+export class StateStore implements Store {
+  readonly kind = "sqlite" as const;
   readonly file: string;
   private readonly db: Sqlite.Database;
   /** Told about every VM state change, wherever it happens (the daemon's metrics). Errors are ignored. */
@@ -147,6 +121,10 @@ export class StateStore {
     this.db.pragma("synchronous = NORMAL");
     this.db.pragma("foreign_keys = ON");
     this.migrate(opts.migrations ?? MIGRATIONS);
+  }
+
+  get where(): string {
+    return this.file;
   }
 
   get schemaVersion(): number {
@@ -174,15 +152,7 @@ export class StateStore {
   // ---- pools ------------------------------------------------------------------------------
 
   pool(name: string): PoolState {
-    const row = this.db.prepare("SELECT * FROM pools WHERE name = ?").get(name) as Row | undefined;
-    if (!row) return { name, paused: false, minRunnersOverride: undefined, failures: 0, lastFailureAt: undefined };
-    return {
-      name,
-      paused: row.paused === 1,
-      minRunnersOverride: opt<number>(row.min_runners_override),
-      failures: row.failures as number,
-      lastFailureAt: opt<number>(row.last_failure_at),
-    };
+    return toPool(name, this.db.prepare("SELECT * FROM pools WHERE name = ?").get(name) as Row | undefined);
   }
 
   private ensurePool(name: string): void {
@@ -219,11 +189,36 @@ export class StateStore {
   // ---- VMs / runners --------------------------------------------------------------------
 
   /** Records a VM before any of its resources exist; state "starting". */
-  insertVm(v: { id: string; pool: string; name: string; imageKey: string; configKey?: string; createdAt: number }): VmRecord {
+  insertVm(v: NewVm): VmRecord {
     this.db
-      .prepare("INSERT INTO vms (id, pool, name, state, image_key, config_key, created_at) VALUES (?, ?, ?, 'starting', ?, ?, ?)")
-      .run(v.id, v.pool, v.name, v.imageKey, v.configKey ?? null, v.createdAt);
+      .prepare("INSERT INTO vms (id, pool, name, state, image_key, config_key, created_at, host, cpus, ram_bytes) VALUES (?, ?, ?, 'starting', ?, ?, ?, ?, ?, ?)")
+      .run(v.id, v.pool, v.name, v.imageKey, v.configKey ?? null, v.createdAt, v.host ?? null, v.cpus ?? 0, v.ramBytes ?? 0);
     return this.vm(v.id) as VmRecord;
+  }
+
+  /** The placement rule (claim.ts) on this host's own VMs, in one transaction. */
+  claimVm(req: ClaimRequest): ClaimResult {
+    return this.db.transaction((): ClaimResult => {
+      const pool = this.pool(req.vm.pool);
+      const c = this.db
+        .prepare("SELECT COUNT(*) AS live, COUNT(*) FILTER (WHERE stopping IS NULL) AS kept, COUNT(*) FILTER (WHERE state = 'busy') AS busy FROM vms WHERE pool = ? AND state != 'finished'")
+        .get(req.vm.pool) as { live: number; kept: number; busy: number };
+      const queued = (this.db.prepare("SELECT COUNT(*) AS n FROM jobs WHERE status = 'queued' AND pool = ?").get(req.vm.pool) as { n: number }).n;
+      const h = this.db.prepare("SELECT state, cpus, ram_bytes FROM hosts WHERE id = ?").get(req.host) as { state: HostState; cpus: number; ram_bytes: number } | undefined;
+      const used = this.db.prepare("SELECT COALESCE(SUM(cpus), 0) AS cpus, COALESCE(SUM(ram_bytes), 0) AS ram FROM vms WHERE state != 'finished' AND (host = ? OR host IS NULL)").get(req.host) as { cpus: number; ram: number };
+      const d = decideClaim({
+        pool: { paused: pool.paused, minRunnersOverride: pool.minRunnersOverride, minRunners: req.minRunners, maxRunners: req.maxRunners },
+        ...c,
+        queued,
+        host: { id: req.host, state: h?.state, cpus: h?.cpus ?? 0, ramBytes: h?.ram_bytes ?? 0, usedCpus: used.cpus, usedRamBytes: used.ram },
+        others: [],
+        vm: req.vm,
+        waitedMs: req.waitedMs,
+        graceMs: req.graceMs,
+      });
+      if (!d.claimed) return d;
+      return { claimed: true, vm: this.insertVm(req.vm) };
+    })();
   }
 
   vm(id: string): VmRecord | undefined {
@@ -237,10 +232,12 @@ export class StateStore {
   }
 
   /** VMs, oldest first; `live` leaves out finished ones. */
-  vms(filter: { pool?: string; live?: boolean; state?: VmState } = {}): VmRecord[] {
+  vms(filter: VmFilter = {}): VmRecord[] {
     const where: string[] = [];
     const args: unknown[] = [];
     if (filter.pool !== undefined) (where.push("pool = ?"), args.push(filter.pool));
+    // VMs recorded before hosts were are this host's (one host per SQLite store).
+    if (filter.host !== undefined) (where.push("(host = ? OR host IS NULL)"), args.push(filter.host));
     if (filter.live) where.push("state != 'finished'");
     if (filter.state !== undefined) (where.push("state = ?"), args.push(filter.state));
     const sql = `SELECT * FROM vms${where.length ? ` WHERE ${where.join(" AND ")}` : ""} ORDER BY created_at, id`;
@@ -270,6 +267,10 @@ export class StateStore {
   /** Any state → finished, once; the first exit reason wins. */
   markFinished(id: string, reason: string, at: number): boolean {
     return this.transition(id, () => this.db.prepare("UPDATE vms SET state = 'finished', finished_at = ?, exit_reason = ?, idle_since = NULL WHERE id = ? AND state != 'finished'").run(at, reason, id).changes === 1);
+  }
+
+  markStopping(id: string, reason: string): void {
+    this.db.prepare("UPDATE vms SET stopping = COALESCE(stopping, ?) WHERE id = ?").run(reason, id);
   }
 
   /** Runs a state-changing update; when it changed the row, tells the listener. */
@@ -310,7 +311,7 @@ export class StateStore {
     conclusion?: string;
   }): JobRecord {
     const old = this.job(j.id);
-    const status = old && STATUS_ORDER[old.status] > STATUS_ORDER[j.status] ? old.status : j.status;
+    const status = old && JOB_STATUS_ORDER[old.status] > JOB_STATUS_ORDER[j.status] ? old.status : j.status;
     const stamp = (s: JobStatus, prev: number | undefined) => prev ?? (j.status === s ? j.at : null);
     this.db
       .prepare(
@@ -391,46 +392,80 @@ export class StateStore {
     return this.db.prepare("DELETE FROM deliveries WHERE received_at < ?").run(before).changes;
   }
 
+  recordWebhook(w: WebhookRecord): WebhookOutcome {
+    return this.db.transaction((): WebhookOutcome => {
+      if (!this.recordDelivery({ ...w.delivery, at: w.at })) return { outcome: "duplicate" };
+      const j = w.job;
+      if (!j) return { outcome: "ignored" };
+      const before = this.job(j.id);
+      const vm = j.runnerName ? this.vmByName(j.runnerName) : undefined;
+      // Not a job for any pool, not one already followed, not on a civm runner: not ours.
+      if (j.pool === undefined && !before && !vm) return { outcome: "ignored" };
+      this.upsertJob({ ...j, at: w.at });
+      if (vm && j.status === "in_progress") this.markBusy(vm.id, j.id, w.at);
+      return { outcome: "accepted", before, vm };
+    })();
+  }
+
+  prune(before: number): { vms: number; jobs: number; deliveries: number } {
+    return this.db.transaction(() => ({ vms: this.pruneFinished(before), jobs: this.pruneJobs(before), deliveries: this.pruneDeliveries(before) }))();
+  }
+
   /** Runs `fn` in one transaction. */
   transaction<T>(fn: () => T): T {
     return this.db.transaction(fn)();
   }
-}
 
-function opt<T>(v: unknown): T | undefined {
-  return v === null || v === undefined ? undefined : (v as T);
-}
+  // ---- the host --------------------------------------------------------------------------
+  // One host per SQLite store: it is registered so `civm hosts` and the API look the same as
+  // a fleet's; nothing here is shared, so there is no one else to declare dead or out-poll.
 
-function toVm(row: Row): VmRecord {
-  return {
-    id: row.id as string,
-    pool: row.pool as string,
-    name: row.name as string,
-    state: row.state as VmState,
-    githubRunnerId: opt<number>(row.github_runner_id),
-    imageKey: row.image_key as string,
-    configKey: opt<string>(row.config_key),
-    createdAt: row.created_at as number,
-    startedAt: opt<number>(row.started_at),
-    idleSince: opt<number>(row.idle_since),
-    finishedAt: opt<number>(row.finished_at),
-    busySince: opt<number>(row.busy_since),
-    jobId: opt<number>(row.job_id),
-    exitReason: opt<string>(row.exit_reason),
-  };
-}
+  registerHost(h: HostInfo): void {
+    const now = Date.now();
+    this.db
+      .prepare(
+        `INSERT INTO hosts (id, address, cpus, ram_bytes, pools, state, version, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, 'active', ?, ?, ?)
+         ON CONFLICT (id) DO UPDATE SET address = excluded.address, cpus = excluded.cpus, ram_bytes = excluded.ram_bytes, pools = excluded.pools,
+           state = 'active', version = excluded.version, started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, dead_at = NULL, dead_by = NULL`,
+      )
+      .run(h.id, h.address, h.cpus, h.ramBytes, JSON.stringify(h.pools), h.version, now, now);
+  }
 
-function toJob(row: Row): JobRecord {
-  return {
-    id: row.id as number,
-    labels: JSON.parse(row.labels as string) as string[],
-    status: row.status as JobStatus,
-    pool: opt<string>(row.pool),
-    repository: opt<string>(row.repository),
-    runnerName: opt<string>(row.runner_name),
-    queuedAt: opt<number>(row.queued_at),
-    startedAt: opt<number>(row.started_at),
-    completedAt: opt<number>(row.completed_at),
-    conclusion: opt<string>(row.conclusion),
-  };
+  heartbeat(h: HostInfo, polls: string[]): HostRecord | undefined {
+    this.db.prepare("UPDATE hosts SET heartbeat_at = ?, address = ?, cpus = ?, ram_bytes = ?, pools = ?, polls = ? WHERE id = ?").run(Date.now(), h.address, h.cpus, h.ramBytes, JSON.stringify(h.pools), JSON.stringify(polls), h.id);
+    return this.hosts().find((x) => x.id === h.id);
+  }
+
+  setHostState(id: string, state: HostState): void {
+    this.db.prepare("UPDATE hosts SET state = ? WHERE id = ?").run(state, id);
+  }
+
+  hosts(): HostRecord[] {
+    const rows = this.db
+      .prepare(
+        `SELECT h.*, ? - h.heartbeat_at AS age_ms,
+           (SELECT COUNT(*) FROM vms v WHERE v.state = 'starting' AND (v.host = h.id OR v.host IS NULL)) AS starting,
+           (SELECT COUNT(*) FROM vms v WHERE v.state = 'idle' AND (v.host = h.id OR v.host IS NULL)) AS idle,
+           (SELECT COUNT(*) FROM vms v WHERE v.state = 'busy' AND (v.host = h.id OR v.host IS NULL)) AS busy,
+           (SELECT COALESCE(SUM(cpus), 0) FROM vms v WHERE v.state != 'finished' AND (v.host = h.id OR v.host IS NULL)) AS used_cpus,
+           (SELECT COALESCE(SUM(ram_bytes), 0) FROM vms v WHERE v.state != 'finished' AND (v.host = h.id OR v.host IS NULL)) AS used_ram
+         FROM hosts h ORDER BY h.id`,
+      )
+      .all(Date.now()) as Row[];
+    return rows.map(toHost);
+  }
+
+  reapDeadHosts(): { host: string; vms: VmRecord[] }[] {
+    return [];
+  }
+
+  lead(keys: readonly string[]): Set<string> {
+    return new Set(keys);
+  }
+
+  onWake(): void {}
+
+  ping(): void {
+    this.db.prepare("SELECT 1").get();
+  }
 }

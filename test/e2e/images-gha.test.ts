@@ -212,6 +212,10 @@ test("civm serve: a pool of civm-gha serves one job end to end", { timeout: 1_80
       runner: { name: "ghapool", image: GHA_IMAGE, repository: REPO, labels: ["gha"] },
     }],
   };
+  // The state dir is the suite's cached image store, kept between runs: a daemon's database
+  // from an earlier run knows this job id and delivery (the fake GitHub numbers from 1) and
+  // would answer the webhook "duplicate". Each run starts with no daemon state.
+  for (const f of ["serve.db", "serve.db-wal", "serve.db-shm"]) rmSync(join(e.stateDir, f), { force: true });
   const s = startServe({ e, port, config });
   t.after(() => {
     if (s.child.exitCode === null) s.child.kill("SIGKILL");

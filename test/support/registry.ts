@@ -1,7 +1,9 @@
 // A local "upstream" container registry for the cache tests and benchmarks: a plain CNCF
-// Distribution (docker-registry) on 127.0.0.1 with its own storage, holding small images the
-// test pushes through the registry HTTP API (no Docker on the host). Images are real (a gzip
-// tar layer and a config whose diff_ids match), so Docker in a guest can pull and unpack them.
+// Distribution (docker-registry) on 127.0.0.1 with its own storage, that can be stopped and
+// started again (the upstream going away) and run in a test network namespace, holding Docker
+// images the test pushes through the registry HTTP API (oci-registry.ts's push helpers). Images
+// are real (a gzip tar layer and a config whose diff_ids match), so Docker in a guest can pull
+// and unpack them.
 // Also: a TCP proxy that throttles to a bandwidth (the benchmark's "realistic" upstream).
 import { spawn, execFileSync, type ChildProcess } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
@@ -9,7 +11,9 @@ import { mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { createServer, connect, type Server, type Socket } from "node:net";
 import { join } from "node:path";
 import { gzipSync } from "node:zlib";
+import { freePort } from "./net.js";
 import { tempDir } from "./paths.js";
+import { digestOf, pushBlob, pushManifest } from "./oci-registry.js";
 
 export interface PushedImage {
   repo: string;
@@ -37,15 +41,7 @@ export interface Upstream {
 
 export const MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json";
 
-async function freePort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((r) => s.listen(0, "127.0.0.1", () => r()));
-  const port = (s.address() as { port: number }).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
-}
-
-const sha = (b: Buffer | string) => `sha256:${createHash("sha256").update(b).digest("hex")}`;
+const sha = (b: Buffer | string) => digestOf(Buffer.from(b));
 
 /** A gzip'd tar holding `name` with `bytes` random bytes, and its uncompressed digest (the diff_id). */
 function layer(name: string, bytes: number): { gz: Buffer; diffId: string } {
@@ -59,34 +55,21 @@ function layer(name: string, bytes: number): { gz: Buffer; diffId: string } {
   }
 }
 
-async function pushBlob(base: string, repo: string, data: Buffer): Promise<string> {
-  const digest = sha(data);
-  const start = await fetch(`${base}/v2/${repo}/blobs/uploads/`, { method: "POST" });
-  if (start.status !== 202) throw new Error(`upload start for ${repo}: ${start.status} ${await start.text()}`);
-  const loc = start.headers.get("location")!;
-  const url = new URL(loc, base);
-  url.searchParams.set("digest", digest);
-  const put = await fetch(url, { method: "PUT", body: new Uint8Array(data), headers: { "content-type": "application/octet-stream" } });
-  if (put.status !== 201) throw new Error(`blob upload for ${repo}: ${put.status} ${await put.text()}`);
-  return digest;
-}
-
 export async function pushImage(base: string, repo: string, tag: string, o: { layers?: number; layerBytes?: number } = {}): Promise<PushedImage> {
   const layers: { digest: string; bytes: number; diffId: string }[] = [];
   for (let i = 0; i < (o.layers ?? 1); i++) {
     const l = layer(`file-${i}`, o.layerBytes ?? 4096);
-    layers.push({ digest: await pushBlob(base, repo, l.gz), bytes: l.gz.length, diffId: l.diffId });
+    layers.push({ digest: (await pushBlob(base, repo, l.gz)).digest, bytes: l.gz.length, diffId: l.diffId });
   }
   const config = Buffer.from(JSON.stringify({ architecture: "amd64", os: "linux", config: { Cmd: ["/file-0"] }, rootfs: { type: "layers", diff_ids: layers.map((l) => l.diffId) } }));
-  const configDigest = await pushBlob(base, repo, config);
+  const configDigest = (await pushBlob(base, repo, config)).digest;
   const manifest = JSON.stringify({
     schemaVersion: 2,
     mediaType: MANIFEST_V2,
     config: { mediaType: "application/vnd.docker.container.image.v1+json", size: config.length, digest: configDigest },
     layers: layers.map((l) => ({ mediaType: "application/vnd.docker.image.rootfs.diff.tar.gzip", size: l.bytes, digest: l.digest })),
   });
-  const put = await fetch(`${base}/v2/${repo}/manifests/${tag}`, { method: "PUT", body: manifest, headers: { "content-type": MANIFEST_V2 } });
-  if (put.status !== 201) throw new Error(`manifest upload for ${repo}:${tag}: ${put.status} ${await put.text()}`);
+  await pushManifest(base, repo, tag, MANIFEST_V2, manifest);
   return {
     repo,
     tag,

@@ -201,6 +201,8 @@ export interface ApiVm {
   job: number | null;
   ageSeconds: number;
   exitReason: string | null;
+  /** The host that runs it (a fleet). */
+  host: string | null;
 }
 
 export type { ApiPool } from "../../src/server/index.js";

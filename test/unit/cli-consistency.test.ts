@@ -48,13 +48,14 @@ test("ls and list on every local noun; --json lists are arrays; -q prints names 
   assert.equal((await runCivm(["image", "ls", "-q"], e)).stdout, "");
 });
 
-test("pools and vms: ls, list and the default; -q names only", async (t) => {
+test("pools, vms and hosts: ls, list and the default; -q names only", async (t) => {
   const store = new StateStore(":memory:");
-  const srv = await listen(createApp({ store, pools: [{ name: "linux", labels: ["linux"], minRunners: 0, maxRunners: 2, target: { kind: "org", org: "o" }, groupId: 1 }], webhookSecret: "s", apiToken: TOKEN, maxWebhookBytes: 1024, registry: new Registry() }), "127.0.0.1", 0);
+  store.registerHost({ id: "host-a", address: "http://127.0.0.1:8080", cpus: 8, ramBytes: 16 * 1024 ** 3, pools: ["linux"], version: "0.1.0" });
+  const srv = await listen(createApp({ store, hostId: "host-a", deadAfterMs: 3_600_000, pools: [{ name: "linux", labels: ["linux"], minRunners: 0, maxRunners: 2, target: { kind: "org", org: "o" }, groupId: 1 }], webhookSecret: "s", apiToken: TOKEN, maxWebhookBytes: 1024, registry: new Registry() }), "127.0.0.1", 0);
   t.after(() => srv.close());
-  store.insertVm({ id: "abcd0001", pool: "linux", name: "linux-abcd0001", imageKey: "k", createdAt: Date.now() });
+  store.insertVm({ id: "abcd0001", pool: "linux", name: "linux-abcd0001", imageKey: "k", createdAt: Date.now(), host: "host-a", cpus: 2, ramBytes: 1024 ** 3 });
   const e = civmEnv({ CIVM_API_URL: srv.url, CIVM_API_TOKEN: TOKEN });
-  for (const noun of ["pools", "vms"]) {
+  for (const noun of ["pools", "vms", "hosts"]) {
     const outs = await Promise.all([[noun, "--json"], [noun, "ls", "--json"], [noun, "list", "--json"]].map((a) => runCivm(a, e)));
     for (const o of outs) assert.equal(o.code, 0, o.stderr);
     // Compared by name/id: a VM's ageSeconds moves between the calls.
@@ -65,6 +66,12 @@ test("pools and vms: ls, list and the default; -q names only", async (t) => {
   }
   assert.equal((await runCivm(["pools", "-q"], e)).stdout, "linux\n");
   assert.equal((await runCivm(["vms", "ls", "-q"], e)).stdout, "abcd0001\n");
+  assert.equal((await runCivm(["hosts", "-q"], e)).stdout, "host-a\n");
+  const hosts = await runCivm(["hosts"], e);
+  assert.equal(hosts.code, 0, hosts.stderr);
+  // The host answering is starred; its VM takes 2 of 8 cpus and 1 GiB of 16.
+  assert.match(hosts.stdout, /^host-a \*\s+active\s+\S+ ago\s+2\/8\s+1\.0G\/16\.0G\s+1\s+0\s+0\s+-\s+http:\/\/127\.0\.0\.1:8080$/m);
+  assert.match((await runCivm(["vms"], e)).stdout, /linux-abcd0001\s+starting\s+-\s+-\s+\S+\s+host-a\s+-/);
 });
 
 test("civm --help: one line per command; details in the command's own help; --force is the overwrite flag", async () => {
@@ -149,7 +156,7 @@ test("civm completion bash|zsh|fish: scripts generated from the command tree", a
   assert.match(zsh.stdout, /bashcompinit/);
   const fish = await runCivm(["completion", "fish"], e);
   assert.match(fish.stdout, /^complete -c civm -n __fish_use_subcommand -a serve -d 'Keep pools of single-use GitHub Actions runner VMs'$/m);
-  assert.match(fish.stdout, /^complete -c civm -n '__fish_seen_subcommand_from image; and not __fish_seen_subcommand_from build ls list path rm pull' -a ls/m);
+  assert.match(fish.stdout, /^complete -c civm -n '__fish_seen_subcommand_from image; and not __fish_seen_subcommand_from build ls list path rm export pull push' -a ls/m);
   assert.equal((await runCivm(["completion", "tcsh"], e)).code, 2);
 });
 

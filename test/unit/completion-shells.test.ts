@@ -46,7 +46,7 @@ test("zsh: the completion script passes zsh -n and completes in an interactive z
     assert.equal(cases.length, 4, out);
     // The first TAB of the session completes the command (the script is loaded by it).
     assert.match(cases[0]!, /civm image /, `${mode}: ${cases[0]}`);
-    assert.match(cases[1]!, /build\s+list\s+ls\s+path\s+pull\s+rm/, `${mode}: ${cases[1]}`);
+    assert.match(cases[1]!, /build\s+export\s+list\s+ls\s+path\s+pull\s+push\s+rm/, `${mode}: ${cases[1]}`);
     assert.doesNotMatch(cases[1]!, /\bserve\b/, "top-level commands offered after civm image");
     assert.match(cases[2]!, /^list\s+ls/m, `${mode}: a flag's value is skipped: ${cases[2]}`);
     assert.match(cases[3]!, /civm kernel add --force/, `${mode}: ${cases[3]}`);
@@ -62,7 +62,7 @@ test("fish: the completion script passes fish -n and fish's own completion offer
       .split("\n")
       .map((l) => l.split("\t")[0]);
   assert.deepEqual(complete("civm ima"), ["image"]);
-  assert.deepEqual(complete("civm image ").sort(), ["build", "list", "ls", "path", "pull", "rm"]);
+  assert.deepEqual(complete("civm image ").sort(), ["build", "export", "list", "ls", "path", "pull", "push", "rm"]);
   assert.ok(complete("civm kernel add --").includes("--force"));
   assert.ok(complete("civm --").includes("--state-dir"));
 });

@@ -17,6 +17,7 @@ test("examples/serve/*.yaml pass civm config check", { timeout: 60_000 }, async 
   execFileSync("openssl", ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", join(etc, "tls", "privkey.pem"), "-out", join(etc, "tls", "fullchain.pem"), "-days", "1", "-subj", "/CN=runners.example.com"], { stdio: "ignore" });
   writeFileSync(join(etc, "webhook-secret"), "0123456789abcdef0123456789abcdef\n");
   writeFileSync(join(etc, "api-token"), "fedcba9876543210fedcba9876543210\n");
+  writeFileSync(join(etc, "pg-password"), "pg-secret-0123456789\n");
   const dir = join(repoRoot, "examples", "serve");
   copyFileSync(join(dir, "pools.json"), join(etc, "pools.json"));
   const files = readdirSync(dir).filter((f) => f.endsWith(".yaml"));

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { chmodSync, copyFileSync, mkdirSync, writeFileSync } from "node:fs";
+import { chmodSync, copyFileSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { ConfigError } from "../../src/errors/index.js";
 import { loadServeConfig, parseDuration, parseListen, SERVE_DEFAULTS, type LoadServeOptions } from "../../src/pool/config.js";
@@ -69,7 +69,7 @@ test("seed 003's example pools.json maps field by field onto civm's pool setting
   assert.equal(p.maxRunners, 10);
   assert.equal(p.minRunners, 1);
   assert.equal(p.runner.namePrefix, "runner");
-  assert.deepEqual(p.runner.image, { ref: "ghcr.io/thpham/fireactions-images/ubuntu-24.04:latest", kind: "path", path: join(s.dir, "ghcr.io/thpham/fireactions-images/ubuntu-24.04:latest") });
+  assert.deepEqual(p.runner.image, { ref: "ghcr.io/thpham/fireactions-images/ubuntu-24.04:latest", kind: "oci" });
   assert.equal(p.runner.imagePullPolicy, "IfNotPresent");
   assert.deepEqual(p.runner.target, { kind: "org", org: "your-org" });
   assert.deepEqual(p.runner.labels, ["self-hosted", "fireactions", "linux"]);
@@ -80,11 +80,19 @@ test("seed 003's example pools.json maps field by field onto civm's pool setting
   assert.equal(c.poolsFile, join(s.dir, "pools.json"));
 });
 
-test("seed 003's example: its container image is reported as one civm cannot boot", async () => {
+test("seed 003's example: its image is an OCI reference, accepted (pulled on first use); with imagePullPolicy Never it must be pulled already; a registry-less one is explained", async () => {
   const s = setup(serve("pools.json"));
   copyFileSync(join(repoRoot, "test", "fixtures", "pools", "seed-003-pools.json"), join(s.dir, "pools.json"));
-  const msg = await problems(s);
-  assert.match(msg, /pools\.json: pool "default" \(#1\): "runner\.image" "ghcr\.io\/thpham\/fireactions-images\/ubuntu-24\.04:latest" looks like a container image; civm boots disk images/);
+  const c = await load(s);
+  assert.equal(c.pools[0]!.runner.image.kind, "oci");
+  const pools = JSON.parse(readFileSync(join(s.dir, "pools.json"), "utf8"));
+  pools[0].runner.imagePullPolicy = "Never";
+  writeFileSync(join(s.dir, "pools.json"), JSON.stringify(pools));
+  assert.match(await problems(s), /pools\.json: pool "default" \(#1\): "runner\.image" "ghcr\.io\/thpham\/fireactions-images\/ubuntu-24\.04:latest" has not been pulled and "runner\.imagePullPolicy" is "Never"; pull it first \(civm image pull ghcr\.io/);
+  pools[0].runner.imagePullPolicy = "IfNotPresent";
+  pools[0].runner.image = "thpham/ubuntu:latest";
+  writeFileSync(join(s.dir, "pools.json"), JSON.stringify(pools));
+  assert.match(await problems(s), /"runner\.image" "thpham\/ubuntu:latest" looks like a container image, but not like a reference civm pulls: those start with the registry .*docker\.io\/thpham\/ubuntu:latest/);
 });
 
 test("seed 003's example with a stored civm image loads completely", async () => {
@@ -411,6 +419,29 @@ test("durations past the timer limit (2^31-1 ms) are refused by field; retention
   ];
   for (const re of expect) assert.ok(msg.split("\n").some((l) => re.test(l)), `no line matches ${re}:\n${msg}`);
   assert.equal((await load(setup(serve([pool({ "timeout-seconds": 2147483, idleTimeout: "24d" })], { retention: "90d" })))).retentionSeconds, 90 * 86400);
+});
+
+test("store: sqlite by default; a postgres URL with its password through ${{ file: }} is redacted; bad stores and fleet keys are named", async () => {
+  const d = setup(serve([pool()]));
+  const c = await load(d);
+  assert.equal(c.store.kind, "sqlite");
+  assert.equal(c.fleet.deadAfterSeconds, 60);
+  writeFileSync(join(d.dir, "pg-password"), "s3cr3t-pg-pass\n");
+  const pg = setup(serve([pool()], { store: "postgres://civm:${{ file:pg-password }}@db.example:5432/civm", fleet: { hostId: "runner-07", cpus: 8, ram: "16G", heartbeat: "2s", deadAfter: "10s" } }));
+  writeFileSync(join(pg.dir, "pg-password"), "s3cr3t-pg-pass\n");
+  const p = await load(pg);
+  assert.equal(p.store.kind, "postgres");
+  assert.ok(p.store.kind === "postgres" && p.store.url.includes("s3cr3t-pg-pass"));
+  assert.equal(p.store.where, "postgres://civm:***@db.example:5432/civm");
+  assert.ok(p.secrets.includes("s3cr3t-pg-pass"), "the password is redacted from logs");
+  assert.deepEqual({ ...p.fleet }, { hostId: "runner-07", address: undefined, cpus: 8, ramBytes: 16 * 1024 ** 3, heartbeatSeconds: 2, deadAfterSeconds: 10, placementGraceSeconds: 15 });
+  const bad = setup(serve([pool()], { store: "mysql://root:hunter2@db/civm", fleet: { hostID: "x", heartbeat: "10s", deadAfter: "15s", cpus: 0 } }));
+  const msg = await problems(bad);
+  assert.match(msg, /"store" must be "sqlite" \(the default, one host\) or a PostgreSQL URL/);
+  assert.doesNotMatch(msg, /hunter2/, "a store value is never shown");
+  assert.match(msg, /unknown key "fleet.hostID"; did you mean "fleet.hostId"\?/);
+  assert.match(msg, /"fleet.deadAfter" \(15 s\) must be at least twice "fleet.heartbeat" \(10 s\)/);
+  assert.match(msg, /"fleet.cpus" must be at least 1/);
 });
 
 test("github thresholds: requestTimeout 30 s, degradedAfter 5 min, repositoryListCache 10 min, rateLimitReserve 10% by default; durations and percentages as written", async () => {

@@ -138,7 +138,7 @@ test("polls adapt to the rate-limit budget: the configured interval while it las
   assert.ok(log.lines.some((l) => l.msg.startsWith("GitHub rate-limit budget low")));
   assert.match(await registry.getSingleMetricAsString("civm_github_rate_limit_remaining"), /civm_github_rate_limit_remaining\{target="repo:rust-lang-ci\/rust"\} 5\d\d/);
   // github.rateLimitReserve 0 %: the same 520 requests are all spendable, the interval holds.
-  daemon.reload(daemon.currentPools(), { budgetReserveShare: 0 });
+  await daemon.reload(daemon.currentPools(), { budgetReserveShare: 0 });
   gh.addJob({ repository: "rust-lang-ci/rust", labels: ["other"] });
   gh.setRateLimit({ remaining: 520, resetInSeconds: 3600 });
   await daemon.pass({ poll: true });
@@ -203,7 +203,7 @@ test("the thresholds are settings: the rate-limit reserve share, and a reload's 
   await daemon.githubSettled();
   await poll();
   assert.equal(listed(), 1, "the default lifetime (10 min) keeps the list");
-  daemon.reload([org], { repoListTtlMs: 0 });
+  await daemon.reload([org], { repoListTtlMs: 0 });
   await poll();
   await poll();
   assert.equal(listed(), 3, "repositoryListCache 0: read on every poll");
@@ -213,7 +213,7 @@ test("the thresholds are settings: the rate-limit reserve share, and a reload's 
   await poll();
   const h = daemon.githubHealth();
   assert.deepEqual([h.targets[0]!.state, h.status], ["failing", "ok"], "failing for 1 min: not degraded under the default 5 min");
-  daemon.reload([org], { githubDegradedAfterMs: 30_000 });
+  await daemon.reload([org], { githubDegradedAfterMs: 30_000 });
   assert.equal(daemon.githubHealth().status, "degraded", "degradedAfter 30 s applies at once");
 });
 

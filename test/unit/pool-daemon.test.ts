@@ -4,65 +4,12 @@ import assert from "node:assert/strict";
 import { Registry } from "prom-client";
 import { StateStore } from "../../src/store/index.js";
 import { createGitHubAccess } from "../../src/github/app-auth.js";
-import { Daemon, type LaunchOutcome, type LaunchRequest, type VmHandle, type VmLauncher, type DaemonLogger } from "../../src/pool/daemon.js";
+import { Daemon, type DaemonLogger } from "../../src/pool/daemon.js";
 import type { PoolSpec } from "../../src/pool/types.js";
 import { startFakeGitHub, type FakeGitHub } from "../support/fake-github.js";
 import { poolSpec } from "../support/pool-spec.js";
 import { waitFor } from "../support/civm-cli.js";
-
-interface FakeVm {
-  req: LaunchRequest;
-  stopped: number;
-  forced: boolean;
-  exit(o?: Partial<LaunchOutcome>): void;
-  done: boolean;
-}
-
-class FakeLauncher implements VmLauncher {
-  vms: FakeVm[] = [];
-  key = "img-1";
-  reconciled = 0;
-  imageKeyCalls = 0;
-  /** When set, imageKey() (so every pass) waits for it: a pass held open. */
-  gate: Promise<void> | undefined;
-  /** true: stop() ends the VM at once (a guest that honours ACPI). */
-  stopEnds = true;
-  async imageKey(): Promise<string> {
-    this.imageKeyCalls++;
-    if (this.gate) await this.gate;
-    return this.key;
-  }
-  async reconcileLeftovers(): Promise<void> {
-    this.reconciled++;
-  }
-  start(req: LaunchRequest): VmHandle {
-    let resolve!: (o: LaunchOutcome) => void;
-    const result = new Promise<LaunchOutcome>((r) => (resolve = r));
-    const vm: FakeVm = {
-      req,
-      stopped: 0,
-      forced: false,
-      done: false,
-      exit: (o = {}) => {
-        if (vm.done) return;
-        vm.done = true;
-        resolve({ reason: "poweroff", exitCode: 0, ...o });
-      },
-    };
-    this.vms.push(vm);
-    return {
-      result,
-      stop: (force = false) => {
-        vm.stopped++;
-        vm.forced ||= force;
-        if (this.stopEnds || force) vm.exit({ reason: "stopped", exitCode: 5 });
-      },
-    };
-  }
-  running(): FakeVm[] {
-    return this.vms.filter((v) => !v.done);
-  }
-}
+import { FakeLauncher, type FakeVm } from "../support/fake-launcher.js";
 
 const pool = poolSpec;
 
@@ -385,7 +332,7 @@ test("reload: an added pool starts, a removed one drains (idle stop, busy finish
 
   const gpu = pool({ name: "gpu", index: 1, minRunners: 1, runner: { ...pool().runner, namePrefix: "civm-gpu", labels: ["gpu"] } });
   const linux2 = pool({ minRunners: 2, vm: { ...linux.vm, cpus: 2 } });
-  const changes = daemon.reload([linux2, gpu]);
+  const changes = await daemon.reload([linux2, gpu]);
   assert.deepEqual(changes, { added: ["gpu"], removed: ["arm"], changed: [{ name: "linux", fields: ["vm.cpus"], replaceIdle: true }], unchanged: [] });
   assert.equal(store.job(55)?.pool, "gpu", "a queued job is matched to the new pools");
   assert.deepEqual(daemon.currentPools().map((p) => p.name), ["linux", "gpu"]);
@@ -425,16 +372,16 @@ test("reload: min/max/idleTimeout changes apply without replacing runners; re-ad
   await daemon.pass();
   await online(s);
   const first = launcher.vms[0]!;
-  const changes = daemon.reload([pool({ minRunners: 2, maxRunners: 5, idleTimeoutSeconds: 10 })]);
+  const changes = await daemon.reload([pool({ minRunners: 2, maxRunners: 5, idleTimeoutSeconds: 10 })]);
   assert.deepEqual(changes.changed, [{ name: "linux", fields: ["maxRunners", "minRunners", "idleTimeoutSeconds"], replaceIdle: false }]);
   advance(1000);
   await daemon.pass();
   assert.equal(first.stopped, 0);
   assert.equal(launcher.vms.length, 2, "minRunners 2 applies");
   assert.equal(store.vm(first.req.id)?.state, "idle");
-  daemon.reload([]);
+  await daemon.reload([]);
   assert.deepEqual(daemon.removingPools().map((p) => p.name), ["linux"]);
-  const back = daemon.reload([pool({ minRunners: 2, maxRunners: 5, idleTimeoutSeconds: 10 })]);
+  const back = await daemon.reload([pool({ minRunners: 2, maxRunners: 5, idleTimeoutSeconds: 10 })]);
   assert.deepEqual(back.added, ["linux"]);
   assert.deepEqual(daemon.removingPools(), []);
   advance(1000);
@@ -481,9 +428,9 @@ test("drain: nothing new starts, idle and starting runners stop, busy ones finis
   await online(s);
   const c = launcher.vms[2]!; // starting: minRunners 2 idle on top of the busy one
   assert.equal(store.vm(c.req.id)?.state, "starting");
-  assert.equal(daemon.status().state, "serving");
+  assert.equal((await daemon.status()).state, "serving");
 
-  const st = daemon.drain();
+  const st = (await daemon.drain());
   assert.equal(st.state, "draining");
   assert.equal(st.exitWhenDrained, false);
   store.upsertJob({ id: 9, labels: ["linux"], status: "queued", at: 1, pool: "linux", repository: "rust-lang-ci/rust" });
@@ -494,31 +441,31 @@ test("drain: nothing new starts, idle and starting runners stop, busy ones finis
   assert.equal(store.vm(b.req.id)?.exitReason, "stopped:drain");
   assert.equal(store.vm(c.req.id)?.exitReason, "stopped:drain");
   assert.equal(launcher.vms.length, 3, "nothing new starts while draining, queued job or not");
-  assert.deepEqual(daemon.status().runners, { starting: 0, idle: 0, busy: 1 });
-  assert.equal(daemon.status().state, "draining");
+  assert.deepEqual((await daemon.status()).runners, { starting: 0, idle: 0, busy: 1 });
+  assert.equal((await daemon.status()).state, "draining");
 
   gh.setRunner(a.req.name, { busy: false, status: "offline" });
   a.exit();
   await daemon.settled();
   s.advance(1000);
   await daemon.pass();
-  assert.equal(daemon.status().state, "drained");
+  assert.equal((await daemon.status()).state, "drained");
   assert.equal(drained, 0, "not asked to exit: keeps serving");
-  assert.equal(daemon.undrain().state, "serving");
+  assert.equal((await daemon.undrain()).state, "serving");
   await daemon.pass();
   assert.equal(launcher.vms.length, 6, "undrained: minRunners 2 + the queued job");
 
   // Drain again, this time asking to exit once drained.
-  const st2 = daemon.drain({ exitWhenDrained: true });
+  const st2 = (await daemon.drain({ exitWhenDrained: true }));
   assert.equal(st2.exitWhenDrained, true);
   await daemon.pass();
   await daemon.settled();
   await daemon.pass();
-  assert.equal(daemon.status().state, "drained");
+  assert.equal((await daemon.status()).state, "drained");
   assert.equal(drained, 1);
   await daemon.pass();
   assert.equal(drained, 1, "onDrained is called once");
-  assert.equal(daemon.undrain().state, "drained", "too late to cancel once exiting");
+  assert.equal((await daemon.undrain()).state, "drained", "too late to cancel once exiting");
 });
 
 test("registration token mode: the VM gets a registration token, the URL and the exact runner name; the runner id is learnt by name; deregistered by name", async (t) => {
@@ -590,7 +537,7 @@ test("reload with new GitHub credentials: the daemon uses them from then on", as
   assert.equal(launcher.vms.length, 0);
   assert.equal(store.pool("linux").failures, 1);
   const access = createGitHubAccess({ kind: "token", token: "ghp_rotatedToken0123456789" }, { baseUrl: gh.url, throttle: false, retries: 0, warn: () => {} });
-  const changes = daemon.reload([pool({ minRunners: 1 })], { access });
+  const changes = await daemon.reload([pool({ minRunners: 1 })], { access });
   assert.deepEqual(changes.unchanged, ["linux"]);
   advance(5_000);
   await daemon.pass();

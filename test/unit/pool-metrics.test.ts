@@ -224,7 +224,7 @@ test("pruning: old finished VMs, completed jobs and deliveries go; live VMs, ope
   store.recordDelivery({ id: "d-old", event: "workflow_job", at: old });
   store.recordDelivery({ id: "d-new", event: "workflow_job", at: recent });
 
-  assert.deepEqual(daemon.prune(), { vms: 1, jobs: 1, deliveries: 1 });
+  assert.deepEqual(await daemon.prune(), { vms: 1, jobs: 1, deliveries: 1 });
   assert.equal(store.vm("0000old1"), undefined);
   assert.equal(store.vm("0000new1")?.state, "finished");
   assert.equal(store.vm("0000busy")?.state, "busy");

@@ -10,6 +10,8 @@ function config(over: Partial<ServeConfig> = {}): ServeConfig {
     baseDir: "/etc/civm",
     listen: { host: "127.0.0.1", port: 8080 },
     stateDir: undefined,
+    store: { kind: "sqlite", where: "sqlite" },
+    fleet: { hostId: undefined, address: undefined, cpus: undefined, ramBytes: undefined, heartbeatSeconds: 10, deadAfterSeconds: 60, placementGraceSeconds: 15 },
     github: { apiUrl: "https://api.github.com", auth: { kind: "token", token: "ghp_old_secret" } },
     githubLimits: { requestTimeoutSeconds: 30, degradedAfterSeconds: 300, repositoryListCacheSeconds: 600, rateLimitReservePercent: 10 },
     webhookSecret: "hook",
@@ -76,4 +78,14 @@ test("the GitHub thresholds apply on a reload, and reach the daemon's settings",
   assert.deepEqual(settingsChanges(config(), next, "/x").applied, ["github.requestTimeout", "github.degradedAfter", "github.repositoryListCache", "github.rateLimitReserve"]);
   assert.deepEqual(effectiveConfig(config(), next).githubLimits, next.githubLimits);
   assert.deepEqual(daemonSettings(next), { pollIntervalMs: 60_000, shutdownTimeoutMs: 3_600_000, retentionMs: 7 * 86400_000, githubDegradedAfterMs: 60_000, repoListTtlMs: 0, budgetReserveShare: 0.2 });
+});
+
+test("store and fleet changes need a restart; a store URL is shown without its password", () => {
+  const pg = (pass: string) => ({ kind: "postgres" as const, url: `postgres://civm:${pass}@db/civm`, where: "postgres://civm:***@db/civm" });
+  const running = config({ store: pg("old-pass") });
+  const r = settingsChanges(running, config({ store: pg("new-pass"), fleet: { ...running.fleet, deadAfterSeconds: 90 } }), "/var/lib/civm");
+  assert.deepEqual(r.restartNeeded.map((x) => x.field), ["store", "fleet"]);
+  assert.doesNotMatch(JSON.stringify(r), /old-pass|new-pass/);
+  const eff = effectiveConfig(running, config({ store: { kind: "sqlite", where: "sqlite" } }));
+  assert.equal(eff.store.kind, "postgres", "the running store stays");
 });

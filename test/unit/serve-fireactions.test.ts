@@ -91,7 +91,7 @@ test("a fireactions config.yaml is translated: listen, metricsListen, the App, r
   assert.doesNotMatch(notes[0]!, /hunter2|PRIVATE KEY/, "no values");
 });
 
-test("civm config check on a fireactions config.yaml: exit 0 with the warning; its container image is a clear error (exit 2)", async () => {
+test("civm config check on a fireactions config.yaml: exit 0 with the warning; an OCI image it may not pull is a clear error (exit 2)", async () => {
   const e = civmEnv();
   writeFileSync(join(e.root, "runner.qcow2"), "");
   const ok = join(e.root, "config.yaml");
@@ -105,7 +105,9 @@ test("civm config check on a fireactions config.yaml: exit 0 with the warning; i
   writeFileSync(upstream, fireactionsYaml(e.root, "ghcr.io/hostinger/fireactions/runner:ubuntu-20.04-x64-2.310.2"));
   const bad = await runCivm(["config", "check", upstream], e);
   assert.equal(bad.code, 2, bad.stderr);
-  assert.match(bad.stderr, /pool "fa-2vcpu-2gb" \(#1\): "runner\.image" "ghcr\.io\/hostinger\/fireactions\/runner:ubuntu-20\.04-x64-2\.310\.2" looks like a container image/);
+  // Its pools name an OCI reference: pulled on first use, except where image_pull_policy is Never.
+  assert.doesNotMatch(bad.stderr, /pool "fa-2vcpu-2gb" \(#1\): "runner\.image"/);
+  assert.match(bad.stderr, /pool "fa-big" \(#2\): "runner\.image" "ghcr\.io\/hostinger\/fireactions\/runner:ubuntu-20\.04-x64-2\.310\.2" has not been pulled and "runner\.imagePullPolicy" is "Never"/);
 });
 
 test("civm's own configs are not mistaken for fireactions'", () => {

@@ -71,6 +71,7 @@ test("VM lifecycle: starting → idle → busy → finished; transitions only mo
   assert.deepEqual(s.vm("a1"), {
     id: "a1", pool: "p", name: "r-a1", state: "finished", githubRunnerId: 42, imageKey: "k", configKey: "c1",
     createdAt: 100, startedAt: 110, idleSince: undefined, finishedAt: 140, busySince: 120, jobId: 7001, exitReason: "poweroff",
+    host: undefined, cpus: 0, ramBytes: 0, stopping: undefined,
   });
   assert.equal(s.vmByName("r-b2")?.id, "b2");
   assert.equal(s.vm("b2")?.configKey, undefined, "no config key recorded");
@@ -147,9 +148,12 @@ test("pruning: only finished VMs and completed jobs older than the cut-off; live
 
 test("a version-2 store migrates to 3 keeping its VMs (busySince unknown)", () => {
   const dir = tempDir();
-  const v2 = new StateStore(dir, { migrations: MIGRATIONS.slice(0, 2) });
-  v2.insertVm({ id: "a1", pool: "p", name: "r-a1", imageKey: "k", createdAt: 1 });
-  v2.close();
+  new StateStore(dir, { migrations: MIGRATIONS.slice(0, 2) }).close();
+  // A VM as a version-2 civm wrote it.
+  const Db = createRequire(import.meta.url)("better-sqlite3") as new (f: string) => { prepare(s: string): { run(...a: unknown[]): unknown }; close(): void };
+  const raw = new Db(join(dir, STORE_FILE));
+  raw.prepare("INSERT INTO vms (id, pool, name, state, image_key, created_at) VALUES ('a1', 'p', 'r-a1', 'starting', 'k', 1)").run();
+  raw.close();
   const v3 = new StateStore(dir);
   assert.equal(v3.schemaVersion, MIGRATIONS.length);
   assert.equal(v3.vm("a1")?.busySince, undefined);

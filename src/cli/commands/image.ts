@@ -2,7 +2,7 @@ import { Command } from "commander";
 import { createWriteStream, existsSync } from "node:fs";
 import { join } from "node:path";
 import { pathsFrom } from "../global.js";
-import { printJson, printNames, say } from "../output.js";
+import { abortOnSignals, clearProgress, printJson, printNames, progressLine, say } from "../output.js";
 import { ensureLogsDir } from "../../host/paths.js";
 import { ConfigError } from "../../errors/index.js";
 import { formatBytes } from "../../vm/format.js";
@@ -119,29 +119,118 @@ export function registerImage(program: Command): void {
     });
 
   image
-    .command("pull")
-    .description("Fetch a .qcow2 or .qcow2.zst over HTTP(S) with its .sha256 (of the uncompressed image), verify it and store it.")
-    .argument("<url>")
-    .option("--name <name>", "store it under this name (default: the file name without .qcow2[.zst])")
+    .command("export")
+    .description("Write a stored image as one standalone disk file to upload elsewhere: qcow2 or raw (libvirt, Proxmox, OpenStack) or a fixed VHD (Azure); a child image comes out whole.")
+    .argument("<name>")
+    .requiredOption("--format <format>", "qcow2, raw or vhd (fixed, whole MiB, for Azure)")
+    .requiredOption("-o, --output <file>", "the file to write")
+    .option("--force", "replace an existing output file")
     .option("-q, --quiet", "no progress")
-    .option("--json", "print the stored image (name, diskPath, sha256) as JSON")
-    .option("--force", "replace a stored image of the same name")
-    .action(async (url: string, flags: { name?: string; quiet?: boolean; json?: boolean; force?: boolean }, cmd: Command) => {
+    .option("--json", "print the result (output, format, virtualSize, bytes) as JSON")
+    .action(async (name: string, flags: { format: string; output: string; force?: boolean; quiet?: boolean; json?: boolean }, cmd: Command) => {
       const { ImageStore } = await import("../../images/store.js");
+      const { exportImage, parseFormat } = await import("../../images/export.js");
+      const format = parseFormat(flags.format);
+      const img = await new ImageStore(pathsFrom(cmd).stateDir).require(name);
+      const r = await exportImage({
+        image: img, format, output: flags.output, force: !!flags.force,
+        ...(flags.quiet ? {} : { onProgress: (p: number) => process.stderr.write(`\rcivm: exporting ${name}: ${p.toFixed(0)}%   `) }),
+      });
+      if (!flags.quiet) process.stderr.write("\n");
+      say(`exported ${name} to ${r.output} (${format}, virtual size ${formatBytes(r.virtualSize)}, ${formatBytes(r.bytes)} on disk)`);
+      if (flags.json) printJson(r);
+    });
+
+  image
+    .command("pull")
+    .description(
+      "Fetch an image into the store: from an OCI registry (REGISTRY/REPO:TAG or @sha256:..., little-vm-helper's layout; digests verified, cached by digest), or a .qcow2 or .qcow2.zst over HTTP(S) with its .sha256 (of the uncompressed image).",
+    )
+    .argument("<ref-or-url>", "REGISTRY/REPO:TAG, REGISTRY/REPO@sha256:DIGEST, or an http(s) URL of a .qcow2[.zst]")
+    .option("--name <name>", "store it under this name (default: REPO-TAG for a reference, the file name without .qcow2[.zst] for a URL)")
+    .option("--platform <os/arch>", "reference: the platform to take from a multi-platform image (default linux/<this host>)")
+    .option("--file <name>", "reference: the disk to take when the image holds several (lvh's root-images: base, kind, ...; default the first)")
+    .option("--auth-file <file>", "reference: registry credentials, docker's config.json format (default $CIVM_REGISTRY_AUTH_FILE, else podman's and docker's own files)")
+    .option("-q, --quiet", "no progress")
+    .option("--json", "print the stored image (name, diskPath, sha256; digest and reference for OCI) as JSON")
+    .option("--force", "replace a stored image of the same name (a reference's own earlier pull is refreshed without it)")
+    .addHelpText(
+      "after",
+      `
+A reference names a registry (a host with a "." or a ":PORT", or localhost) and a tag or
+digest: quay.io/lvh-images/kind:bpf-next-main. Pulling a tag again refreshes it; the same
+digest is never downloaded twice. civm run --image REF and instances' "image" pull on first
+use. Credentials are never taken from the command line; see docs/images.md.`,
+    )
+    .action(async (arg: string, flags: { name?: string; quiet?: boolean; json?: boolean; force?: boolean; platform?: string; file?: string; authFile?: string }, cmd: Command) => {
+      const { ImageStore } = await import("../../images/store.js");
+      const paths = pathsFrom(cmd);
+      const store = new ImageStore(paths.stateDir);
+      if (!/^https?:\/\//i.test(arg)) {
+        const { requireOciReference } = await import("../../images/oci-ref.js");
+        const ref = requireOciReference(arg, "civm image pull");
+        const { pullOciImage } = await import("../../images/oci.js");
+        const { sweepStale } = await import("../../images/store.js");
+        await sweepStale(store);
+        const interrupt = abortOnSignals(`the pull of ${arg} was interrupted; nothing was stored`);
+        const r = await pullOciImage({
+          ref, store, stateDir: paths.stateDir, log: flags.quiet ? () => {} : say, signal: interrupt.signal,
+          ...(flags.name ? { name: flags.name } : {}),
+          ...(flags.platform ? { platform: flags.platform } : {}),
+          ...(flags.file ? { file: flags.file } : {}),
+          ...(flags.authFile ? { authFile: flags.authFile } : {}),
+          ...(flags.force ? { force: true } : {}),
+          ...(flags.quiet ? {} : { onProgress: progressLine(formatBytes) }),
+        }).finally(() => {
+          interrupt.release();
+          clearProgress();
+        });
+        say(`${r.status === "up-to-date" ? "up to date" : "stored"}: ${r.image.name}: ${r.image.diskPath} (${r.digest})`);
+        if (flags.json) printJson({ name: r.image.name, diskPath: r.image.diskPath, sha256: r.image.manifest.sha256, digest: r.digest, reference: r.image.manifest.url, status: r.status });
+        return;
+      }
+      if (flags.platform || flags.file || flags.authFile) throw new ConfigError("--platform, --file and --auth-file are for OCI references; an http(s) URL names one file");
       const { pullImage, describePullUrl } = await import("../../images/pull.js");
-      const store = new ImageStore(pathsFrom(cmd).stateDir);
       // As kernel add: replacing what is stored takes --force (checked before downloading).
-      const target = flags.name ?? describePullUrl(url).defaultName;
+      const target = flags.name ?? describePullUrl(arg).defaultName;
       if (!flags.force && (await store.get(target).catch(() => undefined))) {
         throw new ConfigError(`an image named "${target}" is already stored (civm image ls); pass --force to replace it, or --name for another name`);
       }
       const img = await pullImage({
-        url, store, log: flags.quiet ? () => {} : say,
+        url: arg, store, log: flags.quiet ? () => {} : say,
         ...(flags.name ? { name: flags.name } : {}),
         ...(flags.quiet ? {} : { onProgress: (p: { bytes: number; total?: number }) => process.stderr.write(`\rcivm: ${formatBytes(p.bytes)}${p.total ? ` of ${formatBytes(p.total)}` : ""}   `) }),
       });
       if (!flags.quiet) process.stderr.write("\n");
       say(`stored ${img.name}: ${img.diskPath} (sha256 ${img.manifest.sha256.slice(0, 16)}…)`);
       if (flags.json) printJson({ name: img.name, diskPath: img.diskPath, sha256: img.manifest.sha256 });
+    });
+
+  image
+    .command("push")
+    .description("Push a stored image to an OCI registry in little-vm-helper's layout (data/images/NAME.qcow2.zst in an image layer, with its kernel and initrd when it has them), so civm image pull, civm run --image REF and lvh can use it.")
+    .argument("<name>", "a stored image (civm image ls)")
+    .argument("<ref>", "REGISTRY/REPO:TAG")
+    .option("--auth-file <file>", "registry credentials, docker's config.json format (default $CIVM_REGISTRY_AUTH_FILE, else podman's and docker's own files)")
+    .option("-q, --quiet", "no progress")
+    .option("--json", "print the pushed reference and digest as JSON")
+    .action(async (name: string, refText: string, flags: { authFile?: string; quiet?: boolean; json?: boolean }, cmd: Command) => {
+      const { ImageStore, sweepStale } = await import("../../images/store.js");
+      const { requireOciReference } = await import("../../images/oci-ref.js");
+      const { pushOciImage } = await import("../../images/oci.js");
+      const ref = requireOciReference(refText, "civm image push", { needTag: true });
+      const store = new ImageStore(pathsFrom(cmd).stateDir);
+      await sweepStale(store);
+      const interrupt = abortOnSignals(`the push of ${name} was interrupted; the tag may not have been updated`);
+      const r = await pushOciImage({
+        name, ref, store, log: flags.quiet ? () => {} : say, signal: interrupt.signal,
+        ...(flags.authFile ? { authFile: flags.authFile } : {}),
+        ...(flags.quiet ? {} : { onProgress: progressLine(formatBytes) }),
+      }).finally(() => {
+        interrupt.release();
+        clearProgress();
+      });
+      say(`pushed ${name}: ${r.reference} (${formatBytes(r.uploaded)} uploaded)`);
+      if (flags.json) printJson({ name, reference: r.reference, digest: r.digest, uploaded: r.uploaded });
     });
 }

@@ -1,10 +1,10 @@
-// `civm pools [scale NAME N | pause NAME | resume NAME]`, `civm vms`, `civm reload` and
-// `civm drain`: thin clients of a running `civm serve`'s API (--api-url / CIVM_API_URL,
+// `civm pools [scale NAME N | pause NAME | resume NAME]`, `civm vms`, `civm hosts`, `civm
+// reload` and `civm drain`: thin clients of a running `civm serve`'s API (--api-url / CIVM_API_URL,
 // --api-token / CIVM_API_TOKEN). `civm logs VM` uses the same client (logs.ts).
 import { Option, type Command } from "commander";
 import { setTimeout as sleep } from "node:timers/promises";
 import { ConfigError, ExternalError } from "../../errors/index.js";
-import type { ApiPool } from "../../server/index.js";
+import type { ApiHost, ApiPool } from "../../server/index.js";
 import { formatAge, printNames, say, table } from "../output.js";
 
 export interface ApiFlags {
@@ -135,7 +135,7 @@ export function registerPools(program: Command): void {
   apiOptions(
     program
       .command("drain")
-      .description("Make a running civm serve stop taking work: no new runners, idle ones stop, busy ones finish. It keeps serving the API (state draining, then drained) until --exit, SIGTERM or --cancel."),
+      .description("Make a running civm serve stop taking work: no new runners, idle ones stop, busy ones finish. It keeps serving the API (state draining, then drained) until --exit, SIGTERM or --cancel. In a fleet the host is recorded as draining: the other hosts take its share."),
   )
     .option("--exit", "exit once no runner VM is left (exit status 0)")
     .option("--wait", "wait until drained (with --exit: until civm serve has exited)")
@@ -163,23 +163,56 @@ export function registerPools(program: Command): void {
       say(describeDrain(st));
     });
 
-  const vms = program.command("vms").description("Runner VMs of a running civm serve (over its API).");
-  apiOptions(vms.command("list", { isDefault: true }).alias("ls").description("List runner VMs: id, pool, runner name, state, runner id, job, age (--all: finished ones too, with their exit reason)."))
+  const vms = program.command("vms").description("Runner VMs of a running civm serve (over its API); in a fleet, every host's.");
+  apiOptions(vms.command("list", { isDefault: true }).alias("ls").description("List runner VMs: id, pool, runner name, state, runner id, job, age, host (--all: finished ones too, with their exit reason)."))
     .option("--pool <name>", "only this pool")
+    .option("--host <id>", "only the VMs of this host (a fleet)")
     .option("--all", "include finished VMs")
     .option("-q, --quiet", "print VM ids only, one a line")
-    .action(async (flags: ApiFlags & { pool?: string; all?: boolean }) => {
+    .action(async (flags: ApiFlags & { pool?: string; host?: string; all?: boolean }) => {
       const q = new URLSearchParams();
       if (flags.pool) q.set("pool", flags.pool);
+      if (flags.host) q.set("host", flags.host);
       if (flags.all) q.set("all", "1");
-      const rows = (await call(flags, "GET", `/api/vms${q.size ? `?${q}` : ""}`)) as { id: string; pool: string; name: string; state: string; runnerId: number | null; job: number | null; ageSeconds: number; exitReason: string | null }[];
+      const rows = (await call(flags, "GET", `/api/vms${q.size ? `?${q}` : ""}`)) as { id: string; pool: string; name: string; state: string; runnerId: number | null; job: number | null; ageSeconds: number; exitReason: string | null; host?: string | null }[];
       if (flags.json) {
         process.stdout.write(JSON.stringify(rows, null, 2) + "\n");
         return;
       }
       if (flags.quiet) return printNames(rows.map((v) => v.id));
-      const head = ["ID", "POOL", "RUNNER", "STATE", "RUNNER ID", "JOB", "AGE", "EXIT"];
-      process.stdout.write(table([head, ...rows.map((v) => [v.id, v.pool, v.name, v.state, String(v.runnerId ?? "-"), String(v.job ?? "-"), formatAge(v.ageSeconds * 1000), v.exitReason ?? "-"])]));
+      const head = ["ID", "POOL", "RUNNER", "STATE", "RUNNER ID", "JOB", "AGE", "HOST", "EXIT"];
+      process.stdout.write(table([head, ...rows.map((v) => [v.id, v.pool, v.name, v.state, String(v.runnerId ?? "-"), String(v.job ?? "-"), formatAge(v.ageSeconds * 1000), v.host ?? "-", v.exitReason ?? "-"])]));
+    });
+
+  const hosts = program.command("hosts").description("Hosts of a civm serve fleet (over any host's API): state, heartbeat, capacity and what their runner VMs take, the targets each polls.");
+  apiOptions(hosts.command("list", { isDefault: true }).alias("ls").description("List hosts: id, state (active, draining, stopped, dead), last heartbeat, cpus and memory used of capacity, VMs by state, targets it polls for the fleet."))
+    .option("-q, --quiet", "print host ids only, one a line")
+    .action(async (flags: ApiFlags) => {
+      const rows = (await call(flags, "GET", "/api/hosts")) as ApiHost[];
+      if (flags.json) {
+        process.stdout.write(JSON.stringify(rows, null, 2) + "\n");
+        return;
+      }
+      if (flags.quiet) return printNames(rows.map((h) => h.id));
+      const gib = (n: number) => `${(n / 1024 ** 3).toFixed(1)}G`;
+      const head = ["HOST", "STATE", "HEARTBEAT", "CPUS", "MEMORY", "STARTING", "IDLE", "BUSY", "POLLS", "ADDRESS"];
+      process.stdout.write(
+        table([
+          head,
+          ...rows.map((h) => [
+            `${h.id}${h.self ? " *" : ""}`,
+            h.stale ? `${h.state} (stale)` : h.state,
+            `${formatAge(h.heartbeatAgeSeconds * 1000)} ago`,
+            `${h.usedCpus}/${h.cpus ?? "-"}`,
+            `${gib(h.usedRamBytes)}/${h.ramBytes === null ? "-" : gib(h.ramBytes)}`,
+            String(h.vms.starting),
+            String(h.vms.idle),
+            String(h.vms.busy),
+            h.polls.join(",") || "-",
+            h.address || "-",
+          ]),
+        ]),
+      );
     });
 }
 

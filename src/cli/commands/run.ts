@@ -2,7 +2,7 @@ import { Command, Option } from "commander";
 import { existsSync } from "node:fs";
 import { writeFileSync } from "node:fs";
 import { pathsFrom } from "../global.js";
-import { printJson, say, warn } from "../output.js";
+import { abortOnSignals, clearProgress, printJson, progressLine, say, warn } from "../output.js";
 import { loadInstances, selectInstance, preprocessConfig, checkInstanceFiles } from "../../config/index.js";
 import { detectAccel } from "../../host/kvm.js";
 import { VmRun, Registry, reconcile } from "../../vm/index.js";
@@ -12,9 +12,9 @@ import type { Paths } from "../../host/paths.js";
 import type { DevFlags } from "../../dev/plan.js";
 import { ConfigError, EXIT_CODES } from "../../errors/index.js";
 import { parseSecondsFlag } from "../../config/durations.js";
-import { formatSeconds } from "../../vm/format.js";
+import { formatBytes, formatSeconds } from "../../vm/format.js";
 import { trace } from "../../errors/trace.js";
-import { looksLikeImageName, resolveStoredImage } from "../../images/resolve.js";
+import { isOciImageRef, looksLikeImageName, resolveStoredImage } from "../../images/resolve.js";
 import { buildQemuArgs } from "../../vm/argv.js";
 import { sniffImage } from "../../vm/disk.js";
 import { describeCommand } from "../../exec/index.js";
@@ -106,7 +106,7 @@ export function registerRun(program: Command): void {
     .addOption(new Option("--timings-file <file>").hideHelp())
     .addOption(new Option("--logs-keep-days <days>", `delete civm's console and supervisor logs in the logs dir not written for this many days; 0 = keep (default ${LOG_RETENTION_DEFAULTS.keepDays})`).env("CIVM_LOGS_KEEP_DAYS"))
     .addOption(new Option("--logs-max-bytes <size>", `then delete the oldest of them until they total at most this, e.g. 500M; 0 = no limit (default ${LOG_RETENTION_DEFAULTS.maxBytes / 1024 ** 3}G)`).env("CIVM_LOGS_MAX_BYTES"))
-    .option("--image <image>", "ad-hoc VM: a stored image (civm image ls) or a disk image path; no instances file")
+    .option("--image <image>", "ad-hoc VM: a stored image (civm image ls), a disk image path, or an OCI reference REGISTRY/REPO:TAG (pulled on first use); no instances file")
     .option("--kernel <kernel>", "ad-hoc: boot a stored kernel (civm kernel ls; its modules are mounted in the guest) or a bzImage file")
     .option("--initrd <file>", "ad-hoc: initrd for a --kernel file")
     .option("--append <args>", "ad-hoc: extra kernel command line arguments")
@@ -140,7 +140,9 @@ export function registerRun(program: Command): void {
       `
 The instances file is a list of objects with the keys of Rust CI's run.py: name, image,
 cpu-cores, ram, root-disk, timeout-seconds, ssh-port, config; and optionally kernel, initrd,
-cmdline, machine (pc, q35, microvm), qemu-args. Values in config may use
+cmdline, machine (pc, q35, microvm), qemu-args. An image (here and in --image) is a disk
+path, a stored image name, or an OCI reference REGISTRY/REPO:TAG pulled on first use
+(docs/images.md says how civm tells them apart). Values in config may use
 \${{ env:NAME }}, \${{ file:PATH }} and \${{ gha-install-token:OWNER/REPO }} (GITHUB_TOKEN,
 GITHUB_API_URL). The guest reads {name, config} from instance.json on a CD-ROM labelled
 instance-configuration; when it ejects the disc civm removes the medium.
@@ -185,7 +187,16 @@ Exit code 0 only when the guest powered itself off; see "civm --help" for the ot
       // Only the chosen instance's files must exist: others may be for another host.
       const loaded = await loadInstances(file, { checkFiles: false });
       let spec = selectInstance(loaded, name);
-      if (looksLikeImageName(spec.imageRef)) spec = await resolveStoredImage(spec, paths.stateDir);
+      if (looksLikeImageName(spec.imageRef) || isOciImageRef(spec.imageRef)) {
+        // A pull (OCI reference not stored yet) ends at the first Ctrl-C, leaving nothing stored.
+        const interrupt = abortOnSignals(`the pull of ${spec.imageRef} was interrupted; nothing was stored`);
+        try {
+          spec = await resolveStoredImage(spec, paths.stateDir, { log: say, onProgress: progressLine(formatBytes), signal: interrupt.signal });
+        } finally {
+          interrupt.release();
+          clearProgress();
+        }
+      }
       const missing = await checkInstanceFiles(spec);
       if (missing.length) {
         const hint = looksLikeImageName(spec.imageRef) && missing.some((m) => m.includes('"image"'))
@@ -323,10 +334,16 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
   if (!flags.printCmd) await reconcile(new Registry(paths.stateDir), say);
   const stamp = new Date().toISOString().replace(/[-:]/g, "").replace(/\..*/, "").replace("T", "-");
   // Every check first (nothing started, no KVM probe for bad input), then the accelerator.
-  const plan = await dev.planDevVm(
-    { ...flags, image: flags.image!, ...(flags.grace !== undefined ? { grace: flags.grace } : {}), sshBind: flags.sshBind },
-    { paths, cwd: process.cwd(), ...(flags.detach ? { supervisorLog: (n: string, id: string) => join(paths.logsDir, `${n}-${stamp}-${id}.supervisor.log`) } : {}) },
-  );
+  const interrupt = abortOnSignals(`the pull of ${flags.image} was interrupted; nothing was stored`);
+  const plan = await dev
+    .planDevVm(
+      { ...flags, image: flags.image!, ...(flags.grace !== undefined ? { grace: flags.grace } : {}), sshBind: flags.sshBind },
+      { paths, cwd: process.cwd(), pullLog: say, onPullProgress: progressLine(formatBytes), pullSignal: interrupt.signal, ...(flags.detach ? { supervisorLog: (n: string, id: string) => join(paths.logsDir, `${n}-${stamp}-${id}.supervisor.log`) } : {}) },
+    )
+    .finally(() => {
+      interrupt.release();
+      clearProgress();
+    });
   const accel = await detectAccel({ stateDir: paths.stateDir, ...(flags.accel ? { env: { ...process.env, CIVM_ACCEL: flags.accel } } : {}) });
   if (accel.accel === "tcg" && !flags.accel && !process.env.CIVM_ACCEL && !flags.printCmd) warn(`KVM is not usable (${accel.reason}); using TCG software emulation, guests run several times slower.`);
   plan.accel = accel.accel;

@@ -28,7 +28,7 @@ export function registerServe(program: Command): void {
 
   program
     .command("serve")
-    .description("Keep pools of single-use GitHub Actions runner VMs: webhook and API server plus the reconciler (see docs/serve.md). SIGTERM/SIGINT drains: idle runners stop, busy ones finish (up to shutdownTimeout), then it exits. SIGHUP (or civm reload) re-reads the config; civm drain stops taking work.")
+    .description("Keep pools of single-use GitHub Actions runner VMs: webhook and API server plus the reconciler (see docs/serve.md). SIGTERM/SIGINT drains: idle runners stop, busy ones finish (up to shutdownTimeout), then it exits. SIGHUP (or civm reload) re-reads the config; civm drain stops taking work. With \"store: postgres://...\" several hosts share one fleet: fleet-wide limits, one poller per target, dead hosts' runners taken over (docs/fleet.md).")
     .requiredOption("--config <file>", "the serve config (YAML or JSON)")
     .addOption(new Option("--accel <accel>", "force the accelerator instead of probing KVM").choices(["kvm", "tcg"]))
     .option("--grace <seconds>", "ACPI grace period before a stopping VM is killed", "30")

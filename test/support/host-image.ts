@@ -1,0 +1,106 @@
+// The built-in image civm-host, built once for the suite into its own store
+// (<testCacheDir>/store-host) under a lock, like runner-image.ts does for civm-runner. Its key
+// covers this checkout's civm build (dist/bundle, node_modules, guest/, images/, packaging/)
+// and the host's Node.js package, so a change to civm rebuilds it and an unchanged tree is a
+// cache hit of about a second. Also: booting it with a NoCloud seed, SSH into it.
+import { execFileSync, spawn } from "node:child_process";
+import { existsSync, mkdirSync } from "node:fs";
+import { join } from "node:path";
+import { civmBin, testCacheDir } from "./paths.js";
+import { acquireLock, runNode } from "./runner-image.js";
+
+export const hostStoreDir = join(testCacheDir, "store-host");
+export const HOST_IMAGE = "civm-host";
+const lockDir = join(testCacheDir, "store-host.lock");
+
+export interface HostImage {
+  stateDir: string;
+  diskPath: string;
+  cached: boolean;
+  /** Wall time of `civm image build civm-host`, lock wait excluded. */
+  seconds: number;
+}
+
+let pending: Promise<HostImage> | undefined;
+
+export function ensureHostImage(): Promise<HostImage> {
+  pending ??= build().catch((e: unknown) => {
+    pending = undefined;
+    throw e;
+  });
+  return pending;
+}
+
+async function build(): Promise<HostImage> {
+  mkdirSync(hostStoreDir, { recursive: true });
+  const release = await acquireLock(lockDir, HOST_IMAGE);
+  try {
+    const started = Date.now();
+    const env: NodeJS.ProcessEnv = {
+      ...process.env,
+      CIVM_STATE_DIR: hostStoreDir,
+      CIVM_LOGS_DIR: join(hostStoreDir, "logs"),
+      CIVM_ACCEL: process.env.CIVM_ACCEL ?? "tcg",
+    };
+    const r = await runNode([civmBin, "image", "build", HOST_IMAGE, "--json"], env);
+    const seconds = (Date.now() - started) / 1000;
+    if (r.code !== 0) throw new Error(`civm image build ${HOST_IMAGE} failed (exit ${r.code}) in ${hostStoreDir}:\n${r.stderr.slice(-6000)}\n${r.stdout.slice(-6000)}`);
+    const result = r.stdout
+      .split("\n")
+      .filter((l) => l.startsWith("{"))
+      .map((l) => JSON.parse(l) as { type: string; image?: string; status?: string; disk?: string })
+      .filter((o) => o.type === "result" && o.image === HOST_IMAGE)
+      .at(-1);
+    if (!result?.disk || !existsSync(result.disk)) throw new Error(`civm image build ${HOST_IMAGE} printed no result with an existing disk:\n${r.stdout}\n${r.stderr}`);
+    return { stateDir: hostStoreDir, diskPath: result.disk, cached: result.status === "cached", seconds };
+  } finally {
+    release();
+  }
+}
+
+/** A NoCloud seed (an ISO labelled cidata) with this user-data and meta-data. */
+export function writeSeedIso(dir: string, userData: string, instanceId: string): string {
+  mkdirSync(join(dir, "seed"), { recursive: true });
+  execFileSync("sh", ["-c", 'printf "%s" "$1" > "$3/user-data"; printf "instance-id: %s\\nlocal-hostname: civm-host-test\\n" "$2" > "$3/meta-data"', "sh", userData, instanceId, join(dir, "seed")]);
+  const iso = join(dir, "seed.iso");
+  execFileSync("genisoimage", ["-quiet", "-output", iso, "-volid", "cidata", "-joliet", "-rock", join(dir, "seed", "user-data"), join(dir, "seed", "meta-data")]);
+  return iso;
+}
+
+export interface SshResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** One command over SSH as the image's default user (debian), key only, host keys not recorded. */
+export function ssh(port: number, key: string, command: string, timeoutMs = 120_000): Promise<SshResult> {
+  return new Promise((resolve) => {
+    const child = spawn("ssh", [
+      "-F", "/dev/null", "-i", key, "-p", String(port), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+      "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20",
+      "debian@127.0.0.1", command,
+    ], { stdio: ["ignore", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (d) => (stdout += d));
+    child.stderr.on("data", (d) => (stderr += d));
+    const timer = setTimeout(() => child.kill("SIGKILL"), timeoutMs);
+    child.on("close", (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr });
+    });
+  });
+}
+
+/** Waits until SSH answers (the host booted and cloud-init installed the key). */
+export async function waitForSsh(port: number, key: string, timeoutMs: number, alive: () => boolean): Promise<number> {
+  const started = Date.now();
+  for (;;) {
+    const r = await ssh(port, key, "true", 40_000);
+    if (r.code === 0) return (Date.now() - started) / 1000;
+    if (!alive()) throw new Error("the host VM ended before SSH answered");
+    if (Date.now() - started > timeoutMs) throw new Error(`SSH did not answer within ${timeoutMs / 1000} s: ${r.stderr.trim()}`);
+    await new Promise((r2) => setTimeout(r2, 5000));
+  }
+}
