@@ -8,6 +8,7 @@ import { existsSync } from "node:fs";
 import { isAbsolute, resolve } from "node:path";
 import type { InstanceSpec } from "../config/types.js";
 import { classifyImageRef, type ImageRefKind } from "./oci-ref.js";
+import { lvhImageName } from "./lvh.js";
 import type { OciProgress, PullPolicy } from "./oci.js";
 import type { StoredImage } from "./store.js";
 
@@ -71,7 +72,7 @@ export async function resolveImageRef(ref: string, opts: ResolveImageOptions): P
     const p = home ? resolve(home, t.slice(2)) : t;
     const path = isAbsolute(p) ? p : resolve(opts.baseDir, p);
     // lvh's habit: a bare "base.qcow2" that is no file names the stored image base.
-    const bare = t.replace(/\.(qcow2|img|raw)$/i, "");
+    const bare = lvhImageName(t);
     if (!existsSync(path) && bare !== t && looksLikeImageName(bare)) {
       const { ImageStore } = await import("./store.js");
       const img = await new ImageStore(opts.stateDir).get(bare);

@@ -189,18 +189,13 @@ export async function loadImageSpecs(file: string, opts: LoadImageOptions = {}):
   return loadImageSpecsInternal(file, opts, false);
 }
 
-/** "base.qcow2" → "base" (lvh's image names carry their file's extension); other names as they are. */
-export function withoutDiskExtension(name: string): string {
-  return name.replace(/\.(qcow2|img|raw)$/i, "");
-}
-
 /** The images to build for `name`, oldest ancestor first, ending with the image itself. */
 export function resolveBuildOrder(specs: LoadedImageSpecs | readonly ImageSpec[], name: string): ImageSpec[] {
   const images = Array.isArray(specs) ? (specs as readonly ImageSpec[]) : (specs as LoadedImageSpecs).images;
   const file = Array.isArray(specs) ? undefined : (specs as LoadedImageSpecs).file;
   const byName = new Map(images.map((i) => [i.name, i]));
   // lvh names its images after their files: "base.qcow2" is the image "base".
-  const target = byName.get(name) ?? byName.get(withoutDiskExtension(name));
+  const target = byName.get(name) ?? byName.get(lvhImageName(name));
   if (!target) {
     const names = images.map((i) => i.name);
     const where = file ? `${file}: ` : "";

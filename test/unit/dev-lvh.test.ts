@@ -7,7 +7,8 @@ import { join } from "node:path";
 import { tmpdir } from "node:os";
 import { memFlag, cpuKindFlag, MIN_MEM_BYTES } from "../../src/dev/plan.js";
 import { foldLvhAliases } from "../../src/cli/commands/run.js";
-import { withoutDiskExtension, resolveBuildOrder } from "../../src/images/spec.js";
+import { resolveBuildOrder } from "../../src/images/spec.js";
+import { lvhImageName } from "../../src/images/lvh.js";
 import { classifySshFailure, explainSshFailure, SSH_DIAGNOSIS_MS } from "../../src/dev/wait.js";
 import { openConsoleSinks } from "../../src/dev/console-sinks.js";
 import { sshOverride } from "../../src/dev/meta.js";
@@ -53,9 +54,9 @@ test("lvh's flag names fold into civm's; both given must agree", () => {
 });
 
 test("image names with lvh's extension: base.qcow2 is the image base", () => {
-  assert.equal(withoutDiskExtension("base.qcow2"), "base");
-  assert.equal(withoutDiskExtension("kind.img"), "kind");
-  assert.equal(withoutDiskExtension("civm-runner"), "civm-runner");
+  assert.equal(lvhImageName("base.qcow2"), "base");
+  assert.equal(lvhImageName("kind.img"), "kind");
+  assert.equal(lvhImageName("civm-runner"), "civm-runner");
   const spec = { name: "base", packages: [], actions: [] } as unknown as ImageSpec;
   assert.deepEqual(resolveBuildOrder([spec], "base.qcow2").map((s) => s.name), ["base"]);
   assert.throws(() => resolveBuildOrder([spec], "other.qcow2"), /no image named "other.qcow2"/);

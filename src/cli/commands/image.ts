@@ -38,14 +38,14 @@ export function registerImage(program: Command): void {
     .action(async (asked: string, flags: BuildFlags, cmd: Command) => {
       const paths = pathsFrom(cmd);
       const { loadImageSpecs, loadBuiltinImageSpecs, buildImage } = await import("../../images/index.js");
-      const { withoutDiskExtension } = await import("../../images/spec.js");
+      const { lvhImageName } = await import("../../images/lvh.js");
       const { ImageStore, sweepStale } = await import("../../images/store.js");
       const { detectAccel } = await import("../../host/kvm.js");
       const file = specFile(flags.file);
       const specs = file ? await loadImageSpecs(file) : await loadBuiltinImageSpecs();
       // lvh's names carry the file's extension: "base.qcow2" builds the image base.
       const all = Array.isArray(specs) ? specs : specs.images;
-      const name = all.some((i) => i.name === asked) ? asked : withoutDiskExtension(asked);
+      const name = all.some((i) => i.name === asked) ? asked : lvhImageName(asked);
       const store = new ImageStore(paths.stateDir);
       await sweepStale(store);
       const accel = await detectAccel({ stateDir: paths.stateDir });
