@@ -21,24 +21,31 @@ export interface ServeMetrics {
   githubRateLimit: Gauge<"target">;
 }
 
-const created = new WeakMap<Registry, ServeMetrics>();
+/**
+ * A getter for metrics made once per registry (prom-client refuses a second metric of the
+ * same name on one registry): `make` gets the registry to register with.
+ */
+export function perRegistry<T>(make: (registers: Registry[]) => T): (registry: Registry) => T {
+  const made = new WeakMap<Registry, T>();
+  return (registry) => {
+    let m = made.get(registry);
+    if (m === undefined) {
+      m = make([registry]);
+      made.set(registry, m);
+    }
+    return m;
+  };
+}
 
 /** The metrics of `registry`, created on first use. */
-export function serveMetrics(registry: Registry): ServeMetrics {
-  let m = created.get(registry);
-  if (m) return m;
-  const registers = [registry];
-  m = {
+export const serveMetrics = perRegistry((registers): ServeMetrics => ({
     boot: new Histogram({ name: "civm_vm_boot_seconds", help: "Runner VM start until its runner is registered and online (idle or busy)", labelNames: ["pool"], buckets: BOOT_BUCKETS, registers }),
     job: new Histogram({ name: "civm_job_seconds", help: "Runner busy with a job until the job completed or the VM ended", labelNames: ["pool"], buckets: JOB_BUCKETS, registers }),
     pickup: new Histogram({ name: "civm_job_pickup_seconds", help: "Job queued until in progress on a civm runner", labelNames: ["pool"], buckets: PICKUP_BUCKETS, registers }),
     githubRequests: new Counter({ name: "civm_github_api_requests_total", help: "GitHub API requests (each attempt) by route template and HTTP status (0: no response)", labelNames: ["route", "status"], registers }),
     githubErrors: new Counter({ name: "civm_github_api_errors_total", help: "GitHub API requests that failed (4xx/5xx including rate limits, or no response) by route template", labelNames: ["route"], registers }),
     githubRateLimit: new Gauge({ name: "civm_github_rate_limit_remaining", help: "GitHub rate-limit budget left (x-ratelimit-remaining) of the credential polling each target", labelNames: ["target"], registers }),
-  };
-  created.set(registry, m);
-  return m;
-}
+}));
 
 /** The GitHub clients' request observer (ClientOptions.onRequest). */
 export function githubRequestObserver(registry: Registry): (route: string, status: number | undefined) => void {

@@ -12,6 +12,7 @@ import type { RunnerTarget } from "../github/registration-token.js";
 import { repositoryIsPrivate, runnerGroupAccess, type RunnerGroupAccess } from "../github/runner-groups.js";
 import { labelsMatch } from "./labels.js";
 import { matchPool } from "./plan.js";
+import { perRegistry } from "./metrics.js";
 
 export const DEFAULT_RUNNER_GROUP = 1;
 
@@ -88,16 +89,9 @@ const DEFAULT_TTL_MS = 5 * 60_000;
 const FAILURE_TTL_MS = 60_000;
 const IGNORED_REMEMBERED = 10_000;
 
-const counters = new WeakMap<Registry, Counter<"reason">>();
-
-export function jobsIgnoredCounter(registry: Registry): Counter<"reason"> {
-  let c = counters.get(registry);
-  if (!c) {
-    c = new Counter({ name: "civm_jobs_ignored_total", help: "Workflow jobs no pool serves, by reason (each job counted once)", labelNames: ["reason"], registers: [registry] });
-    counters.set(registry, c);
-  }
-  return c;
-}
+export const jobsIgnoredCounter = perRegistry(
+  (registers): Counter<"reason"> => new Counter({ name: "civm_jobs_ignored_total", help: "Workflow jobs no pool serves, by reason (each job counted once)", labelNames: ["reason"], registers }),
+);
 
 /** routeJob with runner-group access fetched from GitHub and cached; counts ignored jobs once each. */
 export class JobRouter {
