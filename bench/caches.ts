@@ -22,18 +22,15 @@ import { startFakeGitHub } from "../test/support/fake-github.js";
 import { freePort } from "../test/support/net.js";
 import { rssKiB, serveConfig, startHub, startServe } from "../test/support/serve-harness.js";
 import type { CacheStatus } from "../src/caches/types.js";
+import { benchArg } from "./args.js";
 
-const arg = (name: string, def: string) => {
-  const i = process.argv.indexOf(`--${name}`);
-  return i > 0 && process.argv[i + 1] ? process.argv[i + 1]! : def;
-};
-const runs = Number(arg("runs", "5")) || 5;
-const layers = Number(arg("layers", "4")) || 4;
-const layerMiB = Number(arg("layer-mib", "16")) || 16;
-const mbit = Number(arg("mbit", "100")) || 100;
-const pulls = Number(arg("pulls", "10")) || 10;
-const only = new Set(arg("only", "pull,memory").split(","));
-const out = process.argv.includes("--out") ? arg("out", "") : undefined;
+const runs = Number(benchArg("runs", "5")) || 5;
+const layers = Number(benchArg("layers", "4")) || 4;
+const layerMiB = Number(benchArg("layer-mib", "16")) || 16;
+const mbit = Number(benchArg("mbit", "100")) || 100;
+const pulls = Number(benchArg("pulls", "10")) || 10;
+const only = new Set(benchArg("only", "pull,memory").split(","));
+const out = process.argv.includes("--out") ? benchArg("out", "") : undefined;
 const log = (m: string) => process.stderr.write(`[bench caches] ${m}\n`);
 const loadavg = () => readFileSync("/proc/loadavg", "utf8").split(" ").slice(0, 3).map(Number);
 const r3 = (x: number) => Math.round(x * 1000) / 1000;

@@ -23,17 +23,14 @@ import { startFakeGitHub, type FakeGitHub } from "../test/support/fake-github.js
 import { startPostgres } from "../test/support/postgres.js";
 import { poolSpec } from "../test/support/pool-spec.js";
 import type { PoolSpec } from "../src/pool/types.js";
+import { benchArg } from "./args.js";
 
-const arg = (name: string, def: string) => {
-  const i = process.argv.indexOf(`--${name}`);
-  return i > 0 && process.argv[i + 1] ? process.argv[i + 1]! : def;
-};
-const hostCount = Number(arg("hosts", "20"));
-const runnerCount = Number(arg("runners", "1000"));
-const jobCount = Number(arg("jobs", "60"));
-const out = process.argv.includes("--out") ? arg("out", "") : undefined;
+const hostCount = Number(benchArg("hosts", "20"));
+const runnerCount = Number(benchArg("runners", "1000"));
+const jobCount = Number(benchArg("jobs", "60"));
+const out = process.argv.includes("--out") ? benchArg("out", "") : undefined;
 /** "placements" or "jobs": run one measure only. */
-const only = arg("only", "");
+const only = benchArg("only", "");
 const quiet = { info: () => {}, warn: () => {}, error: () => {} };
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 

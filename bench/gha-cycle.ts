@@ -9,10 +9,10 @@ import { mkdirSync, writeFileSync } from "node:fs";
 import { loadavg } from "node:os";
 import { join } from "node:path";
 import { civmBin, tempDir, testCacheDir } from "../test/support/paths.js";
+import { benchArg } from "./args.js";
 
-const arg = (name: string, def: string) => (process.argv.includes(name) ? process.argv[process.argv.indexOf(name) + 1]! : def);
-const runs = Number(arg("--runs", "3"));
-const stateDir = arg("--state", join(testCacheDir, "store-gha"));
+const runs = Number(benchArg("runs", "3"));
+const stateDir = benchArg("state", join(testCacheDir, "store-gha"));
 const root = tempDir("civm-bench-gha-");
 mkdirSync(join(root, "logs"), { recursive: true });
 const env = { ...process.env, CIVM_STATE_DIR: stateDir, CIVM_LOGS_DIR: join(root, "logs"), CIVM_ACCEL: process.env.CIVM_ACCEL ?? "tcg" };

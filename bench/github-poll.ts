@@ -19,17 +19,14 @@ import { Registry } from "prom-client";
 import { startFakeGitHub } from "../test/support/fake-github.js";
 import { poolSpec } from "../test/support/pool-spec.js";
 import type { PoolSpec } from "../src/pool/types.js";
+import { benchArg } from "./args.js";
 
-const arg = (name: string, def: string) => {
-  const i = process.argv.indexOf(`--${name}`);
-  return i > 0 && process.argv[i + 1] ? process.argv[i + 1]! : def;
-};
-const repoCount = Number(arg("repos", "200")) || 200;
-const capSeconds = Number(arg("cap", "60")) || 60;
+const repoCount = Number(benchArg("repos", "200")) || 200;
+const capSeconds = Number(benchArg("cap", "60")) || 60;
 /** Simulated minutes of org-hour (one poll each); the counts are scaled to an hour. */
-const minutes = Number(arg("minutes", "60")) || 60;
-const before = process.argv.includes("--before") ? resolve(arg("before", "")) : undefined;
-const out = process.argv.includes("--out") ? arg("out", "") : undefined;
+const minutes = Number(benchArg("minutes", "60")) || 60;
+const before = process.argv.includes("--before") ? resolve(benchArg("before", "")) : undefined;
+const out = process.argv.includes("--out") ? benchArg("out", "") : undefined;
 
 interface Build {
   name: string;

@@ -18,18 +18,15 @@ import { civmEnv, qemuProcessesOf, type CivmEnv } from "../test/support/civm-cli
 import { sendWebhook, startFakeGitHub, workflowJobPayload, type FakeGitHub, type FakeJob } from "../test/support/fake-github.js";
 import { freePort } from "../test/support/net.js";
 import { logLines, REPO, SECRET, serveConfig, startHub, startServe, rssKiB, type Hub, type PoolOptions, type Serve } from "../test/support/serve-harness.js";
+import { benchArg } from "./args.js";
 
-const arg = (name: string, def: string) => {
-  const i = process.argv.indexOf(`--${name}`);
-  return i > 0 && process.argv[i + 1] ? process.argv[i + 1]! : def;
-};
-const runs = Number(arg("runs", "5")) || 5;
-const replaceSeconds = Number(arg("replace-seconds", "120")) || 120;
-const vmCount = Number(arg("vms", "20")) || 20;
-const only = new Set(arg("only", "warm,cold,replace,rss").split(","));
-const out = process.argv.includes("--out") ? arg("out", "") : undefined;
+const runs = Number(benchArg("runs", "5")) || 5;
+const replaceSeconds = Number(benchArg("replace-seconds", "120")) || 120;
+const vmCount = Number(benchArg("vms", "20")) || 20;
+const only = new Set(benchArg("only", "warm,cold,replace,rss").split(","));
+const out = process.argv.includes("--out") ? benchArg("out", "") : undefined;
 /** Keep each daemon's JSON log as DIR/serve-<scenario>.log. */
-const logDir = process.argv.includes("--log-dir") ? arg("log-dir", "") : undefined;
+const logDir = process.argv.includes("--log-dir") ? benchArg("log-dir", "") : undefined;
 
 function stats(xs: number[]): { n: number; median: number; p95: number; min: number; max: number } | null {
   if (xs.length === 0) return null;
