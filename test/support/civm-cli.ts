@@ -68,8 +68,11 @@ export async function waitFor(cond: () => boolean | Promise<boolean>, timeoutMs:
   }
 }
 
+/** VMs QEMU was started for: `--version` (civm doctor, run by serve at start) and the KVM probe's boot sector are not VMs. */
 export function qemuStarts(e: CivmEnv): number {
-  return existsSync(e.qemuStartsFile) ? readFileSync(e.qemuStartsFile, "utf8").trim().split("\n").filter(Boolean).length : 0;
+  if (!existsSync(e.qemuStartsFile)) return 0;
+  const lines = readFileSync(e.qemuStartsFile, "utf8").trim().split("\n").filter(Boolean);
+  return lines.filter((l) => l.trim() !== "--version" && !/\/civm-kvm-probe-[^/]*\/probe\.img/.test(l)).length;
 }
 
 /** Work dirs and registry entries left in the state dir. */
