@@ -3,13 +3,17 @@
 import { CivmError, EXIT_CODES } from "../errors/index.js";
 
 /**
- * An AbortSignal that fires on the first SIGINT/SIGTERM (a transfer ends cleanly: its
- * pending files removed, exit 5) until release() is called.
+ * An AbortSignal that fires on the first SIGINT/SIGTERM (a transfer or build ends cleanly:
+ * its pending files removed, its children ended, exit 5) until release() is called. Later
+ * signals do not kill civm halfway through that clean-up (which would orphan the children).
  */
 export function abortOnSignals(what: string): { signal: AbortSignal; release(): void } {
   const controller = new AbortController();
-  const onSignal = (sig: NodeJS.Signals) => controller.abort(new CivmError("signal", `${sig}: ${what}`));
-  process.once("SIGINT", onSignal).once("SIGTERM", onSignal);
+  const onSignal = (sig: NodeJS.Signals) => {
+    if (controller.signal.aborted) say(`${sig} again: still cleaning up, one moment`);
+    else controller.abort(new CivmError("signal", `${sig}: ${what}`));
+  };
+  process.on("SIGINT", onSignal).on("SIGTERM", onSignal);
   return { signal: controller.signal, release: () => void process.off("SIGINT", onSignal).off("SIGTERM", onSignal) };
 }
 

@@ -42,6 +42,8 @@ export interface RunOptions {
   /** Called with each chunk of stderr as it arrives (progress). */
   onStderr?: (chunk: string) => void;
   onStdout?: (chunk: string) => void;
+  /** Ends the program (SIGTERM, SIGKILL 10 s later) and rejects with the signal's reason. */
+  signal?: AbortSignal;
 }
 
 export interface RunResult {
@@ -84,6 +86,7 @@ export function missingProgram(program: string): HostError {
 /** Runs a program to completion; rejects with a ToolError on a non-zero exit. */
 export function run(program: string, args: readonly string[], opts: RunOptions = {}): Promise<RunResult> {
   return new Promise((resolve, reject) => {
+    if (opts.signal?.aborted) return reject(abortReason(opts.signal));
     const child = spawn(program, args, {
       cwd: opts.cwd,
       env: opts.env ?? process.env,
@@ -99,6 +102,13 @@ export function run(program: string, args: readonly string[], opts: RunOptions =
             timedOut = true;
             child.kill("SIGKILL");
           }, opts.timeoutMs);
+    // An interrupted build: the program gets SIGTERM (mmdebstrap cleans up after itself), then SIGKILL.
+    let killTimer: NodeJS.Timeout | undefined;
+    const onAbort = () => {
+      child.kill("SIGTERM");
+      killTimer = setTimeout(() => child.kill("SIGKILL"), 10_000);
+    };
+    opts.signal?.addEventListener("abort", onAbort, { once: true });
     child.stdout.setEncoding("utf8").on("data", (d: string) => {
       stdout += d;
       opts.onStdout?.(d);
@@ -107,13 +117,20 @@ export function run(program: string, args: readonly string[], opts: RunOptions =
       stderr += d;
       opts.onStderr?.(d);
     });
-    child.on("error", (err: NodeJS.ErrnoException) => {
+    const settle = () => {
       if (timer) clearTimeout(timer);
+      if (killTimer) clearTimeout(killTimer);
+      opts.signal?.removeEventListener("abort", onAbort);
+    };
+    child.on("error", (err: NodeJS.ErrnoException) => {
+      settle();
       reject(err.code === "ENOENT" ? missingProgram(program) : err);
     });
     child.on("close", (code, signal) => {
-      if (timer) clearTimeout(timer);
-      if (timedOut) {
+      settle();
+      if (opts.signal?.aborted) {
+        reject(abortReason(opts.signal));
+      } else if (timedOut) {
         reject(new ToolError(opts.failCode ?? "internal", program, args, null, stderr, `timed out after ${opts.timeoutMs} ms`));
       } else if (code === 0) {
         resolve({ stdout, stderr, code });
@@ -127,6 +144,12 @@ export function run(program: string, args: readonly string[], opts: RunOptions =
     });
     child.stdin.end(opts.input ?? "");
   });
+}
+
+/** The reason an AbortSignal carries, as an Error (a CivmError "signal" from the CLI). */
+export function abortReason(signal: AbortSignal): Error {
+  const r: unknown = signal.reason;
+  return r instanceof Error ? r : new CivmError("signal", String(r ?? "interrupted"));
 }
 
 /** Finds a program on PATH; undefined when absent. */

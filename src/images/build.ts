@@ -6,7 +6,7 @@ import { copyFile, cp, link, mkdir, readFile, rm, writeFile } from "node:fs/prom
 import { availableParallelism } from "node:os";
 import { basename, join } from "node:path";
 import { CivmError, ConfigError } from "../errors/index.js";
-import { run } from "../exec/index.js";
+import { abortReason, run } from "../exec/index.js";
 import type { Paths } from "../host/paths.js";
 import type { InstanceSpec } from "../config/types.js";
 import { VmRun, securityModelFor, type HostMount } from "../vm/index.js";
@@ -41,6 +41,11 @@ export interface BuildOptions {
   onEvent?: (e: BuildEvent) => void;
   /** Keep downloaded .deb files here across builds. */
   aptCacheDir?: string;
+  /**
+   * SIGINT/SIGTERM from the CLI: mmdebstrap is ended, the build VM powered off (forced after
+   * its grace), the pending image removed; the build rejects with the signal's reason.
+   */
+  signal?: AbortSignal;
 }
 
 export interface BuildOutcome {
@@ -63,6 +68,7 @@ export async function buildImage(o: BuildOptions): Promise<BuildOutcome[]> {
   const keys = await cacheKeysFor(chain);
   const outcomes: BuildOutcome[] = [];
   for (const spec of chain) {
+    if (o.signal?.aborted) throw abortReason(o.signal);
     const started = Date.now();
     const key = keys.get(spec.name)!;
     const existing = await o.store.get(spec.name);
@@ -94,7 +100,11 @@ async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey
     runnerArchive = got.path;
   }
   const pending = await o.store.begin(spec.name);
+  const checkpoint = () => {
+    if (o.signal?.aborted) throw abortReason(o.signal);
+  };
   try {
+    checkpoint();
     const work = join(pending.dir, "work");
     const share = join(work, "share");
     const out = join(work, "out");
@@ -116,8 +126,10 @@ async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey
         spec: withGuestAgent(rootSpec), workDir: work, log: o.log,
         onProgress: (p) => ev("rootfs", p.message),
         ...(o.aptCacheDir ? { aptCacheDir: o.aptCacheDir } : {}),
+        ...(o.signal ? { signal: o.signal } : {}),
       });
       try {
+        checkpoint();
         ev("disk", `assembling ${bootFormat} disk`);
         const asm = await assembleDisk({ tree: tree.tree, output: disk, sizeBytes: spec.sizeBytes, format: bootFormat, log: o.log, onProgress: (p) => ev("disk", p.message), kernelPath: kernel, initrdPath: initrd, label: describeImage(spec), ...(spec.uefi ? { uefi: true } : {}) });
         packages = asm.packages;
@@ -139,9 +151,11 @@ async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey
       const staged = join(share, RUNNER_ARCHIVE);
       await link(runnerArchive, staged).catch(() => copyFile(runnerArchive as string, staged));
     }
+    checkpoint();
     const script = await stage2Script(spec, share, parent !== undefined);
     ev("vm", `booting the build VM (${o.accel}) to ${parent ? "apply packages and actions" : "install the bootloader"}${spec.actions.some((a) => a.kind === "provision") ? " and run provision scripts" : ""}`);
     await bootBuildVm(o, spec, { disk, format: bootFormat, kernel, initrd, share, out, script });
+    checkpoint();
 
     // The VM wrote its kernel, initrd and package list to the out share.
     const status = await readFile(join(out, "status"), "utf8").catch(() => "");
@@ -449,8 +463,18 @@ async function bootBuildVm(
       for (const l of lines) o.log(`console: ${l}`);
     },
   });
-  const r = await vm.run();
+  // Interrupted: the half-built disk is thrown away, so QEMU is ended at once (no ACPI grace).
+  const onAbort = () => vm.stop("signal", true);
+  o.signal?.addEventListener("abort", onAbort, { once: true });
+  let r: Awaited<ReturnType<VmRun["run"]>>;
+  try {
+    if (o.signal?.aborted) throw abortReason(o.signal);
+    r = await vm.run();
+  } finally {
+    o.signal?.removeEventListener("abort", onAbort);
+  }
   if (partial) o.log(`console: ${partial}`);
+  if (o.signal?.aborted) throw abortReason(o.signal);
   if (r.reason !== "poweroff") {
     throw new CivmError(r.reason === "timeout" ? "timeout" : "qemu", `${describeImage(spec)}: the build VM ended with ${r.reason} (console log: ${r.consoleLog})`, { ...(r.detail ? { details: r.detail } : {}) });
   }

@@ -84,6 +84,8 @@ export interface BuildRootTreeOptions {
   mode?: "root" | "unshare";
   /** Give up after this long (default 60 minutes). */
   timeoutMs?: number;
+  /** Ends mmdebstrap (the tree is removed) when the build is interrupted. */
+  signal?: AbortSignal;
 }
 
 export interface RootTree {
@@ -150,10 +152,12 @@ export async function buildRootTree(opts: BuildRootTreeOptions): Promise<RootTre
       onStderr: (c) => progress.feed(c),
       onStdout: (c) => progress.feed(c),
       env: { ...process.env, LC_ALL: "C.UTF-8" },
+      ...(opts.signal ? { signal: opts.signal } : {}),
     });
   } catch (e) {
     progress.flush();
     await removeTree(tree).catch((err: unknown) => log(`warning: could not remove ${tree}: ${(err as Error).message}`));
+    if (opts.signal?.aborted) throw e;
     throw explainFailure(e, spec, progress);
   }
   progress.flush();

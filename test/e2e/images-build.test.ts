@@ -8,7 +8,7 @@ import { test, before, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import { existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { civmEnv, runCivm, qemuStarts, leftovers, type CivmEnv, type CivmResult } from "../support/civm-cli.js";
+import { civmEnv, runCivm, startCivm, qemuStarts, leftovers, waitFor, type CivmEnv, type CivmResult } from "../support/civm-cli.js";
 import { repoRoot } from "../support/paths.js";
 import { ensureRunnerImage, leftoversNamed, qemuProcessesNamed, runnerEnv, uniqueName, RUNNER_IMAGE, type RunnerImage } from "../support/runner-image.js";
 
@@ -136,6 +136,33 @@ test("a child of civm-runner: built on it, listed with its parent, boots with it
   const rm = await runCivm(["image", "rm", child], e);
   assert.equal(rm.code, 0, rm.stderr);
   assert.equal((await listImages(e)).some((i) => i.name === child), false);
+});
+
+test("SIGTERM during a build's VM stage: exit 5 within seconds, the build VM ended, nothing stored, no work files left", async (t: TestContext) => {
+  const e = runnerEnv();
+  const child = uniqueName("interrupted");
+  t.after(() => rmSync(e.root, { recursive: true, force: true }));
+  // The child's action would keep its build VM busy for ten minutes.
+  writeFileSync(join(e.root, "images.yaml"), [`- name: ${child}`, `  parent: ${RUNNER_IMAGE}`, "  actions:", "    - run: echo civm-e2e-long-action && sleep 600", ""].join("\n"));
+  const build = startCivm(["image", "build", child], e, { cwd: e.root });
+  await waitFor(() => qemuProcessesNamed(e, `build-${child}`).length === 1, 120_000, "the build VM to start");
+  const buildLog = () => /full log: (\S+\.log)/.exec(build.stderrSoFar())?.[1];
+  // Into the action itself (the guest agent runs the build script): not only QEMU's start.
+  await waitFor(() => { const f = buildLog(); return !!f && existsSync(f) && readFileSync(f, "utf8").includes("civm-e2e-long-action"); }, 240_000, "the build VM to run the action");
+  const pids = qemuProcessesNamed(e, `build-${child}`);
+  const sentAt = Date.now();
+  build.child.kill("SIGTERM");
+  const r = await build.done;
+  const took = (Date.now() - sentAt) / 1000;
+  t.diagnostic(`SIGTERM → exit: ${took.toFixed(1)} s`);
+  assert.equal(r.code, 5, r.stderr);
+  assert.match(r.stderr, new RegExp(`SIGTERM: the build of ${escape(child)} was interrupted`));
+  assert.doesNotMatch(r.stderr, /internal error|at \S+\.js:\d+/);
+  assert.ok(took < 20, `civm took ${took.toFixed(1)} s to end after SIGTERM`);
+  for (const pid of pids) assert.equal(existsSync(`/proc/${pid}`), false, `the build VM's QEMU (pid ${pid}) outlived civm`);
+  assert.deepEqual(qemuProcessesNamed(e, `build-${child}`), []);
+  assert.deepEqual(leftoversNamed(e, `build-${child}`), [], "the build VM's work dir or registry entry");
+  assert.deepEqual(imagesDirEntries(e.stateDir).filter((n) => n.includes(child)), [], "a pending or stored image of the interrupted build");
 });
 
 function assertOneError(r: CivmResult, pattern: RegExp): void {

@@ -54,9 +54,10 @@ export function registerImage(program: Command): void {
       const logStream = createWriteStream(logFile, { mode: 0o600 });
       const emit = (obj: Record<string, unknown>) => process.stdout.write(JSON.stringify(obj) + "\n");
       if (!flags.quiet && !flags.json) say(`building ${name}; full log: ${logFile}${accel.accel === "tcg" ? " (TCG: the VM stage is slow)" : ""}`);
+      const interrupt = abortOnSignals(`the build of ${name} was interrupted; its build VM and work files are gone, nothing was stored`);
       try {
         const outcomes = await buildImage({
-          name, specs, store, paths, accel: accel.accel, force: !!flags.force,
+          name, specs, store, paths, accel: accel.accel, force: !!flags.force, signal: interrupt.signal,
           aptCacheDir: join(paths.stateDir, "apt-cache"),
           log: (l) => logStream.write(l + "\n"),
           onEvent: (e) => {
@@ -73,6 +74,7 @@ export function registerImage(program: Command): void {
         if (!flags.json) say(`build failed; full log: ${logFile}`);
         throw e;
       } finally {
+        interrupt.release();
         await new Promise((r) => logStream.end(r));
       }
     });
