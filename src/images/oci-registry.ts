@@ -176,6 +176,11 @@ export interface RegistryRequest {
   signal?: AbortSignal;
   /** The body is a stream: it cannot be sent twice (authenticate first). */
   once?: boolean;
+  /**
+   * A blob the manifest names: a 404 is the registry's fault (garbage-collected, half-pushed),
+   * not the user's reference, so it is an ExternalError (exit 7), not a ConfigError.
+   */
+  blob?: boolean;
 }
 
 const USER_AGENT = "civm (OCI image pull/push)";
@@ -223,7 +228,7 @@ export class RegistryClient {
     }
     if (res.status === 401 || res.status === 403) throw await this.denied(res, access, req.what);
     const ok = req.ok ?? ((s: number) => s >= 200 && s < 300);
-    if (!ok(res.status)) throw await this.failed(res, req.what);
+    if (!ok(res.status)) throw await this.failed(res, req.what, req.blob);
     return res;
   }
 
@@ -309,9 +314,10 @@ export class RegistryClient {
     return this.noCredentials(what, `denied anonymous ${access} access to ${this.repository} (HTTP ${res.status}${detail ? `: ${detail}` : ""})`, this.creds());
   }
 
-  async failed(res: Response, what: string): Promise<CivmError> {
+  async failed(res: Response, what: string, blob = false): Promise<CivmError> {
     const detail = await errorDetail(res);
     const text = `${what}: HTTP ${res.status}${res.statusText ? ` ${res.statusText}` : ""}${detail ? ` (${detail})` : ""}`;
+    if (res.status === 404 && blob) return new ExternalError(`${text}; the manifest names this blob but ${this.registry} does not have it (deleted or half-pushed): push the image again`);
     return res.status === 404 ? new ConfigError(`${text}; check the repository and tag`) : new ExternalError(text);
   }
 

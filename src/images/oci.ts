@@ -268,7 +268,7 @@ async function checkConfigPlatform(client: RegistryClient, manifest: OciManifest
 
 async function fetchSmallBlob(client: RegistryClient, d: Descriptor, what: string): Promise<Buffer> {
   if (d.size > MAX_CONFIG_BYTES) throw new ExternalError(`${what}: ${d.size} bytes, more than civm reads for a config`);
-  const res = await client.request(`/v2/${client.repository}/blobs/${d.digest}`, { what });
+  const res = await client.request(`/v2/${client.repository}/blobs/${d.digest}`, { what, blob: true });
   const body = await readLimited(res, MAX_CONFIG_BYTES, what);
   const got = sha256(body);
   if (got !== d.digest) throw mismatch(what, d.digest, got, "the manifest's descriptor");
@@ -350,7 +350,7 @@ async function streamBlob(
   };
   const signal = opts.signal ? AbortSignal.any([controller.signal, opts.signal]) : controller.signal;
   armStall();
-  const res = await client.request(`/v2/${client.repository}/blobs/${d.digest}`, { what, signal }).catch((e: unknown) => {
+  const res = await client.request(`/v2/${client.repository}/blobs/${d.digest}`, { what, signal, blob: true }).catch((e: unknown) => {
     clearTimeout(stallTimer);
     throw e;
   });

@@ -7,9 +7,9 @@ import { execFileSync } from "node:child_process";
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { Readable } from "node:stream";
-import { ConfigError } from "../../src/errors/index.js";
+import { ConfigError, EXIT_CODES, ExternalError } from "../../src/errors/index.js";
 import { almostOciReference, classifyImageRef, defaultOciImageName, parseOciReference, parsePlatform, requireOciReference } from "../../src/images/oci-ref.js";
-import { lookupCredentials, parseChallenges, registryScheme } from "../../src/images/oci-registry.js";
+import { RegistryClient, lookupCredentials, parseChallenges, registryScheme } from "../../src/images/oci-registry.js";
 import { planDisk, selectPlatform, type OciIndex, type OciManifest } from "../../src/images/oci.js";
 import { readTar, writeTar, type TarEntry } from "../../src/images/tar.js";
 import { resolveImageRef } from "../../src/images/resolve.js";
@@ -194,4 +194,23 @@ test("resolveImageRef: a path stays a path, a stored name that is missing lists 
   assert.deepEqual(await resolveImageRef("disk.img", { stateDir: state, baseDir: "/srv" }), { kind: "path", path: "/srv/disk.img" });
   assert.deepEqual(await resolveImageRef("~/x.qcow2", { stateDir: state, baseDir: "/srv", env: { HOME: "/home/u" } }), { kind: "path", path: "/home/u/x.qcow2" });
   await assert.rejects(resolveImageRef("civm-runner", { stateDir: state, baseDir: "/srv" }), /no stored image named civm-runner .*civm image build civm-runner/);
+});
+
+test("a 404: for a manifest it is the user's reference (ConfigError, exit 2), for a blob the manifest names it is the registry's fault (ExternalError, exit 7)", async (t) => {
+  const { createServer } = await import("node:http");
+  const server = createServer((req, res) => {
+    res.writeHead(404, { "content-type": "application/json" });
+    res.end(JSON.stringify({ errors: [{ code: req.url?.includes("/blobs/") ? "BLOB_UNKNOWN" : "MANIFEST_UNKNOWN", message: "unknown" }] }));
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  t.after(() => server.close());
+  const port = (server.address() as import("node:net").AddressInfo).port;
+  const client = new RegistryClient({ ref: { registry: `127.0.0.1:${port}`, repository: "lvh/kind" }, env: {} });
+  const manifest = await client.request("/v2/lvh/kind/manifests/main", { what: "manifest 127.0.0.1/lvh/kind:main" }).catch((e: unknown) => e);
+  assert.ok(manifest instanceof ConfigError, String(manifest));
+  assert.match((manifest as Error).message, /HTTP 404.*check the repository and tag/);
+  const blob = await client.request(`/v2/lvh/kind/blobs/sha256:${"a".repeat(64)}`, { what: "layer 1 of 1", blob: true }).catch((e: unknown) => e);
+  assert.ok(blob instanceof ExternalError, String(blob));
+  assert.equal(EXIT_CODES[(blob as ExternalError).code], 7);
+  assert.match((blob as Error).message, /HTTP 404.*BLOB_UNKNOWN.*does not have it.*push the image again/);
 });
