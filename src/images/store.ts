@@ -219,14 +219,14 @@ async function processStart(pid: number): Promise<string | undefined> {
   }
 }
 
-async function writeOwner(dir: string): Promise<void> {
+export async function writeOwner(dir: string): Promise<void> {
   const owner: Owner = { pid: process.pid };
   const start = await processStart(process.pid);
   if (start) owner.start = start;
   await writeFile(join(dir, OWNER), JSON.stringify(owner) + "\n");
 }
 
-async function readOwner(dir: string): Promise<{ owner?: Owner; mtimeMs?: number }> {
+export async function readOwner(dir: string): Promise<{ owner?: Owner; mtimeMs?: number }> {
   try {
     const path = join(dir, OWNER);
     const [text, st] = await Promise.all([readFile(path, "utf8"), stat(path)]);
@@ -247,7 +247,7 @@ async function readOwner(dir: string): Promise<{ owner?: Owner; mtimeMs?: number
 
 type Liveness = "dead" | "alive" | "alive-unverified";
 
-async function ownerLiveness(owner: Owner): Promise<Liveness> {
+export async function ownerLiveness(owner: Owner): Promise<Liveness> {
   try {
     process.kill(owner.pid, 0);
   } catch (e) {

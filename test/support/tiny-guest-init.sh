@@ -26,6 +26,7 @@
 #                       output prefixed "tiny-guest: job: "), POST http://HUB/done and power off. HUB is tiny.hub=HOST:PORT on
 #                       the kernel command line (e.g. 10.0.2.2:PORT, the host under QEMU user
 #                       networking). The ACPI power button powers it off at any time.
+#   date                print "tiny-guest: date <seconds since the epoch>.<ns>", power off (clock checks)
 #   mounts              (also chosen by tiny.mode=mounts on the kernel command line, for
 #                       civm run --image ... --append) mount every 9p share in config.mounts
 #                       ({tag, path, ro}, as civm run --host-mount writes them), run
@@ -55,9 +56,23 @@ done </etc/tiny-guest/modules
 say "booted (kernel $(uname -r))"
 
 # --- config CD -------------------------------------------------------------------------
+# civm.snapshot on the kernel command line (a snapshot boot, docs/images.md): announce the
+# snapshot point, wait for the disc without a limit (polled every 0.1 s: a restored copy
+# gets it right away), then step the clock to the RTC (the host's time) at its next tick.
 dev=""
 i=0
-while [ $i -lt 100 ]; do # 100 x 0.2 s = 20 s
+if grep -qw civm.snapshot /proc/cmdline; then
+  say "snapshot point: waiting for the configuration disc"
+  until dev=$(findfs LABEL=instance-configuration 2>/dev/null) && [ -n "$dev" ]; do usleep 100000; done
+  say "restored: config disc $dev"
+  read -r first </sys/class/rtc/rtc0/since_epoch
+  now=$first
+  while [ "$now" = "$first" ]; do usleep 10000; read -r now </sys/class/rtc/rtc0/since_epoch; done
+  date -s "@$now" >/dev/null
+  if dmesg | grep -q 'crng reseeded due to virtual machine fork'; then say "restored: RNG reseeded"; else say "restored: no VM generation change seen"; fi
+  say "restored: boot_id $(cat /proc/sys/kernel/random/boot_id) random $(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n') clock $(date +%s)"
+fi
+while [ -z "$dev" ] && [ $i -lt 100 ]; do # 100 x 0.2 s = 20 s
   dev=$(findfs LABEL=instance-configuration 2>/dev/null)
   [ -n "$dev" ] && break
   i=$((i + 1))
@@ -171,6 +186,10 @@ case "$mode" in
     power_off
     ;;
   poweroff)
+    power_off
+    ;;
+  date)
+    say "date $(date +%s.%N 2>/dev/null || date +%s)"
     power_off
     ;;
   hang)
