@@ -433,7 +433,7 @@ new_id128() {
 # reseeds on that, checked here), machine-id, boot_id (the kernel's cannot be written: a fresh
 # one is bind-mounted over the file), hostname, SSH host keys, the clock, the DHCP lease.
 become_unique() {
-  local id host old link clock_pid keys_pid="" links=()
+  local id host old link clock_pid links=()
   if dmesg 2>/dev/null | grep -q 'crng reseeded due to virtual machine fork'; then
     log "restored: RNG reseeded (VM generation ID changed)"
   else
@@ -457,10 +457,18 @@ become_unique() {
   if [ -f "$(gpath /etc/hosts)" ] && [ -n "$old" ]; then
     sed -i "s/\([[:space:]]\)$old\([[:space:]]\|\$\)/\1$host\2/" "$(gpath /etc/hosts)" || true
   fi
-  # The old keys go now, so sshd can never serve them again; new ones take a moment.
+  # The old keys go now, before the workload, so sshd never serves them again. New ones are
+  # made beside the workload (a CI job does not need sshd; ~1 s of CPU under emulation),
+  # then sshd is reloaded (it re-executes itself and reads them).
+  rm -f "$(gpath /etc/ssh)"/ssh_host_* || log "warning: cannot remove the snapshot's SSH host keys"
   if command -v civm-hostkeys >/dev/null; then
-    civm-hostkeys &
-    keys_pid=$!
+    (
+      if nice -n 19 civm-hostkeys; then
+        [ ! -d "$(gpath /run/systemd/system)" ] || systemctl try-reload-or-restart ssh.service >/dev/null 2>&1 || true
+      else
+        log "warning: civm-hostkeys failed; sshd has no host keys"
+      fi
+    ) &
   fi
   if command -v networkctl >/dev/null && [ -d "$(gpath /run/systemd/system)" ]; then
     for link in "$(gpath /sys/class/net)"/*; do
@@ -470,9 +478,6 @@ become_unique() {
       log "warning: networkctl renew failed; keeping the old lease"
   fi
   wait "$clock_pid"
-  if [ -n "$keys_pid" ] && ! wait "$keys_pid"; then
-    log "warning: civm-hostkeys failed; sshd has no host keys"
-  fi
   log "restored: unique now (hostname $host, machine-id $(cat "$(gpath /etc/machine-id)" 2>/dev/null), clock $(date -u +%Y-%m-%dT%H:%M:%SZ))"
 }
 
