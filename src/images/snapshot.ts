@@ -20,6 +20,8 @@ import type { Paths } from "../host/paths.js";
 import type { NetworkSpec } from "../net/policy.js";
 import { VmRun, type SnapshotRequest } from "../vm/run.js";
 import { formatBytes } from "../vm/format.js";
+import { ConfigError } from "../errors/index.js";
+import { STORED_IMAGE_CMDLINE } from "./resolve.js";
 import { ownerLiveness, readOwner, writeOwner, type StoredImage } from "./store.js";
 
 export const SNAPSHOT_FORMAT = 1;
@@ -387,4 +389,34 @@ export async function planSnapshotStart(o: {
 export async function storedImageOf(spec: InstanceSpec, stateDir: string): Promise<StoredImage | undefined> {
   const { ImageStore } = await import("./store.js");
   return (await new ImageStore(stateDir).list()).find((i) => i.diskPath === spec.image);
+}
+
+/** The VM settings `snapshot: true` makes a snapshot for: civm run's and the pools' defaults (2 cpus, 2 GiB, pc). */
+export function defaultSnapshotSpec(img: StoredImage): InstanceSpec {
+  return {
+    name: img.name,
+    image: img.diskPath,
+    imageRef: img.name,
+    cpus: 2,
+    ramBytes: 2 * 1024 ** 3,
+    rootDiskBytes: undefined,
+    timeoutSeconds: SNAPSHOT_MAKE_TIMEOUT_SECONDS,
+    sshPort: undefined,
+    config: {},
+    kernel: img.kernelPath,
+    initrd: img.initrdPath,
+    cmdline: STORED_IMAGE_CMDLINE,
+    machine: "pc",
+    qemuArgs: [],
+    source: { file: `(image ${img.name})`, index: 0 },
+  };
+}
+
+/** `civm image build` of a spec with `snapshot: true`: the default settings' snapshot, made unless it exists. */
+export async function ensureDefaultSnapshot(o: { img: StoredImage; paths: Paths; accel: "kvm" | "tcg"; log: (l: string) => void }): Promise<StoredSnapshot> {
+  if (!o.img.kernelPath || !o.img.initrdPath) throw new ConfigError(`image ${o.img.name} has no kernel and initrd beside its disk, so it cannot have a snapshot (snapshots need direct kernel boot); remove "snapshot: true" from its spec`);
+  const spec = defaultSnapshotSpec(o.img);
+  const found = await findSnapshot({ img: o.img, spec, accel: o.accel, log: o.log });
+  if (found.kind === "restore") return found.snap;
+  return makeSnapshot({ img: o.img, spec, paths: o.paths, accel: o.accel, log: o.log });
 }

@@ -604,8 +604,8 @@ export function shortKey(key: string): string {
 }
 
 /** The table `civm image ls` prints: NAME KEY FORMAT SIZE VIRTUAL AGE (header only when empty). */
-export function formatImageTable(images: readonly StoredImage[], now: number = Date.now()): string {
-  const rows = [["NAME", "KEY", "FORMAT", "SIZE", "VIRTUAL", "AGE"]];
+export function formatImageTable(images: readonly StoredImage[], now: number = Date.now(), snapshots?: ReadonlyMap<string, readonly number[]>): string {
+  const rows = [["NAME", "KEY", "FORMAT", "SIZE", "VIRTUAL", "AGE", ...(snapshots ? ["SNAPSHOTS"] : [])]];
   for (const i of images) {
     const created = Date.parse(i.manifest.createdAt);
     rows.push([
@@ -615,6 +615,7 @@ export function formatImageTable(images: readonly StoredImage[], now: number = D
       humanBytes(i.manifest.diskBytes),
       humanBytes(i.manifest.virtualSize),
       Number.isNaN(created) ? "?" : humanAge(now - created),
+      ...(snapshots ? [(snapshots.get(i.name) ?? []).length ? `${snapshots.get(i.name)!.length} (${snapshots.get(i.name)!.map(humanBytes).join(", ")})` : "-"] : []),
     ]);
   }
   const widths: number[] = [];

@@ -26,7 +26,7 @@
 #                       output prefixed "tiny-guest: job: "), POST http://HUB/done and power off. HUB is tiny.hub=HOST:PORT on
 #                       the kernel command line (e.g. 10.0.2.2:PORT, the host under QEMU user
 #                       networking). The ACPI power button powers it off at any time.
-#   date                print "tiny-guest: date <seconds since the epoch>.<ns>", power off (clock checks)
+#   date                print "tiny-guest: date <seconds since the epoch>.<microseconds>", power off (clock checks)
 #   mounts              (also chosen by tiny.mode=mounts on the kernel command line, for
 #                       civm run --image ... --append) mount every 9p share in config.mounts
 #                       ({tag, path, ro}, as civm run --host-mount writes them), run
@@ -189,7 +189,10 @@ case "$mode" in
     power_off
     ;;
   date)
-    say "date $(date +%s.%N 2>/dev/null || date +%s)"
+    # busybox's date has no %N; adjtimex shows the clock to the microsecond.
+    t=$(adjtimex 2>/dev/null | sed -n 's/.*tv_sec: *\([0-9]*\).*/\1/p;s/.*tv_usec: *\([0-9]*\).*/\1/p' | tr '\n' ' ')
+    set -- $t
+    if [ -n "${2:-}" ]; then say "date $1.$(printf %06d "$2")"; else say "date $(date +%s).0"; fi
     power_off
     ;;
   hang)
