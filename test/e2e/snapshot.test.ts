@@ -10,6 +10,8 @@ import { join } from "node:path";
 import { randomBytes } from "node:crypto";
 import { civmEnv, runCivm, startCivm, leftovers, qemuProcessesOf, qemuStarts, type CivmEnv } from "../support/civm-cli.js";
 import { storeTinyGuest, TINY_IMAGE } from "../support/tiny-store.js";
+import { sendWebhook, workflowJobPayload } from "../support/fake-github.js";
+import { logLines, REPO, SECRET, startServeWithHub } from "../support/serve-harness.js";
 
 let e: CivmEnv;
 const marker = `cfg-marker-${randomBytes(8).toString("hex")}`;
@@ -144,4 +146,26 @@ test("fallbacks: other settings and another QEMU are not restored (reason logged
   assert.equal(resultJson(r.stdout).start, "boot-after-failed-restore");
   assert.ok(!existsSync(memPath), "the snapshot that failed to restore is removed");
   assertClean();
+});
+
+test("a pool with start: snapshot serves jobs end to end from restored VMs (the snapshot made once, on first use)", { timeout: 900_000 }, async (t) => {
+  const pe = civmEnv();
+  await storeTinyGuest(pe.stateDir);
+  const { gh, s } = await startServeWithHub(t, { e: pe, image: TINY_IMAGE, pollInterval: 5, shutdownTimeout: 60, pools: [{ minRunners: 0, maxRunners: 1, start: "snapshot" }] });
+  await s.listening();
+  for (let n = 1; n <= 2; n++) {
+    const job = gh.addJob({ repository: REPO, labels: ["self-hosted", "tiny"] });
+    const q = await sendWebhook(`${s.base}/webhook`, { secret: SECRET, payload: await workflowJobPayload("queued", { id: job.id, runId: job.runId, labels: job.labels, repository: REPO }) });
+    assert.equal(q.status, 202);
+    await s.poll(async () => gh.state.jobs.find((j) => j.id === job.id)?.status === "completed", 300_000, `job ${n} to complete`);
+    await s.poll(async () => (await s.liveVms()).length === 0, 60_000, `job ${n}'s VM to finish`);
+  }
+  const finished = (await s.allVms()).filter((v) => v.state === "finished");
+  assert.equal(finished.length, 2);
+  for (const v of finished) assert.equal(v.exitReason, "poweroff");
+  const lines = logLines(s.stdout());
+  assert.equal(lines.filter((l) => l.start === "restore").length, 2, "both runner VMs were restored");
+  assert.equal(lines.filter((l) => typeof l.msg === "string" && /snapshot [0-9a-f]{8} made in/.test(l.msg)).length, 1, "the snapshot was made once");
+  assert.equal(qemuStarts(pe), 3, "one snapshot VM and two restored runner VMs");
+  await s.stopClean();
 });
