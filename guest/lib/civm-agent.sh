@@ -168,6 +168,7 @@ if type != "object" or ((.config // {}) | type) != "object" then error("not an o
 | ($c | to_entries[] | select(.value != null and .value != false)
     | "CFG[\(.key | @sh)]=\(.value | txt | @sh)"),
   "CFG_NAME=\(.name // "" | txt | @sh)",
+  "RTC_LAG_US=\(.restore.rtcLagMicros // 0 | if type == "number" and . >= 0 and . < 1000000 then floor else 0 end)",
   (try ([$c.ssh_authorized_keys // empty
           | (if type == "array" then .[] else . end)
           | if type == "string" then . else error("not a string") end]
@@ -215,7 +216,7 @@ parse_config() {
   declare -gA CFG=()
   # shellcheck disable=SC2034 # the CACHE_* variables are civm-caches.sh's
   declare -ga CFG_MOUNT_TAG=() CFG_MOUNT_PATH=() CFG_MOUNT_RO=() CACHE_REG_NAME=() CACHE_REG_URL=()
-  CFG_NAME='' CFG_KEYS_OK=1 CFG_KEYS='' CFG_MOUNTS_N=0 CFG_LABELS_OK=1 CFG_LABELS=''
+  RTC_LAG_US=0 CFG_NAME='' CFG_KEYS_OK=1 CFG_KEYS='' CFG_MOUNTS_N=0 CFG_LABELS_OK=1 CFG_LABELS=''
   # shellcheck disable=SC2034
   CACHES_OK=1 CACHE_REG_N=0 CACHE_HTTP_URL='' CACHE_NO_PROXY=''
   eval "$out"
@@ -404,21 +405,35 @@ snapshot_settle() {
 
 # Steps the clock to the RTC, which QEMU keeps at the host's time (the guest's own clock
 # resumes where the snapshot stopped). The RTC counts whole seconds: wait for it to tick
-# (at most a second) and step to that edge, so the clock is the host's within ~10 ms.
+# (at most a second), note the guest clock at that edge ($EPOCHREALTIME, no process
+# started), and step by the difference, so the clock is the host's within a few ms even
+# when starting `date` is slow. The wait is a `read -t` on a FIFO nobody writes (no fork).
 step_clock() {
-  local rtc first now tries=0
+  local rtc first now tries=0 fifo fd edge target
   rtc=$(gpath /sys/class/rtc/rtc0/since_epoch)
   if ! read -r first <"$rtc" 2>/dev/null; then
     log "warning: no RTC at $rtc; the clock is not stepped"
     return 0
   fi
+  fifo=$CIVM_RUN_DIR/clock.fifo
+  rm -f "$fifo"
+  mkfifo -m 600 "$fifo" && exec {fd}<>"$fifo" || fd=""
   now=$first
-  while [ "$now" = "$first" ] && [ "$tries" -lt 150 ]; do
-    sleep 0.01
+  while [ "$now" = "$first" ] && [ "$tries" -lt 1500 ]; do
+    if [ -n "$fd" ]; then read -r -t 0.002 -u "$fd" _ || true; else sleep 0.01; fi
     read -r now <"$rtc" || break
+    edge=$EPOCHREALTIME
     tries=$((tries + 1))
   done
-  date -s "@$now" >/dev/null || log "warning: date -s failed; the clock is not stepped"
+  [ -z "$fd" ] || exec {fd}>&-
+  rm -f "$fifo"
+  [ -n "${edge:-}" ] || return 0
+  # target = now (the RTC at the edge) + (the guest clock now - the guest clock at the edge),
+  # in µs, plus how far QEMU's RTC lags the host's clock (its seconds tick at the sub-second
+  # point the snapshot's QEMU started at; civm measured it and put it in instance.json).
+  target=$(( now * 1000000 + ${EPOCHREALTIME/./} - ${edge/./} + ${RTC_LAG_US:-0} ))
+  date -s "@$((target / 1000000)).$(printf %06d $((target % 1000000)))" >/dev/null ||
+    log "warning: date -s failed; the clock is not stepped"
 }
 
 # A random 128-bit id in hex, after the kernel's RNG was reseeded.

@@ -210,9 +210,11 @@ export async function findSnapshot(o: { img: StoredImage; spec: InstanceSpec; ac
   const all = await listSnapshots(o.img);
   let reason = `image ${o.img.name} has no snapshot`;
   for (const s of all) {
-    const sameQemu = JSON.stringify(s.meta.qemu) === JSON.stringify(qemu);
+    // Stale: an older build of the image, or the same QEMU path holding another binary (an
+    // upgrade). Another QEMU path is another setting: that snapshot is kept for it.
+    const upgraded = s.meta.qemu.path === qemu.path && JSON.stringify(s.meta.qemu) !== JSON.stringify(qemu);
     const sameImage = s.meta.image.key === o.img.manifest.key && s.meta.image.sha256 === o.img.manifest.sha256;
-    if (!sameQemu || !sameImage) {
+    if (upgraded || !sameImage) {
       const why = !sameImage ? "an older build of the image" : `another QEMU binary (${s.meta.qemu.path}, ${s.meta.qemu.size} bytes, modified ${new Date(s.meta.qemu.mtimeMs).toISOString()})`;
       o.log(`snapshot ${s.meta.key.slice(0, 8)} of ${o.img.name} was made with ${why}: removed (stale)`);
       await removeSnapshot(s);
@@ -226,7 +228,9 @@ export async function findSnapshot(o: { img: StoredImage; spec: InstanceSpec; ac
       await removeSnapshot(s);
       return { kind: "none", reason: `the snapshot is damaged (${damage})`, key, settings, qemu };
     }
-    reason = `the image's snapshot was made with other settings: ${describeDifference(s.meta.settings, settings)}`;
+    reason = s.meta.qemu.path !== qemu.path
+      ? `the image's snapshot was made with the QEMU binary ${s.meta.qemu.path}, not ${qemu.path}`
+      : `the image's snapshot was made with other settings: ${describeDifference(s.meta.settings, settings)}`;
   }
   return { kind: "none", reason, key, settings, qemu };
 }
