@@ -67,6 +67,8 @@ export interface SnapshotMeta {
   memoryBytes: number;
   diskBytes: number;
   makeSeconds: number;
+  /** How far QEMU's RTC lags the host's clock, in µs (measured when the snapshot was made). */
+  rtcLagMicros?: number;
 }
 
 export interface StoredSnapshot {
@@ -279,12 +281,14 @@ export async function makeSnapshot(o: {
   try {
     const memoryPath = join(tmp, SNAPSHOT_LAYOUT.memory);
     const diskPath = join(tmp, SNAPSHOT_LAYOUT.disk);
+    let rtcLagMicros: number | undefined;
     const request: SnapshotRequest = {
       mode: "make",
       memoryPath,
-      onSaved: async (overlay) => {
+      onSaved: async (overlay, info) => {
         await rename(overlay, diskPath);
         await chmod(diskPath, 0o644);
+        rtcLagMicros = info.rtcLagMicros;
       },
     };
     o.log(`${o.img.name}: making a snapshot (${settings.cpus} cpus, ${mib(settings.ramBytes)}, ${settings.machine}, ${settings.accel}): booting to the agent's wait for its configuration`);
@@ -314,6 +318,7 @@ export async function makeSnapshot(o: {
       memoryBytes,
       diskBytes: (await stat(diskPath)).size,
       makeSeconds: Math.round((performance.now() - started) / 100) / 10,
+      ...(rtcLagMicros !== undefined ? { rtcLagMicros } : {}),
     };
     await rm(join(tmp, ".owner"), { force: true });
     await writeFile(join(tmp, SNAPSHOT_LAYOUT.meta), JSON.stringify(meta, null, 2) + "\n", { mode: 0o644 });
@@ -335,6 +340,7 @@ export function restoreRequest(snap: StoredSnapshot, log: (l: string) => void): 
     memoryPath: snap.memoryPath,
     diskPath: snap.diskPath,
     describe: `snapshot ${snap.meta.key.slice(0, 8)} of ${snap.meta.image.name}`,
+    ...(snap.meta.rtcLagMicros !== undefined ? { rtcLagMicros: snap.meta.rtcLagMicros } : {}),
     onFailed: async (why) => {
       log(`removing snapshot ${snap.meta.key.slice(0, 8)} of ${snap.meta.image.name} after a failed restore (${why})`);
       await removeSnapshot(snap);

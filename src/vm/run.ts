@@ -46,8 +46,11 @@ export type SnapshotRequest =
       mode: "make";
       /** Where the migration stream goes (civm writes it, 0600). */
       memoryPath: string;
-      /** Called after QEMU quit, before cleanup, with the VM's overlay (the snapshot's disk): move it away. */
-      onSaved: (overlayPath: string) => Promise<void>;
+      /**
+       * Called after QEMU quit, before cleanup, with the VM's overlay (the snapshot's disk):
+       * move it away. rtcLagMicros: how far QEMU's RTC lags the host's clock (measured).
+       */
+      onSaved: (overlayPath: string, info: { rtcLagMicros?: number }) => Promise<void>;
     }
   | {
       /** Restore instead of booting; a restore that fails boots cold (the reason is logged and given to onFailed). */
@@ -56,6 +59,8 @@ export type SnapshotRequest =
       diskPath: string;
       /** E.g. "snapshot 1a2b3c4d (made 2026-12-07 00:10)" for log lines. */
       describe: string;
+      /** The snapshot's RTC lag, passed to the guest in instance.json's `restore`. */
+      rtcLagMicros?: number;
       onFailed?: (reason: string) => Promise<void> | void;
     };
 
@@ -164,6 +169,34 @@ async function reclaimTree(path: string): Promise<void> {
   await chown(path, 0, 0);
   await chmod(path, st.mode & 0o7757 & ~0o020);
   if (st.isDirectory()) for (const n of await readdir(path)) await reclaimTree(join(path, n));
+}
+
+/**
+ * How far QEMU's RTC lags the host's clock, in µs: its seconds tick at the sub-second point
+ * QEMU started at (it takes the host's time in whole seconds), and a restore keeps that
+ * phase. Read over QMP (the pc machines' `rtc-time`) until the second changes: the host's
+ * time at the change minus the RTC's value. Undefined when it cannot be told (no rtc-time).
+ */
+async function measureRtcLag(sup: Supervisor): Promise<number | undefined> {
+  const read = async (): Promise<{ rtc: number; at: number }> => {
+    const before = performance.timeOrigin + performance.now();
+    const t = await sup.execute<{ tm_year: number; tm_mon: number; tm_mday: number; tm_hour: number; tm_min: number; tm_sec: number }>("qom-get", { path: "/machine", property: "rtc-time" });
+    const after = performance.timeOrigin + performance.now();
+    return { rtc: Date.UTC(t.tm_year + 1900, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec), at: (before + after) / 2 };
+  };
+  const first = await read();
+  let prev = first;
+  const deadline = performance.now() + 1500;
+  while (performance.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 1));
+    const cur = await read();
+    if (cur.rtc !== first.rtc) {
+      const lagMs = (prev.at + cur.at) / 2 - cur.rtc;
+      return lagMs > -50 && lagMs < 1050 ? Math.round(Math.min(999.999, Math.max(0, lagMs)) * 1000) : undefined;
+    }
+    prev = cur;
+  }
+  return undefined;
 }
 
 /** Waits for every promise (so none still writes into a dir being cleaned up), then throws the first failure. */
@@ -281,12 +314,14 @@ export class VmRun {
    * Saves a snapshot: pause, QEMU's migration stream over a unix socket civm listens on
    * (QEMU's sandbox forbids exec: URIs) into `memoryPath` (0600), then `quit`.
    */
-  private async saveSnapshot(sup: Supervisor, memoryPath: string, gid: number | undefined, log: (l: string) => void): Promise<void> {
+  private async saveSnapshot(sup: Supervisor, memoryPath: string, gid: number | undefined, log: (l: string) => void, info: { rtcLagMicros?: number }): Promise<void> {
     const t0 = performance.now();
     const { createServer } = await import("node:net");
     const { createWriteStream } = await import("node:fs");
     const { pipeline } = await import("node:stream/promises");
     await sup.execute("stop");
+    const lag = await measureRtcLag(sup).catch(() => undefined);
+    if (lag !== undefined) info.rtcLagMicros = lag;
     const sockPath = join(this.workDir, WORKDIR_LAYOUT.migrateSocket);
     const server = createServer();
     const received = new Promise<void>((resolveP, rejectP) => {
@@ -421,6 +456,7 @@ export class VmRun {
       let snapshotSeen = "";
       let saving: Promise<void> | undefined;
       let saved = false;
+      const savedInfo: { rtcLagMicros?: number } = {};
       consoleStream = new ConsoleStream({
         logPath: this.consoleLog,
         redact: (t) => redactAll(t, secrets),
@@ -431,7 +467,7 @@ export class VmRun {
             snapshotSeen = (snapshotSeen + t).slice(-4096);
             if (snapshotSeen.includes(SNAPSHOT_POINT) && this.supervisor) {
               const sup = this.supervisor;
-              saving = this.saveSnapshot(sup, snap.memoryPath, reserved?.gid, log).then(
+              saving = this.saveSnapshot(sup, snap.memoryPath, reserved?.gid, log, savedInfo).then(
                 () => {
                   saved = true;
                 },
@@ -460,7 +496,7 @@ export class VmRun {
             ? createOverlay({ base: snap.diskPath, overlay: plan.overlay, sizeBytes: undefined, where })
             : createOverlay({ base: spec.image, overlay: plan.overlay, sizeBytes: spec.rootDiskBytes, where }),
         // A snapshot being made never gets a disc (the configuration is never in a snapshot).
-        snap?.mode === "make" ? Promise.resolve() : writeConfigDrive(req.configDrive ?? renderConfigDrive(spec.name, config), isoPath, join(this.workDir, WORKDIR_LAYOUT.configStaging)),
+        snap?.mode === "make" ? Promise.resolve() : writeConfigDrive(req.configDrive ?? renderConfigDrive(spec.name, config, snap?.mode === "restore" ? { ...(snap.rtcLagMicros !== undefined ? { rtcLagMicros: snap.rtcLagMicros } : {}) } : undefined), isoPath, join(this.workDir, WORKDIR_LAYOUT.configStaging)),
         allowP,
       ]);
       trace("vm: overlay and config drive ready");
@@ -589,7 +625,7 @@ export class VmRun {
       await sweep;
       await saving;
       // The saved VM's overlay is the snapshot's disk: handed over before cleanup removes the work dir.
-      if (snap?.mode === "make" && saved) await snap.onSaved(plan.overlay);
+      if (snap?.mode === "make" && saved) await snap.onSaved(plan.overlay, savedInfo);
       // Everything QEMU wrote is in the log before the result is returned.
       const writeErr = await stream.finish();
       if (writeErr) log(`warning: the console log ${this.consoleLog} is incomplete: ${writeErr.message}`);

@@ -61,16 +61,14 @@ say "booted (kernel $(uname -r))"
 # gets it right away), then step the clock to the RTC (the host's time) at its next tick.
 dev=""
 i=0
+restored=""
 if grep -qw civm.snapshot /proc/cmdline; then
   say "snapshot point: waiting for the configuration disc"
   until dev=$(findfs LABEL=instance-configuration 2>/dev/null) && [ -n "$dev" ]; do usleep 100000; done
+  # Read right away: must differ between copies restored from one snapshot.
+  rand=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
   say "restored: config disc $dev"
-  read -r first </sys/class/rtc/rtc0/since_epoch
-  now=$first
-  while [ "$now" = "$first" ]; do usleep 10000; read -r now </sys/class/rtc/rtc0/since_epoch; done
-  date -s "@$now" >/dev/null
-  if dmesg | grep -q 'crng reseeded due to virtual machine fork'; then say "restored: RNG reseeded"; else say "restored: no VM generation change seen"; fi
-  say "restored: boot_id $(cat /proc/sys/kernel/random/boot_id) random $(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n') clock $(date +%s)"
+  restored=1
 fi
 while [ -z "$dev" ] && [ $i -lt 100 ]; do # 100 x 0.2 s = 20 s
   dev=$(findfs LABEL=instance-configuration 2>/dev/null)
@@ -105,6 +103,20 @@ elif mount -t iso9660 -o ro "$dev" /mnt/cfg; then
 else
   say "cannot mount config CD $dev"
   : >/tmp/instance.json
+fi
+
+# --- a restored copy: clock and what must differ -----------------------------------------
+# The RTC keeps the host's time but lags it by restore.rtcLagMicros (civm measured it): wait
+# for its next tick, then for the rest of that second, and set the clock to the whole second.
+if [ -n "$restored" ]; then
+  lag=$(tr -d '\n' </tmp/instance.json | sed -n 's/.*"rtcLagMicros"[[:space:]]*:[[:space:]]*\([0-9]*\).*/\1/p')
+  read -r first </sys/class/rtc/rtc0/since_epoch
+  now=$first
+  while [ "$now" = "$first" ]; do usleep 2000; read -r now </sys/class/rtc/rtc0/since_epoch; done
+  usleep $((1000000 - ${lag:-0}))
+  date -s "@$((now + 1))" >/dev/null
+  if dmesg | grep -q 'crng reseeded due to virtual machine fork'; then say "restored: RNG reseeded"; else say "restored: no VM generation change seen"; fi
+  say "restored: boot_id $(cat /proc/sys/kernel/random/boot_id) random $rand clock $(date +%s)"
 fi
 
 # --- act on config.tiny -----------------------------------------------------------------
