@@ -118,6 +118,8 @@ export interface RunVmRequest {
   prepareWorkDir?: (workDir: string) => Promise<{ config?: JsonValue; meta?: Record<string, unknown> } | void>;
   /** Start from a snapshot or make one (needs spec.kernel: a stored image booted directly). */
   snapshot?: SnapshotRequest;
+  /** Decides `snapshot` when run() starts (a dev VM's supervisor: it may make the snapshot first). */
+  prepareSnapshot?: () => Promise<SnapshotRequest | undefined>;
 }
 
 export interface VmResult {
@@ -388,7 +390,7 @@ export class VmRun {
     try {
       trace("vm: start");
       for (const f of this.forwards()) await checkPortFree(f.hostAddr, f.hostPort, f.proto, `port forward for ${spec.name}`);
-      const snap = req.snapshot;
+      const snap = req.snapshot ?? (await req.prepareSnapshot?.());
       const restoring = snap?.mode === "restore";
       let plan = snap ? this.snapshotPlan(restoring) : this.plan();
       const isoPath = join(this.workDir, WORKDIR_LAYOUT.configIso);

@@ -105,7 +105,7 @@ export function registerRun(program: Command): void {
     .option("--ssh-bind <addr>", "address the ssh-port forward listens on", "127.0.0.1")
     .addOption(new Option("--accel <accel>", "force the accelerator instead of probing KVM").choices(["kvm", "tcg"]))
     .addOption(new Option("--timings-file <file>").hideHelp())
-    .option("--snapshot", "start a stored image's VM from its memory snapshot instead of booting (made first when there is none; any problem boots cold, with the reason); see docs/images.md \"Snapshots\"")
+    .option("--snapshot", "instances and ad-hoc VMs: start a stored image's VM from its memory snapshot instead of booting (made first when there is none; any problem boots cold, with the reason); see docs/images.md \"Snapshots\"")
     .addOption(new Option("--logs-keep-days <days>", `delete civm's console and supervisor logs in the logs dir not written for this many days; 0 = keep (default ${LOG_RETENTION_DEFAULTS.keepDays})`).env("CIVM_LOGS_KEEP_DAYS"))
     .addOption(new Option("--logs-max-bytes <size>", `then delete the oldest of them until they total at most this, e.g. 500M; 0 = no limit (default ${LOG_RETENTION_DEFAULTS.maxBytes / 1024 ** 3}G)`).env("CIVM_LOGS_MAX_BYTES"))
     .option("--image <image>", "ad-hoc VM: a stored image (civm image ls), a disk image path, or an OCI reference REGISTRY/REPO:TAG (pulled on first use); no instances file")
