@@ -237,11 +237,27 @@ export async function findSnapshot(o: { img: StoredImage; spec: InstanceSpec; ac
   return { kind: "none", reason, key, settings, qemu };
 }
 
+/** Snapshots being made by this process, by folder and key: a second caller shares the first's. */
+const making = new Map<string, Promise<StoredSnapshot>>();
+
 /**
  * Boots `spec` to the agent's snapshot point and stores the snapshot. A snapshot of the same
- * key being made by another live civm is waited for (up to the make timeout).
+ * key being made by this process is shared, by another live civm waited for (up to the make
+ * timeout).
  */
-export async function makeSnapshot(o: {
+export async function makeSnapshot(o: MakeOptions): Promise<StoredSnapshot> {
+  const settings = await snapshotSettings(o.spec, o.img, o.accel, o.network);
+  const key = snapshotKey(o.img, await qemuIdentity(o.qemuBinary), settings);
+  const id = `${snapshotsDir(o.img)}:${key}`;
+  let p = making.get(id);
+  if (!p) {
+    p = makeSnapshotNow(o).finally(() => making.delete(id));
+    making.set(id, p);
+  }
+  return p;
+}
+
+interface MakeOptions {
   img: StoredImage;
   spec: InstanceSpec;
   paths: Paths;
@@ -250,7 +266,9 @@ export async function makeSnapshot(o: {
   qemuBinary?: string;
   qemuUser?: string;
   log: (l: string) => void;
-}): Promise<StoredSnapshot> {
+}
+
+async function makeSnapshotNow(o: MakeOptions): Promise<StoredSnapshot> {
   const started = performance.now();
   const settings = await snapshotSettings(o.spec, o.img, o.accel, o.network);
   const qemu = await qemuIdentity(o.qemuBinary);
@@ -265,7 +283,7 @@ export async function makeSnapshot(o: {
     for (const n of await readdir(root).catch(() => [] as string[])) {
       if (!n.startsWith(prefix)) continue;
       const { owner } = await readOwner(join(root, n));
-      if (owner && (await ownerLiveness(owner)) !== "dead" && owner.pid !== process.pid) busy.push(n);
+      if (owner && (await ownerLiveness(owner)) !== "dead") busy.push(n);
       else await rm(join(root, n), { recursive: true, force: true });
     }
     const done = (await listSnapshots(o.img)).find((s) => s.meta.key === key);
