@@ -404,36 +404,41 @@ snapshot_settle() {
 }
 
 # Steps the clock to the RTC, which QEMU keeps at the host's time (the guest's own clock
-# resumes where the snapshot stopped). The RTC counts whole seconds: wait for it to tick
-# (at most a second), note the guest clock at that edge ($EPOCHREALTIME, no process
-# started), and step by the difference, so the clock is the host's within a few ms even
-# when starting `date` is slow. The wait is a `read -t` on a FIFO nobody writes (no fork).
+# resumes where the snapshot stopped), plus RTC_LAG_US: QEMU's RTC ticks at the sub-second
+# point its QEMU started at, which civm measured (instance.json's restore.rtcLagMicros). The
+# RTC counts whole seconds, so wait for its tick (at most a second) and step from there. All
+# of it happens in one perl process (perl-base is Essential in Debian): under emulation and
+# load, starting `date -s` after the tick was seen cost up to a second of error. Without
+# perl, the same in the shell (less precise).
+# shellcheck disable=SC2016 # perl's variables
+STEP_CLOCK_PL='
+my ($rtc, $lag) = @ARGV;
+sub now { my $tv = pack("q q", 0, 0); syscall(96, $tv, 0) == 0 or die "gettimeofday: $!\n"; my ($s, $u) = unpack("q q", $tv); return $s * 1000000 + $u }
+sub rtc { open(my $f, "<", $rtc) or die "$rtc: $!\n"; my $v = <$f>; close $f; chomp $v; return $v }
+my $first = rtc(); my ($v, $edge);
+for (1 .. 1500) { select(undef, undef, undef, 0.001); $v = rtc(); $edge = now(); last if $v != $first }
+die "the RTC did not tick\n" if $v == $first;
+my $t = $v * 1000000 + $lag + (now() - $edge);
+syscall(164, pack("q q", int($t / 1000000), $t % 1000000), 0) == 0 or die "settimeofday: $!\n";
+'
 step_clock() {
-  local rtc first now tries=0 fifo fd edge target
+  local rtc first now tries=0
   rtc=$(gpath /sys/class/rtc/rtc0/since_epoch)
   if ! read -r first <"$rtc" 2>/dev/null; then
     log "warning: no RTC at $rtc; the clock is not stepped"
     return 0
   fi
-  fifo=$CIVM_RUN_DIR/clock.fifo
-  rm -f "$fifo"
-  mkfifo -m 600 "$fifo" && exec {fd}<>"$fifo" || fd=""
+  if command -v perl >/dev/null; then
+    perl -e "$STEP_CLOCK_PL" "$rtc" "${RTC_LAG_US:-0}" || log "warning: stepping the clock to the RTC failed"
+    return 0
+  fi
   now=$first
-  while [ "$now" = "$first" ] && [ "$tries" -lt 1500 ]; do
-    if [ -n "$fd" ]; then read -r -t 0.002 -u "$fd" _ || true; else sleep 0.01; fi
+  while [ "$now" = "$first" ] && [ "$tries" -lt 150 ]; do
+    sleep 0.01
     read -r now <"$rtc" || break
-    edge=$EPOCHREALTIME
     tries=$((tries + 1))
   done
-  [ -z "$fd" ] || exec {fd}>&-
-  rm -f "$fifo"
-  [ -n "${edge:-}" ] || return 0
-  # target = now (the RTC at the edge) + (the guest clock now - the guest clock at the edge),
-  # in µs, plus how far QEMU's RTC lags the host's clock (its seconds tick at the sub-second
-  # point the snapshot's QEMU started at; civm measured it and put it in instance.json).
-  target=$(( now * 1000000 + ${EPOCHREALTIME/./} - ${edge/./} + ${RTC_LAG_US:-0} ))
-  date -s "@$((target / 1000000)).$(printf %06d $((target % 1000000)))" >/dev/null ||
-    log "warning: date -s failed; the clock is not stepped"
+  date -s "@$now.$(printf %06d "${RTC_LAG_US:-0}")" >/dev/null || log "warning: date -s failed; the clock is not stepped"
 }
 
 # A random 128-bit id in hex, after the kernel's RNG was reseeded.
