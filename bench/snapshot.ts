@@ -10,6 +10,7 @@
 // Then the memory file's size and QEMU's load time (spawn -> stream loaded and disc inserted,
 // civm's timings) against the VM's RAM size.
 // Usage: npm run build && node dist/bench/snapshot.js [--runs 3] [--images civm-runner,civm-gha] [--rams 512M,1G,2G] [--out FILE]
+//        [--state-dir DIR: a state dir whose store already holds the images (nothing is built)]
 import { spawn } from "node:child_process";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -22,6 +23,7 @@ const runs = Number(benchArg("runs", "3"));
 const images = benchArg("images", "civm-runner").split(",");
 const rams = benchArg("rams", "512M,1G,2G").split(",");
 const out = benchArg("out", "");
+const givenState = benchArg("state-dir", "");
 const RAM = "1G";
 
 const root = tempDir("civm-bench-snapshot-");
@@ -102,7 +104,7 @@ say(`| image | start | config (s) | ready (s) | cycle (s) | restore -> config (s
 say(`| --- | --- | --- | --- | --- | --- | --- | --- |`);
 const stores: Record<string, string> = {};
 for (const image of images) {
-  const stateDir = image === "civm-gha" ? (await ensureGhaImage()).stateDir : (await ensureRunnerImage()).stateDir;
+  const stateDir = givenState || (image === "civm-gha" ? (await ensureGhaImage()).stateDir : (await ensureRunnerImage()).stateDir);
   stores[image] = stateDir;
   const file = instancesFile(image, RAM);
   // The snapshot exists before timing starts (first use makes it).
