@@ -44,7 +44,7 @@ async function restoreOne(e: ReturnType<typeof runnerEnv>, file: string, name: s
   assert.match(r.stderr, /restored from snapshot [0-9a-f]{8} of civm-runner/, r.stderr);
   assert.match(out, /civm-agent: restored: RNG reseeded \(VM generation ID changed\)/);
   assert.match(out, /civm-agent: restored: unique now/);
-  const id = /ID (.*)/.exec(out);
+  const id = /ID (boot_id=.*)/.exec(out);
   assert.ok(id, out);
   const fields = Object.fromEntries(id[1]!.trim().split(" ").map((kv) => kv.split("=") as [string, string]));
   const keys = [...out.matchAll(/KEY (SHA256:\S+)/g)].map((m) => m[1]!);
