@@ -26,7 +26,15 @@ civm_init() {
   CIVM_BY_LABEL_DIR=${CIVM_BY_LABEL_DIR:-$CIVM_ROOT/dev/disk/by-label}
   CIVM_RUNNER_USER=${CIVM_RUNNER_USER:-runner}
   CIVM_LIB_DIR=${CIVM_LIB_DIR:-/usr/local/lib/civm}
+  CIVM_CMDLINE=${CIVM_CMDLINE:-$CIVM_ROOT/proc/cmdline}
   CONFIG=$CIVM_RUN_DIR/instance.json
+  # civm.snapshot on the kernel command line: civm boots this VM to save it as a snapshot
+  # (docs/images.md "Snapshots"): wait for the disc without a time limit, and once it
+  # comes (the VM is a restored copy) make this copy unique before the workload.
+  SNAPSHOT=0
+  case " $(cat "$CIVM_CMDLINE" 2>/dev/null) " in
+    *" civm.snapshot "*) SNAPSHOT=1 ;;
+  esac
   case $CIVM_WAIT_SECONDS in
     '' | *[!0-9]*) fail "CIVM_WAIT_SECONDS must be a whole number of seconds" ;;
   esac
@@ -85,9 +93,15 @@ find_config_device() {
   return 1
 }
 
-# The CD-ROM can appear after the agent starts (udev still probing), so poll.
+# The CD-ROM can appear after the agent starts (udev still probing), so poll. In a snapshot
+# boot there is no time limit and the poll is 0.1 s: the disc is inserted right after a
+# restore, and opening the drive (blkid) is what makes the kernel notice the new medium.
 wait_for_config_device() {
   local waited=0
+  if [ "$SNAPSHOT" -eq 1 ]; then
+    until find_config_device; do sleep 0.1; done
+    return 0
+  fi
   until find_config_device; do
     if [ "$waited" -ge "$CIVM_WAIT_SECONDS" ]; then
       return 1
@@ -154,6 +168,7 @@ if type != "object" or ((.config // {}) | type) != "object" then error("not an o
 | ($c | to_entries[] | select(.value != null and .value != false)
     | "CFG[\(.key | @sh)]=\(.value | txt | @sh)"),
   "CFG_NAME=\(.name // "" | txt | @sh)",
+  "RTC_LAG_US=\(.restore.rtcLagMicros // 0 | if type == "number" and . >= 0 and . < 1000000 then floor else 0 end)",
   (try ([$c.ssh_authorized_keys // empty
           | (if type == "array" then .[] else . end)
           | if type == "string" then . else error("not a string") end]
@@ -201,7 +216,7 @@ parse_config() {
   declare -gA CFG=()
   # shellcheck disable=SC2034 # the CACHE_* variables are civm-caches.sh's
   declare -ga CFG_MOUNT_TAG=() CFG_MOUNT_PATH=() CFG_MOUNT_RO=() CACHE_REG_NAME=() CACHE_REG_URL=()
-  CFG_NAME='' CFG_KEYS_OK=1 CFG_KEYS='' CFG_MOUNTS_N=0 CFG_LABELS_OK=1 CFG_LABELS=''
+  RTC_LAG_US=0 CFG_NAME='' CFG_KEYS_OK=1 CFG_KEYS='' CFG_MOUNTS_N=0 CFG_LABELS_OK=1 CFG_LABELS=''
   # shellcheck disable=SC2034
   CACHES_OK=1 CACHE_REG_N=0 CACHE_HTTP_URL='' CACHE_NO_PROXY=''
   eval "$out"
@@ -375,16 +390,129 @@ run_command() {
   (cd "$USER_HOME" && runuser -u "$RUN_USER" -- "${RUNNER_ENV[@]}" sh -c "$COMMAND" </dev/null)
 }
 
+# --- snapshots -----------------------------------------------------------------
+# The line civm waits for before it saves the VM (src/vm/snapshot.ts SNAPSHOT_POINT).
+SNAPSHOT_POINT="snapshot point: waiting for the configuration disc"
+
+# A snapshot boot saves a settled system: every unit of the boot has finished (host keys,
+# network, growfs), so a restored copy has nothing of the boot left to do.
+snapshot_settle() {
+  if [ -d "$(gpath /run/systemd/system)" ] && command -v systemctl >/dev/null; then
+    timeout 120 systemctl is-system-running --wait >/dev/null 2>&1 || true
+  fi
+  log "$SNAPSHOT_POINT"
+}
+
+# Steps the clock to the RTC, which QEMU keeps at the host's time (the guest's own clock
+# resumes where the snapshot stopped), plus RTC_LAG_US: QEMU's RTC ticks at the sub-second
+# point its QEMU started at, which civm measured (instance.json's restore.rtcLagMicros). The
+# RTC counts whole seconds, so wait for its tick (at most a second) and step from there. All
+# of it happens in one perl process (perl-base is Essential in Debian): under emulation and
+# load, starting `date -s` after the tick was seen cost up to a second of error. Without
+# perl, the same in the shell (less precise).
+# shellcheck disable=SC2016 # perl's variables
+STEP_CLOCK_PL='
+my ($rtc, $lag) = @ARGV;
+sub now { my $tv = pack("q q", 0, 0); syscall(96, $tv, 0) == 0 or die "gettimeofday: $!\n"; my ($s, $u) = unpack("q q", $tv); return $s * 1000000 + $u }
+sub rtc { open(my $f, "<", $rtc) or die "$rtc: $!\n"; my $v = <$f>; close $f; chomp $v; return $v }
+my $first = rtc(); my ($v, $edge);
+for (1 .. 1500) { select(undef, undef, undef, 0.001); $v = rtc(); $edge = now(); last if $v != $first }
+die "the RTC did not tick\n" if $v == $first;
+my $t = $v * 1000000 + $lag + (now() - $edge);
+syscall(164, pack("q q", int($t / 1000000), $t % 1000000), 0) == 0 or die "settimeofday: $!\n";
+'
+step_clock() {
+  local rtc first now tries=0
+  rtc=$(gpath /sys/class/rtc/rtc0/since_epoch)
+  if ! read -r first <"$rtc" 2>/dev/null; then
+    log "warning: no RTC at $rtc; the clock is not stepped"
+    return 0
+  fi
+  if command -v perl >/dev/null; then
+    perl -e "$STEP_CLOCK_PL" "$rtc" "${RTC_LAG_US:-0}" || log "warning: stepping the clock to the RTC failed"
+    return 0
+  fi
+  now=$first
+  while [ "$now" = "$first" ] && [ "$tries" -lt 150 ]; do
+    sleep 0.01
+    read -r now <"$rtc" || break
+    tries=$((tries + 1))
+  done
+  date -s "@$now.$(printf %06d "${RTC_LAG_US:-0}")" >/dev/null || log "warning: date -s failed; the clock is not stepped"
+}
+
+# A random 128-bit id in hex, after the kernel's RNG was reseeded.
+new_id128() {
+  local u
+  read -r u <"$(gpath /proc/sys/kernel/random/uuid)" || return 1
+  printf '%s\n' "${u//-/}"
+}
+
+# Everything a restored copy shares with its siblings and must not (docs/images.md lists what
+# else is identity-bound): kernel RNG (QEMU's vmgenid device changed its generation id; Linux
+# reseeds on that, checked here), machine-id, boot_id (the kernel's cannot be written: a fresh
+# one is bind-mounted over the file), hostname, SSH host keys, the clock, the DHCP lease.
+become_unique() {
+  local id host old link clock_pid links=()
+  if dmesg 2>/dev/null | grep -q 'crng reseeded due to virtual machine fork'; then
+    log "restored: RNG reseeded (VM generation ID changed)"
+  else
+    log "warning: restored: the kernel did not report a VM generation change; random numbers may repeat across restored VMs"
+  fi
+  step_clock &
+  clock_pid=$!
+  id=$(new_id128) || fail "cannot read a random id from /proc/sys/kernel/random/uuid"
+  printf '%s\n' "$id" >"$(gpath /etc/machine-id)" || log "warning: cannot write /etc/machine-id"
+  if new_id128 >"$CIVM_RUN_DIR/boot_id" 2>/dev/null; then
+    read -r id <"$CIVM_RUN_DIR/boot_id"
+    printf '%s-%s-%s-%s-%s\n' "${id:0:8}" "${id:8:4}" "${id:12:4}" "${id:16:4}" "${id:20:12}" >"$CIVM_RUN_DIR/boot_id"
+    mount --bind "$CIVM_RUN_DIR/boot_id" "$(gpath /proc/sys/kernel/random/boot_id)" ||
+      log "warning: cannot replace boot_id"
+  fi
+  old=$(cat "$(gpath /etc/hostname)" 2>/dev/null) || old=civm
+  old=${old%%.*}
+  host="${old:0:54}-$(new_id128 | cut -c1-8)"
+  printf '%s\n' "$host" >"$(gpath /etc/hostname)" || log "warning: cannot write /etc/hostname"
+  printf '%s' "$host" >"$(gpath /proc/sys/kernel/hostname)" 2>/dev/null || log "warning: cannot set the hostname to $host"
+  if [ -f "$(gpath /etc/hosts)" ] && [ -n "$old" ]; then
+    sed -i "s/\([[:space:]]\)$old\([[:space:]]\|\$\)/\1$host\2/" "$(gpath /etc/hosts)" || true
+  fi
+  # The old keys go now, before the workload, so sshd never serves them again. New ones are
+  # made beside the workload (a CI job does not need sshd; ~1 s of CPU under emulation),
+  # then sshd is reloaded (it re-executes itself and reads them).
+  rm -f "$(gpath /etc/ssh)"/ssh_host_* || log "warning: cannot remove the snapshot's SSH host keys"
+  if command -v civm-hostkeys >/dev/null; then
+    (
+      if nice -n 19 civm-hostkeys; then
+        [ ! -d "$(gpath /run/systemd/system)" ] || systemctl try-reload-or-restart ssh.service >/dev/null 2>&1 || true
+      else
+        log "warning: civm-hostkeys failed; sshd has no host keys"
+      fi
+    ) &
+  fi
+  if command -v networkctl >/dev/null && [ -d "$(gpath /run/systemd/system)" ]; then
+    for link in "$(gpath /sys/class/net)"/*; do
+      [ "${link##*/}" = lo ] || [ ! -e "$link" ] || links+=("${link##*/}")
+    done
+    [ "${#links[@]}" -eq 0 ] || networkctl renew "${links[@]}" >/dev/null 2>&1 ||
+      log "warning: networkctl renew failed; keeping the old lease"
+  fi
+  wait "$clock_pid"
+  log "restored: unique now (hostname $host, machine-id $(cat "$(gpath /etc/machine-id)" 2>/dev/null), clock $(date -u +%Y-%m-%dT%H:%M:%SZ))"
+}
+
 civm_agent_main() {
   local status
   civm_init
   trap on_exit EXIT
   log "starting (guest runtime version $(guest_version))"
   command -v jq >/dev/null || fail "jq is not installed in the image"
+  [ "$SNAPSHOT" -eq 0 ] || snapshot_settle
   wait_for_config_device ||
     fail "no CD-ROM labelled $CIVM_LABEL appeared within ${CIVM_WAIT_SECONDS}s; was the VM started with an instance configuration ISO?"
   log "reading instance configuration from $DEVICE"
   read_config
+  [ "$SNAPSHOT" -eq 0 ] || become_unique
   install_authorized_keys
   mount_shares
   plan_workload

@@ -62,6 +62,8 @@ export interface DevFlags {
   /** --ssh-key/--ssh-user: an image without civm's agent; SSH with this key and user. */
   sshKey?: string;
   sshUser?: string;
+  /** --snapshot: restore a stored image's memory snapshot (made first when there is none). */
+  snapshot?: boolean;
 }
 
 export interface DevPlan {
@@ -82,6 +84,8 @@ export interface DevPlan {
   /** lvh's --console-log-file (absolute) and --serial-port. */
   consoleLogFile?: string;
   serialPort?: { host: string; port: number };
+  /** --snapshot (docs/images.md "Snapshots"). */
+  snapshot?: boolean;
 }
 
 export interface PlanContext {
@@ -275,7 +279,7 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
     graceSeconds,
   };
   return {
-    id, spec, mounts, forwards, dev, sshBind: sshHost, accel: ctx.accel ?? "tcg", graceSeconds, keep: !!f.keep, warnings,
+    id, spec, mounts, forwards, dev, sshBind: sshHost, accel: ctx.accel ?? "tcg", graceSeconds, keep: !!f.keep, warnings, ...(f.snapshot ? { snapshot: true } : {}),
     ...(consoleLogFile !== undefined ? { consoleLogFile } : {}), ...(serialPort ? { serialPort } : {}),
   };
 }
@@ -304,6 +308,17 @@ export function devRunRequest(plan: DevPlan, o: DevRequestOptions): RunVmRequest
     ...(o.sinks ? { onConsoleInput: o.sinks.onInput } : {}),
     id: plan.id,
     meta: { dev: plan.dev },
+    ...(plan.snapshot
+      ? {
+          prepareSnapshot: async () => {
+            const { planSnapshotStart, storedImageOf } = await import("../images/snapshot.js");
+            return planSnapshotStart({
+              mode: "snapshot", img: await storedImageOf(plan.spec, o.paths.stateDir), spec: plan.spec, paths: o.paths, accel: plan.accel,
+              ...(plan.spec.network ? { network: plan.spec.network } : {}), mounts: plan.mounts.length, log: o.log,
+            });
+          },
+        }
+      : {}),
     prepareWorkDir: async (workDir) => {
       const { publicKey } = await makeKeyPair(workDir, `civm-${plan.spec.name}-${plan.id}`);
       return { config: { ...(plan.spec.config as Record<string, JsonValue>), ssh_authorized_keys: [publicKey] } };

@@ -104,6 +104,7 @@ const IMAGE_FIELDS = {
   sudo: z.boolean({ error: "must be true (passwordless sudo for the runner user) or false (no sudo)" }),
   civm: z.boolean({ error: "must be true (install civm itself, built from this checkout, into /opt/civm) or false" }),
   uefi: z.boolean({ error: "must be true (the disk also boots under UEFI: an EFI system partition with GRUB) or false (BIOS only)" }),
+  snapshot: z.boolean({ error: "must be true (civm image build also makes the image's memory snapshot, docs/images.md \"Snapshots\") or false" }),
 };
 type ImageField = keyof typeof IMAGE_FIELDS;
 const IMAGE_KEYS = Object.keys(IMAGE_FIELDS) as ImageField[];
@@ -425,6 +426,7 @@ async function validateImage(entry: unknown, ctx: Ctx, problems: string[]): Prom
   if (values.sudo !== undefined) spec.sudo = values.sudo as boolean;
   if (values.civm === true) spec.civm = true;
   if (values.uefi === true) spec.uefi = true;
+  if (values.snapshot === true) spec.snapshot = true;
   if (values.githubRunner !== undefined) {
     const gr = values.githubRunner as { version: string; sha256: string; url?: string };
     const runner = await githubRunnerSpec(gr, ctx.baseDir, (m) => fieldProblem("githubRunner.url", m));

@@ -219,14 +219,14 @@ async function processStart(pid: number): Promise<string | undefined> {
   }
 }
 
-async function writeOwner(dir: string): Promise<void> {
+export async function writeOwner(dir: string): Promise<void> {
   const owner: Owner = { pid: process.pid };
   const start = await processStart(process.pid);
   if (start) owner.start = start;
   await writeFile(join(dir, OWNER), JSON.stringify(owner) + "\n");
 }
 
-async function readOwner(dir: string): Promise<{ owner?: Owner; mtimeMs?: number }> {
+export async function readOwner(dir: string): Promise<{ owner?: Owner; mtimeMs?: number }> {
   try {
     const path = join(dir, OWNER);
     const [text, st] = await Promise.all([readFile(path, "utf8"), stat(path)]);
@@ -247,7 +247,7 @@ async function readOwner(dir: string): Promise<{ owner?: Owner; mtimeMs?: number
 
 type Liveness = "dead" | "alive" | "alive-unverified";
 
-async function ownerLiveness(owner: Owner): Promise<Liveness> {
+export async function ownerLiveness(owner: Owner): Promise<Liveness> {
   try {
     process.kill(owner.pid, 0);
   } catch (e) {
@@ -604,8 +604,8 @@ export function shortKey(key: string): string {
 }
 
 /** The table `civm image ls` prints: NAME KEY FORMAT SIZE VIRTUAL AGE (header only when empty). */
-export function formatImageTable(images: readonly StoredImage[], now: number = Date.now()): string {
-  const rows = [["NAME", "KEY", "FORMAT", "SIZE", "VIRTUAL", "AGE"]];
+export function formatImageTable(images: readonly StoredImage[], now: number = Date.now(), snapshots?: ReadonlyMap<string, readonly number[]>): string {
+  const rows = [["NAME", "KEY", "FORMAT", "SIZE", "VIRTUAL", "AGE", ...(snapshots ? ["SNAPSHOTS"] : [])]];
   for (const i of images) {
     const created = Date.parse(i.manifest.createdAt);
     rows.push([
@@ -615,6 +615,7 @@ export function formatImageTable(images: readonly StoredImage[], now: number = D
       humanBytes(i.manifest.diskBytes),
       humanBytes(i.manifest.virtualSize),
       Number.isNaN(created) ? "?" : humanAge(now - created),
+      ...(snapshots ? [(snapshots.get(i.name) ?? []).length ? `${snapshots.get(i.name)!.length} (${snapshots.get(i.name)!.map(humanBytes).join(", ")})` : "-"] : []),
     ]);
   }
   const widths: number[] = [];

@@ -165,6 +165,11 @@ export interface ImageSpec {
   civm?: boolean;
   /** Root images: true also makes the disk boot under UEFI (an EFI system partition with GRUB's removable-media loader). */
   uefi?: boolean;
+  /**
+   * true: `civm image build` also makes the image's memory snapshot for the default VM
+   * settings (2 cpus, 2 GiB, pc). Not part of the image's key: the disk does not change.
+   */
+  snapshot?: boolean;
   source: ImageSource;
 }
 

@@ -12,7 +12,7 @@ import { resolveStoredImage, STORED_IMAGE_CMDLINE, withStoredImage } from "../im
 import type { StoredImage } from "../images/store.js";
 import { Registry } from "../vm/registry.js";
 import { reconcile } from "../vm/reconcile.js";
-import { VmRun } from "../vm/run.js";
+import { VmRun, type SnapshotRequest } from "../vm/run.js";
 import type { LaunchRequest, VmHandle, VmLauncher } from "./daemon.js";
 import { combineCmdline } from "./cmdline.js";
 import type { PoolSpec } from "./types.js";
@@ -138,6 +138,25 @@ export class VmRunLauncher implements VmLauncher {
     }
   }
 
+  /** The pool's `start` (docs/serve.md): the snapshot to restore, made first for "snapshot"; undefined boots. */
+  private async snapshotStart(pool: PoolSpec, spec: InstanceSpec, log: (l: string) => void): Promise<SnapshotRequest | undefined> {
+    const mode = pool.vm.start ?? "auto";
+    if (mode === "boot") return undefined;
+    const img = pool.runner.image;
+    let stored: StoredImage | undefined;
+    if (img.kind === "oci") stored = await this.ociImage(pool);
+    else if (img.kind === "stored") {
+      const { ImageStore } = await import("../images/store.js");
+      stored = await new ImageStore(this.opts.paths.stateDir).get(img.ref);
+    }
+    if (!stored && mode === "auto") return undefined;
+    const { planSnapshotStart } = await import("../images/snapshot.js");
+    return planSnapshotStart({
+      mode, img: stored, spec, paths: this.opts.paths, accel: this.opts.accel, network: pool.vm.network, log,
+      ...(this.opts.qemuUser ? { qemuUser: this.opts.qemuUser } : {}),
+    });
+  }
+
   async reconcileLeftovers(): Promise<void> {
     await reconcile(new Registry(this.opts.paths.stateDir), (l) => this.opts.log(l, {}), { sweep: true });
   }
@@ -148,7 +167,9 @@ export class VmRunLauncher implements VmLauncher {
     const fields = { pool: req.pool.name, vm: req.id, runner: req.name };
     const result = (async () => {
       const spec = await this.spec(req.pool, req.id);
+      const snapshot = await this.snapshotStart(req.pool, spec, (l) => this.opts.log(l, fields));
       vm = new VmRun({
+        ...(snapshot ? { snapshot } : {}),
         id: req.id,
         spec: { ...spec, config: req.config },
         paths: this.opts.paths,
@@ -161,6 +182,7 @@ export class VmRunLauncher implements VmLauncher {
       });
       if (stopAsked !== undefined) vm.stop("stopped", stopAsked);
       const r = await vm.run();
+      if (r.start !== "boot") this.opts.log(`${req.name}: started by ${r.start === "restore" ? "a snapshot restore" : "a cold boot after a failed restore"}`, { ...fields, start: r.start });
       return { reason: r.reason, exitCode: r.exitCode, detail: r.detail };
     })();
     return {

@@ -52,6 +52,11 @@ export interface PoolSpec {
     cmdline: string | undefined;
     /** What the runner's guest may reach (docs/security.md). */
     network: NetworkSpec;
+    /**
+     * `start`: "snapshot" restores from the image's memory snapshot (made on first use),
+     * "boot" always boots; unset: restore when a matching snapshot exists (docs/images.md).
+     */
+    start?: "snapshot" | "boot";
   };
   /** Idle runners above desired are stopped after this long idle. */
   idleTimeoutSeconds: number;

@@ -65,6 +65,15 @@ export interface QemuPlan {
   extraArgs: string[];
   /** "user": QEMU's user-mode network (fenced by the host's nftables); "none": no network device. */
   network?: "user" | "none";
+  /**
+   * The config CD drive without a disc (configIso unset): a snapshot's VM, whose disc is
+   * inserted over QMP after a restore.
+   */
+  emptyCd?: boolean;
+  /** `-device vmgenid` with this GUID: a restored VM's fresh generation id (the guest reseeds its RNG). */
+  vmgenid?: string;
+  /** `-incoming` URI: restore a snapshot's migration stream (fd:3) instead of booting. */
+  incoming?: string;
 }
 
 /** QEMU's seccomp filter: no obsolete syscalls, no set*id, no fork/exec, no scheduler/affinity changes. */
@@ -121,8 +130,10 @@ export function diskSection(p: QemuPlan): string[] {
     // linuxboot ROM holds bootindex 0 itself.
     "-device", `virtio-blk-${b.suffix},drive=${DEVICE_IDS.rootDrive}${b.pci && !p.kernel ? ",bootindex=0" : ""}`,
   ];
-  if (p.configIso) {
-    args.push("-drive", `file=${qemuOptValue(p.configIso)},if=none,id=${DEVICE_IDS.configDrive},media=cdrom,readonly=on,format=raw`);
+  if (p.configIso || p.emptyCd) {
+    args.push("-drive", p.configIso
+      ? `file=${qemuOptValue(p.configIso)},if=none,id=${DEVICE_IDS.configDrive},media=cdrom,readonly=on,format=raw`
+      : `if=none,id=${DEVICE_IDS.configDrive},media=cdrom,readonly=on`);
     if (p.machine === "microvm") {
       // microvm has no IDE/AHCI; a SCSI CD-ROM also has a tray the guest can open.
       args.push("-device", "virtio-scsi-device,id=scsi0", "-device", `scsi-cd,drive=${DEVICE_IDS.configDrive},id=${DEVICE_IDS.configCd}`);
@@ -146,6 +157,7 @@ export function networkSection(p: QemuPlan): string[] {
   }
   // Entropy for the guest: sshd host key generation at boot would otherwise wait on it.
   args.push("-device", `virtio-rng-${b.suffix}`);
+  if (p.vmgenid) args.push("-device", `vmgenid,guid=${p.vmgenid}`);
   return args;
 }
 
@@ -181,5 +193,6 @@ export function buildQemuArgs(p: QemuPlan): string[] {
     ...mountSection(p),
     ...kernelSection(p),
     ...p.extraArgs,
+    ...(p.incoming ? ["-incoming", p.incoming] : []),
   ];
 }

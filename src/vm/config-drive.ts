@@ -17,8 +17,9 @@ export interface ConfigDriveEntry {
   content: string | Buffer;
 }
 
-export function renderConfigDrive(name: string, config: JsonValue): ConfigDriveEntry[] {
-  return [{ path: INSTANCE_FILE, content: JSON.stringify({ name, config }, null, 2) + "\n" }];
+/** instance.json: {name, config}, and for a VM restored from a snapshot `restore` (guest/README.md). */
+export function renderConfigDrive(name: string, config: JsonValue, restore?: { rtcLagMicros?: number }): ConfigDriveEntry[] {
+  return [{ path: INSTANCE_FILE, content: JSON.stringify(restore ? { name, config, restore } : { name, config }, null, 2) + "\n" }];
 }
 
 /** Writes the entries as an ISO at `isoPath`, staging them in `stagingDir` (removed after). */

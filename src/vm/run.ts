@@ -1,9 +1,9 @@
 // One ephemeral VM, start to finish: work dir → overlay → config drive → QEMU under the
 // supervisor → cleanup on every exit path. The caller (CLI, pool daemon) decides what to
 // do with the result; nothing here exits the process.
-import { randomBytes } from "node:crypto";
+import { randomBytes, randomUUID } from "node:crypto";
 import { chmod, chown, lchown, lstat, mkdir, readdir, rm, readFile, writeFile } from "node:fs/promises";
-import { statSync } from "node:fs";
+import { closeSync, openSync, statSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { InstanceSpec, JsonValue } from "../config/types.js";
 import type { Paths } from "../host/paths.js";
@@ -11,7 +11,7 @@ import { STATE_LAYOUT, ensureDir, ensureLogsDir } from "../host/paths.js";
 import { redact } from "../config/preprocess.js";
 import { CivmError, ConfigError, HostError } from "../errors/index.js";
 import { trace } from "../errors/trace.js";
-import { buildQemuArgs, DEFAULT_CMDLINE, SERCON_PORT_BYTES, type HostMount, type PortForward, type QemuPlan } from "./argv.js";
+import { buildQemuArgs, DEFAULT_CMDLINE, DEVICE_IDS, SERCON_PORT_BYTES, type HostMount, type PortForward, type QemuPlan } from "./argv.js";
 import { createOverlay } from "./disk.js";
 import { renderConfigDrive, writeConfigDrive, type ConfigDriveEntry } from "./config-drive.js";
 import { checkPortFree } from "./ports.js";
@@ -23,6 +23,7 @@ import { DEFAULT_NETWORK, describeNetwork, type NetworkSpec } from "../net/polic
 import { hostResolvers, installTable, deleteTable, policyUnavailable, resolveAllow, sweepTables, reserveVmGid } from "../net/nft.js";
 import { accessProblem, qemuUser, setprivArgs, type QemuUser } from "../net/identity.js";
 import { processIdentity } from "../host/proc.js";
+import { SNAPSHOT_FLAG, SNAPSHOT_POINT } from "./snapshot-point.js";
 
 /** Names inside a VM's work dir. */
 export const WORKDIR_LAYOUT = {
@@ -34,7 +35,34 @@ export const WORKDIR_LAYOUT = {
   consoleSocket: "console.sock",
   /** SeaBIOS's serial console port, for firmware boots (see argv.ts). */
   serconPort: "sercon-port",
+  /** QEMU sends a snapshot's migration stream here (civm listens and writes the memory file). */
+  migrateSocket: "migrate.sock",
 } as const;
+
+/** What a run does with a snapshot (vm/snapshot.ts decides which, and owns the files). */
+export type SnapshotRequest =
+  | {
+      /** Boot with civm.snapshot, save at the agent's snapshot point, quit. */
+      mode: "make";
+      /** Where the migration stream goes (civm writes it, 0600). */
+      memoryPath: string;
+      /**
+       * Called after QEMU quit, before cleanup, with the VM's overlay (the snapshot's disk):
+       * move it away. rtcLagMicros: how far QEMU's RTC lags the host's clock (measured).
+       */
+      onSaved: (overlayPath: string, info: { rtcLagMicros?: number }) => Promise<void>;
+    }
+  | {
+      /** Restore instead of booting; a restore that fails boots cold (the reason is logged and given to onFailed). */
+      mode: "restore";
+      memoryPath: string;
+      diskPath: string;
+      /** E.g. "snapshot 1a2b3c4d (made 2026-12-07 00:10)" for log lines. */
+      describe: string;
+      /** The snapshot's RTC lag, passed to the guest in instance.json's `restore`. */
+      rtcLagMicros?: number;
+      onFailed?: (reason: string) => Promise<void> | void;
+    };
 
 export interface RunVmRequest {
   /** The instance, with its config already pre-processed. */
@@ -88,6 +116,10 @@ export interface RunVmRequest {
    * instead of spec.config and extra registry meta.
    */
   prepareWorkDir?: (workDir: string) => Promise<{ config?: JsonValue; meta?: Record<string, unknown> } | void>;
+  /** Start from a snapshot or make one (needs spec.kernel: a stored image booted directly). */
+  snapshot?: SnapshotRequest;
+  /** Decides `snapshot` when run() starts (a dev VM's supervisor: it may make the snapshot first). */
+  prepareSnapshot?: () => Promise<SnapshotRequest | undefined>;
 }
 
 export interface VmResult {
@@ -104,7 +136,11 @@ export interface VmResult {
   /** A one-paragraph explanation for failures (QEMU stderr tail, console tail). */
   detail: string | undefined;
   /** performance.now() stamps: QEMU spawned, QEMU exited, cleanup done. */
-  timings: { spawnedAt: number; exitedAt: number; doneAt: number };
+  timings: { spawnedAt: number; exitedAt: number; doneAt: number; restoredAt?: number };
+  /** How the VM started: booted, restored from a snapshot, or booted cold after a failed restore. */
+  start: "boot" | "restore" | "boot-after-failed-restore";
+  /** A "make" run: the snapshot was saved (memory file written, QEMU quit, disk handed to onSaved). */
+  snapshotSaved?: boolean;
 }
 
 function timestamp(d = new Date()): string {
@@ -135,6 +171,34 @@ async function reclaimTree(path: string): Promise<void> {
   await chown(path, 0, 0);
   await chmod(path, st.mode & 0o7757 & ~0o020);
   if (st.isDirectory()) for (const n of await readdir(path)) await reclaimTree(join(path, n));
+}
+
+/**
+ * How far QEMU's RTC lags the host's clock, in µs: its seconds tick at the sub-second point
+ * QEMU started at (it takes the host's time in whole seconds), and a restore keeps that
+ * phase. Read over QMP (the pc machines' `rtc-time`) until the second changes: the host's
+ * time at the change minus the RTC's value. Undefined when it cannot be told (no rtc-time).
+ */
+async function measureRtcLag(sup: Supervisor): Promise<number | undefined> {
+  const read = async (): Promise<{ rtc: number; at: number }> => {
+    const before = performance.timeOrigin + performance.now();
+    const t = await sup.execute<{ tm_year: number; tm_mon: number; tm_mday: number; tm_hour: number; tm_min: number; tm_sec: number }>("qom-get", { path: "/machine", property: "rtc-time" });
+    const after = performance.timeOrigin + performance.now();
+    return { rtc: Date.UTC(t.tm_year + 1900, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec), at: (before + after) / 2 };
+  };
+  const first = await read();
+  let prev = first;
+  const deadline = performance.now() + 1500;
+  while (performance.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 1));
+    const cur = await read();
+    if (cur.rtc !== first.rtc) {
+      const lagMs = (prev.at + cur.at) / 2 - cur.rtc;
+      return lagMs > -50 && lagMs < 1050 ? Math.round(Math.min(999.999, Math.max(0, lagMs)) * 1000) : undefined;
+    }
+    prev = cur;
+  }
+  return undefined;
 }
 
 /** Waits for every promise (so none still writes into a dir being cleaned up), then throws the first failure. */
@@ -199,6 +263,20 @@ export class VmRun {
     };
   }
 
+  /** The plan of a snapshot's VM (making or restoring): civm.snapshot, an empty CD drive, a vmgenid device. */
+  snapshotPlan(restore: boolean): QemuPlan {
+    const p = this.plan();
+    if (!p.kernel) throw new CivmError("internal", "a snapshot needs direct kernel boot");
+    return {
+      ...p,
+      kernel: { ...p.kernel, cmdline: `${p.kernel.cmdline} ${SNAPSHOT_FLAG}` },
+      configIso: undefined,
+      emptyCd: true,
+      vmgenid: randomUUID(),
+      ...(restore ? { incoming: "fd:3" } : {}),
+    };
+  }
+
   network(): NetworkSpec {
     return this.req.network ?? this.req.spec.network ?? DEFAULT_NETWORK;
   }
@@ -234,6 +312,70 @@ export class VmRun {
     }
   }
 
+  /**
+   * Saves a snapshot: pause, QEMU's migration stream over a unix socket civm listens on
+   * (QEMU's sandbox forbids exec: URIs) into `memoryPath` (0600), then `quit`.
+   */
+  private async saveSnapshot(sup: Supervisor, memoryPath: string, gid: number | undefined, log: (l: string) => void, info: { rtcLagMicros?: number }): Promise<void> {
+    const t0 = performance.now();
+    const { createServer } = await import("node:net");
+    const { createWriteStream } = await import("node:fs");
+    const { pipeline } = await import("node:stream/promises");
+    await sup.execute("stop");
+    const lag = await measureRtcLag(sup).catch(() => undefined);
+    if (lag !== undefined) info.rtcLagMicros = lag;
+    const sockPath = join(this.workDir, WORKDIR_LAYOUT.migrateSocket);
+    const server = createServer();
+    const received = new Promise<void>((resolveP, rejectP) => {
+      server.once("connection", (conn) => {
+        server.close();
+        pipeline(conn, createWriteStream(memoryPath, { mode: 0o600 })).then(resolveP, rejectP);
+      });
+      server.once("error", rejectP);
+    });
+    received.catch(() => undefined);
+    await new Promise<void>((resolveP, rejectP) => {
+      server.once("error", rejectP);
+      server.listen(sockPath, () => resolveP());
+    });
+    try {
+      if (gid !== undefined) {
+        await chown(sockPath, 0, gid);
+        await chmod(sockPath, 0o660);
+      }
+      // The VM is paused: no need to throttle (QEMU's default is 128 MiB/s).
+      await sup.execute("migrate-set-parameters", { "max-bandwidth": 64 * 1024 ** 3 });
+      await sup.execute("migrate", { uri: `unix:${sockPath}` });
+      for (;;) {
+        const m = await sup.execute<{ status?: string; "error-desc"?: string }>("query-migrate");
+        if (m.status === "completed") break;
+        if (m.status === "failed" || m.status === "cancelled") throw new Error(`QEMU's migration ${m.status}${m["error-desc"] ? `: ${m["error-desc"]}` : ""}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      await received;
+    } finally {
+      server.close();
+      await rm(sockPath, { force: true });
+    }
+    log(`${this.req.spec.name}: snapshot saved in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+    await sup.quit("stopped");
+  }
+
+  /** After `-incoming`: waits for the stream to be loaded, then inserts the config disc (the guest is still paused). */
+  private async finishRestore(sup: Supervisor, isoPath: string): Promise<void> {
+    const deadline = Date.now() + 120_000;
+    for (;;) {
+      const st = await sup.execute<{ status?: string }>("query-status");
+      if (st.status !== "inmigrate") {
+        if (st.status !== "paused" && st.status !== "prelaunch") throw new Error(`QEMU is ${st.status ?? "in an unknown state"} after loading the snapshot`);
+        break;
+      }
+      if (Date.now() > deadline) throw new Error("loading the snapshot took more than 120 s");
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    await sup.execute("blockdev-change-medium", { id: DEVICE_IDS.configCd, filename: isoPath, format: "raw", "read-only-mode": "read-only" });
+  }
+
   async run(): Promise<VmResult> {
     const started = performance.now();
     const { req } = this;
@@ -248,7 +390,10 @@ export class VmRun {
     try {
       trace("vm: start");
       for (const f of this.forwards()) await checkPortFree(f.hostAddr, f.hostPort, f.proto, `port forward for ${spec.name}`);
-      const plan = this.plan();
+      const snap = req.snapshot ?? (await req.prepareSnapshot?.());
+      const restoring = snap?.mode === "restore";
+      let plan = snap ? this.snapshotPlan(restoring) : this.plan();
+      const isoPath = join(this.workDir, WORKDIR_LAYOUT.configIso);
       for (const sock of [plan.qmpSocket, plan.consoleSocket]) {
         if (Buffer.byteLength(sock) > 107) throw new HostError(`the socket path ${sock} is longer than a unix socket allows (107 bytes); use a shorter --state-dir`);
       }
@@ -309,12 +454,32 @@ export class VmRun {
       // Civm writes the console log itself, redacted (QEMU only sees a socket in the work dir).
       let noBoot: string | undefined;
       const noBootWatch = plan.kernel ? undefined : new NoBootWatch();
+      // A snapshot being made is saved when the agent says it waits for its disc.
+      let snapshotSeen = "";
+      let saving: Promise<void> | undefined;
+      let saved = false;
+      const savedInfo: { rtcLagMicros?: number } = {};
       consoleStream = new ConsoleStream({
         logPath: this.consoleLog,
         redact: (t) => redactAll(t, secrets),
         longestSecret: Math.max(0, ...secrets.map((x) => x.length)),
         onText: (t) => {
           req.onConsole?.(t);
+          if (snap?.mode === "make" && !saving) {
+            snapshotSeen = (snapshotSeen + t).slice(-4096);
+            if (snapshotSeen.includes(SNAPSHOT_POINT) && this.supervisor) {
+              const sup = this.supervisor;
+              saving = this.saveSnapshot(sup, snap.memoryPath, reserved?.gid, log, savedInfo).then(
+                () => {
+                  saved = true;
+                },
+                (e: Error) => {
+                  log(`${spec.name}: saving the snapshot failed: ${e.message}`);
+                  sup.stop("stopped", { force: true });
+                },
+              );
+            }
+          }
           const m = noBootWatch?.push(t);
           if (m === undefined || noBoot !== undefined) return;
           noBoot = m;
@@ -329,78 +494,140 @@ export class VmRun {
         plan.serconPortFile ? writeFile(plan.serconPortFile, SERCON_PORT_BYTES, { mode: 0o644 }) : Promise.resolve(),
         req.directDisk
           ? Promise.resolve()
-          : createOverlay({ base: spec.image, overlay: plan.overlay, sizeBytes: spec.rootDiskBytes, where }),
-        writeConfigDrive(req.configDrive ?? renderConfigDrive(spec.name, config), plan.configIso!, join(this.workDir, WORKDIR_LAYOUT.configStaging)),
+          : snap?.mode === "restore"
+            ? createOverlay({ base: snap.diskPath, overlay: plan.overlay, sizeBytes: undefined, where })
+            : createOverlay({ base: spec.image, overlay: plan.overlay, sizeBytes: spec.rootDiskBytes, where }),
+        // A snapshot being made never gets a disc (the configuration is never in a snapshot).
+        snap?.mode === "make" ? Promise.resolve() : writeConfigDrive(req.configDrive ?? renderConfigDrive(spec.name, config, snap?.mode === "restore" ? { ...(snap.rtcLagMicros !== undefined ? { rtcLagMicros: snap.rtcLagMicros } : {}) } : undefined), isoPath, join(this.workDir, WORKDIR_LAYOUT.configStaging)),
         allowP,
       ]);
       trace("vm: overlay and config drive ready");
 
-      let binary = plan.binary;
-      let args = buildQemuArgs(plan);
+      const gid = reserved?.gid;
       if (user) {
         // Every VM's QEMU has a group of its own (the fence's key when restricted); QEMU's
         // files are root's and that group's, so one QEMU cannot open another VM's files even
         // though all run as the same user.
-        const gid = reserved!.gid;
-        await this.checkQemuAccess(user, gid, plan);
-        const grants: [string, number][] = [[this.workDir, 0o770], [plan.configIso!, 0o640], ...(req.directDisk ? [] : [[plan.overlay, 0o660] as [string, number]])];
+        await this.checkQemuAccess(user, gid!, plan);
+        const grants: [string, number][] = [[this.workDir, 0o770], ...(req.directDisk ? [] : [[plan.overlay, 0o660] as [string, number]])];
+        if (snap?.mode !== "make") grants.push([isoPath, 0o640]);
         if (plan.serconPortFile) grants.push([plan.serconPortFile, 0o640]);
         await Promise.all(grants.map(async ([p, mode]) => {
-          await chown(p, 0, gid);
+          await chown(p, 0, gid!);
           await chmod(p, mode);
         }));
         for (const p of req.qemuWritable ?? []) {
-          await grantTree(p, gid);
+          await grantTree(p, gid!);
           cleanup.push(`ownership of ${p}`, () => reclaimTree(p));
         }
-        args = [...setprivArgs(user, gid), binary, ...args];
-        binary = "setpriv";
       }
       const stream = consoleStream;
-      let consoleP: Promise<void> | undefined;
       let fenceP: Promise<unknown> | undefined;
-      const sup = new Supervisor({
-        binary, args, timeoutSeconds: spec.timeoutSeconds, graceSeconds: req.graceSeconds, log,
-        // The console is connected, and the network fenced, before the guest runs.
-        beforeCont: () => Promise.all([consoleP, fenceP]).then(() => undefined),
-      });
-      this.supervisor = sup;
-      cleanup.push("QEMU", () => sup.kill());
-      try {
-        const startP = sup.start(plan.qmpSocket);
-        // In parallel with the QMP connect (QEMU is spawned synchronously by start()).
-        consoleP = stream.connect(plan.consoleSocket, () => sup.alive);
-        consoleP.then(() => req.onConsoleInput?.((d) => stream.write(d)), () => undefined);
-        if (network.mode === "restricted") {
-          fenceP = allowP
-            .then((allow) => installTable({ gid: reserved!.gid, allow, resolvers: hostResolvers(), comment: `civm vm=${this.id} owner=${processIdentity(process.pid) ?? process.pid}` }))
-            .then((f) => {
-              // Recorded with the entry's next write (once QMP answers); a crash before
-              // that leaves a table the next civm sweeps by its owner comment.
-              fence = f;
-              entry.net = { mode: network.mode, table: f.table, gid: f.gid };
-            });
-          fenceP.catch(() => undefined);
+      let restoredAt: number | undefined;
+      // Spawns QEMU for `plan` (paused), connects QMP and the console, fences the network, lets
+      // the guest run. A restore (memFd) that fails before the guest runs returns a dead or
+      // killed supervisor that has not started.
+      const launch = async (qplan: QemuPlan, memFd: number | undefined): Promise<{ sup: Supervisor; error?: Error }> => {
+        let binary = qplan.binary;
+        let args = buildQemuArgs(qplan);
+        if (user) {
+          args = [...setprivArgs(user, gid!), binary, ...args];
+          binary = "setpriv";
         }
-        entry.qemuPid = sup.pid;
-        // Start time now (kept across exec); the command line once QMP answers (QEMU has exec'd).
-        entry.qemu = sup.pid ? procIdentity(sup.pid, { cmdline: false }) : undefined;
-        await registry.put(entry);
-        await startP;
-        entry.qemu = sup.pid ? (procIdentity(sup.pid) ?? entry.qemu) : undefined;
-        entry.state = "running";
-        await registry.put(entry);
-        log(`${spec.name}: running (pid ${sup.pid}, ${req.accel}, network ${describeNetwork(network)}${spec.sshPort !== undefined ? `, ssh ${entry.sshBind}:${spec.sshPort}` : ""}); console: ${this.consoleLog}`);
-        // Tables of VMs whose civm died: swept off the start path.
+        let consoleP: Promise<void> | undefined;
+        const sup = new Supervisor({
+          binary, args, timeoutSeconds: spec.timeoutSeconds, graceSeconds: req.graceSeconds, log,
+          ...(memFd !== undefined ? { fd3: memFd } : {}),
+          // The console is connected, and the network fenced, before the guest runs; a
+          // restored guest gets its disc before it runs too.
+          beforeCont: async (s) => {
+            await Promise.all([consoleP, fenceP]);
+            if (memFd !== undefined) {
+              await this.finishRestore(s, isoPath);
+              restoredAt = performance.now();
+            }
+          },
+        });
+        this.supervisor = sup;
+        cleanup.push("QEMU", () => sup.kill());
+        try {
+          const startP = sup.start(qplan.qmpSocket);
+          // In parallel with the QMP connect (QEMU is spawned synchronously by start()).
+          consoleP = stream.connect(qplan.consoleSocket, () => sup.alive);
+          consoleP.then(() => req.onConsoleInput?.((d) => stream.write(d)), () => undefined);
+          if (network.mode === "restricted" && !fenceP) {
+            fenceP = allowP
+              .then((allow) => installTable({ gid: gid!, allow, resolvers: hostResolvers(), comment: `civm vm=${this.id} owner=${processIdentity(process.pid) ?? process.pid}` }))
+              .then((f) => {
+                // Recorded with the entry's next write (once QMP answers); a crash before
+                // that leaves a table the next civm sweeps by its owner comment.
+                fence = f;
+                entry.net = { mode: network.mode, table: f.table, gid: f.gid };
+              });
+            fenceP.catch(() => undefined);
+          }
+          entry.qemuPid = sup.pid;
+          // Start time now (kept across exec); the command line once QMP answers (QEMU has exec'd).
+          entry.qemu = sup.pid ? procIdentity(sup.pid, { cmdline: false }) : undefined;
+          await registry.put(entry);
+          await startP;
+          entry.qemu = sup.pid ? (procIdentity(sup.pid) ?? entry.qemu) : undefined;
+          entry.state = "running";
+          await registry.put(entry);
+          log(`${spec.name}: running (pid ${sup.pid}, ${req.accel}, network ${describeNetwork(network)}${spec.sshPort !== undefined ? `, ssh ${entry.sshBind}:${spec.sshPort}` : ""}${memFd !== undefined && snap?.mode === "restore" ? `, restored from ${snap.describe}` : ""}); console: ${this.consoleLog}`);
+          return { sup };
+        } catch (e) {
+          if (memFd !== undefined && !sup.hasStarted) {
+            sup.kill();
+            return { sup, error: e as Error };
+          }
+          if (sup.alive) throw e; // QMP trouble with a live QEMU is civm's failure
+          // QEMU died while starting: fall through to its result.
+          return { sup };
+        }
+      };
+      let start: VmResult["start"] = "boot";
+      let sup: Supervisor;
+      if (snap?.mode === "restore") {
+        const memFd = openSync(snap.memoryPath, "r");
+        let attempt: { sup: Supervisor; error?: Error };
+        try {
+          attempt = await launch(plan, memFd);
+        } finally {
+          closeSync(memFd); // QEMU holds its own copy
+        }
+        sup = attempt.sup;
+        if (sup.hasStarted) start = "restore";
+        else {
+          const failed = await sup.wait();
+          const stderr = failed.stderrTail.trim().split("\n").filter((l) => l.trim()).slice(-3).join("; ");
+          const why = redactAll(stderr || attempt.error?.message || "QEMU ended during the restore", secrets);
+          log(`${spec.name}: restoring ${snap.describe} failed (${why}); booting cold instead`);
+          await snap.onFailed?.(why);
+          plan = this.plan();
+          await rm(plan.overlay, { force: true });
+          await createOverlay({ base: spec.image, overlay: plan.overlay, sizeBytes: spec.rootDiskBytes, where });
+          if (user) {
+            await chown(plan.overlay, 0, gid!);
+            await chmod(plan.overlay, 0o660);
+          }
+          start = "boot-after-failed-restore";
+          sup = (await launch(plan, undefined)).sup;
+        }
+      } else {
+        sup = (await launch(plan, undefined)).sup;
+      }
+      // Tables of VMs whose civm died: swept off the start path.
+      if (sup.hasStarted) {
         sweep = sweepTables(log).catch((e: Error) => log(`warning: sweeping stale network policy tables: ${e.message}`));
         if (this.pendingStop) sup.stop(this.pendingStop.reason, { force: this.pendingStop.force });
         req.onRunning?.();
-      } catch (e) {
-        if (sup.alive) throw e; // QMP trouble with a live QEMU is civm's failure
-        // QEMU died while starting: fall through to its result.
       }
       const r = await sup.wait();
       await sweep;
+      await saving;
+      // The saved VM's overlay is the snapshot's disk: handed over before cleanup removes the work dir.
+      if (snap?.mode === "make" && saved) await snap.onSaved(plan.overlay, savedInfo);
       // Everything QEMU wrote is in the log before the result is returned.
       const writeErr = await stream.finish();
       if (writeErr) log(`warning: the console log ${this.consoleLog} is incomplete: ${writeErr.message}`);
@@ -426,7 +653,9 @@ export class VmRun {
         id: this.id, name: spec.name, reason: r.reason, exitCode: EXIT_CODE_OF_REASON[r.reason],
         durationMs: performance.now() - started, mediumRemoved: r.mediumRemoved, consoleLog: this.consoleLog,
         workDir: this.workDir, workDirKept: keep, detail,
-        timings: { spawnedAt: r.spawnedAt, exitedAt: r.exitedAt, doneAt: performance.now() },
+        timings: { spawnedAt: r.spawnedAt, exitedAt: r.exitedAt, doneAt: performance.now(), ...(restoredAt !== undefined ? { restoredAt } : {}) },
+        start,
+        ...(snap?.mode === "make" ? { snapshotSaved: saved } : {}),
       };
     } catch (e) {
       if (this.supervisor?.alive) {

@@ -31,7 +31,9 @@ export interface SupervisorOptions {
   /** Called for progress and warnings (one line each). */
   log: (line: string) => void;
   /** Awaited after QMP connects and before `cont` (the guest has not run yet). */
-  beforeCont?: () => Promise<void>;
+  beforeCont?: (sup: Supervisor) => Promise<void>;
+  /** An open file QEMU inherits as fd 3 (a snapshot's memory file for `-incoming fd:3`). */
+  fd3?: number;
 }
 
 export interface SupervisorResult {
@@ -64,6 +66,8 @@ export class Supervisor extends EventEmitter {
   private exited: Promise<SupervisorResult> | undefined;
   private spawnedAt = 0;
   private killStage = 0;
+  /** Set once `cont` is done: tray events before it are civm's own (a disc inserted over QMP). */
+  private started = false;
 
   constructor(private readonly o: SupervisorOptions) {
     super();
@@ -71,6 +75,11 @@ export class Supervisor extends EventEmitter {
 
   get pid(): number | undefined {
     return this.child?.pid;
+  }
+
+  /** Whether the guest was let run (`cont` done). */
+  get hasStarted(): boolean {
+    return this.started;
   }
 
   get alive(): boolean {
@@ -82,7 +91,9 @@ export class Supervisor extends EventEmitter {
     this.spawnedAt = performance.now();
     // A session of its own: a Ctrl-C in the terminal (or a signal to civm's process group)
     // reaches civm only, which then stops the VM the documented way.
-    const child = spawn(this.o.binary, this.o.args, { stdio: ["ignore", "ignore", "pipe"], detached: true });
+    const stdio: ("ignore" | "pipe" | number)[] = ["ignore", "ignore", "pipe"];
+    if (this.o.fd3 !== undefined) stdio.push(this.o.fd3);
+    const child = spawn(this.o.binary, this.o.args, { stdio, detached: true });
     trace("vm: QEMU spawned");
     this.child = child;
     child.stderr!.setEncoding("utf8").on("data", (d: string) => {
@@ -101,8 +112,9 @@ export class Supervisor extends EventEmitter {
     const qmp = await QmpClient.connect(qmpSocket, { timeoutMs: 30_000, isAlive: () => this.alive });
     this.qmp = qmp;
     qmp.on("event", (ev: QmpEvent) => this.onEvent(ev));
-    await this.o.beforeCont?.();
+    await this.o.beforeCont?.(this);
     await qmp.execute("cont");
+    this.started = true;
     if (this.o.timeoutSeconds > 0) {
       this.timers.push(setTimeout(() => this.stop("timeout"), this.o.timeoutSeconds * 1000));
     }
@@ -113,7 +125,7 @@ export class Supervisor extends EventEmitter {
     this.emit("qmp-event", ev);
     if (ev.event === "SHUTDOWN") {
       this.shutdownReason = String(ev.data?.reason ?? "unknown");
-    } else if (ev.event === "DEVICE_TRAY_MOVED") {
+    } else if (ev.event === "DEVICE_TRAY_MOVED" && this.started) {
       const open = ev.data?.["tray-open"] === true;
       const id = String(ev.data?.id ?? "");
       this.emit("tray", open);
@@ -175,6 +187,18 @@ export class Supervisor extends EventEmitter {
     this.killStage = 2;
     this.child?.kill("SIGTERM");
     this.timers.push(setTimeout(() => this.child?.kill("SIGKILL"), TERM_TO_KILL_MS));
+  }
+
+  /** A QMP command (the connection must be up: after start() connected). */
+  execute<T = unknown>(command: string, args?: Record<string, unknown>): Promise<T> {
+    if (!this.qmp) return Promise.reject(new Error(`QMP is not connected (${command})`));
+    return this.qmp.execute<T>(command, args);
+  }
+
+  /** Ends QEMU through QMP `quit` (a saved snapshot's VM): the result's reason is `reason`. */
+  async quit(reason: StopReason): Promise<void> {
+    if (this.stopReason === undefined) this.stopReason = reason;
+    await this.execute("quit").catch(() => this.escalate());
   }
 
   /** Ends QEMU now (used on errors inside civm). */

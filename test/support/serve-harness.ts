@@ -146,6 +146,8 @@ export interface PoolOptions {
   cmdline?: string;
   /** Given: the pool sets fireactions' `firecracker.kernelArgs` (these, then the hub address) instead of `cmdline`. */
   kernelArgs?: string;
+  /** The pool's `start` (snapshot | boot); unset: left out of the config. */
+  start?: "snapshot" | "boot";
 }
 
 export interface ServeConfigOptions {
@@ -187,6 +189,7 @@ export function serveConfig(o: ServeConfigOptions): Record<string, unknown> {
         : { cmdline: `console=ttyS0 panic=-1 quiet tiny.hub=10.0.2.2:${o.hub.port}${p.cmdline ? ` ${p.cmdline}` : ""}` }),
       // The pretend runner reaches the hub on the host: the one exception to the policy.
       network: { allow: [`host:${o.hub.port}`] },
+      ...(p.start ? { start: p.start } : {}),
       runner: { name: p.name ?? "tiny", image: o.image, repository: REPO, labels: p.labels ?? [p.name ?? "tiny"] },
     })),
   };

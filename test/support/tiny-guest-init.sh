@@ -26,6 +26,7 @@
 #                       output prefixed "tiny-guest: job: "), POST http://HUB/done and power off. HUB is tiny.hub=HOST:PORT on
 #                       the kernel command line (e.g. 10.0.2.2:PORT, the host under QEMU user
 #                       networking). The ACPI power button powers it off at any time.
+#   date                print "tiny-guest: date <seconds since the epoch>.<microseconds>", power off (clock checks)
 #   mounts              (also chosen by tiny.mode=mounts on the kernel command line, for
 #                       civm run --image ... --append) mount every 9p share in config.mounts
 #                       ({tag, path, ro}, as civm run --host-mount writes them), run
@@ -55,9 +56,21 @@ done </etc/tiny-guest/modules
 say "booted (kernel $(uname -r))"
 
 # --- config CD -------------------------------------------------------------------------
+# civm.snapshot on the kernel command line (a snapshot boot, docs/images.md): announce the
+# snapshot point, wait for the disc without a limit (polled every 0.1 s: a restored copy
+# gets it right away), then step the clock to the RTC (the host's time) at its next tick.
 dev=""
 i=0
-while [ $i -lt 100 ]; do # 100 x 0.2 s = 20 s
+restored=""
+if grep -qw civm.snapshot /proc/cmdline; then
+  say "snapshot point: waiting for the configuration disc"
+  until dev=$(findfs LABEL=instance-configuration 2>/dev/null) && [ -n "$dev" ]; do usleep 100000; done
+  # Read right away: must differ between copies restored from one snapshot.
+  rand=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  say "restored: config disc $dev"
+  restored=1
+fi
+while [ -z "$dev" ] && [ $i -lt 100 ]; do # 100 x 0.2 s = 20 s
   dev=$(findfs LABEL=instance-configuration 2>/dev/null)
   [ -n "$dev" ] && break
   i=$((i + 1))
@@ -90,6 +103,20 @@ elif mount -t iso9660 -o ro "$dev" /mnt/cfg; then
 else
   say "cannot mount config CD $dev"
   : >/tmp/instance.json
+fi
+
+# --- a restored copy: clock and what must differ -----------------------------------------
+# The RTC keeps the host's time but lags it by restore.rtcLagMicros (civm measured it): wait
+# for its next tick, then for the rest of that second, and set the clock to the whole second.
+if [ -n "$restored" ]; then
+  lag=$(tr -d '\n' </tmp/instance.json | sed -n 's/.*"rtcLagMicros"[[:space:]]*:[[:space:]]*\([0-9]*\).*/\1/p')
+  read -r first </sys/class/rtc/rtc0/since_epoch
+  now=$first
+  while [ "$now" = "$first" ]; do usleep 2000; read -r now </sys/class/rtc/rtc0/since_epoch; done
+  usleep $((1000000 - ${lag:-0}))
+  date -s "@$((now + 1))" >/dev/null
+  if dmesg | grep -q 'crng reseeded due to virtual machine fork'; then say "restored: RNG reseeded"; else say "restored: no VM generation change seen"; fi
+  say "restored: boot_id $(cat /proc/sys/kernel/random/boot_id) random $rand clock $(date +%s)"
 fi
 
 # --- act on config.tiny -----------------------------------------------------------------
@@ -171,6 +198,13 @@ case "$mode" in
     power_off
     ;;
   poweroff)
+    power_off
+    ;;
+  date)
+    # busybox's date has no %N; adjtimex shows the clock to the microsecond.
+    t=$(adjtimex 2>/dev/null | sed -n 's/.*tv_sec: *\([0-9]*\).*/\1/p;s/.*tv_usec: *\([0-9]*\).*/\1/p' | tr '\n' ' ')
+    set -- $t
+    if [ -n "${2:-}" ]; then say "date $1.$(printf %06d "$2")"; else say "date $(date +%s).0"; fi
     power_off
     ;;
   hang)

@@ -623,3 +623,53 @@ test("caches: malformed config.caches is a warning, not a failure; no cache is u
     assert.ok(!existsSync(join(h.root, "etc/docker")), JSON.stringify(caches));
   }
 });
+
+test("snapshot boot (civm.snapshot): settles, announces the snapshot point, and once restored makes the copy unique before the workload", () => {
+  const h = makeHarness({
+    stubs: {
+      dmesg: `echo "[ 1.0] random: crng reseeded due to virtual machine fork"`,
+      perl: `echo "perl $4" >>"$STUB_CALLS.perl"; exit 0`,
+      "civm-hostkeys": `echo "civm-hostkeys: host key (stub)"`,
+      nice: `shift 2; exec "$@"`,
+      networkctl: `exit 0`,
+      sed: `exit 0`,
+      date: `echo 2026-12-07T00:00:00Z`,
+    },
+  });
+  mkdirSync(join(h.root, "proc", "sys", "kernel", "random"), { recursive: true });
+  mkdirSync(join(h.root, "sys", "class", "rtc", "rtc0"), { recursive: true });
+  mkdirSync(join(h.root, "sys", "class", "net", "eth0"), { recursive: true });
+  mkdirSync(join(h.root, "etc", "ssh"), { recursive: true });
+  mkdirSync(join(h.root, "run", "systemd", "system"), { recursive: true });
+  writeFileSync(join(h.root, "proc", "cmdline"), "console=ttyS0 quiet civm.snapshot\n");
+  writeFileSync(join(h.root, "proc", "sys", "kernel", "random", "uuid"), "0b6c6bd1-4f55-4b3c-9d4e-1a2b3c4d5e6f\n");
+  writeFileSync(join(h.root, "proc", "sys", "kernel", "random", "boot_id"), "old\n");
+  writeFileSync(join(h.root, "proc", "sys", "kernel", "hostname"), "civm-runner");
+  writeFileSync(join(h.root, "sys", "class", "rtc", "rtc0", "since_epoch"), "1796600000\n");
+  writeFileSync(join(h.root, "etc", "hostname"), "civm-runner\n");
+  writeFileSync(join(h.root, "etc", "machine-id"), "f".repeat(32) + "\n");
+  writeFileSync(join(h.root, "etc", "ssh", "ssh_host_ed25519_key"), "old key\n");
+  const r = runAgent(h, { name: "vm-1", restore: { rtcLagMicros: 123456 }, config: { command: "echo job-ran" } });
+  assert.equal(r.status, 0, r.out);
+  const order = [/snapshot point: waiting for the configuration disc/, /reading instance configuration/, /restored: RNG reseeded/, /restored: unique now \(hostname civm-runner-0b6c6bd1, machine-id 0b6c6bd14f554b3c9d4e1a2b3c4d5e6f/, /civm-agent: ready/, /job-ran/];
+  const at = order.map((re) => lineIndex(r.out, re));
+  assert.ok(at.every((i) => i >= 0), `every step logged:\n${r.out}`);
+  assert.deepEqual([...at].sort((a, b) => a - b), at, `in this order:\n${r.out}`);
+  assert.equal(readFileSync(join(h.root, "etc", "machine-id"), "utf8"), "0b6c6bd14f554b3c9d4e1a2b3c4d5e6f\n");
+  assert.equal(readFileSync(join(h.root, "etc", "hostname"), "utf8"), "civm-runner-0b6c6bd1\n");
+  assert.equal(readFileSync(join(h.root, "proc", "sys", "kernel", "hostname"), "utf8"), "civm-runner-0b6c6bd1");
+  assert.ok(!existsSync(join(h.root, "etc", "ssh", "ssh_host_ed25519_key")), "the snapshot's host key is removed before the workload");
+  // The boot id is bind-mounted from a fresh file; the clock step gets the RTC and civm's lag.
+  const bind = named(r.calls, "mount").find((c) => c[1] === "--bind");
+  assert.ok(bind && bind[3] === join(h.root, "proc", "sys", "kernel", "random", "boot_id"), JSON.stringify(r.calls));
+  assert.match(readFileSync(bind[2]!, "utf8"), /^0b6c6bd1-4f55-4b3c-9d4e-1a2b3c4d5e6f\n$/);
+  assert.match(readFileSync(`${h.calls}.perl`, "utf8"), /^perl 123456$/m);
+  assert.deepEqual(named(r.calls, "networkctl")[0], ["networkctl", "renew", "eth0"]);
+});
+
+test("a cold boot (no civm.snapshot) does none of the snapshot steps", () => {
+  const h = makeHarness();
+  const r = runAgent(h, { name: "vm-1", config: { command: "echo job-ran" } });
+  assert.equal(r.status, 0, r.out);
+  assert.doesNotMatch(r.out, /snapshot point|restored:/);
+});

@@ -52,9 +52,10 @@ test("the same inputs give the same key (64 hex digits)", () => {
   assert.equal(computeCacheKey({ spec: reordered, fileHashes: { ...HASHES }, agentVersion: "1" }), key());
 });
 
-test("cosmetic fields do not change the key: name, description, comments, where the file is", () => {
+test("cosmetic fields do not change the key: name, description, comments, where the file is, snapshot: true", () => {
   const base = key();
   assert.equal(key({ spec: rootSpec({ name: "renamed", description: "words" }) }), base);
+  assert.equal(key({ spec: rootSpec({ snapshot: true }) }), base);
   assert.equal(key({ spec: rootSpec({ source: { file: "/elsewhere/x.json", baseDir: "/elsewhere", index: 7, lvh: true, builtin: true } }) }), base);
   const commented = rootSpec();
   commented.actions = commented.actions.map((a) => ({ ...a, comment: "why" }));

@@ -340,3 +340,11 @@ test("without a mirror in the spec nor on the host, a root image is refused clea
 function escape(s: string): string {
   return s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
 }
+
+test("snapshot: true is kept; another value is refused with the field's meaning", async () => {
+  const { file } = setup("images.json", [{ name: "snap", snapshot: true }, { name: "plain" }]);
+  const { images } = await loadImageSpecs(file, OPTS);
+  assert.deepEqual(images.map((i) => i.snapshot), [true, undefined]);
+  const bad = setup("images.json", [{ name: "snap", snapshot: "yes" }]);
+  assert.match(await configError(bad.file), /"snapshot".*must be true \(civm image build also makes the image's memory snapshot/);
+});

@@ -474,3 +474,10 @@ test("github thresholds: bad values name the file, the field and what is accepte
   assert.match(await problems(setup(serve([pool()], { github: { token: "t", rateLimitReserve: "95%" } }))), /"github\.rateLimitReserve" must be a percentage from 0% to 90% .* \(got "95%"\)/);
   assert.match(await problems(setup(serve([pool()], { github: { token: "t", degradedAfter: -1 } }))), /"github\.degradedAfter" must not be negative \(got -1\)/);
 });
+
+test("start: snapshot or boot is kept; unset is left out (restore when a snapshot matches); anything else is refused", async () => {
+  const c = await load(setup(serve([pool({ start: "snapshot" }), pool({ name: "b", start: "boot", runner: { image: "runner-img", organization: "acme", labels: ["b"] } }), pool({ name: "c", runner: { image: "runner-img", organization: "acme", labels: ["c"] } })])));
+  assert.deepEqual(c.pools.map((p) => p.vm.start), ["snapshot", "boot", undefined]);
+  const msg = await problems(setup(serve([pool({ start: "restore" })])));
+  assert.match(msg, /"start" must be "snapshot" \(restore runner VMs from the image's memory snapshot, made on first use\) or "boot".*got "restore"/);
+});

@@ -29,7 +29,7 @@ export function registerImage(program: Command): void {
 
   image
     .command("build")
-    .description("Build an image (and its parents) from a spec: mmdebstrap root tree, ext4 partition without mounts, then a VM boot for the bootloader and provision scripts. Unchanged images are cached by key.")
+    .description("Build an image (and its parents) from a spec: mmdebstrap root tree, ext4 partition without mounts, then a VM boot for the bootloader and provision scripts. Unchanged images are cached by key. A spec with snapshot: true also gets its memory snapshot (docs/images.md \"Snapshots\").")
     .argument("<name>", "image name (civm-runner is built in)")
     .option("-f, --file <file>", "images spec, JSON or YAML, civm or lvh form (default: ./images.json or ./images.yaml, plus the built-in images)")
     .option("--force", "rebuild the image even if its key is unchanged (parents stay cached)")
@@ -70,6 +70,15 @@ export function registerImage(program: Command): void {
           if (flags.json) emit({ type: "result", image: o.image, status: o.status, key: o.key, seconds: o.seconds, disk: o.stored.diskPath });
           else say(`${o.image}: ${o.status} in ${o.seconds.toFixed(1)} s (key ${o.key.slice(0, 12)}): ${o.stored.diskPath}`);
         }
+        // snapshot: true: the image's snapshot for the default VM settings, made now rather than on first use.
+        const wanted = all.find((i) => i.name === name);
+        const built = outcomes.find((o) => o.image === name);
+        if (wanted?.snapshot && built) {
+          const { ensureDefaultSnapshot } = await import("../../images/snapshot.js");
+          const snap = await ensureDefaultSnapshot({ img: built.stored, paths, accel: accel.accel, log: (l) => (flags.json ? emit({ type: "progress", image: name, step: "snapshot", message: l }) : flags.quiet ? undefined : say(l)) });
+          if (flags.json) emit({ type: "snapshot", image: name, key: snap.meta.key, memoryBytes: snap.meta.memoryBytes, seconds: snap.meta.makeSeconds });
+          else say(`${name}: snapshot ${snap.meta.key.slice(0, 8)} (${snap.meta.settings.cpus} cpus, ${Math.round(snap.meta.settings.ramBytes / 1024 ** 2)} MiB): memory file ${(snap.meta.memoryBytes / 1024 ** 2).toFixed(1)} MiB`);
+        }
       } catch (e) {
         if (!flags.json) say(`build failed; full log: ${logFile}`);
         throw e;
@@ -82,15 +91,22 @@ export function registerImage(program: Command): void {
   image
     .command("ls")
     .alias("list")
-    .description("List stored images: name, key, format, size, age.")
+    .description("List stored images: name, key, format, size, age, memory snapshots (count and memory file size; --json: each one's settings).")
     .option("--json", "print a JSON array")
     .option("-q, --quiet", "print names only, one a line")
     .action(async (flags: { json?: boolean; quiet?: boolean }, cmd: Command) => {
       const { ImageStore, formatImageTable } = await import("../../images/store.js");
+      const { listSnapshots } = await import("../../images/snapshot.js");
       const images = await new ImageStore(pathsFrom(cmd).stateDir).list();
-      if (flags.json) printJson(images.map((i) => ({ ...i.manifest, diskPath: i.diskPath })));
+      const snaps = new Map(await Promise.all(images.map(async (i) => [i.name, await listSnapshots(i)] as const)));
+      const snapJson = (name: string) =>
+        (snaps.get(name) ?? []).map((s) => ({
+          key: s.meta.key, createdAt: s.meta.createdAt, memoryBytes: s.meta.memoryBytes, diskBytes: s.meta.diskBytes, makeSeconds: s.meta.makeSeconds,
+          accel: s.meta.settings.accel, machine: s.meta.settings.machine, cpus: s.meta.settings.cpus, ramBytes: s.meta.settings.ramBytes, qemu: s.meta.qemu.path, dir: s.dir,
+        }));
+      if (flags.json) printJson(images.map((i) => ({ ...i.manifest, diskPath: i.diskPath, snapshots: snapJson(i.name) })));
       else if (flags.quiet) printNames(images.map((i) => i.manifest.name));
-      else process.stdout.write(formatImageTable(images));
+      else process.stdout.write(formatImageTable(images, Date.now(), new Map([...snaps].map(([n, l]) => [n, l.map((s) => s.meta.memoryBytes)]))));
     });
 
   image

@@ -6,7 +6,7 @@ import { abortOnSignals, clearProgress, printJson, progressLine, say, warn } fro
 import { loadInstances, selectInstance, preprocessConfig, checkInstanceFiles } from "../../config/index.js";
 import { detectAccel } from "../../host/kvm.js";
 import { VmRun, Registry, reconcile } from "../../vm/index.js";
-import type { VmResult } from "../../vm/run.js";
+import type { SnapshotRequest, VmResult } from "../../vm/run.js";
 import type { InstanceSpec } from "../../config/types.js";
 import type { Paths } from "../../host/paths.js";
 import type { DevFlags } from "../../dev/plan.js";
@@ -33,6 +33,7 @@ interface RunFlags {
   accel?: "kvm" | "tcg";
   timingsFile?: string;
   json?: boolean;
+  snapshot?: boolean;
 }
 
 /**
@@ -104,6 +105,7 @@ export function registerRun(program: Command): void {
     .option("--ssh-bind <addr>", "address the ssh-port forward listens on", "127.0.0.1")
     .addOption(new Option("--accel <accel>", "force the accelerator instead of probing KVM").choices(["kvm", "tcg"]))
     .addOption(new Option("--timings-file <file>").hideHelp())
+    .option("--snapshot", "instances and ad-hoc VMs: start a stored image's VM from its memory snapshot instead of booting (made first when there is none; any problem boots cold, with the reason); see docs/images.md \"Snapshots\"")
     .addOption(new Option("--logs-keep-days <days>", `delete civm's console and supervisor logs in the logs dir not written for this many days; 0 = keep (default ${LOG_RETENTION_DEFAULTS.keepDays})`).env("CIVM_LOGS_KEEP_DAYS"))
     .addOption(new Option("--logs-max-bytes <size>", `then delete the oldest of them until they total at most this, e.g. 500M; 0 = no limit (default ${LOG_RETENTION_DEFAULTS.maxBytes / 1024 ** 3}G)`).env("CIVM_LOGS_MAX_BYTES"))
     .option("--image <image>", "ad-hoc VM: a stored image (civm image ls), a disk image path, or an OCI reference REGISTRY/REPO:TAG (pulled on first use); no instances file")
@@ -244,7 +246,7 @@ export interface BootRequest {
   paths: Paths;
   graceSeconds: number;
   stop: StopControl;
-  flags: Partial<Pick<RunFlags, "console" | "keep" | "sshBind" | "accel" | "timingsFile" | "json">>;
+  flags: Partial<Pick<RunFlags, "console" | "keep" | "sshBind" | "accel" | "timingsFile" | "json" | "snapshot">>;
   /** Log retention applied once the VM runs; default LOG_RETENTION_DEFAULTS. */
   logRetention?: LogRetention;
 }
@@ -297,8 +299,14 @@ export async function bootInstance(b: BootRequest): Promise<number> {
   if (accel.accel === "tcg" && !flags.accel && !process.env.CIVM_ACCEL) warn(`KVM is not usable (${accel.reason}); using TCG software emulation, guests run several times slower.`);
 
   trace("cli: accelerator chosen");
+  let snapshot: SnapshotRequest | undefined;
+  if (flags.snapshot) {
+    const { planSnapshotStart, storedImageOf } = await import("../../images/snapshot.js");
+    snapshot = await planSnapshotStart({ mode: "snapshot", img: await storedImageOf(spec, paths.stateDir), spec, paths, accel: accel.accel, log: say });
+  }
   const pruner = logPruner(paths, b.logRetention ?? LOG_RETENTION_DEFAULTS);
   const vm = new VmRun({
+    ...(snapshot ? { snapshot } : {}),
     spec: { ...spec, config },
     paths,
     accel: accel.accel,
@@ -318,7 +326,7 @@ export async function bootInstance(b: BootRequest): Promise<number> {
   say(`${r.name}: ${r.reason} after ${formatSeconds(r.durationMs)} (exit ${r.exitCode}); console log: ${r.consoleLog}`);
   if (flags.json) printResult(r);
   if (flags.timingsFile) {
-    writeFileSync(flags.timingsFile, JSON.stringify({ ...r.timings, exitAt: performance.now(), reason: r.reason }));
+    writeFileSync(flags.timingsFile, JSON.stringify({ ...r.timings, exitAt: performance.now(), reason: r.reason, start: r.start }));
   }
   return r.exitCode;
 }
@@ -399,7 +407,7 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
 
 /** --json: how the VM ended, one object on stdout. */
 function printResult(r: VmResult): void {
-  const o = { name: r.name, id: r.id, reason: r.reason, exitCode: r.exitCode, durationMs: Math.round(r.durationMs), consoleLog: r.consoleLog, ...(r.workDirKept ? { workDir: r.workDir } : {}) };
+  const o = { name: r.name, id: r.id, reason: r.reason, exitCode: r.exitCode, start: r.start, durationMs: Math.round(r.durationMs), consoleLog: r.consoleLog, ...(r.workDirKept ? { workDir: r.workDir } : {}) };
   printJson(o);
 }
 
