@@ -78,7 +78,7 @@ before(async () => {
   copyFileSync(tiny.kernel, join(tinyShare, "vmlinuz"));
   copyFileSync(tiny.initrd, join(tinyShare, "initrd.img"));
   for (const f of ["disk.qcow2", "vmlinuz", "initrd.img"]) chmodSync(join(tinyShare, f), 0o644);
-});
+}, { timeout: 45 * 60_000 }); // a cold build of civm-host: 21 min at load 11-14 here
 
 after(async () => {
   await github?.close();
@@ -282,6 +282,7 @@ test("BIOS boot with seed 003's user-data: civm serve runs with the App and pool
       data: "findmnt -no SOURCE,FSTYPE,OPTIONS /var/lib/civm; blkid -s LABEL -o value \"$(findmnt -no SOURCE /var/lib/civm)\"; lsblk -bno SIZE \"$(findmnt -no SOURCE /)\"",
       doctor: "journalctl -b -u civm-host-check --no-pager -o cat",
       agentUnits: "systemctl is-active civm-growfs civm-agent || true",
+      initrd: "lsinitramfs /boot/initrd.img-$(uname -r) | grep -oE '(hv_vmbus|hv_storvsc|nvme|xen-blkfront)\\.ko' | sort -u",
     });
     await t.test("firewall: inbound policy drop, SSH and civm serve's port, no forwarding", () => {
       assert.match(probe.nft, /policy drop/, probe.nft);
@@ -327,6 +328,9 @@ test("BIOS boot with seed 003's user-data: civm serve runs with the App and pool
       assert.match(probe.doctor, /KVM usable\s+no/, probe.doctor);
       assert.match(probe.doctor, /civm doctor: /, probe.doctor);
       assert.doesNotMatch(probe.agentUnits, /^active/m, "the guest agent's units do not run on a host");
+    });
+    await t.test("the initrd holds the root-disk drivers of Azure (Hyper-V), NVMe and Xen", () => {
+      assert.deepEqual(probe.initrd.trim().split("\n"), ["hv_storvsc.ko", "hv_vmbus.ko", "nvme.ko", "xen-blkfront.ko"]);
     });
 
     // TCG inside TCG: how far did the runner VM get? Reported, not required.
