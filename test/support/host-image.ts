@@ -4,7 +4,7 @@
 // and the host's Node.js package, so a change to civm rebuilds it and an unchanged tree is a
 // cache hit of about a second. Also: booting it with a NoCloud seed, SSH into it.
 import { execFileSync, spawn } from "node:child_process";
-import { existsSync, mkdirSync } from "node:fs";
+import { existsSync, mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { civmBin, testCacheDir } from "./paths.js";
 import { acquireLock, runNode } from "./runner-image.js";
@@ -64,6 +64,22 @@ export function writeSeedIso(dir: string, userData: string, instanceId: string):
   execFileSync("sh", ["-c", 'printf "%s" "$1" > "$3/user-data"; printf "instance-id: %s\\nlocal-hostname: civm-host-test\\n" "$2" > "$3/meta-data"', "sh", userData, instanceId, join(dir, "seed")]);
   const iso = join(dir, "seed.iso");
   execFileSync("genisoimage", ["-quiet", "-output", iso, "-volid", "cidata", "-joliet", "-rock", join(dir, "seed", "user-data"), join(dir, "seed", "meta-data")]);
+  return iso;
+}
+
+/**
+ * An OpenStack config drive (ConfigDrive: an ISO labelled config-2, as OpenStack's
+ * `--config-drive true` and Proxmox write it): openstack/latest/meta_data.json (the instance's
+ * uuid, hostname and public SSH keys) and openstack/latest/user_data.
+ */
+export function writeConfigDrive(dir: string, userData: string, meta: { uuid: string; hostname: string; publicKeys: Record<string, string> }): string {
+  const root = join(dir, "configdrive");
+  const latest = join(root, "openstack", "latest");
+  mkdirSync(latest, { recursive: true });
+  writeFileSync(join(latest, "user_data"), userData);
+  writeFileSync(join(latest, "meta_data.json"), JSON.stringify({ uuid: meta.uuid, hostname: meta.hostname, name: meta.hostname, public_keys: meta.publicKeys, availability_zone: "nova", launch_index: 0 }));
+  const iso = join(dir, "config-2.iso");
+  execFileSync("genisoimage", ["-quiet", "-output", iso, "-volid", "config-2", "-joliet", "-rock", root]);
   return iso;
 }
 

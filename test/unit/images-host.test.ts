@@ -50,6 +50,8 @@ test("the built-in civm-host: a root image with civm and UEFI, the packages the 
   assert.match(text, /-w \/etc\/civm\/ -p wa -k civm-config/);
   assert.match(text, /Unattended-Upgrade \\"1\\"/);
   assert.match(text, /datasource_list: \[NoCloud, ConfigDrive, Azure, None\]/);
+  // Azure's and other clouds' root-disk drivers go into the initrd.
+  assert.match(text, /manual_add_modules hv_vmbus hv_storvsc nvme xen-blkfront/);
   // Modules that must never be blocked.
   const blocklist = host.actions.find((a) => a.kind === "write" && a.path === "/etc/modprobe.d/civm-host-blocklist.conf");
   assert.ok(blocklist && blocklist.kind === "write");
