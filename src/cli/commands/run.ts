@@ -33,6 +33,7 @@ interface RunFlags {
   accel?: "kvm" | "tcg";
   timingsFile?: string;
   json?: boolean;
+  firmwareBoot?: boolean;
 }
 
 /**
@@ -106,6 +107,7 @@ export function registerRun(program: Command): void {
     .addOption(new Option("--timings-file <file>").hideHelp())
     .addOption(new Option("--logs-keep-days <days>", `delete civm's console and supervisor logs in the logs dir not written for this many days; 0 = keep (default ${LOG_RETENTION_DEFAULTS.keepDays})`).env("CIVM_LOGS_KEEP_DAYS"))
     .addOption(new Option("--logs-max-bytes <size>", `then delete the oldest of them until they total at most this, e.g. 500M; 0 = no limit (default ${LOG_RETENTION_DEFAULTS.maxBytes / 1024 ** 3}G)`).env("CIVM_LOGS_MAX_BYTES"))
+    .option("--firmware-boot", "boot through the firmware and the image's own bootloader (SeaBIOS, GRUB), not its kernel directly: the instance's \"firmware-boot\": true")
     .option("--image <image>", "ad-hoc VM: a stored image (civm image ls), a disk image path, or an OCI reference REGISTRY/REPO:TAG (pulled on first use); no instances file")
     .option("--kernel <kernel>", "ad-hoc: boot a stored kernel (civm kernel ls; its modules are mounted in the guest) or a bzImage file")
     .option("--initrd <file>", "ad-hoc: initrd for a --kernel file")
@@ -187,6 +189,7 @@ Exit code 0 only when the guest powered itself off; see "civm --help" for the ot
       // Only the chosen instance's files must exist: others may be for another host.
       const loaded = await loadInstances(file, { checkFiles: false });
       let spec = selectInstance(loaded, name);
+      if (flags.firmwareBoot) spec = { ...spec, firmwareBoot: true };
       if (looksLikeImageName(spec.imageRef) || isOciImageRef(spec.imageRef)) {
         // A pull (OCI reference not stored yet) ends at the first Ctrl-C, leaving nothing stored.
         const interrupt = abortOnSignals(`the pull of ${spec.imageRef} was interrupted; nothing was stored`);
@@ -277,7 +280,8 @@ function logPruner(paths: Paths, retention: LogRetention): { start: () => void; 
 
 /** Pre-processes the config, boots the VM, waits for it; returns civm's exit code. */
 export async function bootInstance(b: BootRequest): Promise<number> {
-  const { spec, paths, flags } = b;
+  const { paths, flags } = b;
+  let { spec } = b;
   trace("cli: instance loaded");
   await reconcile(new Registry(paths.stateDir), say);
   trace("cli: registry reconciled");
@@ -288,7 +292,13 @@ export async function bootInstance(b: BootRequest): Promise<number> {
   });
   trace("cli: config pre-processed");
   // Before the KVM probe and the registry: a text file as "image" starts nothing.
-  await sniffImage(spec.image, `${b.file}: instance "${spec.name}": "image"`);
+  const sniffed = await sniffImage(spec.image, `${b.file}: instance "${spec.name}": "image"`);
+  // A foreign disk with GRUB: its own kernel, read from the image once (docs/images.md).
+  if (!spec.kernel && !spec.firmwareBoot && sniffed && sniffed.evidence !== "blank") {
+    const { withForeignKernel } = await import("../../images/foreign-boot.js");
+    spec = await withForeignKernel(spec, { stateDir: paths.stateDir, log: say });
+    trace("cli: foreign image's kernel looked up");
+  }
   if (b.stop.count()) {
     say(`${spec.name}: interrupted before boot; nothing was started`);
     return EXIT_CODES.signal;
