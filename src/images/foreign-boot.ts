@@ -394,6 +394,13 @@ async function pruneOthers(root: string, key: string, image: string): Promise<vo
   }
 }
 
+/** The line civm logs for a VM named `name` on `image`: which kernel boots it, or why the firmware does. */
+export function describeForeignBoot(name: string, image: string, r: ForeignBoot): string {
+  if (!r.ok) return `${name}: booting through the firmware (SeaBIOS, then the image's own bootloader): civm cannot boot ${image}'s kernel directly: ${r.reason}`;
+  const b = r.boot;
+  return `${name}: booting the image's own kernel${b.release ? ` ${b.release}` : ""} directly (GRUB's default entry "${b.entry}", ${b.config}${r.cached ? "" : "; read now and cached"}); "firmware-boot": true or --firmware-boot boots through its bootloader`;
+}
+
 /**
  * An instance on a foreign disk, booting its own kernel directly when civm can read it;
  * unchanged (firmware boot) when it brings a kernel, asks for `firmware-boot`, or the
@@ -402,11 +409,7 @@ async function pruneOthers(root: string, key: string, image: string): Promise<vo
 export async function withForeignKernel(spec: InstanceSpec, opts: ForeignBootOptions & { log: (line: string) => void }): Promise<InstanceSpec> {
   if (spec.kernel || spec.firmwareBoot) return spec;
   const r = await foreignBoot(spec.image, opts);
-  if (!r.ok) {
-    opts.log(`${spec.name}: booting through the firmware (SeaBIOS, then the image's own bootloader): civm cannot boot ${spec.image}'s kernel directly: ${r.reason}`);
-    return spec;
-  }
-  const b = r.boot;
-  opts.log(`${spec.name}: booting the image's own kernel${b.release ? ` ${b.release}` : ""} directly (GRUB's default entry "${b.entry}", ${b.config}${r.cached ? "" : "; read now and cached"}); "firmware-boot": true boots through its bootloader`);
-  return { ...spec, kernel: b.kernel, initrd: b.initrd, cmdline: spec.cmdline ?? b.cmdline };
+  opts.log(describeForeignBoot(spec.name, spec.image, r));
+  if (!r.ok) return spec;
+  return { ...spec, kernel: r.boot.kernel, initrd: r.boot.initrd, cmdline: spec.cmdline ?? r.boot.cmdline };
 }

@@ -58,9 +58,18 @@ test("a GRUB disk (qcow2) boots its own kernel directly: GRUB's saved entry, its
   // Again: from the cache (one entry), the same boot.
   const again = await runCivm(["run", "foreign"], e);
   assert.equal(again.code, 0, again.stderr);
-  assert.match(again.stderr, /booting the image's own kernel .* directly \(GRUB's default entry "[^"]+", partition 1: \/boot\/grub\/grub\.cfg\); "firmware-boot": true/);
+  assert.match(again.stderr, /booting the image's own kernel .* directly \(GRUB's default entry "[^"]+", partition 1: \/boot\/grub\/grub\.cfg\); "firmware-boot": true or --firmware-boot/);
   assert.equal(readdirSync(cache).length, 1);
   assertClean(e);
+
+  // An ad-hoc VM of the same disk: the same kernel from the cache, --append after GRUB's arguments; --firmware-boot: none.
+  const adHoc = await runCivm(["run", "--image", direct.qcow2, "--print-cmd", "--append", "extra=1"], e);
+  assert.equal(adHoc.code, 0, adHoc.stderr);
+  assert.match(adHoc.stdout, new RegExp(`-kernel ${cache}/[0-9a-f]+/vmlinuz .*-append "BOOT_IMAGE=[^"]* ${SAVED_ENTRY_MARK} extra=1"`));
+  assert.equal(readdirSync(cache).length, 1);
+  const adHocFw = await runCivm(["run", "--image", direct.qcow2, "--print-cmd", "--firmware-boot"], e);
+  assert.equal(adHocFw.code, 0, adHocFw.stderr);
+  assert.doesNotMatch(adHocFw.stdout, /-kernel/);
 });
 
 test("a GRUB disk whose grub.cfg civm cannot find boots through the firmware, with the reason; --firmware-boot skips the lookup", async () => {
