@@ -144,7 +144,11 @@ The instances file is a list of objects with the keys of Rust CI's run.py: name,
 cpu-cores, ram, root-disk, timeout-seconds, ssh-port, config; and optionally kernel, initrd,
 cmdline, machine (pc, q35, microvm), qemu-args. An image (here and in --image) is a disk
 path, a stored image name, or an OCI reference REGISTRY/REPO:TAG pulled on first use
-(docs/images.md says how civm tells them apart). Values in config may use
+(docs/images.md says how civm tells them apart). A disk civm did not build (GRUB on a BIOS
+disk, as run.py boots it) boots its own kernel directly: GRUB's default entry, read from the
+disk once without mounting it and cached; --firmware-boot (or "firmware-boot": true) keeps
+SeaBIOS and GRUB, and a disk civm cannot read boots that way with the reason logged.
+Values in config may use
 \${{ env:NAME }}, \${{ file:PATH }} and \${{ gha-install-token:OWNER/REPO }} (GITHUB_TOKEN,
 GITHUB_API_URL). The guest reads {name, config} from instance.json on a CD-ROM labelled
 instance-configuration; when it ejects the disc civm removes the medium.
