@@ -17,6 +17,7 @@ import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { loadavg } from "node:os";
 import { join, resolve } from "node:path";
 import { civmBin, repoRoot, tempDir } from "../test/support/paths.js";
+import { runPyQemuArgs } from "./runpy-qemu.js";
 import { benchArg } from "./args.js";
 
 const runs = Number(benchArg("runs", "3"));
@@ -71,12 +72,7 @@ async function runPy(label: string): Promise<number> {
   const ov = join(root, `runpy-${label}.qcow2`);
   const consoleLog = join(root, `runpy-console-${label}.log`);
   execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", "-F", execFileSync("qemu-img", ["info", "-U", "--output=json", disk], { encoding: "utf8" }).includes('"format": "raw"') ? "raw" : "qcow2", "-b", disk, ov]);
-  const r = await timed("qemu-system-x86_64", [
-    "-machine", `pc,accel=${env.CIVM_ACCEL}`, "-cpu", env.CIVM_ACCEL === "kvm" ? "host" : "max", "-smp", "2", "-m", "1024M",
-    "-nodefaults", "-display", "none", "-no-reboot", "-serial", `file:${consoleLog}`,
-    "-drive", `file=${ov},if=virtio,format=qcow2`, "-drive", `file=${iso},media=cdrom,readonly=on,if=ide,index=2`,
-    "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
-  ]);
+  const r = await timed("qemu-system-x86_64", runPyQemuArgs({ overlay: ov, iso, consoleLog, accel: env.CIVM_ACCEL }));
   rmSync(ov, { force: true });
   if (!readFileSync(consoleLog, "utf8").includes(MARK)) throw new Error(`the run.py-style boot did not run the command (console: ${consoleLog})`);
   return r.seconds;
