@@ -339,7 +339,9 @@ export async function foreignBoot(image: string, opts: ForeignBootOptions): Prom
   const dir = join(root, key);
   const recordPath = join(dir, "boot.json");
   try {
-    return fromRecord(dir, JSON.parse(await readFile(recordPath, "utf8")) as CacheRecord, true);
+    const hit = fromRecord(dir, JSON.parse(await readFile(recordPath, "utf8")) as CacheRecord, true);
+    if (!hit.ok || (existsSync(hit.boot.kernel) && (!hit.boot.initrd || existsSync(hit.boot.initrd)))) return hit;
+    await rm(dir, { recursive: true, force: true }); // a file of it was deleted: read again
   } catch {
     // not cached yet (or damaged: made again)
   }
