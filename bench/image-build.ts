@@ -18,6 +18,7 @@ import { mkdirSync, writeFileSync, readFileSync, rmSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { loadavg } from "node:os";
 import { civmBin, repoRoot, tempDir } from "../test/support/paths.js";
+import { runPyQemuArgs } from "./runpy-qemu.js";
 
 const arg = (name: string, def: string) => (process.argv.includes(name) ? process.argv[process.argv.indexOf(name) + 1]! : def);
 const runs = Number(arg("--runs", "3"));
@@ -55,12 +56,7 @@ async function bareBoot(disk: string, iso: string, label: string): Promise<numbe
   const ov = join(root, `bare-${Date.now()}.qcow2`);
   const consoleLog = join(root, `bare-console-${label}.log`);
   execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", disk, ov]);
-  const r = await timed("qemu-system-x86_64", [
-    "-machine", `pc,accel=${env.CIVM_ACCEL}`, "-cpu", env.CIVM_ACCEL === "kvm" ? "host" : "max", "-smp", "2", "-m", "1024M",
-    "-nodefaults", "-display", "none", "-no-reboot", "-serial", `file:${consoleLog}`,
-    "-drive", `file=${ov},if=virtio,format=qcow2`, "-drive", `file=${iso},media=cdrom,readonly=on,if=ide,index=2`,
-    "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
-  ]);
+  const r = await timed("qemu-system-x86_64", runPyQemuArgs({ overlay: ov, iso, consoleLog, accel: env.CIVM_ACCEL }));
   rmSync(ov, { force: true });
   if (!readFileSync(consoleLog, "utf8").includes("civm-bench-line")) throw new Error("the bare boot did not run the command");
   return r.seconds;

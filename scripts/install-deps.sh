@@ -12,6 +12,7 @@ PACKAGES=(
   openssh-client               # civm exec/ssh, per-VM keys
   zstd jq shellcheck ovmf      # compressed images, guest agent tests, lint
   nftables                     # the per-VM network policy
+  grub-pc-bin                  # tests: a GRUB-on-BIOS disk built without civm (grub-mkimage, boot.img) for foreign-image direct boot
   iproute2                     # tests: network namespaces for the policy tests
   postgresql                   # tests: a throwaway PostgreSQL cluster for the fleet store (civm serve store: postgres://...)
   zsh fish                     # tests: civm completion zsh|fish loaded in the real shells

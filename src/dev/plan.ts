@@ -36,6 +36,8 @@ export const KEEPALIVE_COMMAND = "exec sleep infinity";
 
 export interface DevFlags {
   image: string;
+  /** --firmware-boot: SeaBIOS and the image's bootloader, not a stored image's or a foreign image's own kernel. */
+  firmwareBoot?: boolean;
   kernel?: string;
   initrd?: string;
   append?: string;
@@ -169,7 +171,7 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
 
   // Image (a stored name or a path) and the kernel that boots it.
   const image = await resolveImage(f.image, ctx);
-  await sniffImage(image.path, `--image ${f.image}:`);
+  const sniffed = await sniffImage(image.path, `--image ${f.image}:`);
   if (rootDiskBytes !== undefined) {
     const info = await imageInfo(image.path, `--image ${f.image}:`);
     if (rootDiskBytes < info.virtualSize) {
@@ -178,9 +180,10 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
   }
   const mounts: HostMount[] = [];
   const qemuArgs: string[] = [];
-  let kernel = image.kernel;
-  let initrd = image.initrd;
-  let cmdline: string | undefined = image.kernel ? STORED_IMAGE_CMDLINE : undefined;
+  if (f.firmwareBoot && f.kernel !== undefined) throw new ConfigError("--firmware-boot boots the image through its own bootloader and --kernel boots a kernel directly; give one");
+  let kernel = f.firmwareBoot ? undefined : image.kernel;
+  let initrd = f.firmwareBoot ? undefined : image.initrd;
+  let cmdline: string | undefined = kernel ? STORED_IMAGE_CMDLINE : undefined;
   let kernelRef: string | undefined;
   if (f.kernel !== undefined) {
     kernelRef = f.kernel;
@@ -210,6 +213,17 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
     if (!existsSync(p) || !(await stat(p)).isFile()) throw new ConfigError(`--initrd ${f.initrd}: ${p} is not a file`);
     initrd = p;
     cmdline = STORED_IMAGE_CMDLINE;
+  }
+  if (!kernel && !f.firmwareBoot && !image.stored && sniffed && sniffed.evidence !== "blank") {
+    // A foreign disk with GRUB: its own kernel, read from the image once (docs/images.md).
+    const { describeForeignBoot, foreignBoot } = await import("../images/foreign-boot.js");
+    const r = await foreignBoot(image.path, { stateDir: paths.stateDir, ...(ctx.pullLog ? { log: ctx.pullLog } : {}) });
+    ctx.pullLog?.(describeForeignBoot(name, image.path, r));
+    if (r.ok) {
+      kernel = r.boot.kernel;
+      initrd = r.boot.initrd;
+      cmdline = r.boot.cmdline;
+    }
   }
   if (f.append !== undefined) {
     if (!kernel) throw new ConfigError(`--append needs a kernel: image ${f.image} boots through its own bootloader; give --kernel`);

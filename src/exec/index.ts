@@ -19,6 +19,7 @@ export const PACKAGE_OF: Record<string, string> = {
   "dpkg-query": "dpkg",
   "dpkg-repack": "dpkg-repack",
   sfdisk: "fdisk",
+  debugfs: "e2fsprogs",
   depmod: "kmod",
   cpio: "cpio",
   xz: "xz-utils",

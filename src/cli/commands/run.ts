@@ -34,6 +34,7 @@ interface RunFlags {
   timingsFile?: string;
   json?: boolean;
   snapshot?: boolean;
+  firmwareBoot?: boolean;
 }
 
 /**
@@ -108,6 +109,7 @@ export function registerRun(program: Command): void {
     .option("--snapshot", "instances and ad-hoc VMs: start a stored image's VM from its memory snapshot instead of booting (made first when there is none; any problem boots cold, with the reason); see docs/images.md \"Snapshots\"")
     .addOption(new Option("--logs-keep-days <days>", `delete civm's console and supervisor logs in the logs dir not written for this many days; 0 = keep (default ${LOG_RETENTION_DEFAULTS.keepDays})`).env("CIVM_LOGS_KEEP_DAYS"))
     .addOption(new Option("--logs-max-bytes <size>", `then delete the oldest of them until they total at most this, e.g. 500M; 0 = no limit (default ${LOG_RETENTION_DEFAULTS.maxBytes / 1024 ** 3}G)`).env("CIVM_LOGS_MAX_BYTES"))
+    .option("--firmware-boot", "boot through the firmware and the image's own bootloader (SeaBIOS, GRUB), not its kernel directly: the instance's \"firmware-boot\": true")
     .option("--image <image>", "ad-hoc VM: a stored image (civm image ls), a disk image path, or an OCI reference REGISTRY/REPO:TAG (pulled on first use); no instances file")
     .option("--kernel <kernel>", "ad-hoc: boot a stored kernel (civm kernel ls; its modules are mounted in the guest) or a bzImage file")
     .option("--initrd <file>", "ad-hoc: initrd for a --kernel file")
@@ -144,7 +146,11 @@ The instances file is a list of objects with the keys of Rust CI's run.py: name,
 cpu-cores, ram, root-disk, timeout-seconds, ssh-port, config; and optionally kernel, initrd,
 cmdline, machine (pc, q35, microvm), qemu-args. An image (here and in --image) is a disk
 path, a stored image name, or an OCI reference REGISTRY/REPO:TAG pulled on first use
-(docs/images.md says how civm tells them apart). Values in config may use
+(docs/images.md says how civm tells them apart). A disk civm did not build (GRUB on a BIOS
+disk, as run.py boots it) boots its own kernel directly: GRUB's default entry, read from the
+disk once without mounting it and cached; --firmware-boot (or "firmware-boot": true) keeps
+SeaBIOS and GRUB, and a disk civm cannot read boots that way with the reason logged.
+Values in config may use
 \${{ env:NAME }}, \${{ file:PATH }} and \${{ gha-install-token:OWNER/REPO }} (GITHUB_TOKEN,
 GITHUB_API_URL). The guest reads {name, config} from instance.json on a CD-ROM labelled
 instance-configuration; when it ejects the disc civm removes the medium.
@@ -189,6 +195,7 @@ Exit code 0 only when the guest powered itself off; see "civm --help" for the ot
       // Only the chosen instance's files must exist: others may be for another host.
       const loaded = await loadInstances(file, { checkFiles: false });
       let spec = selectInstance(loaded, name);
+      if (flags.firmwareBoot) spec = { ...spec, firmwareBoot: true };
       if (looksLikeImageName(spec.imageRef) || isOciImageRef(spec.imageRef)) {
         // A pull (OCI reference not stored yet) ends at the first Ctrl-C, leaving nothing stored.
         const interrupt = abortOnSignals(`the pull of ${spec.imageRef} was interrupted; nothing was stored`);
@@ -279,7 +286,8 @@ function logPruner(paths: Paths, retention: LogRetention): { start: () => void; 
 
 /** Pre-processes the config, boots the VM, waits for it; returns civm's exit code. */
 export async function bootInstance(b: BootRequest): Promise<number> {
-  const { spec, paths, flags } = b;
+  const { paths, flags } = b;
+  let { spec } = b;
   trace("cli: instance loaded");
   await reconcile(new Registry(paths.stateDir), say);
   trace("cli: registry reconciled");
@@ -290,7 +298,13 @@ export async function bootInstance(b: BootRequest): Promise<number> {
   });
   trace("cli: config pre-processed");
   // Before the KVM probe and the registry: a text file as "image" starts nothing.
-  await sniffImage(spec.image, `${b.file}: instance "${spec.name}": "image"`);
+  const sniffed = await sniffImage(spec.image, `${b.file}: instance "${spec.name}": "image"`);
+  // A foreign disk with GRUB: its own kernel, read from the image once (docs/images.md).
+  if (!spec.kernel && !spec.firmwareBoot && sniffed && sniffed.evidence !== "blank") {
+    const { withForeignKernel } = await import("../../images/foreign-boot.js");
+    spec = await withForeignKernel(spec, { stateDir: paths.stateDir, log: say });
+    trace("cli: foreign image's kernel looked up");
+  }
   if (b.stop.count()) {
     say(`${spec.name}: interrupted before boot; nothing was started`);
     return EXIT_CODES.signal;
