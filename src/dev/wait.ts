@@ -23,6 +23,7 @@ const AGENT_KEYS = "civm-agent: installed ";
 const AGENT_FAILED = /civm-agent: error: .*|civm-agent: powering off/;
 /** What the agent says a dev VM lacks for SSH (guest/lib/civm-agent.sh report_ssh_path). */
 const AGENT_NO_SSH_PATH = /civm-agent: (network: none|sshd: not )[^\r\n]*/g;
+const AGENT_HAS_ADDRESS = /civm-agent: network: (?!none)\S/;
 
 export interface WaitOptions {
   mode: WaitMode;
@@ -137,7 +138,10 @@ export async function waitUntilReady(e: RegistryEntry, dev: DevMeta | undefined,
         if (failing?.kind !== kind) failing = { kind, since: Date.now(), told: Date.now() };
         const why = explainSshFailure(kind, dev!.ssh);
         // Once civm's agent is ready the guest is up: a lasting failure will not heal by waiting.
-        if (agentReady && kind !== "other" && Date.now() - failing.since >= SSH_DIAGNOSIS_MS) {
+        // When the agent saw an address and an sshd, "no answer" is an sshd still starting (host
+        // keys first; slow on a loaded host): that one waits for the timeout.
+        const agentSawPath = AGENT_HAS_ADDRESS.test(consoleText);
+        if (agentReady && kind !== "other" && !(kind === "no-guest" && agentSawPath) && Date.now() - failing.since >= SSH_DIAGNOSIS_MS) {
           throw new CivmError("timeout", `${e.name}: the guest agent is ready but SSH does not work: ${why}`, { details: `${lastSsh.split("\n").pop()}\n${consoleTail()}` });
         }
         // Without the agent, booting looks the same for a while: say what it looks like, then go on.
