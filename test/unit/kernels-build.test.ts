@@ -86,3 +86,19 @@ test("what did not take after olddefconfig; the key follows source, options and 
   assert.notEqual(buildKey({ source: "sha256:1", entry, commonOpts: [{ op: "disable", name: "X" }], cc: "gcc 12" }), k);
   assert.notEqual(buildKey({ source: "sha256:1", entry, commonOpts: [], cc: "gcc 13" }), k);
 });
+
+test("install-kernel: a kernel that is not stored is an error naming the image and field; no action, no expansion", async () => {
+  const { expandInstallKernels } = await import("../../src/images/install-kernel.js");
+  const dir = tempDir();
+  const spec = {
+    name: "img", parent: "base", actions: [{ kind: "run", command: "true" }, { kind: "install-kernel", kernel: "bpf-next" }],
+    source: { file: "images.yaml", baseDir: dir, index: 0, lvh: false, builtin: false },
+  } as unknown as import("../../src/images/types.js").ImageSpec;
+  await assert.rejects(expandInstallKernels([spec], join(dir, "state"), join(dir, "stage")), (e: Error & { exitCode?: number }) => {
+    assert.equal(e.exitCode, 2);
+    assert.match(e.message, /field "actions\[1\]\.install-kernel": no kernel named "bpf-next"; no kernels are stored\. Add one with/);
+    return true;
+  });
+  const plain = { ...spec, actions: [{ kind: "run", command: "true" }] } as typeof spec;
+  assert.deepEqual(await expandInstallKernels([plain], join(dir, "state"), join(dir, "stage")), [plain]);
+});
