@@ -12,7 +12,7 @@ import { createHash } from "node:crypto";
 import { createWriteStream, type WriteStream } from "node:fs";
 import { mkdir, readFile, rm } from "node:fs/promises";
 import { availableParallelism } from "node:os";
-import { dirname, join } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import { ConfigError, CivmError } from "../errors/index.js";
 import { run } from "../exec/index.js";
 import { didYouMean } from "../config/suggest.js";
@@ -143,14 +143,14 @@ export async function buildKernel(o: BuildKernelOptions): Promise<BuildKernelRes
   const entry = lvh.kernels[index];
   if (!entry) {
     const names = lvh.kernels.map((k) => k.name);
-    throw new ConfigError(`${lvh.file} defines no kernel "${o.name}"${didYouMean(o.name, names)}; it defines ${names.join(", ") || "none"}`);
+    throw new ConfigError(`${lvh.file} defines no kernel "${o.name}"${didYouMean(o.name, names)} (it defines ${names.join(", ") || "none"}); give one of those names or add an entry`);
   }
   const storeName = checkKernelName(o.as ?? entry.name);
   const where = `${lvh.file}: kernels[${index}] ("${entry.name}")`;
   if (!entry.url) {
     throw new ConfigError(`${lvh.file}: field "kernels[${index}].url": kernel "${entry.name}" has no source; add "url": a git URL (git://host/repo.git?depth=1#branch), a tarball (an http(s) URL or a path) or a local source folder (relative to kernels.json)`);
   }
-  const source = parseKernelUrl(entry.url, dirname(join(cwd, lvh.file)), `${lvh.file}: field "kernels[${index}].url"`);
+  const source = parseKernelUrl(entry.url, dirname(resolve(cwd, lvh.file)), `${lvh.file}: field "kernels[${index}].url"`);
   const fingerprint = await fingerprintSource(source, `${lvh.file}: field "kernels[${index}].url"`);
   const key = buildKey({ source: fingerprint, entry, commonOpts: lvh.commonOpts, cc: await compilerVersion() });
   const store = new KernelStore(o.stateDir);

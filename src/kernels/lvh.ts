@@ -65,7 +65,7 @@ function problem(file: string, field: string, what: string, fix: string): Config
 function parseOpts(value: unknown, file: string, field: string): KconfigOp[] {
   if (value === undefined) return [];
   const example = 'a list of scripts/config argument lists such as [["--enable", "CONFIG_BPF"], ["--module", "CONFIG_TLS"]]';
-  if (!Array.isArray(value)) throw problem(file, field, `must be ${example}`, `write it as ${example}`);
+  if (!Array.isArray(value)) throw problem(file, field, `${JSON.stringify(value)} is not a list`, `write it as ${example}`);
   return value.map((o: unknown, i) => {
     const at = `${field}[${i}]`;
     if (!Array.isArray(o) || o.length === 0 || o.some((x) => typeof x !== "string")) {

@@ -38,7 +38,7 @@ test("bad kernels.json entries: one error naming the file, the field and the fix
   bad({ name: "a", opts: [["--enable"]] }, /field "kernels\[1\]\.opts\[0\]": --enable takes one option name, got 0 argument\(s\); write \["--enable", "CONFIG_NAME"\]/);
   bad({ name: "a", opts: [["--set-val", "CONFIG_X"]] }, /--set-val takes an option name and a value/);
   bad({ name: "a", opts: [["--enable", "CONFIG X"]] }, /field "kernels\[1\]\.opts\[0\]\[1\]": "CONFIG X" is not a kernel option name/);
-  bad({ name: "a", opts: "CONFIG_X" }, /field "kernels\[1\]\.opts": must be a list of scripts\/config argument lists/);
+  bad({ name: "a", opts: "CONFIG_X" }, /field "kernels\[1\]\.opts": "CONFIG_X" is not a list; write it as a list of scripts\/config argument lists/);
   bad({ name: "a", ops: [] }, /field "kernels\[1\]\.ops": unknown key in kernel "a"; did you mean "opts"\?/);
   bad({ name: "a", url: 3 }, /field "kernels\[1\]\.url": must be a string; give a git URL/);
   bad({ name: "a", base_config: ["tinyconfig", "rm -rf /"] }, /field "kernels\[1\]\.base_config": "rm -rf \/" is not a make config target/);

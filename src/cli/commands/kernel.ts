@@ -79,7 +79,12 @@ the make targets that write the starting .config, e.g. ["tinyconfig", "kvm_guest
       const paths = pathsFrom(cmd);
       const { KernelStore, findLvhKernels } = await import("../../kernels/index.js");
       const kernels = await new KernelStore(paths.stateDir).list();
-      const lvh = await findLvhKernels(flags.lvhKernels);
+      // A broken kernels.json is not a reason to hide the stored kernels: say why and go on.
+      const lvh = await findLvhKernels(flags.lvhKernels).catch((e: unknown) => {
+        if (!(e instanceof ConfigError)) throw e;
+        say(`warning: ${e.message}`);
+        return undefined;
+      });
       const notAdded = (lvh?.kernels ?? []).filter((l) => !kernels.some((k) => k.name === l.name));
       const lvhNote = () => notAdded.length && say(`${lvh!.file} (lvh) also names ${notAdded.map((l) => l.name).join(", ")}: build one with civm kernel build NAME`);
       // Every list prints an array; what lvh names but is not stored goes to stderr.
