@@ -9,8 +9,8 @@
 // kept in the stored kernel's manifest (`build.key`): building a stored kernel whose key is
 // unchanged does nothing (`up to date`), `--force` builds again.
 import { createHash } from "node:crypto";
-import { createWriteStream, type WriteStream } from "node:fs";
-import { mkdir, readFile, rm } from "node:fs/promises";
+import { createWriteStream, existsSync, type WriteStream } from "node:fs";
+import { mkdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { availableParallelism } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { ConfigError, CivmError } from "../errors/index.js";
@@ -163,6 +163,15 @@ export async function buildKernel(o: BuildKernelOptions): Promise<BuildKernelRes
     throw new ConfigError(`a kernel named "${storeName}" is stored and was not built from ${lvh.file} (civm kernel add); remove it first (civm kernel rm ${storeName}), pass --force to replace it, or build under another name (--name)`);
   }
 
+  // A finished build whose storing failed (disk full, interrupted) is kept here by its key.
+  const done = join(store.root, ".built", key);
+  if (existsSync(join(done, "build.json"))) {
+    const build = JSON.parse(await readFile(join(done, "build.json"), "utf8")) as KernelBuildInfo;
+    log(`storing the build made earlier (key ${key.slice(0, 12)}, built in ${formatSeconds(build.buildSeconds * 1000)})`);
+    const kernel = await store.add({ name: storeName, source: join(done, "install"), replace: true, build, log });
+    await rm(done, { recursive: true, force: true });
+    return { kernel, status: "built", seconds: (Date.now() - started) / 1000 };
+  }
   await mkdir(o.logsDir, { recursive: true });
   const stamp = new Date().toISOString().replace(/[-:]/g, "").replace(/\..*/, "").replace("T", "-");
   const logFile = join(o.logsDir, `kernel-build-${storeName}-${stamp}.log`);
@@ -210,7 +219,14 @@ export async function buildKernel(o: BuildKernelOptions): Promise<BuildKernelRes
     const buildSeconds = (Date.now() - started) / 1000;
     log(`built ${release} in ${formatSeconds(buildSeconds * 1000)} (${progress.compiled} files compiled)`);
     const build: KernelBuildInfo = { key, file: lvh.file, entry: entry.name, source: describeSource(source), baseConfig: entry.baseConfig, notApplied: missed, buildSeconds };
-    const kernel = await store.add({ name: storeName, source: install, replace: true, build, log });
+    // Kept until stored: a failure from here on does not cost the build.
+    await mkdir(join(store.root, ".built"), { recursive: true });
+    await rm(done, { recursive: true, force: true });
+    await mkdir(done);
+    await rename(install, join(done, "install"));
+    await writeFile(join(done, "build.json"), JSON.stringify(build, null, 2) + "\n");
+    const kernel = await store.add({ name: storeName, source: join(done, "install"), replace: true, build, log });
+    await rm(done, { recursive: true, force: true });
     return { kernel, status: "built", seconds: (Date.now() - started) / 1000, logFile };
   } finally {
     await new Promise<void>((r) => out.end(r));
