@@ -41,4 +41,44 @@ for unit in "$src"/systemd/*.service; do
   done
 done
 
+# The network: DHCP with systemd-networkd on every Ethernet NIC, unless the image brings its
+# own network manager (NetworkManager, or ifupdown configuring more than lo). An image's own
+# .network files sort first and win; civm's agent and SSH need an address either way.
+network_setup() {
+  if [ -e "$root/usr/sbin/NetworkManager" ]; then
+    echo "install.sh: NetworkManager is installed: leaving the network to it"
+    return 0
+  fi
+  if [ -e "$root/sbin/ifup" ] && grep -hsE '^[[:space:]]*iface[[:space:]]' "$root/etc/network/interfaces" "$root"/etc/network/interfaces.d/* |
+    grep -qvE '^[[:space:]]*iface[[:space:]]+lo[[:space:]]'; then
+    echo "install.sh: ifupdown configures interfaces (/etc/network/interfaces): leaving the network to it"
+    return 0
+  fi
+  unitdir=""
+  for d in /lib/systemd/system /usr/lib/systemd/system; do
+    if [ -e "$root$d/systemd-networkd.service" ]; then
+      unitdir=$d
+      break
+    fi
+  done
+  if [ -z "$unitdir" ]; then
+    echo "install.sh: warning: systemd-networkd is not installed: the image configures no network (add the systemd-networkd package, or a DHCP client of your own)"
+    return 0
+  fi
+  install -d -m 0755 "$root/etc/systemd/network" "$root$UNITS/systemd-networkd-wait-online.service.d"
+  install -m 0644 "$src/network/99-civm-dhcp.network" "$root/etc/systemd/network/"
+  install -m 0644 "$src/network/civm-wait-online.conf" "$root$UNITS/systemd-networkd-wait-online.service.d/00-civm.conf"
+  # What `systemctl enable systemd-networkd` does (its [Install]: WantedBy, Also, Alias).
+  for link in multi-user.target.wants/systemd-networkd.service sockets.target.wants/systemd-networkd.socket \
+    network-online.target.wants/systemd-networkd-wait-online.service; do
+    unit=${link#*/}
+    [ -e "$root$unitdir/$unit" ] || continue
+    install -d -m 0755 "$root$UNITS/${link%%/*}"
+    ln -sfn "$unitdir/$unit" "$root$UNITS/$link"
+  done
+  ln -sfn "$unitdir/systemd-networkd.service" "$root$UNITS/dbus-org.freedesktop.network1.service"
+  echo "install.sh: DHCP on en*/eth* with systemd-networkd"
+}
+network_setup
+
 echo "installed civm guest runtime $(cat "$src/VERSION") into ${root:-/}"

@@ -17,6 +17,8 @@ PACKAGES=(
   postgresql                   # tests: a throwaway PostgreSQL cluster for the fleet store (civm serve store: postgres://...)
   zsh fish                     # tests: civm completion zsh|fish loaded in the real shells
   docker-registry squid        # civm serve's registry and HTTP caches (docs/caches.md); tests: a local OCI registry
+  build-essential flex bison bc libelf-dev libssl-dev   # civm kernel build (make, gcc, Kconfig, objtool)
+  linux-source-6.1             # tests: the source tarball of the small kernel civm kernel build makes
 )
 # Packages whose Debian service civm does not want: civm serve runs its own instances.
 OWN_SERVICES=(docker-registry squid)

@@ -265,6 +265,35 @@ install_authorized_keys() {
   done
 }
 
+# --- what SSH from the host needs -------------------------------------------------------
+
+# `civm wait` reads these lines to say at once what is missing instead of timing out on
+# SSH: an address (QEMU's user network hands one out by DHCP; the image needs a client)
+# and an sshd that starts. Only looks; never fatal. An address may come a little after
+# network-online.target (an image whose network is not systemd's): up to
+# CIVM_ADDRESS_WAIT seconds.
+report_ssh_path() {
+  local addrs waited=0 limit=${CIVM_ADDRESS_WAIT:-10}
+  while :; do
+    addrs=$(hostname -I 2>/dev/null | tr -s ' ' ' ')
+    addrs=${addrs% }
+    if [ -n "$addrs" ] || [ "$waited" -ge "$limit" ]; then break; fi
+    sleep 1
+    waited=$((waited + 1))
+  done
+  if [ -n "$addrs" ]; then
+    log "network: $addrs"
+  else
+    log "network: none: no address on any interface after ${waited}s (the image configures no DHCP client: civm's images get systemd-networkd with DHCP on en*/eth*; an image built otherwise needs one)"
+  fi
+  if [ ! -x "$(gpath /usr/sbin/sshd)" ]; then
+    log "sshd: not installed (add openssh-server to the image's packages)"
+  elif [ -d "$(gpath /run/systemd/system)" ] &&
+    ! systemctl is-enabled --quiet ssh.service 2>/dev/null && ! systemctl is-enabled --quiet ssh.socket 2>/dev/null; then
+    log "sshd: not enabled (systemctl enable ssh in the image)"
+  fi
+}
+
 # --- 9p host mounts ----------------------------------------------------------------
 
 mount_share() {
@@ -521,6 +550,8 @@ civm_agent_main() {
     wait_for_boot_units
     # Registry mirrors and the HTTP proxy of the host's caches (civm-caches.sh); never fatal.
     apply_caches
+    # Dev VMs (SSH keys given): what SSH from the host needs, on the console for civm wait.
+    if [ -n "$CFG_KEYS" ]; then report_ssh_path; fi
   fi
   log "ready"
   if [ "$MODE" = none ]; then

@@ -21,6 +21,9 @@ export const AGENT_READY = "civm-agent: ready";
 /** The agent installed the keys: SSH can work from here, while it still mounts the host folders. */
 const AGENT_KEYS = "civm-agent: installed ";
 const AGENT_FAILED = /civm-agent: error: .*|civm-agent: powering off/;
+/** What the agent says a dev VM lacks for SSH (guest/lib/civm-agent.sh report_ssh_path). */
+const AGENT_NO_SSH_PATH = /civm-agent: (network: none|sshd: not )[^\r\n]*/g;
+const AGENT_HAS_ADDRESS = /civm-agent: network: (?!none)\S/;
 
 export interface WaitOptions {
   mode: WaitMode;
@@ -95,7 +98,8 @@ export async function waitUntilReady(e: RegistryEntry, dev: DevMeta | undefined,
   const entryFile = join(o.stateDir, STATE_LAYOUT.registry, `${e.id}.json`);
   let consoleText = "";
   let offset = 0;
-  let consoleReady = o.mode === "ssh";
+  // The agent's line is needed unless --ssh; it is read in every mode (it says the guest is up).
+  let agentReady = false;
   let keysInstalled = o.mode === "ssh";
   let sshOk = false;
   let lastSsh = "";
@@ -110,13 +114,19 @@ export async function waitUntilReady(e: RegistryEntry, dev: DevMeta | undefined,
       consoleText = (consoleText + chunk.text).slice(-256 * 1024);
       offset = chunk.offset;
     }
-    if (!consoleReady && consoleText.includes(AGENT_READY)) {
-      consoleReady = true;
+    if (!agentReady && consoleText.includes(AGENT_READY)) {
+      agentReady = true;
       o.log?.(`${e.name}: agent ready after ${formatSeconds(Date.now() - started)}`);
     }
+    const consoleReady = agentReady || o.mode === "ssh";
     keysInstalled ||= consoleReady || consoleText.includes(AGENT_KEYS);
     const failed = AGENT_FAILED.exec(consoleText);
-    if (failed && !consoleReady) throw new CivmError("qemu", `${e.name}: the guest agent failed: ${failed[0]}`, { details: consoleTail() });
+    if (failed && !agentReady) throw new CivmError("qemu", `${e.name}: the guest agent failed: ${failed[0]}`, { details: consoleTail() });
+    // The agent looked: no address or no sshd will not heal by waiting.
+    const lacks = o.mode === "console" || sshOk ? [] : [...consoleText.matchAll(AGENT_NO_SSH_PATH)].map((m) => m[0].replace(/^civm-agent: /, ""));
+    if (lacks.length) {
+      throw new CivmError("timeout", `${e.name}: SSH cannot work: the guest agent reports ${lacks.join("; ")}`, { details: consoleTail() });
+    }
     if (o.mode === "console" && consoleReady) return Date.now() - started;
     // SSH is tried as soon as the key is in place, while the agent still mounts the folders.
     if (o.mode !== "console" && keysInstalled && !sshOk) {
@@ -128,7 +138,10 @@ export async function waitUntilReady(e: RegistryEntry, dev: DevMeta | undefined,
         if (failing?.kind !== kind) failing = { kind, since: Date.now(), told: Date.now() };
         const why = explainSshFailure(kind, dev!.ssh);
         // Once civm's agent is ready the guest is up: a lasting failure will not heal by waiting.
-        if (consoleReady && o.mode === "both" && kind !== "other" && Date.now() - failing.since >= SSH_DIAGNOSIS_MS) {
+        // When the agent saw an address and an sshd, "no answer" is an sshd still starting (host
+        // keys first; slow on a loaded host): that one waits for the timeout.
+        const agentSawPath = AGENT_HAS_ADDRESS.test(consoleText);
+        if (agentReady && kind !== "other" && !(kind === "no-guest" && agentSawPath) && Date.now() - failing.since >= SSH_DIAGNOSIS_MS) {
           throw new CivmError("timeout", `${e.name}: the guest agent is ready but SSH does not work: ${why}`, { details: `${lastSsh.split("\n").pop()}\n${consoleTail()}` });
         }
         // Without the agent, booting looks the same for a while: say what it looks like, then go on.

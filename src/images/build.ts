@@ -2,8 +2,8 @@
 // stage 2 (a VM civm boots with its own executor, by direct kernel boot, that installs the
 // bootloader, applies a child's packages and actions, and runs provision scripts). The
 // result goes to the image store only when every step succeeded.
-import { copyFile, cp, link, mkdir, readFile, rm, writeFile } from "node:fs/promises";
-import { availableParallelism } from "node:os";
+import { copyFile, cp, link, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { availableParallelism, tmpdir } from "node:os";
 import { basename, join } from "node:path";
 import { CivmError, ConfigError } from "../errors/index.js";
 import { abortReason, run } from "../exec/index.js";
@@ -12,6 +12,7 @@ import type { InstanceSpec } from "../config/types.js";
 import { VmRun, securityModelFor, type HostMount } from "../vm/index.js";
 import { parseAllowEntry, type NetworkSpec } from "../net/policy.js";
 import { cacheKeysFor } from "./cache-key.js";
+import { expandInstallKernels } from "./install-kernel.js";
 import { DOWNLOADS_DIR, ensureVerifiedFile } from "./download.js";
 import { ESP_LAYOUT, assembleDisk, convertRaw, compressArtifact } from "./disk.js";
 import { buildRootTree, actionHook, describeAction, removeTree } from "./rootfs.js";
@@ -64,7 +65,17 @@ const BUILD_VM_TIMEOUT_S = 3600;
 export const BUILD_VM_CMDLINE = "console=ttyS0 root=LABEL=civm-root rw panic=-1 civm.build cloud-init=disabled";
 
 export async function buildImage(o: BuildOptions): Promise<BuildOutcome[]> {
-  const chain = resolveBuildOrder(o.specs as LoadedImageSpecs, o.name);
+  // install-kernel actions become copies of the stored kernel's files (staged here) first, so
+  // the key covers the kernel's bytes.
+  const stage = await mkdtemp(join(tmpdir(), "civm-kernels-"));
+  try {
+    return await buildChain(o, await expandInstallKernels(resolveBuildOrder(o.specs as LoadedImageSpecs, o.name), o.paths.stateDir, stage));
+  } finally {
+    await rm(stage, { recursive: true, force: true });
+  }
+}
+
+async function buildChain(o: BuildOptions, chain: ImageSpec[]): Promise<BuildOutcome[]> {
   const keys = await cacheKeysFor(chain);
   const outcomes: BuildOutcome[] = [];
   for (const spec of chain) {
@@ -387,7 +398,8 @@ export const STAGE2_UEFI: readonly string[] = [
  */
 export const STAGE2_EPILOGUE: readonly string[] = [
   'echo "civm-build: exporting kernel, initrd and package list"',
-  'k=$(ls -1 /boot/vmlinuz-* | sort -V | tail -n 1)',
+  "# The kernel an install-kernel action put in (its release in /boot/civm-kernel), else the newest.",
+  'if [ -s /boot/civm-kernel ]; then k="/boot/vmlinuz-$(cat /boot/civm-kernel)"; else k=$(ls -1 /boot/vmlinuz-* | sort -V | tail -n 1); fi',
   `cp "$k" ${GUEST_OUT}/vmlinuz`,
   `cp "/boot/initrd.img-\${k#/boot/vmlinuz-}" ${GUEST_OUT}/initrd.img`,
   `dpkg-query -W -f '\${Package}\\t\${Version}\\n' > ${GUEST_OUT}/packages.tsv`,

@@ -17,7 +17,7 @@ import type { ImageAction, ImageSpec } from "./types.js";
  */
 // 2 was the reverted PVH builder (dc893e5): never reuse a number, its images may still be cached.
 // 4: the clean-root script says its read-only check once (a shell function); same behaviour.
-export const IMAGE_BUILDER_VERSION = 4;
+export const IMAGE_BUILDER_VERSION = 5;
 
 export interface CacheKeyInputs {
   spec: ImageSpec;
@@ -100,6 +100,9 @@ function canonicalAction(a: ImageAction, hashes: Readonly<Record<string, string>
       return { "enable-service": a.unit };
     case "provision":
       return a.script ? { provision: { script: hashOf(a.script.srcPath) } } : { provision: { inline: a.inline ?? "" } };
+    case "install-kernel":
+      // buildImage expands it (images/install-kernel.ts) into a copy of the kernel's files first.
+      throw new Error(`cache key: install-kernel ${a.kernel} must be expanded before the key is computed`);
   }
 }
 

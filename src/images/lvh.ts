@@ -29,7 +29,7 @@ export const LVH_SUPPORTED_TYPES: readonly string[] = Object.keys(LVH_OPS);
 /** lvh ops civm knows but does not take, and what to do instead. */
 const LVH_UNSUPPORTED: Record<string, string> = {
   "install-kernel":
-    'civm installs the kernel from a Debian package: remove this action and set "kernel" on the root image (default linux-image-amd64), or boot your own kernel with the instance\'s "kernel" key',
+    'lvh\'s form installs a kernel folder lvh built; civm installs a kernel from its store: build it with civm kernel build NAME (kernels.json) or add it with civm kernel add NAME DIR, then rewrite this action in civm\'s form {"install-kernel": "NAME"} (or set "kernel" on the root image to a Debian kernel package)',
   "no-network": "civm's chroot steps always have the network; remove this action",
 };
 

@@ -309,6 +309,8 @@ export function describeAction(a: ImageAction): string {
       return `enable-service ${a.unit}`;
     case "provision":
       return a.script ? `provision ${a.script.src}` : `provision ${short(a.inline ?? "")}`;
+    case "install-kernel":
+      return `install-kernel ${a.kernel}`;
   }
 }
 
@@ -388,6 +390,8 @@ fi
     case "enable-service":
       body = `in_root systemctl enable ${shq(a.unit)}`;
       break;
+    case "install-kernel":
+      throw new Error(`install-kernel ${a.kernel} must be expanded (images/install-kernel.ts) before the build`);
   }
   const text = `${PREAMBLE}
 echo ${shq(`civm-hook: begin ${index} ${label} ${describeAction(a)}`)} >&2

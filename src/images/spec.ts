@@ -152,6 +152,7 @@ const ACTION_SCHEMAS = {
   "set-hostname": z.string({ error: "must be a host name, as a string" }).regex(HOSTNAME_RE, 'must be a host name made of letters, digits and "-" (dot-separated labels of at most 63 characters)'),
   "enable-service": z.string({ error: 'must be a systemd unit name, as a string, e.g. "ssh" or "fstrim.timer"' }).regex(UNIT_RE, 'must be a systemd unit name such as "ssh" or "fstrim.timer"'),
   provision: z.unknown(),
+  "install-kernel": z.string({ error: "must be the name of a stored kernel (civm kernel ls), as a string" }).regex(/^[a-z0-9][a-z0-9._-]*$/, "must be the name of a stored kernel (civm kernel ls): lowercase letters, digits, \".\", \"_\" and \"-\""),
 } satisfies Record<ActionKind, z.ZodType>;
 
 const ACTION_EXAMPLES: Record<ActionKind, string> = {
@@ -164,6 +165,7 @@ const ACTION_EXAMPLES: Record<ActionKind, string> = {
   "set-hostname": '{"set-hostname": "runner"}',
   "enable-service": '{"enable-service": "ssh"}',
   provision: '{"provision": "scripts/setup.sh"} or {"provision": {"inline": "apt-get update"}}',
+  "install-kernel": '{"install-kernel": "bpf-next"} (a kernel from civm kernel build or civm kernel add)',
 };
 
 const ACTION_ALIASES: Record<string, string> = {
@@ -558,6 +560,8 @@ async function validateAction(
     }
     case "provision":
       return provisionAction(value, `${at}.provision`, ctx, fieldProblem, comment);
+    case "install-kernel":
+      return { kind, kernel: parsed.data as string, ...comment };
   }
 }
 

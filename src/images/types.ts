@@ -93,6 +93,18 @@ export interface ProvisionAction extends ActionBase {
   inline?: string;
 }
 
+/**
+ * A kernel from civm's kernel store (`civm kernel build|add`) installed into the image:
+ * /boot/vmlinuz-<release>, its modules in /lib/modules/<release>, an initramfs-tools initrd,
+ * and /boot/civm-kernel naming it, so the image's exported kernel (direct boot) is this one.
+ * Expanded into a copy and a run action before the cache key is computed
+ * (images/install-kernel.ts), so the kernel's files are part of the key.
+ */
+export interface InstallKernelAction extends ActionBase {
+  kind: "install-kernel";
+  kernel: string;
+}
+
 export type ImageAction =
   | RunAction
   | CopyAction
@@ -102,7 +114,8 @@ export type ImageAction =
   | AppendLineAction
   | SetHostnameAction
   | EnableServiceAction
-  | ProvisionAction;
+  | ProvisionAction
+  | InstallKernelAction;
 
 export type ActionKind = ImageAction["kind"];
 
@@ -116,6 +129,7 @@ export const ACTION_KINDS: readonly ActionKind[] = [
   "set-hostname",
   "enable-service",
   "provision",
+  "install-kernel",
 ];
 
 /**

@@ -29,6 +29,7 @@ import { busyboxTree, copyModules, packInitramfs, readModuleIndex, staticBusybox
 import { moduleName, resolveModules } from "./modules.js";
 import { INITRD_INIT, MODULES_LABEL } from "./init-script.js";
 import { findLvhKernels } from "./lvh.js";
+import type { KernelBuildInfo } from "./build.js";
 
 export const KERNELS_DIR = "kernels";
 export const MODULES_DISK = "modules.img";
@@ -48,11 +49,11 @@ export const INITRD_MODULES = [
 ] as const;
 
 export interface KernelSource {
-  kind: "package" | "deb" | "bzimage" | "dir";
+  kind: "package" | "deb" | "bzimage" | "dir" | "build";
   /** Package name (and version) for package/deb sources. */
   package?: string;
   version?: string;
-  /** Absolute path for deb/bzimage/dir sources. */
+  /** Absolute path for deb/bzimage/dir sources; for "build", what it was built from. */
   path?: string;
 }
 
@@ -69,6 +70,8 @@ export interface KernelManifest {
   ninep: boolean | null;
   createdAt: string;
   addSeconds: number;
+  /** Set for kernels `civm kernel build` made from a kernels.json entry (its cache key and more). */
+  build?: KernelBuildInfo;
 }
 
 export interface StoredKernel {
@@ -93,6 +96,8 @@ export interface AddKernelOptions {
   lvhKernels?: string;
   cwd?: string;
   log?: (line: string) => void;
+  /** civm kernel build: what was built (the source is its install folder). */
+  build?: KernelBuildInfo;
 }
 
 export function checkKernelName(name: string): string {
@@ -173,7 +178,9 @@ export class KernelStore {
     try {
       const scratch = join(tmp, ".scratch");
       await mkdir(scratch);
-      const { source, release, vmlinuz, modulesDir } = await this.fetch(o, cwd, scratch, log);
+      const fetched = await this.fetch(o, cwd, scratch, log);
+      const { release, vmlinuz, modulesDir } = fetched;
+      const source: KernelSource = o.build ? { kind: "build", path: o.build.source } : fetched.source;
       await copyFile(vmlinuz, join(tmp, "vmlinuz"));
       await chmod(join(tmp, "vmlinuz"), 0o644);
       let hasModules = false;
@@ -196,6 +203,7 @@ export class KernelStore {
       const manifest: KernelManifest = {
         name, release, source, hasModules, initrdModules, ninep,
         createdAt: new Date().toISOString(), addSeconds: (Date.now() - started) / 1000,
+        ...(o.build ? { build: o.build } : {}),
       };
       await writeFile(join(tmp, MANIFEST), JSON.stringify(manifest, null, 2) + "\n");
       await rm(join(tmp, ".owner"), { force: true });
@@ -218,6 +226,16 @@ export class KernelStore {
       await rm(tmp, { recursive: true, force: true });
       throw e;
     }
+  }
+
+  /** A scratch folder in the store (.tmp-<what>-<rand>, swept once this civm is gone). */
+  async workDir(what: string): Promise<string> {
+    await mkdir(this.root, { recursive: true, mode: 0o755 });
+    await this.sweep();
+    const dir = join(this.root, `.tmp-${what}-${randomBytes(4).toString("hex")}`);
+    await mkdir(dir, { mode: 0o755 });
+    await writeFile(join(dir, ".owner"), `${process.pid}\n`);
+    return dir;
   }
 
   /** Removes .tmp-/.old- folders whose civm is gone. */
@@ -256,8 +274,8 @@ export class KernelStore {
       const known = lvh?.kernels.find((k) => k.name === src);
       if (known) {
         throw new ConfigError(
-          `${lvh!.file} (lvh) defines kernel "${src}"${known.url ? ` from ${known.url}` : ""}, but civm does not build kernels from git. ` +
-            `Build it with lvh (lvh kernels build ${src}), then add the result: civm kernel add ${o.name} <lvh dir>/kernels/${src}/tar-install (its boot/ and lib/modules/).`,
+          `${lvh!.file} (lvh) defines kernel "${src}"${known.url ? ` from ${known.url}` : ""}: kernel add takes built kernels. ` +
+            `Build it with: civm kernel build ${src}${o.lvhKernels ? ` --kernels-file ${o.lvhKernels}` : ""} (or add lvh's build of it: civm kernel add ${o.name} <lvh dir>/kernels/${src}/tar-install).`,
         );
       }
       throw new ConfigError(

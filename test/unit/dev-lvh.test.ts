@@ -2,14 +2,16 @@
 import test from "node:test";
 import assert from "node:assert/strict";
 import { connect } from "node:net";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { tmpdir } from "node:os";
 import { memFlag, cpuKindFlag, MIN_MEM_BYTES } from "../../src/dev/plan.js";
 import { foldLvhAliases } from "../../src/cli/commands/run.js";
 import { resolveBuildOrder } from "../../src/images/spec.js";
 import { lvhImageName } from "../../src/images/lvh.js";
-import { classifySshFailure, explainSshFailure, SSH_DIAGNOSIS_MS } from "../../src/dev/wait.js";
+import { classifySshFailure, explainSshFailure, SSH_DIAGNOSIS_MS, waitUntilReady } from "../../src/dev/wait.js";
+import type { RegistryEntry } from "../../src/vm/registry.js";
+import type { DevMeta } from "../../src/dev/meta.js";
 import { openConsoleSinks } from "../../src/dev/console-sinks.js";
 import { sshOverride } from "../../src/dev/meta.js";
 import { freePort } from "../../src/dev/ssh.js";
@@ -72,6 +74,33 @@ test("wait: SSH failures are told apart, and each says what is missing", () => {
   assert.match(explainSshFailure("no-guest", t), /no network address .*DHCP.* or no sshd/);
   assert.match(explainSshFailure("denied", t), /--ssh-key.*--ssh-user/);
   assert.ok(SSH_DIAGNOSIS_MS <= 30_000, "wait must say within seconds, not after its whole timeout");
+});
+
+test("wait --ssh and wait: what the agent reports missing (no address, no sshd) ends the wait at once", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "civm-lvh-"));
+  try {
+    const log = join(dir, "console.log");
+    writeFileSync(log, [
+      "civm-agent: installed 1 authorized key(s) for root",
+      "civm-agent: network: none: no address on any interface after 10s (the image configures no DHCP client: ...)",
+      "civm-agent: sshd: not installed (add openssh-server to the image's packages)",
+      "civm-agent: ready", "",
+    ].join("\r\n"));
+    const entry = { id: "x1", name: "dev-x", consoleLog: log } as unknown as RegistryEntry;
+    // Nothing listens on this port: had wait tried SSH, it would have said "refused" instead.
+    const dev = { ssh: { host: "127.0.0.1", port: await freePort("127.0.0.1"), user: "root", key: join(dir, "k") } } as unknown as DevMeta;
+    for (const mode of ["ssh", "both"] as const) {
+      const t0 = Date.now();
+      await assert.rejects(waitUntilReady(entry, dev, { mode, timeoutMs: 60_000, stateDir: dir }), (e: Error & { code?: string }) => {
+        assert.equal(e.code, "timeout");
+        assert.match(e.message, /SSH cannot work: the guest agent reports network: none: no address .*; sshd: not installed \(add openssh-server/);
+        return true;
+      });
+      assert.ok(Date.now() - t0 < 5_000, `${mode}: at once, not after the timeout`);
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test("--ssh-key must be readable; --ssh-user must be a user name", () => {

@@ -41,6 +41,8 @@ exec "$@"`,
 grep "^$2:" "$STUB_PASSWD" || exit 2`,
   chown: `exit 0`,
   sleep: `exit 0`,
+  hostname: `[ "$1" = -I ] || exit 2
+printf '%s\\n' "\${STUB_ADDRESSES-10.0.2.15 }"`,
 };
 
 interface Harness extends StubSandbox {
@@ -396,6 +398,28 @@ test("ssh_authorized_keys (list) installed for root and runner with 0700/0600 mo
   );
   const order = r.stdout.split("\n");
   assert.ok(lineIndex(r.stdout, /installed 2 authorized key\(s\) for runner/) < order.indexOf("civm-agent: ready"));
+});
+
+test("a dev VM (keys given) gets its address and sshd reported before ready; none when there are none", () => {
+  const h = makeHarness();
+  mkdirSync(join(h.root, "usr/sbin"), { recursive: true });
+  writeExecutable(join(h.root, "usr/sbin/sshd"), "#!/bin/sh\n");
+  const key = "ssh-ed25519 AAAAC3Nza dev@host";
+  const ok = runAgent(h, { name: "dev", config: { ssh_authorized_keys: key, command: "true" } }, { STUB_ADDRESSES: "10.0.2.15 fec0::5054:ff:fe12:3456 " });
+  assert.equal(ok.status, 0, ok.out);
+  assert.ok(lineIndex(ok.stdout, /^civm-agent: network: 10\.0\.2\.15 fec0::5054:ff:fe12:3456$/) >= 0, ok.stdout);
+  assert.ok(lineIndex(ok.stdout, /^civm-agent: network: /) < lineIndex(ok.stdout, /^civm-agent: ready$/));
+  assert.doesNotMatch(ok.stdout, /sshd: not/);
+
+  const bare = makeHarness();
+  const r = runAgent(bare, { name: "dev", config: { ssh_authorized_keys: key, command: "true" } }, { STUB_ADDRESSES: "", CIVM_ADDRESS_WAIT: "2" });
+  assert.equal(r.status, 0, r.out);
+  assert.match(r.stdout, /^civm-agent: network: none: no address on any interface after 2s \(the image configures no DHCP client/m);
+  assert.match(r.stdout, /^civm-agent: sshd: not installed \(add openssh-server/m);
+  assert.equal(named(r.calls, "hostname").length, 3, "looked again each second for CIVM_ADDRESS_WAIT seconds");
+
+  const ci = runAgent(makeHarness(), { name: "job", config: { command: "true" } });
+  assert.equal(named(ci.calls, "hostname").length, 0, "a CI job without keys is not slowed down");
 });
 
 test("ssh_authorized_keys (string) installed for root only when there is no runner user", () => {

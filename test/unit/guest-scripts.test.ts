@@ -11,7 +11,7 @@ import { repoRoot } from "../support/paths.js";
 import { parseCalls, stubSandbox, type StubSandbox } from "../support/stub-path.js";
 
 const GUEST = join(repoRoot, "guest");
-const SAFE_TOOLS = ["bash", "sh", "cat", "rm", "readlink", "basename", "dirname", "install", "sed", "ln", "mkdir", "cp", "chmod", "jq"];
+const SAFE_TOOLS = ["bash", "sh", "cat", "rm", "readlink", "basename", "dirname", "install", "sed", "ln", "mkdir", "cp", "chmod", "jq", "grep"];
 
 const made: string[] = [];
 after(() => {
@@ -219,6 +219,44 @@ test("install.sh lays out files with modes and enables units via wants symlinks"
   // Re-running (image rebuilds) must work too.
   assert.equal(run(sb, join(GUEST, "install.sh"), [sb.root]).status, 0);
   assert.notEqual(run(sb, join(GUEST, "install.sh"), []).status, 0, "refuses to run without a root");
+});
+
+test("install.sh: DHCP with systemd-networkd when the image has it, nothing when it brings its own network", () => {
+  const sb = sandbox({});
+  const units = join(sb.root, "lib/systemd/system");
+  mkdirSync(units, { recursive: true });
+  for (const u of ["systemd-networkd.service", "systemd-networkd.socket", "systemd-networkd-wait-online.service"]) writeFileSync(join(units, u), "");
+  const r = run(sb, join(GUEST, "install.sh"), [sb.root]);
+  assert.equal(r.status, 0, r.out);
+  assert.match(r.out, /DHCP on en\*\/eth\* with systemd-networkd/);
+  assert.match(readFileSync(join(sb.root, "etc/systemd/network/99-civm-dhcp.network"), "utf8"), /^Name=en\* eth\*$[\s\S]*^DHCP=yes$/m);
+  const etc = join(sb.root, "etc/systemd/system");
+  assert.equal(readlinkSync(join(etc, "multi-user.target.wants/systemd-networkd.service")), "/lib/systemd/system/systemd-networkd.service");
+  assert.equal(readlinkSync(join(etc, "sockets.target.wants/systemd-networkd.socket")), "/lib/systemd/system/systemd-networkd.socket");
+  assert.equal(readlinkSync(join(etc, "network-online.target.wants/systemd-networkd-wait-online.service")), "/lib/systemd/system/systemd-networkd-wait-online.service");
+  assert.match(readFileSync(join(etc, "systemd-networkd-wait-online.service.d/00-civm.conf"), "utf8"), /--any --timeout=20/);
+
+  const nm = sandbox({});
+  mkdirSync(join(nm.root, "lib/systemd/system"), { recursive: true });
+  writeFileSync(join(nm.root, "lib/systemd/system/systemd-networkd.service"), "");
+  mkdirSync(join(nm.root, "usr/sbin"), { recursive: true });
+  writeFileSync(join(nm.root, "usr/sbin/NetworkManager"), "");
+  assert.match(run(nm, join(GUEST, "install.sh"), [nm.root]).out, /NetworkManager is installed: leaving the network to it/);
+  assert.equal(existsSync(join(nm.root, "etc/systemd/network/99-civm-dhcp.network")), false);
+
+  const ifup = sandbox({});
+  mkdirSync(join(ifup.root, "lib/systemd/system"), { recursive: true });
+  writeFileSync(join(ifup.root, "lib/systemd/system/systemd-networkd.service"), "");
+  mkdirSync(join(ifup.root, "sbin"), { recursive: true });
+  writeFileSync(join(ifup.root, "sbin/ifup"), "");
+  mkdirSync(join(ifup.root, "etc/network"), { recursive: true });
+  writeFileSync(join(ifup.root, "etc/network/interfaces"), "auto lo\niface lo inet loopback\n");
+  assert.match(run(ifup, join(GUEST, "install.sh"), [ifup.root]).out, /DHCP on en/, "ifupdown with only lo configures nothing");
+  writeFileSync(join(ifup.root, "etc/network/interfaces"), "auto lo\niface lo inet loopback\nauto ens3\niface ens3 inet dhcp\n");
+  assert.match(run(ifup, join(GUEST, "install.sh"), [ifup.root]).out, /ifupdown configures interfaces/);
+
+  const none = sandbox({});
+  assert.match(run(none, join(GUEST, "install.sh"), [none.root]).out, /warning: systemd-networkd is not installed/);
 });
 
 test("the installed civm-agent finds its library and powers off when there is no CD-ROM", () => {

@@ -16,6 +16,7 @@ import type { ImageSpec } from "../../src/images/types.js";
 const RECORDED: Record<number, string> = {
   3: "a132b4e1c3050782d1e38eb12c5565208941e3deb2cad8a50242eb95bd30cc24",
   4: "a11863308e546b987cf97578f9fce9fd32a48c6fa09349baa283bd649eaea8a9",
+  5: "461cf8888b394e59bbcd57c46335c84f2d4d33ed06fdc3d67891a11a2307ca54",
 };
 
 const bare: ImageSpec = {

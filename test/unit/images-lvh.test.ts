@@ -100,7 +100,7 @@ test("an unsupported lvh op is a clear error naming the type and what civm suppo
   assert.match(
     lines[0] as string,
     new RegExp(
-      `^${escape(file)}: image "kernel.qcow2" \\(#1\\): field "actions\\[1\\]\\.type": lvh action type "install-kernel" is not supported by civm: civm installs the kernel from a Debian package: remove this action and set "kernel"`,
+      `^${escape(file)}: image "kernel.qcow2" \\(#1\\): field "actions\\[1\\]\\.type": lvh action type "install-kernel" is not supported by civm: lvh's form installs a kernel folder lvh built; civm installs a kernel from its store: build it with civm kernel build NAME .* \\{"install-kernel": "NAME"\\}`,
     ),
   );
   assert.match(lines[0] as string, /civm translates the lvh types run-command, copy-in, upload, set-hostname, mkdir, append-line, link, chmod/);

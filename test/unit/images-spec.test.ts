@@ -137,7 +137,7 @@ test("an unknown action names the file, image and field and suggests the closest
   const { file } = setup("images.json", [{ name: "base", actions: [{ run: "true" }, { cpy: { src: "files/motd", dest: "/etc/motd" } }] }]);
   const msg = await configError(file);
   assert.match(msg, new RegExp(`^${escape(file)}: image "base" \\(#1\\): field "actions\\[1\\]": unknown action "cpy"; did you mean "copy"\\?`));
-  assert.match(msg, /The actions are run, copy, write, mkdir, symlink, append-line, set-hostname, enable-service, provision\./);
+  assert.match(msg, /The actions are run, copy, write, mkdir, symlink, append-line, set-hostname, enable-service, provision, install-kernel\./);
 });
 
 test("action aliases are suggested (shell -> run) and two actions in one item are refused", async () => {
