@@ -4,14 +4,14 @@
 // suite into its own store (<testCacheDir>/store-gha; its civm-runner parent is built there
 // too) under a lock, like runner-image.ts does for civm-runner; cached by key across runs
 // (the fake archive's bytes never change).
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { createServer, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import { join } from "node:path";
 import { parse } from "yaml";
-import { civmBin, repoRoot, testCacheDir } from "./paths.js";
+import { repoRoot, testCacheDir } from "./paths.js";
 import { makeFakeRunnerArchive, type FakeRunnerArchive } from "./fake-runner.js";
-import { acquireLock, runNode } from "./runner-image.js";
+import { acquireLock, oncePerProcess, runImageBuild } from "./stored-build.js";
 import { civmEnv, type CivmEnv } from "./civm-cli.js";
 
 export const ghaStoreDir = join(testCacheDir, "store-gha");
@@ -63,43 +63,20 @@ export interface GhaImage {
   output: string;
 }
 
-let pending: Promise<GhaImage> | undefined;
-
-export function ensureGhaImage(): Promise<GhaImage> {
-  pending ??= build().catch((e: unknown) => {
-    pending = undefined;
-    throw e;
-  });
-  return pending;
-}
+export const ensureGhaImage: () => Promise<GhaImage> = oncePerProcess(build);
 
 async function build(): Promise<GhaImage> {
   mkdirSync(ghaStoreDir, { recursive: true });
   mkdirSync(fixtureDir, { recursive: true, mode: 0o755 });
+  // The archive and its server are made under the lock too: another process may be writing them.
   const release = await acquireLock(lockDir, GHA_IMAGE);
   const archive = makeFakeRunnerArchive(fixtureDir);
   const server = await serveArchive(archive.path, "actions-runner-linux-x64.tar.gz");
   try {
     const specFile = join(fixtureDir, "images.json");
     writeGhaSpec(specFile, { version: archive.version, sha256: archive.sha256, url: server.url });
-    const started = Date.now();
-    const env: NodeJS.ProcessEnv = {
-      ...process.env,
-      CIVM_STATE_DIR: ghaStoreDir,
-      CIVM_LOGS_DIR: join(ghaStoreDir, "logs"),
-      CIVM_ACCEL: process.env.CIVM_ACCEL ?? "tcg",
-    };
-    const r = await runNode([civmBin, "image", "build", GHA_IMAGE, "-f", specFile, "--json"], env);
-    const seconds = (Date.now() - started) / 1000;
-    if (r.code !== 0) throw new Error(`civm image build ${GHA_IMAGE} failed (exit ${r.code}) in ${ghaStoreDir}:\n${r.stderr.slice(-6000)}\n${r.stdout.slice(-6000)}`);
-    const result = r.stdout
-      .split("\n")
-      .filter((l) => l.startsWith("{"))
-      .map((l) => JSON.parse(l) as { type: string; image?: string; status?: string; disk?: string })
-      .filter((o) => o.type === "result" && o.image === GHA_IMAGE)
-      .at(-1);
-    if (!result?.disk || !existsSync(result.disk)) throw new Error(`civm image build ${GHA_IMAGE} printed no result with an existing disk:\n${r.stdout}\n${r.stderr}`);
-    return { stateDir: ghaStoreDir, diskPath: result.disk, cached: result.status === "cached", seconds, archive, downloads: server.requests(), specFile, output: r.stdout + r.stderr };
+    const b = await runImageBuild({ image: GHA_IMAGE, storeDir: ghaStoreDir, specFile });
+    return { ...b, archive, downloads: server.requests(), specFile };
   } finally {
     await server.close();
     release();

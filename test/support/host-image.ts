@@ -4,10 +4,10 @@
 // and the host's Node.js package, so a change to civm rebuilds it and an unchanged tree is a
 // cache hit of about a second. Also: booting it with a NoCloud seed, SSH into it.
 import { execFileSync, spawn } from "node:child_process";
-import { existsSync, mkdirSync, writeFileSync } from "node:fs";
+import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { civmBin, testCacheDir } from "./paths.js";
-import { acquireLock, runNode } from "./runner-image.js";
+import { testCacheDir } from "./paths.js";
+import { buildStoredImage, oncePerProcess } from "./stored-build.js";
 
 export const hostStoreDir = join(testCacheDir, "store-host");
 export const HOST_IMAGE = "civm-host";
@@ -21,42 +21,8 @@ export interface HostImage {
   seconds: number;
 }
 
-let pending: Promise<HostImage> | undefined;
-
-export function ensureHostImage(): Promise<HostImage> {
-  pending ??= build().catch((e: unknown) => {
-    pending = undefined;
-    throw e;
-  });
-  return pending;
-}
-
-async function build(): Promise<HostImage> {
-  mkdirSync(hostStoreDir, { recursive: true });
-  const release = await acquireLock(lockDir, HOST_IMAGE);
-  try {
-    const started = Date.now();
-    const env: NodeJS.ProcessEnv = {
-      ...process.env,
-      CIVM_STATE_DIR: hostStoreDir,
-      CIVM_LOGS_DIR: join(hostStoreDir, "logs"),
-      CIVM_ACCEL: process.env.CIVM_ACCEL ?? "tcg",
-    };
-    const r = await runNode([civmBin, "image", "build", HOST_IMAGE, "--json"], env);
-    const seconds = (Date.now() - started) / 1000;
-    if (r.code !== 0) throw new Error(`civm image build ${HOST_IMAGE} failed (exit ${r.code}) in ${hostStoreDir}:\n${r.stderr.slice(-6000)}\n${r.stdout.slice(-6000)}`);
-    const result = r.stdout
-      .split("\n")
-      .filter((l) => l.startsWith("{"))
-      .map((l) => JSON.parse(l) as { type: string; image?: string; status?: string; disk?: string })
-      .filter((o) => o.type === "result" && o.image === HOST_IMAGE)
-      .at(-1);
-    if (!result?.disk || !existsSync(result.disk)) throw new Error(`civm image build ${HOST_IMAGE} printed no result with an existing disk:\n${r.stdout}\n${r.stderr}`);
-    return { stateDir: hostStoreDir, diskPath: result.disk, cached: result.status === "cached", seconds };
-  } finally {
-    release();
-  }
-}
+/** Builds civm-host (once per suite, cached by key) and returns where it is. */
+export const ensureHostImage: () => Promise<HostImage> = oncePerProcess(() => buildStoredImage({ image: HOST_IMAGE, storeDir: hostStoreDir, lockDir }));
 
 /** A NoCloud seed (an ISO labelled cidata) with this user-data and meta-data. */
 export function writeSeedIso(dir: string, userData: string, instanceId: string): string {

@@ -5,7 +5,7 @@
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { civmBin, repoRoot, testCacheDir } from "./paths.js";
-import { acquireLock, runNode } from "./runner-image.js";
+import { acquireLock, oncePerProcess, runNode } from "./stored-build.js";
 import { civmEnv, type CivmEnv } from "./civm-cli.js";
 
 export const kernelStoreDir = join(testCacheDir, "store-kernels");
@@ -25,15 +25,7 @@ export interface BuiltKernel {
   dir: string;
 }
 
-let pending: Promise<BuiltKernel> | undefined;
-
-export function ensureTinyKernel(): Promise<BuiltKernel> {
-  pending ??= build().catch((e: unknown) => {
-    pending = undefined;
-    throw e;
-  });
-  return pending;
-}
+export const ensureTinyKernel: () => Promise<BuiltKernel> = oncePerProcess(build);
 
 async function build(): Promise<BuiltKernel> {
   mkdirSync(kernelStoreDir, { recursive: true });
