@@ -11,7 +11,7 @@ import { join } from "node:path";
 import { parse } from "yaml";
 import { repoRoot, testCacheDir } from "./paths.js";
 import { makeFakeRunnerArchive, type FakeRunnerArchive } from "./fake-runner.js";
-import { acquireLock, oncePerProcess, runImageBuild } from "./stored-build.js";
+import { acquireLock, oncePerProcess, runImageBuild, type StoredBuild } from "./stored-build.js";
 import { civmEnv, type CivmEnv } from "./civm-cli.js";
 
 export const ghaStoreDir = join(testCacheDir, "store-gha");
@@ -51,16 +51,11 @@ export function writeGhaSpec(file: string, runner: { version: string; sha256: st
   writeFileSync(file, JSON.stringify([{ ...gha, name, githubRunner: runner }], null, 2));
 }
 
-export interface GhaImage {
-  stateDir: string;
-  diskPath: string;
-  cached: boolean;
-  seconds: number;
+export interface GhaImage extends StoredBuild {
   archive: FakeRunnerArchive;
   /** Downloads of the archive this build made (0 when the image or the download cache had it). */
   downloads: number;
   specFile: string;
-  output: string;
 }
 
 export const ensureGhaImage: () => Promise<GhaImage> = oncePerProcess(build);

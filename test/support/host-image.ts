@@ -7,19 +7,14 @@ import { execFileSync, spawn } from "node:child_process";
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { testCacheDir } from "./paths.js";
-import { buildStoredImage, oncePerProcess } from "./stored-build.js";
+import { buildStoredImage, oncePerProcess, type StoredBuild } from "./stored-build.js";
 
 export const hostStoreDir = join(testCacheDir, "store-host");
 export const HOST_IMAGE = "civm-host";
 const lockDir = join(testCacheDir, "store-host.lock");
 
-export interface HostImage {
-  stateDir: string;
-  diskPath: string;
-  cached: boolean;
-  /** Wall time of `civm image build civm-host`, lock wait excluded. */
-  seconds: number;
-}
+/** Where civm-host is in its store, and whether this run built it. */
+export type HostImage = StoredBuild;
 
 /** Builds civm-host (once per suite, cached by key) and returns where it is. */
 export const ensureHostImage: () => Promise<HostImage> = oncePerProcess(() => buildStoredImage({ image: HOST_IMAGE, storeDir: hostStoreDir, lockDir }));

@@ -5,7 +5,7 @@
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { repoRoot, testCacheDir } from "./paths.js";
-import { buildStoredImage, oncePerProcess } from "./stored-build.js";
+import { buildStoredImage, oncePerProcess, type StoredBuild } from "./stored-build.js";
 import { civmEnv, type CivmEnv } from "./civm-cli.js";
 
 export const lvhStoreDir = join(testCacheDir, "store-lvh");
@@ -13,13 +13,8 @@ export const LVH_IMAGES_JSON = join(repoRoot, "test", "fixtures", "lvh-images", 
 export const LVH_BASE = "base";
 const lockDir = join(testCacheDir, "store-lvh.lock");
 
-export interface LvhBaseImage {
-  stateDir: string;
-  diskPath: string;
-  cached: boolean;
-  /** Wall time of `civm image build base`, lock wait excluded. */
-  seconds: number;
-}
+/** Where lvh's base is in its store, and whether this run built it. */
+export type LvhBaseImage = StoredBuild;
 
 /** Builds lvh's base (once per suite, cached by key) and returns where it is. */
 export const ensureLvhBaseImage: () => Promise<LvhBaseImage> = oncePerProcess(() =>

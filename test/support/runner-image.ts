@@ -15,7 +15,7 @@ import { existsSync, mkdirSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { testCacheDir } from "./paths.js";
 import { civmEnv, type CivmEnv } from "./civm-cli.js";
-import { buildStoredImage, oncePerProcess } from "./stored-build.js";
+import { buildStoredImage, oncePerProcess, type StoredBuild } from "./stored-build.js";
 
 // Where the lock and runNode used to live: test files import them from here too.
 export { acquireLock, runNode } from "./stored-build.js";
@@ -25,14 +25,8 @@ export const runnerStoreDir = join(testCacheDir, "store");
 export const RUNNER_IMAGE = "civm-runner";
 const lockDir = join(testCacheDir, "store.lock");
 
-export interface RunnerImage {
-  stateDir: string;
-  diskPath: string;
-  /** Whether the build was a cache hit (false: this call built it). */
-  cached: boolean;
-  /** Wall time of `civm image build civm-runner`, lock wait excluded. */
-  seconds: number;
-}
+/** Where civm-runner is in its store, and whether this run built it. */
+export type RunnerImage = StoredBuild;
 
 /**
  * Builds civm-runner into the shared store (once per suite: cached by key across runs and
