@@ -148,7 +148,7 @@ export function run(program: string, args: readonly string[], opts: RunOptions =
 }
 
 /** The reason an AbortSignal carries, as an Error (a CivmError "signal" from the CLI). */
-export function abortReason(signal: AbortSignal): Error {
+function abortReason(signal: AbortSignal): Error {
   const r: unknown = signal.reason;
   return r instanceof Error ? r : new CivmError("signal", String(r ?? "interrupted"));
 }

@@ -6,7 +6,7 @@ import { copyFile, cp, link, mkdir, mkdtemp, readFile, rm, writeFile } from "nod
 import { availableParallelism, tmpdir } from "node:os";
 import { basename, join } from "node:path";
 import { CivmError, ConfigError } from "../errors/index.js";
-import { abortReason, run } from "../exec/index.js";
+import { run } from "../exec/index.js";
 import type { Paths } from "../host/paths.js";
 import type { InstanceSpec } from "../config/types.js";
 import { VmRun, securityModelFor, type HostMount } from "../vm/index.js";
@@ -79,7 +79,7 @@ async function buildChain(o: BuildOptions, chain: ImageSpec[]): Promise<BuildOut
   const keys = await cacheKeysFor(chain);
   const outcomes: BuildOutcome[] = [];
   for (const spec of chain) {
-    if (o.signal?.aborted) throw abortReason(o.signal);
+    o.signal?.throwIfAborted();
     const started = Date.now();
     const key = keys.get(spec.name)!;
     const existing = await o.store.get(spec.name);
@@ -111,11 +111,8 @@ async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey
     runnerArchive = got.path;
   }
   const pending = await o.store.begin(spec.name);
-  const checkpoint = () => {
-    if (o.signal?.aborted) throw abortReason(o.signal);
-  };
   try {
-    checkpoint();
+    o.signal?.throwIfAborted();
     const work = join(pending.dir, "work");
     const share = join(work, "share");
     const out = join(work, "out");
@@ -140,7 +137,7 @@ async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey
         ...(o.signal ? { signal: o.signal } : {}),
       });
       try {
-        checkpoint();
+        o.signal?.throwIfAborted();
         ev("disk", `assembling ${bootFormat} disk`);
         const asm = await assembleDisk({ tree: tree.tree, output: disk, sizeBytes: spec.sizeBytes, format: bootFormat, log: o.log, onProgress: (p) => ev("disk", p.message), kernelPath: kernel, initrdPath: initrd, label: describeImage(spec), ...(spec.uefi ? { uefi: true } : {}) });
         packages = asm.packages;
@@ -162,11 +159,11 @@ async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey
       const staged = join(share, RUNNER_ARCHIVE);
       await link(runnerArchive, staged).catch(() => copyFile(runnerArchive as string, staged));
     }
-    checkpoint();
+    o.signal?.throwIfAborted();
     const script = await stage2Script(spec, share, parent !== undefined);
     ev("vm", `booting the build VM (${o.accel}) to ${parent ? "apply packages and actions" : "install the bootloader"}${spec.actions.some((a) => a.kind === "provision") ? " and run provision scripts" : ""}`);
     await bootBuildVm(o, spec, { disk, format: bootFormat, kernel, initrd, share, out, script });
-    checkpoint();
+    o.signal?.throwIfAborted();
 
     // The VM wrote its kernel, initrd and package list to the out share.
     const status = await readFile(join(out, "status"), "utf8").catch(() => "");
@@ -480,13 +477,13 @@ async function bootBuildVm(
   o.signal?.addEventListener("abort", onAbort, { once: true });
   let r: Awaited<ReturnType<VmRun["run"]>>;
   try {
-    if (o.signal?.aborted) throw abortReason(o.signal);
+    o.signal?.throwIfAborted();
     r = await vm.run();
   } finally {
     o.signal?.removeEventListener("abort", onAbort);
   }
   if (partial) o.log(`console: ${partial}`);
-  if (o.signal?.aborted) throw abortReason(o.signal);
+  o.signal?.throwIfAborted();
   if (r.reason !== "poweroff") {
     throw new CivmError(r.reason === "timeout" ? "timeout" : "qemu", `${describeImage(spec)}: the build VM ended with ${r.reason} (console log: ${r.consoleLog})`, { ...(r.detail ? { details: r.detail } : {}) });
   }
