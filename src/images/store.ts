@@ -603,7 +603,7 @@ export function shortKey(key: string): string {
   return key.replace(/^sha256:/, "").slice(0, 12);
 }
 
-/** The table `civm image ls` prints: NAME KEY FORMAT SIZE VIRTUAL AGE (header only when empty). */
+/** The table `civm image ls` prints: NAME KEY FORMAT SIZE VIRTUAL AGE, and SNAPSHOTS (count and sizes) when `snapshots` is given (header only when empty). */
 export function formatImageTable(images: readonly StoredImage[], now: number = Date.now(), snapshots?: ReadonlyMap<string, readonly number[]>): string {
   const rows = [["NAME", "KEY", "FORMAT", "SIZE", "VIRTUAL", "AGE", ...(snapshots ? ["SNAPSHOTS"] : [])]];
   for (const i of images) {

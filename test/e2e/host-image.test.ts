@@ -280,7 +280,9 @@ test("BIOS boot with seed 003's user-data: civm serve runs with the App and pool
       allowed: "for m in kvm tun 9pnet_virtio nf_tables; do modprobe --show-depends $m 2>&1; done",
       upgrades: "apt-config dump APT::Periodic::Unattended-Upgrade; systemctl is-enabled unattended-upgrades apt-daily-upgrade.timer",
       data: "findmnt -no SOURCE,FSTYPE,OPTIONS /var/lib/civm; blkid -s LABEL -o value \"$(findmnt -no SOURCE /var/lib/civm)\"; lsblk -bno SIZE \"$(findmnt -no SOURCE /)\"",
-      doctor: "journalctl -b -u civm-host-check --no-pager -o cat",
+      // The check is a oneshot that may still be probing KVM (QEMU under TCG inside TCG) when the
+      // runner registers: wait for it to finish (ActiveState leaves "activating") before reading.
+      doctor: "while [ \"$(systemctl show -p ActiveState --value civm-host-check)\" = activating ]; do sleep 2; done; journalctl -b -u civm-host-check --no-pager -o cat",
       agentUnits: "systemctl is-active civm-growfs civm-agent || true",
       initrd: "lsinitramfs /boot/initrd.img-$(uname -r) | grep -oE '(hv_vmbus|hv_storvsc|nvme|xen-blkfront)\\.ko' | sort -u",
     });
