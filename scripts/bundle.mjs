@@ -35,6 +35,12 @@ for (const f of result.outputFiles) {
   renameSync(tmp, f.path);
   fresh.add(basename(f.path));
 }
+// What this build made, for civm-release.ts: an image with civm in it takes these, not the
+// previous builds' chunks that linger beside them.
+const list = join(outdir, "files.json");
+writeFileSync(`${list}.${process.pid}.tmp`, JSON.stringify([...fresh].sort(), null, 1) + "\n");
+renameSync(`${list}.${process.pid}.tmp`, list);
+fresh.add("files.json");
 const now = Date.now();
 for (const name of readdirSync(outdir)) {
   if (fresh.has(name)) continue;

@@ -82,10 +82,15 @@ function releasePaths(where: string, root: string): string[] {
   if (existsSync(plain) && statSync(plain).mtimeMs > statSync(bundle).mtimeMs) {
     throw new ConfigError(`${where}: field "civm": ${join(root, "dist", "bundle")} is older than ${join(root, "dist", "src")} (tsc ran without the bundle step); run "npm run build" in ${root} first.`);
   }
+  // The current build's bundle files only (scripts/bundle.mjs lists them; earlier builds'
+  // chunks stay beside them for a day for civm processes still running from them).
+  const listFile = join(root, "dist", "bundle", "files.json");
+  if (!existsSync(listFile)) throw new ConfigError(`${where}: field "civm": ${listFile} is missing (a bundle from an older build script); run "npm run build" in ${root} first.`);
+  const bundleFiles = (JSON.parse(readFileSync(listFile, "utf8")) as string[]).map((f) => `dist/bundle/${f}`);
   const lockFile = join(root, "package-lock.json");
   if (!existsSync(lockFile)) throw new ConfigError(`${where}: field "civm": ${lockFile} is missing; the release's node_modules are those it lists.`);
   const modules = productionPackages(readFileSync(lockFile, "utf8"), root);
-  return [...RELEASE_FILES, ...modules];
+  return [...RELEASE_FILES.filter((f) => f !== "dist/bundle"), "dist/bundle/files.json", ...bundleFiles, ...modules];
 }
 
 /** The release's identity: part of the cache key of an image with `civm: true`. */

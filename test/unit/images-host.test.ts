@@ -5,12 +5,12 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { existsSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import YAML from "yaml";
 import { ConfigError } from "../../src/errors/index.js";
 import { computeCacheKey } from "../../src/images/cache-key.js";
-import { productionPackages, releaseActions, RELEASE_FILES } from "../../src/images/civm-release.js";
+import { productionPackages, releaseActions, RELEASE_FILES, stageRelease } from "../../src/images/civm-release.js";
 import { ESP_LAYOUT, createSparseFile, rootPartitionStart, writePartitionTable } from "../../src/images/disk.js";
 import { exportArgs, parseFormat } from "../../src/images/export.js";
 import { STAGE2_UEFI, UEFI_PACKAGES, withUefi } from "../../src/images/build.js";
@@ -120,6 +120,19 @@ test("the release's node_modules: package-lock's production packages that are in
   assert.ok(!real.includes("node_modules/typescript") && !real.includes("node_modules/esbuild"), "dev dependencies stay out");
   assert.throws(() => productionPackages("{}", "/r"), /lockfile version 2 or later/);
   assert.deepEqual([...RELEASE_FILES].sort(), ["bin", "dist/bundle", "guest", "images", "package-lock.json", "package.json", "packaging"]);
+});
+
+test("the release takes the current bundle's files (dist/bundle/files.json), not the chunks earlier builds leave beside them; no list is a ConfigError", async () => {
+  const root = tempDir("civm-release-");
+  for (const d of ["bin", "guest", "images", "packaging", "dist/bundle", "dist/src/cli"]) mkdirSync(join(root, d), { recursive: true });
+  writeFileSync(join(root, "package.json"), "{}");
+  writeFileSync(join(root, "package-lock.json"), JSON.stringify({ lockfileVersion: 3, packages: { "": {} } }));
+  writeFileSync(join(root, "dist/src/cli/main.js"), "");
+  for (const f of ["main.js", "chunk-NEW.js", "chunk-OLD.js"]) writeFileSync(join(root, "dist/bundle", f), f);
+  await assert.rejects(stageRelease(join(root, "out"), "images/civm-host.yaml", root), (e: unknown) => e instanceof ConfigError && /files\.json is missing.*npm run build/.test(e.message));
+  writeFileSync(join(root, "dist/bundle/files.json"), JSON.stringify(["chunk-NEW.js", "main.js"]));
+  const staged = await stageRelease(join(root, "out"), "images/civm-host.yaml", root);
+  assert.deepEqual(readdirSync(join(staged, "dist/bundle")).sort(), ["chunk-NEW.js", "files.json", "main.js"]);
 });
 
 test("the release's actions: the host's Node.js package (held), /opt/civm, /usr/local/bin/civm, and a check that civm and its SQLite module load", () => {
