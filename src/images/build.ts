@@ -111,6 +111,9 @@ async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey
     runnerArchive = got.path;
   }
   const pending = await o.store.begin(spec.name);
+  // The root tree is removed while the build VM boots (on a loaded host its removal took 90 s
+  // of the critical path); every way out of this function waits for it.
+  let treeGone: Promise<void> = Promise.resolve();
   try {
     o.signal?.throwIfAborted();
     const work = join(pending.dir, "work");
@@ -142,7 +145,8 @@ async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey
         const asm = await assembleDisk({ tree: tree.tree, output: disk, sizeBytes: spec.sizeBytes, format: bootFormat, log: o.log, onProgress: (p) => ev("disk", p.message), kernelPath: kernel, initrdPath: initrd, label: describeImage(spec), ...(spec.uefi ? { uefi: true } : {}) });
         packages = asm.packages;
       } finally {
-        await removeTree(tree.tree);
+        treeGone = removeTree(tree.tree);
+        treeGone.catch(() => undefined); // awaited below, on success and on failure
       }
     } else {
       parent = await o.store.require(spec.parent);
@@ -183,6 +187,7 @@ async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey
     }
     let compressed: string | undefined;
     if (spec.compress === "zstd") compressed = basename(await compressArtifact(finalDisk));
+    await treeGone;
     await rm(work, { recursive: true, force: true });
     const stored = await pending.commit({
       name: spec.name, key, format: spec.format, disk: basename(finalDisk),
@@ -194,6 +199,7 @@ async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey
     ev("done", `${spec.name} built in ${((Date.now() - started) / 1000).toFixed(1)} s`);
     return stored;
   } catch (e) {
+    await treeGone.catch(() => undefined);
     await pending.abort();
     throw e;
   }
