@@ -170,6 +170,9 @@ test("an organization's poll: the repository list is cached, and repositories wi
   await daemon.githubSettled();
   const store = (daemon as unknown as { opts: { store: StateStore } }).opts.store;
   assert.equal(store.job(job.id)?.status, "queued");
+  // The runner for the job starts in the background: its JIT config may come after the pass.
+  await waitFor(() => gh.requests.some((r) => r.path.endsWith("/actions/runners/generate-jitconfig")), 30_000, "the JIT config of the runner started for the job");
+  await daemon.githubSettled();
   assert.equal(gh.state.counts.counted - counted, 3, "the changed runs list, its run's jobs, and the JIT config of the runner started for the job");
   advance(10 * 60_000);
   await daemon.pass();
