@@ -28,6 +28,8 @@ export interface FakeAzureRequest {
 
 export interface FakeAzure {
   ns: IsolatedNs;
+  /** The VM's id in IMDS: boot the VM with it as its SMBIOS uuid (`-uuid`), as Azure does. */
+  vmId: string;
   requests: FakeAzureRequest[];
   /** The health reports posted to the wireserver (XML). */
   healthReports(): string[];
@@ -138,6 +140,7 @@ export async function startFakeAzure(o: FakeAzureOptions): Promise<FakeAzure> {
   }
   return {
     ns,
+    vmId,
     requests,
     healthReports: () => requests.filter((r) => r.service === "wireserver" && r.method === "POST").map((r) => r.body),
     close: async () => {
