@@ -15,7 +15,8 @@
 // the job. All VMs share this machine's cores whichever daemon runs them: the ratios measure
 // what the fleet's control plane costs or gains, not more hardware.
 // Usage: npm run build && node dist/bench/fleet-qemu.js [--jobs 24] [--singles 3]
-//          [--only fleet|sqlite] [--out FILE] [--log-dir DIR]
+//          [--only fleet|sqlite] [--first sqlite|fleet] [--out FILE] [--log-dir DIR]
+//        (--first: which scenario runs first, to tell the load's drift from the difference)
 import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { buildTinyGuest } from "../test/support/tiny-guest.js";
@@ -29,6 +30,7 @@ import { benchArg } from "./args.js";
 const jobCount = Number(benchArg("jobs", "24")) || 24;
 const singles = Number(benchArg("singles", "3")) || 3;
 const only = benchArg("only", "");
+const first = benchArg("first", "sqlite");
 const out = process.argv.includes("--out") ? benchArg("out", "") : undefined;
 const logDir = process.argv.includes("--log-dir") ? benchArg("log-dir", "") : undefined;
 const MAX_RUNNERS = 6;
@@ -113,6 +115,7 @@ function latencies(s: Scenario, jobs: FakeJob[], queuedAt: Map<number, number>) 
   const starts = vmStarts(s);
   const toStart: number[] = [];
   const toTaken: number[] = [];
+  const bootToTaken: number[] = [];
   const perHost = s.daemons.map(() => 0);
   for (const j of jobs) {
     const q = queuedAt.get(j.id)!;
@@ -123,8 +126,9 @@ function latencies(s: Scenario, jobs: FakeJob[], queuedAt: Map<number, number>) 
     }
     const took = j.runnerName ? s.hub.tookJobAt.get(j.runnerName) : undefined;
     if (took !== undefined) toTaken.push((took - q) / 1000);
+    if (took !== undefined && st) bootToTaken.push((took - st.at) / 1000);
   }
-  return { toStart, toTaken, perHost };
+  return { toStart, toTaken, bootToTaken, perHost };
 }
 
 async function scenario(name: Scenario["name"], pg: TestPostgres | undefined) {
@@ -160,13 +164,14 @@ async function scenario(name: Scenario["name"], pg: TestPostgres | undefined) {
     const taken = s.hub.events.filter((e) => e.startsWith("job "));
     const servedTwice = burst.concat(one).filter((j) => taken.filter((e) => e.startsWith(`job ${j.id} `)).length !== 1).map((j) => j.id);
     const res = {
-      singles: { queuedToVmStartSeconds: stats(single.toStart), queuedToJobTakenSeconds: stats(single.toTaken) },
+      singles: { queuedToVmStartSeconds: stats(single.toStart), queuedToJobTakenSeconds: stats(single.toTaken), vmStartToJobTakenSeconds: stats(single.bootToTaken) },
       burst: {
         jobs: jobCount,
         minutes: r2(minutes),
         jobsPerMinute: r2(jobCount / minutes),
         queuedToVmStartSeconds: stats(b.toStart),
         queuedToJobTakenSeconds: stats(b.toTaken),
+        vmStartToJobTakenSeconds: stats(b.bootToTaken),
         vmsPerHost: b.perHost,
       },
       jobsNotServedExactlyOnce: servedTwice,
@@ -181,12 +186,12 @@ const report: Record<string, unknown> = { date: new Date().toISOString(), jobs: 
 type Res = Awaited<ReturnType<typeof scenario>>;
 let base: Res | undefined;
 let fleet: Res | undefined;
-if (only !== "fleet") {
+const runSqlite = async () => {
   log("baseline: one civm serve on SQLite");
   base = await scenario("sqlite", undefined);
   report.sqlite = base;
-}
-if (only !== "sqlite") {
+};
+const runFleet = async () => {
   const pg = await startPostgres();
   try {
     log("fleet: three civm serve on one PostgreSQL");
@@ -195,6 +200,13 @@ if (only !== "sqlite") {
   } finally {
     await pg.stop();
   }
+};
+const order = first === "fleet" ? [runFleet, runSqlite] : [runSqlite, runFleet];
+report.order = first === "fleet" ? ["fleet", "sqlite"] : ["sqlite", "fleet"];
+for (const [i, run] of order.entries()) {
+  const name = (report.order as string[])[i];
+  if (only && only !== name) continue;
+  await run();
 }
 if (base && fleet) {
   const ratio = (a: number | undefined, b: number | undefined) => (a !== undefined && b ? r2(a / b) : null);
