@@ -77,6 +77,12 @@ export interface RunVmRequest {
   keep?: boolean;
   qemuBinary?: string;
   /**
+   * A command QEMU is started under, outermost (after the switch to QEMU's user), which must
+   * exec it in place (same pid): `["ip", "netns", "exec", NS]` puts QEMU, and so the guest's
+   * user-mode network, in a network namespace (the tests' fake cloud services live in one).
+   */
+  qemuWrapper?: string[];
+  /**
    * Boot this disk itself, writable, instead of a throw-away overlay on spec.image (image
    * builds: what the guest writes is the product).
    */
@@ -533,6 +539,10 @@ export class VmRun {
         if (user) {
           args = [...setprivArgs(user, gid!), binary, ...args];
           binary = "setpriv";
+        }
+        if (req.qemuWrapper?.length) {
+          args = [...req.qemuWrapper.slice(1), binary, ...args];
+          binary = req.qemuWrapper[0]!;
         }
         let consoleP: Promise<void> | undefined;
         const sup = new Supervisor({

@@ -24,7 +24,8 @@ import { resolvePaths } from "../../src/host/paths.js";
 import type { InstanceSpec } from "../../src/config/types.js";
 import { parseAllowEntry } from "../../src/net/policy.js";
 import { startFakeGitHub, type FakeGitHub } from "../support/fake-github.js";
-import { ensureHostImage, HOST_IMAGE, hostStoreDir, ssh, waitForSsh, writeConfigDrive, writeSeedIso, type HostImage } from "../support/host-image.js";
+import { ensureHostImage, HOST_IMAGE, hostStoreDir, ssh, waitForSsh, writeAzureOvfIso, writeConfigDrive, writeSeedIso, type HostImage } from "../support/host-image.js";
+import { AZURE_CHASSIS_ASSET_TAG, startFakeAzure, type FakeAzure } from "../support/fake-azure.js";
 import { buildTinyGuest } from "../support/tiny-guest.js";
 import { freePort } from "../support/net.js";
 import { civmBin, tempDir, testQemuUser } from "../support/paths.js";
@@ -37,6 +38,12 @@ import { runNode } from "../support/runner-image.js";
  * them (a machine without the time for a cold build), saying so.
  */
 const SKIP = process.env.CIVM_E2E_HOST === "0" ? "CIVM_E2E_HOST=0: the civm-host image tests are switched off (docs/hosts.md, Tests)" : false;
+
+/**
+ * The Azure datasource boot is opt-in (CIVM_E2E_AZURE=1): one more boot of the host under TCG,
+ * more than cold CI's budget allows (docs/benchmarks.md). It needs root (a network namespace).
+ */
+const AZURE_SKIP = process.env.CIVM_E2E_AZURE === "1" ? false : "CIVM_E2E_AZURE is not 1: the Azure datasource boot is opt-in (docs/hosts.md, Tests)";
 
 /**
  * Waits for cloud-init's last stage (boot-finished is written after runcmd), then prints its
@@ -147,7 +154,7 @@ interface HostVm {
  * labelled cidata, libvirt's and Proxmox's form) or ConfigDrive (config-2, OpenStack's form,
  * the SSH key in its meta_data.json), and a blank second disk.
  */
-async function bootHost(o: { name: string; firmware: "bios" | "uefi"; userData: string; datasource: "nocloud" | "configdrive" }): Promise<HostVm> {
+async function bootHost(o: { name: string; firmware: "bios" | "uefi"; userData: string; datasource: "nocloud" | "configdrive" | "azure"; azure?: FakeAzure }): Promise<HostVm> {
   const dir = join(work, o.name);
   mkdirSync(dir, { mode: 0o755 });
   const stateDir = join(dir, "state");
@@ -155,17 +162,23 @@ async function bootHost(o: { name: string; firmware: "bios" | "uefi"; userData: 
   const files = join(stateDir, "host-files");
   mkdirSync(files, { mode: 0o755 });
   const instanceId = `civm-host-test-${randomBytes(4).toString("hex")}`;
-  const seed = o.datasource === "nocloud"
-    ? writeSeedIso(files, o.userData, instanceId)
-    : writeConfigDrive(files, o.userData, { uuid: randomUUID(), hostname: "civm-host-test", publicKeys: { "civm-test": sshPub } });
   const dataDisk = join(files, "data.qcow2");
   execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", dataDisk, "4G"]);
   const sshPort = await freePort();
   const servePort = await freePort();
-  const qemuArgs = [
-    "-drive", `file=${seed},if=virtio,format=raw,readonly=on`,
-    "-drive", `file=${dataDisk},if=virtio,format=qcow2`,
-  ];
+  const qemuArgs: string[] = [];
+  if (o.datasource === "azure") {
+    // As Azure presents a VM: the chassis asset tag cloud-init's ds-identify knows Azure by, and
+    // the provisioning disc (ovf-env.xml) as a CD-ROM, which cloud-init ejects when it reports ready.
+    const ovf = writeAzureOvfIso(files, { userData: o.userData, hostname: "civm-host-azure", username: "debian" });
+    qemuArgs.push("-smbios", `type=3,asset=${AZURE_CHASSIS_ASSET_TAG}`, "-uuid", o.azure!.vmId, "-drive", `file=${ovf},if=none,id=ovfcd,media=cdrom,readonly=on,format=raw`, "-device", "ide-cd,drive=ovfcd,bus=ide.0");
+  } else {
+    const seed = o.datasource === "nocloud"
+      ? writeSeedIso(files, o.userData, instanceId)
+      : writeConfigDrive(files, o.userData, { uuid: randomUUID(), hostname: "civm-host-test", publicKeys: { "civm-test": sshPub } });
+    qemuArgs.push("-drive", `file=${seed},if=virtio,format=raw,readonly=on`);
+  }
+  qemuArgs.push("-drive", `file=${dataDisk},if=virtio,format=qcow2`);
   if (o.firmware === "uefi") qemuArgs.push("-bios", "/usr/share/ovmf/OVMF.fd");
   const spec: InstanceSpec = {
     name: o.name, image: image.diskPath, cpus: 2, ramBytes: 3 * GiB, rootDiskBytes: 8 * GiB, timeoutSeconds: 3600,
@@ -179,14 +192,17 @@ async function bootHost(o: { name: string; firmware: "bios" | "uefi"; userData: 
     extraForwards: [{ proto: "tcp", hostAddr: "127.0.0.1", hostPort: servePort, guestPort: 8080 }],
     mounts: [{ path: tinyShare, tag: "civmtiny", readOnly: true, securityModel: "mapped-xattr" }],
     qemuWritable: [files], qemuUser: testQemuUser,
+    // Azure: QEMU in the fake Azure's namespace; its forwards listen there, reached through pipes.
+    ...(o.azure ? { qemuWrapper: o.azure.ns.wrap } : {}),
     log: (l) => process.stderr.write(`${o.name}: ${l}\n`),
     onConsole: (t) => (text += t),
   });
+  const [sshAt, serveAt] = o.azure ? [await o.azure.ns.reach(sshPort), await o.azure.ns.reach(servePort)] : [sshPort, servePort];
   let ended = false;
   const done = vm.run().finally(() => (ended = true));
   return {
-    name: o.name, sshPort, servePort, vm, done, alive: () => !ended, console: () => text,
-    run: (cmd, timeoutMs) => ssh(sshPort, sshKey, cmd, timeoutMs),
+    name: o.name, sshPort: sshAt, servePort: serveAt, vm, done, alive: () => !ended, console: () => text,
+    run: (cmd, timeoutMs) => ssh(sshAt, sshKey, cmd, timeoutMs),
     stop: async () => {
       vm.stop("signal");
       return done;
@@ -376,6 +392,47 @@ test("UEFI boot from a ConfigDrive (config-2): the SSH key from its metadata; a 
     assert.match((await host.run("systemctl is-active civm-serve")).stdout, /^active/);
     const r = await fetch(`http://127.0.0.1:${host.servePort}/healthz`, { signal: AbortSignal.timeout(20_000) });
     assert.equal(r.status, 200);
+  } finally {
+    await host.stop();
+  }
+});
+
+test("Azure: ovf-env.xml on a CD, the instance metadata service and the wireserver faked in a namespace of the test's: the custom data (seed 003's user-data) runs, the SSH key comes from IMDS, provisioning is reported ready, civm serve runs", { timeout: 60 * 60_000, skip: SKIP || AZURE_SKIP }, async (t) => {
+  const started = Date.now();
+  // The guest's 10.0.2.2:PORT is 127.0.0.1:PORT in the namespace, piped to the fake GitHub here.
+  const ghPort = Number(new URL(github.url).port);
+  const seenBefore = github.requests.length;
+  const azure = await startFakeAzure({ adminUsername: "debian", computerName: "civm-host-azure", publicKeys: [sshPub], expose: [{ addr: "127.0.0.1", port: ghPort, to: ghPort }] });
+  t.after(() => azure.close());
+  // No nested runner VM (minRunners 0): this boot is about the datasource.
+  const host = await bootHost({ name: "hostazure", firmware: "bios", userData: seedUserData(poolsJson().replace(/"minRunners":1/, '"minRunners":0'), { sshKey: false }), datasource: "azure", azure });
+  try {
+    // SSH answering shows the IMDS key was installed: it is in neither the user-data nor the OVF.
+    const sshSeconds = await waitForSsh(host.sshPort, sshKey, BOOT_TIMEOUT_MS, host.alive);
+    t.diagnostic(`SSH answered ${sshSeconds.toFixed(0)} s after start (TCG, SeaBIOS + GRUB, Azure datasource)`);
+    const ci = await host.run(`${CLOUD_INIT_DONE}; cat /run/cloud-init/result.json; hostname; cat /var/lib/cloud/data/instance-id; sudo tail -n 40 /var/log/cloud-init-output.log`, 30 * 60_000);
+    const why = () => `${ci.stdout}${ci.stderr}\nfake Azure saw: ${azure.requests.map((r) => `${r.service} ${r.method} ${r.url}`).join(", ") || "nothing"}`;
+    assert.match(ci.stdout, /status: done/, why());
+    assert.match(ci.stdout, /"datasource": "DataSourceAzure \[seed=\/dev\/sr\d\]"/, why());
+    assert.match(ci.stdout, /^civm-host-azure$/m, `the host name from the OVF and IMDS: ${why()}`);
+    assert.match(ci.stdout, /civm-host: civm serve is running/, why());
+    t.diagnostic(`cloud-init and the bootstrap done ${((Date.now() - started) / 1000).toFixed(0)} s after start`);
+    assert.ok(azure.requests.some((r) => r.service === "imds" && r.url.startsWith("/metadata/instance?") && r.headers.metadata === "true"), why());
+    assert.ok(azure.requests.some((r) => r.service === "wireserver" && r.method === "GET" && r.url.includes("comp=goalstate")), why());
+    const ready = azure.healthReports();
+    assert.ok(ready.length >= 1 && ready.every((x) => /<State>Ready<\/State>/.test(x)), `provisioning reported ready: ${ready.join("\n") || "no health report"}; ${why()}`);
+    // cloud-init's instance id on Azure is the VM's SMBIOS uuid (Azure's vmId).
+    assert.match(ci.stdout, new RegExp(`^${azure.vmId}$`, "m"), why());
+
+    const unit = await host.run("systemctl is-active civm-serve; systemctl is-enabled civm-serve");
+    assert.equal(unit.stdout.trim(), "active\nenabled");
+    const r = await fetch(`http://127.0.0.1:${host.servePort}/healthz`, { signal: AbortSignal.timeout(20_000) });
+    assert.equal(r.status, 200);
+    await eventually("the installation token request", 5 * 60_000, async () => (github.requests.slice(seenBefore).some((q) => q.method === "POST" && q.path === `/app/installations/${INSTALLATION}/access_tokens`) ? true : undefined));
+    t.diagnostic(`the whole Azure boot: ${((Date.now() - started) / 1000).toFixed(0)} s`);
+  } catch (e) {
+    process.stderr.write(`hostazure: console (last 8000 characters):\n${host.console().slice(-8000)}\nfake Azure saw: ${azure.requests.map((r) => `${r.service} ${r.method} ${r.url}`).join(", ") || "nothing"}\n`);
+    throw e;
   } finally {
     await host.stop();
   }

@@ -44,6 +44,43 @@ export function writeConfigDrive(dir: string, userData: string, meta: { uuid: st
   return iso;
 }
 
+/**
+ * Azure's provisioning disc: an ISO holding ovf-env.xml (what Azure attaches at a VM's first
+ * boot): the admin user, the host name, SSH password logins off, and the custom data (the
+ * user-data cloud-init runs), base64 as Azure writes it. The SSH key is not in it: cloud-init
+ * takes it from the instance metadata service (IMDS) when IMDS lists one.
+ */
+export function writeAzureOvfIso(dir: string, o: { userData: string; hostname: string; username: string }): string {
+  const root = join(dir, "ovf");
+  mkdirSync(root, { recursive: true });
+  const xml = `<?xml version="1.0" encoding="utf-8"?>
+<ns0:Environment xmlns:ns0="http://schemas.dmtf.org/ovf/environment/1" xmlns:ns1="http://schemas.microsoft.com/windowsazure" xmlns:ns2="http://www.w3.org/2001/XMLSchema-instance">
+  <ns1:ProvisioningSection>
+    <ns1:Version>1.0</ns1:Version>
+    <ns1:LinuxProvisioningConfigurationSet>
+      <ns1:ConfigurationSetType>LinuxProvisioningConfiguration</ns1:ConfigurationSetType>
+      <ns1:UserName>${o.username}</ns1:UserName>
+      <ns1:DisableSshPasswordAuthentication>true</ns1:DisableSshPasswordAuthentication>
+      <ns1:HostName>${o.hostname}</ns1:HostName>
+      <ns1:CustomData>${Buffer.from(o.userData).toString("base64")}</ns1:CustomData>
+    </ns1:LinuxProvisioningConfigurationSet>
+  </ns1:ProvisioningSection>
+  <ns1:PlatformSettingsSection>
+    <ns1:Version>1.0</ns1:Version>
+    <ns1:PlatformSettings>
+      <ns1:ProvisionGuestAgent>false</ns1:ProvisionGuestAgent>
+      <ns1:PreprovisionedVm>false</ns1:PreprovisionedVm>
+    </ns1:PlatformSettings>
+  </ns1:PlatformSettingsSection>
+</ns0:Environment>
+`;
+  writeFileSync(join(root, "ovf-env.xml"), xml);
+  const iso = join(dir, "ovf-env.iso");
+  // Azure's disc is UDF labelled rd_rdfe_...; cloud-init reads ovf-env.xml from any iso9660 or UDF disc.
+  execFileSync("genisoimage", ["-quiet", "-output", iso, "-volid", "rd_rdfe_civm", "-joliet", "-rock", root]);
+  return iso;
+}
+
 export interface SshResult {
   code: number | null;
   stdout: string;

@@ -4,6 +4,10 @@
 // 10.x, a TEST-NET "public" address), each answered by a small web server.
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
+import { mkdtempSync, rmSync } from "node:fs";
+import { connect, createServer as createNetServer, type AddressInfo, type Server } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 
 export interface TestNet {
   /** Namespace civm runs in (ip netns exec HOST ...). */
@@ -72,5 +76,106 @@ export function createTestNet(): TestNet {
       return out.split("\n").filter((l) => /^table inet civm_/.test(l)).map((l) => l.split(" ")[2]!);
     },
     close,
+  };
+}
+
+/**
+ * A network namespace of the test's own holding only its loopback (with extra addresses on it,
+ * e.g. a cloud's metadata service), joined to this process by unix sockets: nothing in it can
+ * reach any network, and this process serves or reaches what is inside through `expose` and
+ * `reach`. QEMU started in it (RunVmRequest.qemuWrapper = `wrap`) gives its guest a user-mode
+ * network whose "outside" is this namespace.
+ */
+export interface IsolatedNs {
+  name: string;
+  /** A folder of this test's for the unix sockets (removed by close). */
+  dir: string;
+  /** ["ip", "netns", "exec", name]. */
+  wrap: string[];
+  /** Connections to addr:port inside the namespace are piped to 127.0.0.1:target.port or the unix socket target.path here. */
+  expose(addr: string, port: number, target: { port: number } | { path: string }): Promise<void>;
+  /** A port on 127.0.0.1 here whose connections are piped to 127.0.0.1:port inside the namespace. */
+  reach(port: number): Promise<number>;
+  /** Ends the pipes, removes the namespace and the sockets. */
+  close(): Promise<void>;
+}
+
+/** Runs in the namespace: one listener piping each connection to another endpoint. */
+const PIPE_SCRIPT = `
+const net = require("node:net");
+const [from, to] = [JSON.parse(process.argv[1]), JSON.parse(process.argv[2])];
+const srv = net.createServer((c) => {
+  const o = net.connect(to);
+  c.pipe(o).pipe(c);
+  c.on("error", () => o.destroy());
+  o.on("error", () => c.destroy());
+});
+srv.listen(from, () => console.log("listening"));
+`;
+
+export function createIsolatedNs(addresses: string[] = []): IsolatedNs {
+  const name = `civmt-${randomBytes(3).toString("hex")}-i`;
+  const dir = mkdtempSync(join(tmpdir(), "civm-ns-"));
+  const children: ChildProcess[] = [];
+  const servers: Server[] = [];
+  ip("netns", "add", name);
+  try {
+    ip("-n", name, "link", "set", "lo", "up");
+    for (const a of addresses) ip("-n", name, "addr", "add", a.includes("/") ? a : `${a}/32`, "dev", "lo");
+  } catch (e) {
+    ip("netns", "del", name);
+    rmSync(dir, { recursive: true, force: true });
+    throw e;
+  }
+  let n = 0;
+  const pipeInNs = (from: object, to: object): Promise<void> => {
+    const child = spawn("ip", ["netns", "exec", name, process.execPath, "-e", PIPE_SCRIPT, JSON.stringify(from), JSON.stringify(to)], { stdio: ["ignore", "pipe", "inherit"] });
+    children.push(child);
+    return new Promise((resolve, reject) => {
+      child.stdout!.once("data", () => resolve());
+      child.once("exit", (code) => reject(new Error(`pipe in namespace ${name} exited with ${code}`)));
+    });
+  };
+  const listen = (srv: Server, at: number | string): Promise<void> => {
+    servers.push(srv);
+    return new Promise((resolve, reject) => {
+      srv.once("error", reject);
+      if (typeof at === "string") srv.listen(at, resolve);
+      else srv.listen(at, "127.0.0.1", resolve);
+    });
+  };
+  const pipeTo = (to: { port: number; host?: string } | { path: string }) =>
+    createNetServer((c) => {
+      const o = "path" in to ? connect(to.path) : connect(to.port, to.host ?? "127.0.0.1");
+      c.pipe(o).pipe(c);
+      c.on("error", () => o.destroy());
+      o.on("error", () => c.destroy());
+    });
+  return {
+    name,
+    dir,
+    wrap: ["ip", "netns", "exec", name],
+    async expose(addr, port, target) {
+      const sock = join(dir, `in-${n++}.sock`);
+      await listen(pipeTo(target), sock);
+      await pipeInNs({ host: addr, port }, { path: sock });
+    },
+    async reach(port) {
+      const sock = join(dir, `out-${n++}.sock`);
+      await pipeInNs({ path: sock }, { host: "127.0.0.1", port });
+      const srv = pipeTo({ path: sock });
+      await listen(srv, 0);
+      return (srv.address() as AddressInfo).port;
+    },
+    async close() {
+      for (const c of children) c.kill("SIGKILL");
+      await Promise.all(servers.map((s) => new Promise((r) => s.close(() => r(undefined)))));
+      try {
+        ip("netns", "del", name);
+      } catch {
+        /* already gone */
+      }
+      rmSync(dir, { recursive: true, force: true });
+    },
   };
 }
