@@ -139,7 +139,7 @@ export class VmRunLauncher implements VmLauncher {
   }
 
   /** The pool's `start` (docs/serve.md): the snapshot to restore, made first for "snapshot"; undefined boots. */
-  private async snapshotStart(pool: PoolSpec, spec: InstanceSpec, log: (l: string) => void): Promise<SnapshotRequest | undefined> {
+  private async snapshotStart(pool: PoolSpec, spec: InstanceSpec, log: (l: string) => void, signal: AbortSignal): Promise<SnapshotRequest | undefined> {
     const mode = pool.vm.start ?? "auto";
     if (mode === "boot") return undefined;
     const img = pool.runner.image;
@@ -152,7 +152,7 @@ export class VmRunLauncher implements VmLauncher {
     if (!stored && mode === "auto") return undefined;
     const { planSnapshotStart } = await import("../images/snapshot.js");
     return planSnapshotStart({
-      mode, img: stored, spec, paths: this.opts.paths, accel: this.opts.accel, network: pool.vm.network, log,
+      mode, img: stored, spec, paths: this.opts.paths, accel: this.opts.accel, network: pool.vm.network, log, signal,
       ...(this.opts.qemuUser ? { qemuUser: this.opts.qemuUser } : {}),
     });
   }
@@ -167,9 +167,9 @@ export class VmRunLauncher implements VmLauncher {
     const fields = { pool: req.pool.name, vm: req.id, runner: req.name };
     const result = (async () => {
       const spec = await this.spec(req.pool, req.id);
-      const snapshot = await this.snapshotStart(req.pool, spec, (l) => this.opts.log(l, fields));
       vm = new VmRun({
-        ...(snapshot ? { snapshot } : {}),
+        // Inside run(): a stop while the image's snapshot is made (first use) ends the make at once.
+        prepareSnapshot: (signal) => this.snapshotStart(req.pool, spec, (l) => this.opts.log(l, fields), signal),
         id: req.id,
         spec: { ...spec, config: req.config },
         paths: this.opts.paths,
@@ -182,7 +182,8 @@ export class VmRunLauncher implements VmLauncher {
       });
       if (stopAsked !== undefined) vm.stop("stopped", stopAsked);
       const r = await vm.run();
-      if (r.start !== "boot") this.opts.log(`${req.name}: started by ${r.start === "restore" ? "a snapshot restore" : "a cold boot after a failed restore"}`, { ...fields, start: r.start });
+      if (r.start === "restore" || r.start === "boot-after-failed-restore") this.opts.log(`${req.name}: started by ${r.start === "restore" ? "a snapshot restore" : "a cold boot after a failed restore"}`, { ...fields, start: r.start });
+      else if (r.start === "none") this.opts.log(`${req.name}: stopped while its image's snapshot was being made; it never started`, { ...fields, start: r.start });
       return { reason: r.reason, exitCode: r.exitCode, detail: r.detail };
     })();
     return {
