@@ -324,11 +324,11 @@ export function devRunRequest(plan: DevPlan, o: DevRequestOptions): RunVmRequest
     meta: { dev: plan.dev },
     ...(plan.snapshot
       ? {
-          prepareSnapshot: async () => {
+          prepareSnapshot: async (signal: AbortSignal) => {
             const { planSnapshotStart, storedImageOf } = await import("../images/snapshot.js");
             return planSnapshotStart({
               mode: "snapshot", img: await storedImageOf(plan.spec, o.paths.stateDir), spec: plan.spec, paths: o.paths, accel: plan.accel,
-              ...(plan.spec.network ? { network: plan.spec.network } : {}), mounts: plan.mounts.length, log: o.log,
+              ...(plan.spec.network ? { network: plan.spec.network } : {}), mounts: plan.mounts.length, log: o.log, signal,
             });
           },
         }

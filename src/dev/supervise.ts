@@ -13,7 +13,7 @@ import { CivmError, EXIT_CODES, type ErrorCode } from "../errors/index.js";
 import type { Paths } from "../host/paths.js";
 import { STATE_LAYOUT } from "../host/paths.js";
 import type { RegistryEntry } from "../vm/registry.js";
-import { VmRun } from "../vm/run.js";
+import { resultSummary, VmRun } from "../vm/run.js";
 import { formatSeconds } from "../vm/format.js";
 import { tailLines } from "../vm/console.js";
 import { devRunRequest, planConsoleSinks, type DevPlan } from "./plan.js";
@@ -137,6 +137,6 @@ export async function runSupervisor(): Promise<number> {
   process.on("SIGHUP", () => log("SIGHUP ignored"));
   const r = await vm.run().finally(() => sinks?.close());
   if (r.detail) log(r.detail);
-  log(`${r.name}: ${r.reason} after ${formatSeconds(r.durationMs)} (exit ${r.exitCode}); console log: ${r.consoleLog}`);
+  log(resultSummary(r));
   return r.exitCode;
 }

@@ -237,24 +237,59 @@ export async function findSnapshot(o: { img: StoredImage; spec: InstanceSpec; ac
   return { kind: "none", reason, key, settings, qemu };
 }
 
-/** Snapshots being made by this process, by folder and key: a second caller shares the first's. */
-const making = new Map<string, Promise<StoredSnapshot>>();
+/**
+ * Snapshots being made by this process, by folder and key: a second caller shares the first's.
+ * `wanted` counts the callers that have not given up (aborted their signal); the make is
+ * aborted when none is left.
+ */
+const making = new Map<string, { done: Promise<StoredSnapshot>; abort: AbortController; wanted: number }>();
 
 /**
  * Boots `spec` to the agent's snapshot point and stores the snapshot. A snapshot of the same
  * key being made by this process is shared, by another live civm waited for (up to the make
- * timeout).
+ * timeout). `signal` gives up: once every caller sharing the make has, the make is aborted
+ * (its VM ended at once, its unfinished folder removed) and the last one's promise rejects
+ * with the signal's reason after that clean-up; an earlier one's rejects at once.
  */
 export async function makeSnapshot(o: MakeOptions): Promise<StoredSnapshot> {
+  o.signal?.throwIfAborted();
   const settings = await snapshotSettings(o.spec, o.img, o.accel, o.network);
   const key = snapshotKey(o.img, await qemuIdentity(o.qemuBinary), settings);
   const id = `${snapshotsDir(o.img)}:${key}`;
-  let p = making.get(id);
-  if (!p) {
-    p = makeSnapshotNow(o).finally(() => making.delete(id));
-    making.set(id, p);
+  let m = making.get(id);
+  if (!m) {
+    const abort = new AbortController();
+    const entry = { done: makeSnapshotNow({ ...o, signal: abort.signal }), abort, wanted: 0 };
+    void entry.done.catch(() => undefined).finally(() => making.delete(id));
+    making.set(id, entry);
+    m = entry;
   }
-  return p;
+  const shared = m;
+  shared.wanted++;
+  const signal = o.signal;
+  if (!signal) return shared.done;
+  return new Promise<StoredSnapshot>((resolveP, rejectP) => {
+    const onAbort = () => {
+      if (--shared.wanted > 0) return rejectP(signal.reason);
+      shared.abort.abort(signal.reason);
+      shared.done.then(() => rejectP(signal.reason), () => rejectP(signal.reason));
+    };
+    signal.addEventListener("abort", onAbort, { once: true });
+    shared.done.then(resolveP, rejectP).finally(() => signal.removeEventListener("abort", onAbort));
+  });
+}
+
+/** Sleeps `ms`, or less when `signal` is aborted. */
+function sleepUnlessAborted(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolveP) => {
+    const t = setTimeout(done, ms);
+    function done() {
+      clearTimeout(t);
+      signal?.removeEventListener("abort", done);
+      resolveP();
+    }
+    signal?.addEventListener("abort", done, { once: true });
+  });
 }
 
 interface MakeOptions {
@@ -266,6 +301,8 @@ interface MakeOptions {
   qemuBinary?: string;
   qemuUser?: string;
   log: (l: string) => void;
+  /** Aborting it ends the make at once (see makeSnapshot). */
+  signal?: AbortSignal;
 }
 
 async function makeSnapshotNow(o: MakeOptions): Promise<StoredSnapshot> {
@@ -291,7 +328,8 @@ async function makeSnapshotNow(o: MakeOptions): Promise<StoredSnapshot> {
     if (!busy.length) break;
     if (waited === 0) o.log(`${o.img.name}: another civm is making this snapshot; waiting for it`);
     if (waited > SNAPSHOT_MAKE_TIMEOUT_SECONDS) break;
-    await new Promise((r) => setTimeout(r, 1000));
+    await sleepUnlessAborted(1000, o.signal);
+    o.signal?.throwIfAborted();
   }
   const tmp = join(root, `${prefix}${randomBytes(4).toString("hex")}`);
   await mkdir(tmp, { mode: 0o755 });
@@ -321,7 +359,14 @@ async function makeSnapshotNow(o: MakeOptions): Promise<StoredSnapshot> {
       log: o.log,
       snapshot: request,
     });
-    const r = await vm.run();
+    // Given up: the snapshot's VM is ended at once (no ACPI grace: nothing in it is worth keeping).
+    const onAbort = () => {
+      o.log(`${o.img.name}: making the snapshot was interrupted: ending its VM`);
+      vm.stop("signal", true);
+    };
+    o.signal?.addEventListener("abort", onAbort, { once: true });
+    const r = await vm.run().finally(() => o.signal?.removeEventListener("abort", onAbort));
+    o.signal?.throwIfAborted();
     if (!r.snapshotSaved) {
       throw new Error(`the VM ended (${r.reason}) before it reached the agent's snapshot point; console log: ${r.consoleLog}${r.detail ? `\n${r.detail}` : ""}`);
     }
@@ -384,6 +429,8 @@ export async function planSnapshotStart(o: {
   qemuBinary?: string;
   qemuUser?: string;
   log: (l: string) => void;
+  /** Aborting it ends a snapshot being made at once; the promise then rejects with its reason. */
+  signal?: AbortSignal;
 }): Promise<SnapshotRequest | undefined> {
   if (o.mode === "boot") return undefined;
   const say = (why: string) => o.log(`${o.spec.name}: booting cold: ${why}`);
@@ -408,6 +455,7 @@ export async function planSnapshotStart(o: {
     const snap = await makeSnapshot({ ...o, img });
     return restoreRequest(snap, o.log);
   } catch (e) {
+    if (o.signal?.aborted) throw o.signal.reason;
     say(`making the snapshot failed: ${(e as Error).message}`);
     return undefined;
   }
@@ -441,10 +489,10 @@ export function defaultSnapshotSpec(img: StoredImage): InstanceSpec {
 }
 
 /** `civm image build` of a spec with `snapshot: true`: the default settings' snapshot, made unless it exists. */
-export async function ensureDefaultSnapshot(o: { img: StoredImage; paths: Paths; accel: "kvm" | "tcg"; log: (l: string) => void }): Promise<StoredSnapshot> {
+export async function ensureDefaultSnapshot(o: { img: StoredImage; paths: Paths; accel: "kvm" | "tcg"; log: (l: string) => void; signal?: AbortSignal }): Promise<StoredSnapshot> {
   if (!o.img.kernelPath || !o.img.initrdPath) throw new ConfigError(`image ${o.img.name} has no kernel and initrd beside its disk, so it cannot have a snapshot (snapshots need direct kernel boot); remove "snapshot: true" from its spec`);
   const spec = defaultSnapshotSpec(o.img);
   const found = await findSnapshot({ img: o.img, spec, accel: o.accel, log: o.log });
   if (found.kind === "restore") return found.snap;
-  return makeSnapshot({ img: o.img, spec, paths: o.paths, accel: o.accel, log: o.log });
+  return makeSnapshot({ img: o.img, spec, paths: o.paths, accel: o.accel, log: o.log, ...(o.signal ? { signal: o.signal } : {}) });
 }

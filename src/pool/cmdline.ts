@@ -6,11 +6,8 @@
 // a key=value option the pool sets replaces civm's (root=, panic=, init=, ...; console= may
 // repeat, each adds a console), ro/rw replace each other, and options that cannot work on the
 // chosen machine are dropped and named in a warning (config check, serve start).
-import { existsSync } from "node:fs";
 import type { MachineType as Machine } from "../config/types.js";
-import { dirname, join } from "node:path";
 import type { PoolSpec } from "./types.js";
-
 
 export interface DroppedOption {
   option: string;
@@ -100,8 +97,9 @@ export function cmdlineField(pool: PoolSpec): string {
 
 /**
  * Warnings about the pools' kernel options (machine "pc", what pools boot): options civm
- * drops, and options on a disk image that boots through its own boot loader (no kernel next
- * to it), where civm passes no command line at all.
+ * drops, and options of a pool with `firmware-boot: true`, where civm passes no command line
+ * at all. (A foreign disk's own kernel gets them after GRUB's arguments; one civm cannot read
+ * boots through its boot loader, said by the launcher when it starts a VM.)
  */
 export function poolCmdlineWarnings(pools: readonly PoolSpec[], file: string): string[] {
   const out: string[] = [];
@@ -109,9 +107,8 @@ export function poolCmdlineWarnings(pools: readonly PoolSpec[], file: string): s
     if (p.vm.cmdline === undefined) continue;
     const where = `${file}: pool "${p.name}" (#${p.index + 1})`;
     const field = cmdlineField(p);
-    const img = p.runner.image;
-    if (img.kind === "path" && img.path && !(existsSync(join(dirname(img.path), "vmlinuz")) && existsSync(join(dirname(img.path), "initrd.img")))) {
-      out.push(`${where}: "${field}" is ignored: ${img.path} has no vmlinuz and initrd.img next to it, so it boots through its own boot loader, which has its own kernel command line.`);
+    if (p.vm.firmwareBoot) {
+      out.push(`${where}: "${field}" is ignored: "firmware-boot": true boots ${p.runner.image.ref} through its own boot loader, which has its own kernel command line.`);
       continue;
     }
     for (const d of combineCmdline("", p.vm.cmdline, "pc").dropped) {

@@ -67,7 +67,7 @@ export const MAX_WEBHOOK_BYTES_CAP = 25 * 1024 * 1024;
 export const MIN_SECRET_LENGTH = 16;
 export const LOGS_KEYS = ["keepDays", "maxBytes"] as const;
 export const GITHUB_KEYS = ["apiUrl", "appId", "privateKeyFile", "privateKey", "installationId", "token", "requestTimeout", "degradedAfter", "repositoryListCache", "rateLimitReserve"] as const;
-export const POOL_KEYS = ["name", "maxRunners", "minRunners", "runner", "firecracker", "cpus", "ram", "disk", "timeout-seconds", "idleTimeout", "runnerGroup", "cmdline", "network", "start"] as const;
+export const POOL_KEYS = ["name", "maxRunners", "minRunners", "runner", "firecracker", "cpus", "ram", "disk", "timeout-seconds", "idleTimeout", "runnerGroup", "cmdline", "network", "start", "firmware-boot"] as const;
 export const RUNNER_KEYS = ["name", "image", "imagePullPolicy", "organization", "repository", "labels", "groupId", "registration", "workFolder"] as const;
 export const FIRECRACKER_KEYS = ["vcpuCount", "memSizeMib", "kernelArgs"] as const;
 const PULL_POLICIES: readonly ImagePullPolicy[] = ["IfNotPresent", "Always", "Never"];
@@ -739,10 +739,15 @@ function validateVm(pool: Fields): PoolSpec["vm"] | undefined {
   if (startMode !== undefined && startMode !== "snapshot" && startMode !== "boot") {
     pool.add(`"start" must be "snapshot" (restore runner VMs from the image's memory snapshot, made on first use) or "boot" (always boot); left out, a VM is restored when the image has a matching snapshot (got ${JSON.stringify(startMode)}).`);
   }
+  const firmwareBoot = pool.o["firmware-boot"] ?? undefined;
+  if (firmwareBoot !== undefined && typeof firmwareBoot !== "boolean") {
+    pool.add(`"firmware-boot" must be true or false (got ${kindOf(firmwareBoot)}): true boots the image through its firmware and bootloader (SeaBIOS, GRUB) instead of its own kernel directly.`);
+  }
   if (pool.problems.length > start) return undefined;
   return {
     cpus: cpus ?? vcpu ?? SERVE_DEFAULTS.cpus, ramBytes, rootDiskBytes, timeoutSeconds, cmdline: cmdline ?? kernelArgs, network: net.value!,
     ...(startMode === "snapshot" || startMode === "boot" ? { start: startMode } : {}),
+    ...(firmwareBoot === true ? { firmwareBoot: true } : {}),
   };
 }
 

@@ -14,7 +14,7 @@ import { Registry } from "../vm/registry.js";
 import { reconcile } from "../vm/reconcile.js";
 import { VmRun, type SnapshotRequest } from "../vm/run.js";
 import type { LaunchRequest, VmHandle, VmLauncher } from "./daemon.js";
-import { combineCmdline } from "./cmdline.js";
+import { cmdlineField, combineCmdline } from "./cmdline.js";
 import type { PoolSpec } from "./types.js";
 
 export interface VmRunLauncherOptions {
@@ -36,7 +36,8 @@ export const OCI_RECHECK_MS = 60_000;
 export class VmRunLauncher implements VmLauncher {
   constructor(private readonly opts: VmRunLauncherOptions) {}
 
-  async spec(pool: PoolSpec, id: string): Promise<InstanceSpec> {
+  /** The VM spec of a pool's runner; `log` gets how a foreign disk boots (its kernel read from GRUB's config, or why not). */
+  async spec(pool: PoolSpec, id: string, log?: (line: string) => void): Promise<InstanceSpec> {
     const img = pool.runner.image;
     let spec: InstanceSpec = {
       name: pool.runner.namePrefix,
@@ -55,6 +56,7 @@ export class VmRunLauncher implements VmLauncher {
       machine: "pc",
       qemuArgs: [],
       network: pool.vm.network,
+      ...(pool.vm.firmwareBoot ? { firmwareBoot: true } : {}),
       source: { file: `pool ${pool.name}`, index: pool.index },
     };
     if (img.kind === "oci") {
@@ -65,9 +67,16 @@ export class VmRunLauncher implements VmLauncher {
       if (!existsSync(spec.image)) throw new ConfigError(`pool ${pool.name}: image ${JSON.stringify(img.ref)} is not in the image store (civm image ls)`);
     } else {
       const dir = dirname(spec.image);
-      if (existsSync(join(dir, "vmlinuz")) && existsSync(join(dir, "initrd.img"))) {
+      if (pool.vm.firmwareBoot) {
+        // SeaBIOS and the image's bootloader.
+      } else if (existsSync(join(dir, "vmlinuz")) && existsSync(join(dir, "initrd.img"))) {
         spec.kernel = join(dir, "vmlinuz");
         spec.initrd = join(dir, "initrd.img");
+      } else {
+        // A foreign disk (GRUB on a BIOS disk): its own kernel, as civm run boots it (docs/images.md).
+        const { withForeignKernel } = await import("../images/foreign-boot.js");
+        spec = await withForeignKernel(spec, { stateDir: this.opts.paths.stateDir, log: (l) => log?.(l) });
+        if (!spec.kernel && pool.vm.cmdline !== undefined) log?.(`pool ${pool.name}: "${cmdlineField(pool)}" is ignored: ${spec.image} boots through its own boot loader, which has its own kernel command line`);
       }
     }
     if (spec.kernel) spec.cmdline = combineCmdline(spec.cmdline ?? STORED_IMAGE_CMDLINE, pool.vm.cmdline, spec.machine).cmdline;
@@ -92,9 +101,9 @@ export class VmRunLauncher implements VmLauncher {
       if (!stored) throw new ConfigError(`pool ${pool.name}: image ${JSON.stringify(img.ref)} is not in the image store (civm image ls)`);
       return `stored:${img.ref}:${stored.manifest.key}:${stored.manifest.sha256.slice(0, 16)}`;
     }
-    const spec = await this.spec(pool, "00000000");
-    const s = await stat(spec.image);
-    return `${spec.image}:${s.size}:${Math.floor(s.mtimeMs)}`;
+    const path = img.kind === "path" && img.path ? img.path : img.ref;
+    const s = await stat(path);
+    return `${path}:${s.size}:${Math.floor(s.mtimeMs)}`;
   }
 
   /** OCI pulls in flight, and when a reference was last asked of the registry (Always). */
@@ -139,7 +148,7 @@ export class VmRunLauncher implements VmLauncher {
   }
 
   /** The pool's `start` (docs/serve.md): the snapshot to restore, made first for "snapshot"; undefined boots. */
-  private async snapshotStart(pool: PoolSpec, spec: InstanceSpec, log: (l: string) => void): Promise<SnapshotRequest | undefined> {
+  private async snapshotStart(pool: PoolSpec, spec: InstanceSpec, log: (l: string) => void, signal: AbortSignal): Promise<SnapshotRequest | undefined> {
     const mode = pool.vm.start ?? "auto";
     if (mode === "boot") return undefined;
     const img = pool.runner.image;
@@ -152,7 +161,7 @@ export class VmRunLauncher implements VmLauncher {
     if (!stored && mode === "auto") return undefined;
     const { planSnapshotStart } = await import("../images/snapshot.js");
     return planSnapshotStart({
-      mode, img: stored, spec, paths: this.opts.paths, accel: this.opts.accel, network: pool.vm.network, log,
+      mode, img: stored, spec, paths: this.opts.paths, accel: this.opts.accel, network: pool.vm.network, log, signal,
       ...(this.opts.qemuUser ? { qemuUser: this.opts.qemuUser } : {}),
     });
   }
@@ -166,10 +175,10 @@ export class VmRunLauncher implements VmLauncher {
     let stopAsked: boolean | undefined;
     const fields = { pool: req.pool.name, vm: req.id, runner: req.name };
     const result = (async () => {
-      const spec = await this.spec(req.pool, req.id);
-      const snapshot = await this.snapshotStart(req.pool, spec, (l) => this.opts.log(l, fields));
+      const spec = await this.spec(req.pool, req.id, (l) => this.opts.log(l, fields));
       vm = new VmRun({
-        ...(snapshot ? { snapshot } : {}),
+        // Inside run(): a stop while the image's snapshot is made (first use) ends the make at once.
+        prepareSnapshot: (signal) => this.snapshotStart(req.pool, spec, (l) => this.opts.log(l, fields), signal),
         id: req.id,
         spec: { ...spec, config: req.config },
         paths: this.opts.paths,
@@ -182,7 +191,8 @@ export class VmRunLauncher implements VmLauncher {
       });
       if (stopAsked !== undefined) vm.stop("stopped", stopAsked);
       const r = await vm.run();
-      if (r.start !== "boot") this.opts.log(`${req.name}: started by ${r.start === "restore" ? "a snapshot restore" : "a cold boot after a failed restore"}`, { ...fields, start: r.start });
+      if (r.start === "restore" || r.start === "boot-after-failed-restore") this.opts.log(`${req.name}: started by ${r.start === "restore" ? "a snapshot restore" : "a cold boot after a failed restore"}`, { ...fields, start: r.start });
+      else if (r.start === "none") this.opts.log(`${req.name}: stopped while its image's snapshot was being made; it never started`, { ...fields, start: r.start });
       return { reason: r.reason, exitCode: r.exitCode, detail: r.detail };
     })();
     return {

@@ -57,6 +57,11 @@ export interface PoolSpec {
      * "boot" always boots; unset: restore when a matching snapshot exists (docs/images.md).
      */
     start?: "snapshot" | "boot";
+    /**
+     * `firmware-boot: true`: boot through SeaBIOS and the image's bootloader, never its kernel
+     * directly (a stored image's, or a foreign GRUB disk's read by images/foreign-boot.ts).
+     */
+    firmwareBoot?: boolean;
   };
   /** Idle runners above desired are stopped after this long idle. */
   idleTimeoutSeconds: number;

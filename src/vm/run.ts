@@ -19,6 +19,7 @@ import { Registry, procIdentity, type ProcIdentity, type RegistryEntry } from ".
 import { CleanupStack } from "./cleanup.js";
 import { Supervisor, EXIT_CODE_OF_REASON, type ExitReason, type StopReason } from "./supervisor.js";
 import { ConsoleStream, NoBootWatch, tailLines } from "./console.js";
+import { formatSeconds } from "./format.js";
 import { DEFAULT_NETWORK, describeNetwork, type NetworkSpec } from "../net/policy.js";
 import { hostResolvers, installTable, deleteTable, policyUnavailable, resolveAllow, sweepTables, reserveVmGid } from "../net/nft.js";
 import { accessProblem, qemuUser, setprivArgs, type QemuUser } from "../net/identity.js";
@@ -124,8 +125,12 @@ export interface RunVmRequest {
   prepareWorkDir?: (workDir: string) => Promise<{ config?: JsonValue; meta?: Record<string, unknown> } | void>;
   /** Start from a snapshot or make one (needs spec.kernel: a stored image booted directly). */
   snapshot?: SnapshotRequest;
-  /** Decides `snapshot` when run() starts (a dev VM's supervisor: it may make the snapshot first). */
-  prepareSnapshot?: () => Promise<SnapshotRequest | undefined>;
+  /**
+   * Decides `snapshot` when run() starts (it may make the snapshot first: a cold boot of its
+   * own VM). A stop() before the VM runs aborts `signal`: the make ends at once (its VM ended,
+   * its files removed) and run() returns with start "none".
+   */
+  prepareSnapshot?: (signal: AbortSignal) => Promise<SnapshotRequest | undefined>;
 }
 
 export interface VmResult {
@@ -143,10 +148,19 @@ export interface VmResult {
   detail: string | undefined;
   /** performance.now() stamps: QEMU spawned, QEMU exited, cleanup done. */
   timings: { spawnedAt: number; exitedAt: number; doneAt: number; restoredAt?: number };
-  /** How the VM started: booted, restored from a snapshot, or booted cold after a failed restore. */
-  start: "boot" | "restore" | "boot-after-failed-restore";
+  /**
+   * How the VM started: booted, restored from a snapshot, booted cold after a failed restore,
+   * or not at all ("none": stopped while its snapshot was being made; nothing else was made,
+   * consoleLog does not exist).
+   */
+  start: "boot" | "restore" | "boot-after-failed-restore" | "none";
   /** A "make" run: the snapshot was saved (memory file written, QEMU quit, disk handed to onSaved). */
   snapshotSaved?: boolean;
+}
+
+/** The one line civm prints when a VM has ended: "NAME: REASON after 12.3 s (exit N); console log: FILE". */
+export function resultSummary(r: VmResult): string {
+  return `${r.name}: ${r.reason} after ${formatSeconds(r.durationMs)} (exit ${r.exitCode})${r.start === "none" ? ", before it started" : `; console log: ${r.consoleLog}`}`;
 }
 
 function timestamp(d = new Date()): string {
@@ -220,6 +234,8 @@ export class VmRun {
   readonly consoleLog: string;
   private supervisor: Supervisor | undefined;
   private pendingStop: { reason: StopReason; force: boolean } | undefined;
+  /** Aborted by a stop() before QEMU exists: ends prepareSnapshot's work (a snapshot being made). */
+  private readonly beforeStart = new AbortController();
 
   constructor(private readonly req: RunVmRequest) {
     if (req.id !== undefined && !/^[0-9a-f]{8}$/.test(req.id)) throw new CivmError("internal", `VM id ${JSON.stringify(req.id)} is not 8 hex digits`);
@@ -235,7 +251,10 @@ export class VmRun {
   /** Stops the VM (ACPI, then grace, then kill); force ends it now. Safe before start. */
   stop(reason: StopReason, force = false): void {
     if (this.supervisor) this.supervisor.stop(reason, { force });
-    else this.pendingStop = { reason, force };
+    else {
+      this.pendingStop = { reason, force };
+      this.beforeStart.abort(new CivmError(reason === "signal" ? "signal" : "internal", `${this.req.spec.name} was stopped (${reason}) before it started`));
+    }
   }
 
   forwards(): PortForward[] {
@@ -396,7 +415,25 @@ export class VmRun {
     try {
       trace("vm: start");
       for (const f of this.forwards()) await checkPortFree(f.hostAddr, f.hostPort, f.proto, `port forward for ${spec.name}`);
-      const snap = req.snapshot ?? (await req.prepareSnapshot?.());
+      let snap = req.snapshot;
+      if (!snap && req.prepareSnapshot) {
+        try {
+          snap = await req.prepareSnapshot(this.beforeStart.signal);
+        } catch (e) {
+          if (!this.beforeStart.signal.aborted) throw e;
+        }
+        // Stopped while the snapshot was prepared (made): nothing of this VM exists yet.
+        if (this.beforeStart.signal.aborted) {
+          const reason = this.pendingStop?.reason ?? "stopped";
+          const now = performance.now();
+          return {
+            id: this.id, name: spec.name, reason, exitCode: EXIT_CODE_OF_REASON[reason], durationMs: now - started, mediumRemoved: false,
+            consoleLog: this.consoleLog, workDir: this.workDir, workDirKept: false, start: "none",
+            detail: `${spec.name} was stopped while its image's snapshot was being made, before it started: the snapshot's VM was ended and its unfinished files removed; nothing else was started.`,
+            timings: { spawnedAt: now, exitedAt: now, doneAt: now },
+          };
+        }
+      }
       const restoring = snap?.mode === "restore";
       let plan = snap ? this.snapshotPlan(restoring) : this.plan();
       const isoPath = join(this.workDir, WORKDIR_LAYOUT.configIso);

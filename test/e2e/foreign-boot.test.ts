@@ -2,7 +2,7 @@
 // own kernel directly: civm reads GRUB's default entry from the image (no mount), caches it
 // by the image's identity, and boots it with -kernel/-initrd/-append plus the serial console.
 // An image whose GRUB configuration civm cannot read boots through the firmware, saying why;
-// so does "firmware-boot": true. Real QEMU under TCG; the guest is the tiny guest's kernel and
+// so does "firmware-boot": true. A pool on the disk boots it the same way. Real QEMU under TCG; the guest is the tiny guest's kernel and
 // init, which read instance.json from the config CD and eject it.
 import { test, before } from "node:test";
 import assert from "node:assert/strict";
@@ -10,6 +10,8 @@ import { readFileSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { civmEnv, consoleLogOf, leftovers, qemuProcessesOf, runCivm, type CivmEnv } from "../support/civm-cli.js";
 import { buildGrubImage, GRUB_IMAGE_FS_UUID, SAVED_ENTRY_MARK, type GrubImage } from "../support/grub-image.js";
+import { sendWebhook, workflowJobPayload } from "../support/fake-github.js";
+import { logLines, REPO, SECRET, startServeWithHub } from "../support/serve-harness.js";
 
 let direct: GrubImage;
 let hidden: GrubImage;
@@ -95,4 +97,24 @@ test("a GRUB disk whose grub.cfg civm cannot find boots through the firmware, wi
   assert.doesNotMatch(qemuArgv(f)[0]!, /(^|\s)-kernel\s/);
   assert.match(consoleLogOf(fw.stderr), /Booting `Debian GNU\/Linux, with Linux/);
   assertClean(f);
+});
+
+test("a pool whose image is a GRUB disk boots its own kernel directly (the pool's cmdline after GRUB's arguments) and serves a job", { timeout: 600_000 }, async (t) => {
+  const pe = civmEnv();
+  const { gh, s } = await startServeWithHub(t, { e: pe, image: direct.qcow2, pollInterval: 5, shutdownTimeout: 60, pools: [{ minRunners: 0, maxRunners: 1 }] });
+  await s.listening();
+  const job = gh.addJob({ repository: REPO, labels: ["self-hosted", "tiny"] });
+  const q = await sendWebhook(`${s.base}/webhook`, { secret: SECRET, payload: await workflowJobPayload("queued", { id: job.id, runId: job.runId, labels: job.labels, repository: REPO }) });
+  assert.equal(q.status, 202);
+  await s.poll(async () => gh.state.jobs.find((j) => j.id === job.id)?.status === "completed", 300_000, "the job to complete");
+  await s.poll(async () => (await s.liveVms()).length === 0, 60_000, "the VM to finish");
+  const [vm] = (await s.allVms()).filter((v) => v.state === "finished");
+  assert.equal(vm?.exitReason, "poweroff");
+  const msgs = logLines(s.stdout()).map((l) => String(l.msg ?? ""));
+  const ver = direct.kernelVersion.replace(/\./g, "\\.");
+  assert.ok(msgs.some((m) => new RegExp(`booting the image's own kernel ${ver} directly \\(GRUB's default entry`).test(m)), msgs.join("\n"));
+  const [argv] = qemuArgv(pe);
+  assert.match(argv ?? "", new RegExp(`-kernel ${join(pe.stateDir, "boot-cache")}/[0-9a-f]+/vmlinuz`));
+  assert.match(argv ?? "", new RegExp(`-append BOOT_IMAGE=/boot/vmlinuz-${ver} root=UUID=${GRUB_IMAGE_FS_UUID} ro .*${SAVED_ENTRY_MARK}.* tiny\\.hub=10\\.0\\.2\\.2:\\d+`));
+  await s.stopClean();
 });

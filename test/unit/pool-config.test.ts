@@ -481,3 +481,9 @@ test("start: snapshot or boot is kept; unset is left out (restore when a snapsho
   const msg = await problems(setup(serve([pool({ start: "restore" })])));
   assert.match(msg, /"start" must be "snapshot" \(restore runner VMs from the image's memory snapshot, made on first use\) or "boot".*got "restore"/);
 });
+
+test("firmware-boot: true is kept (vm.firmwareBoot), false or unset is left out; anything but a boolean is refused", async () => {
+  const c = await load(setup(serve([pool({ "firmware-boot": true }), pool({ name: "b", "firmware-boot": false, runner: { image: "runner-img", organization: "acme", labels: ["b"] } })])));
+  assert.deepEqual(c.pools.map((p) => p.vm.firmwareBoot), [true, undefined]);
+  assert.match(await problems(setup(serve([pool({ "firmware-boot": "yes" })]))), /"firmware-boot" must be true or false \(got a string\): true boots the image through its firmware/);
+});

@@ -4,6 +4,7 @@ import { DEFAULT_NETWORK } from "../../src/net/policy.js";
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { mkdirSync, utimesSync, writeFileSync } from "node:fs";
+import { execFileSync } from "node:child_process";
 import { join } from "node:path";
 import { VmRunLauncher, findConsoleLog } from "../../src/pool/launcher.js";
 import type { PoolSpec } from "../../src/pool/types.js";
@@ -62,4 +63,47 @@ test("findConsoleLog: the log VmRun wrote for a VM id", async () => {
   assert.equal(await findConsoleLog(dir, "0a0b0c0e"), undefined);
   assert.equal(await findConsoleLog(dir, "../etc"), undefined);
   assert.equal(await findConsoleLog(join(dir, "missing"), "0a0b0c0d"), undefined);
+});
+
+test("a pool on a foreign GRUB disk boots its own kernel directly (GRUB's arguments, the pool's appended); firmware-boot: true keeps the firmware", async () => {
+  const root = tempDir();
+  const paths = resolvePaths({ stateDir: join(root, "state"), logsDir: join(root, "logs") });
+  const lines: string[] = [];
+  const launcher = new VmRunLauncher({ paths, accel: "tcg", graceSeconds: 1, log: (l) => lines.push(l) });
+  // One MBR partition, ext4, /boot/grub/grub.cfg as grub-mkconfig writes its essentials.
+  const tree = join(root, "tree");
+  mkdirSync(join(tree, "boot", "grub"), { recursive: true });
+  const kernel = Buffer.alloc(0x1000);
+  kernel.write("HdrS", 0x202, "latin1");
+  kernel.writeUInt16LE(0x600, 0x20e);
+  kernel.write("7.7.7-pool (test@example) #1 SMP", 0x800, "latin1");
+  writeFileSync(join(tree, "boot", "vmlinuz-7.7.7-pool"), kernel);
+  writeFileSync(join(tree, "boot", "initrd.img-7.7.7-pool"), "INITRD");
+  writeFileSync(join(tree, "boot", "grub", "grub.cfg"), "set default=0\nmenuentry 'Debian' {\n  set root='hd0,msdos1'\n  linux /boot/vmlinuz-7.7.7-pool root=/dev/vda1 ro quiet\n  initrd /boot/initrd.img-7.7.7-pool\n}\n");
+  const disk = join(root, "foreign.raw");
+  execFileSync("truncate", ["-s", "16M", disk]);
+  execFileSync("sfdisk", ["--quiet", "--no-reread", "--no-tell-kernel", disk], { input: "label: dos\nstart=2048, type=83\n" });
+  execFileSync("mke2fs", ["-q", "-F", "-t", "ext4", "-d", tree, "-E", `offset=${2048 * 512}`, disk, `${15 * 1024}k`]);
+
+  const p = pool({ ref: disk, kind: "path", path: disk });
+  p.vm.cmdline = "quiet=1 extra.opt";
+  const spec = await launcher.spec(p, "00000001", (l) => lines.push(l));
+  assert.ok(spec.kernel?.startsWith(join(paths.stateDir, "boot-cache")), spec.kernel);
+  assert.ok(spec.initrd?.startsWith(join(paths.stateDir, "boot-cache")), spec.initrd);
+  assert.match(spec.cmdline!, /^BOOT_IMAGE=\/boot\/vmlinuz-7\.7\.7-pool root=\/dev\/vda1 ro .*extra\.opt/);
+  assert.match(spec.cmdline!, /console=ttyS0/);
+  assert.ok(lines.some((l) => /booting the image's own kernel 7\.7\.7-pool directly/.test(l)), lines.join("\n"));
+  // The opt-out: SeaBIOS and GRUB, no kernel.
+  const fw = pool({ ref: disk, kind: "path", path: disk });
+  fw.vm.firmwareBoot = true;
+  const fwSpec = await launcher.spec(fw, "00000002");
+  assert.equal(fwSpec.kernel, undefined);
+  assert.equal(fwSpec.firmwareBoot, true);
+  // A disk civm cannot read boots through the firmware, with the reason.
+  const blank = join(root, "blank.raw");
+  execFileSync("truncate", ["-s", "4M", blank]);
+  lines.length = 0;
+  const blankSpec = await launcher.spec(pool({ ref: blank, kind: "path", path: blank }), "00000003", (l) => lines.push(l));
+  assert.equal(blankSpec.kernel, undefined);
+  assert.ok(lines.some((l) => /cannot boot .* directly/.test(l)), lines.join("\n"));
 });

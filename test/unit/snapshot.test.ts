@@ -6,6 +6,11 @@ import { buildQemuArgs, type QemuPlan } from "../../src/vm/argv.js";
 import { describeDifference, snapshotKey, snapshotUnsupported, type SnapshotSettings } from "../../src/images/snapshot.js";
 import type { StoredImage } from "../../src/images/store.js";
 import type { InstanceSpec } from "../../src/config/types.js";
+import { existsSync, readdirSync } from "node:fs";
+import { join } from "node:path";
+import { VmRun, resultSummary } from "../../src/vm/run.js";
+import { resolvePaths } from "../../src/host/paths.js";
+import { tempDir } from "../support/paths.js";
 
 const basePlan: QemuPlan = {
   binary: "qemu-system-x86_64", name: "vm", accel: "tcg", machine: "pc", cpus: 2, ramBytes: 1024 ** 3,
@@ -55,4 +60,30 @@ test("what cannot have a snapshot says why", () => {
   assert.match(snapshotUnsupported({ ...spec, kernel: undefined })!, /firmware/);
   assert.match(snapshotUnsupported({ ...spec, machine: "microvm" })!, /vmgenid/);
   assert.match(snapshotUnsupported(spec, { mounts: 1 })!, /host mounts/);
+});
+
+test("a stop while the snapshot is prepared (made) aborts it: run() returns at once, start none, nothing of the VM made", async () => {
+  const stateDir = tempDir("civm-unit-snap-");
+  const spec = { name: "vm", image: "/nonexistent.qcow2", kernel: "/k", machine: "pc", cpus: 1, ramBytes: 256 << 20, config: {}, qemuArgs: [], timeoutSeconds: 60, source: { file: "t", index: 0 } } as unknown as InstanceSpec;
+  let seen: AbortSignal | undefined;
+  const vm = new VmRun({
+    spec, paths: resolvePaths({ stateDir }), accel: "tcg", graceSeconds: 1, log: () => {},
+    // Stands for makeSnapshot: ends only when its signal says so.
+    prepareSnapshot: (signal) => {
+      seen = signal;
+      return new Promise((_, reject) => signal.addEventListener("abort", () => reject(signal.reason), { once: true }));
+    },
+  });
+  const running = vm.run();
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(seen?.aborted, false);
+  vm.stop("signal");
+  const r = await running;
+  assert.equal(seen?.aborted, true);
+  assert.equal(r.start, "none");
+  assert.equal(r.reason, "signal");
+  assert.equal(r.exitCode, 5);
+  assert.match(resultSummary(r), /^vm: signal after [\d.]+ s \(exit 5\), before it started$/);
+  assert.ok(!existsSync(join(stateDir, "registry")) || readdirSync(join(stateDir, "registry")).length === 0, "no registry entry");
+  assert.ok(!existsSync(r.workDir), "no work dir");
 });

@@ -75,7 +75,10 @@ export function registerImage(program: Command): void {
         const built = outcomes.find((o) => o.image === name);
         if (wanted?.snapshot && built) {
           const { ensureDefaultSnapshot } = await import("../../images/snapshot.js");
-          const snap = await ensureDefaultSnapshot({ img: built.stored, paths, accel: accel.accel, log: (l) => (flags.json ? emit({ type: "progress", image: name, step: "snapshot", message: l }) : flags.quiet ? undefined : say(l)) });
+          // The image is stored by now: an interrupt here ends the snapshot's VM and removes only the snapshot's files.
+          interrupt.release();
+          const snapInterrupt = abortOnSignals(`the snapshot of ${name} was interrupted; its VM was ended and its unfinished files removed (the image itself is stored)`);
+          const snap = await ensureDefaultSnapshot({ img: built.stored, paths, accel: accel.accel, signal: snapInterrupt.signal, log: (l) => (flags.json ? emit({ type: "progress", image: name, step: "snapshot", message: l }) : flags.quiet ? undefined : say(l)) }).finally(() => snapInterrupt.release());
           if (flags.json) emit({ type: "snapshot", image: name, key: snap.meta.key, memoryBytes: snap.meta.memoryBytes, seconds: snap.meta.makeSeconds });
           else say(`${name}: snapshot ${snap.meta.key.slice(0, 8)} (${snap.meta.settings.cpus} cpus, ${Math.round(snap.meta.settings.ramBytes / 1024 ** 2)} MiB): memory file ${(snap.meta.memoryBytes / 1024 ** 2).toFixed(1)} MiB`);
         }

@@ -6,7 +6,7 @@ import { abortOnSignals, clearProgress, printJson, progressLine, say, warn } fro
 import { loadInstances, selectInstance, preprocessConfig, checkInstanceFiles } from "../../config/index.js";
 import { detectAccel } from "../../host/kvm.js";
 import { VmRun, Registry, reconcile } from "../../vm/index.js";
-import type { SnapshotRequest, VmResult } from "../../vm/run.js";
+import { resultSummary, type VmResult } from "../../vm/run.js";
 import type { InstanceSpec } from "../../config/types.js";
 import type { Paths } from "../../host/paths.js";
 import type { DevFlags } from "../../dev/plan.js";
@@ -313,14 +313,17 @@ export async function bootInstance(b: BootRequest): Promise<number> {
   if (accel.accel === "tcg" && !flags.accel && !process.env.CIVM_ACCEL) warn(`KVM is not usable (${accel.reason}); using TCG software emulation, guests run several times slower.`);
 
   trace("cli: accelerator chosen");
-  let snapshot: SnapshotRequest | undefined;
-  if (flags.snapshot) {
-    const { planSnapshotStart, storedImageOf } = await import("../../images/snapshot.js");
-    snapshot = await planSnapshotStart({ mode: "snapshot", img: await storedImageOf(spec, paths.stateDir), spec, paths, accel: accel.accel, log: say });
-  }
   const pruner = logPruner(paths, b.logRetention ?? LOG_RETENTION_DEFAULTS);
   const vm = new VmRun({
-    ...(snapshot ? { snapshot } : {}),
+    // Inside run(): a signal while the snapshot is being made ends that make at once.
+    ...(flags.snapshot
+      ? {
+          prepareSnapshot: async (signal: AbortSignal) => {
+            const { planSnapshotStart, storedImageOf } = await import("../../images/snapshot.js");
+            return planSnapshotStart({ mode: "snapshot", img: await storedImageOf(spec, paths.stateDir), spec, paths, accel: accel.accel, log: say, signal });
+          },
+        }
+      : {}),
     spec: { ...spec, config },
     paths,
     accel: accel.accel,
@@ -337,7 +340,7 @@ export async function bootInstance(b: BootRequest): Promise<number> {
   await pruner.done();
   if (r.detail) process.stderr.write(r.detail.replace(/^/gm, "  ") + "\n");
   if (r.workDirKept) say(`work dir kept: ${r.workDir}`);
-  say(`${r.name}: ${r.reason} after ${formatSeconds(r.durationMs)} (exit ${r.exitCode}); console log: ${r.consoleLog}`);
+  say(resultSummary(r));
   if (flags.json) printResult(r);
   if (flags.timingsFile) {
     writeFileSync(flags.timingsFile, JSON.stringify({ ...r.timings, exitAt: performance.now(), reason: r.reason, start: r.start }));
@@ -414,14 +417,14 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
   await pruner.done();
   if (r.detail) process.stderr.write(r.detail.replace(/^/gm, "  ") + "\n");
   if (r.workDirKept) say(`work dir kept: ${r.workDir}`);
-  say(`${r.name}: ${r.reason} after ${formatSeconds(r.durationMs)} (exit ${r.exitCode}); console log: ${r.consoleLog}`);
+  say(resultSummary(r));
   if (flags.json) printResult(r);
   return r.exitCode;
 }
 
 /** --json: how the VM ended, one object on stdout. */
 function printResult(r: VmResult): void {
-  const o = { name: r.name, id: r.id, reason: r.reason, exitCode: r.exitCode, start: r.start, durationMs: Math.round(r.durationMs), consoleLog: r.consoleLog, ...(r.workDirKept ? { workDir: r.workDir } : {}) };
+  const o = { name: r.name, id: r.id, reason: r.reason, exitCode: r.exitCode, start: r.start, durationMs: Math.round(r.durationMs), ...(r.start !== "none" ? { consoleLog: r.consoleLog } : {}), ...(r.workDirKept ? { workDir: r.workDir } : {}) };
   printJson(o);
 }
 
