@@ -12,6 +12,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import { CivmError, EXIT_CODES, type ErrorCode } from "../errors/index.js";
 import type { Paths } from "../host/paths.js";
 import { STATE_LAYOUT } from "../host/paths.js";
+import { inheritNiceInAutogroup } from "../host/autogroup.js";
 import type { RegistryEntry } from "../vm/registry.js";
 import { resultSummary, VmRun } from "../vm/run.js";
 import { formatSeconds } from "../vm/format.js";
@@ -62,6 +63,7 @@ export async function startDetached(plan: DevPlan, paths: Paths, o: DetachOption
   } finally {
     closeSync(fd);
   }
+  inheritNiceInAutogroup(child.pid);
   let exited: { code: number | null; signal: NodeJS.Signals | null } | undefined;
   child.on("exit", (code, signal) => (exited = { code, signal }));
   child.on("error", (e) => (exited = { code: 1, signal: null, ...{ error: e } }));

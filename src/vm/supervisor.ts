@@ -6,6 +6,7 @@ import { EventEmitter } from "node:events";
 import { QmpClient, type QmpEvent } from "./qmp.js";
 import { DEVICE_IDS } from "./argv.js";
 import { trace } from "../errors/trace.js";
+import { inheritNiceInAutogroup } from "../host/autogroup.js";
 
 export type ExitReason = "poweroff" | "timeout" | "signal" | "reboot" | "qemu-failed" | "stopped" | "no-boot";
 
@@ -94,6 +95,7 @@ export class Supervisor extends EventEmitter {
     const stdio: ("ignore" | "pipe" | number)[] = ["ignore", "ignore", "pipe"];
     if (this.o.fd3 !== undefined) stdio.push(this.o.fd3);
     const child = spawn(this.o.binary, this.o.args, { stdio, detached: true });
+    inheritNiceInAutogroup(child.pid);
     trace("vm: QEMU spawned");
     this.child = child;
     child.stderr!.setEncoding("utf8").on("data", (d: string) => {
