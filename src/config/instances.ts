@@ -226,7 +226,7 @@ const MISSING: Record<string, string> = {
 };
 
 /** Keys whose offending value may be quoted in messages (never secrets). */
-const QUOTABLE = new Set(["name", "ssh-port", "ram", "root-disk", "timeout-seconds", "arch", "machine"]);
+const QUOTABLE = new Set(["name", "ssh-port", "ram", "root-disk", "timeout-seconds", "arch"]);
 
 /** Reads, validates and resolves every instance in `file`; throws one ConfigError listing all problems. */
 export async function loadInstances(file: string, opts: LoadOptions = {}): Promise<LoadedInstances> {

@@ -175,6 +175,14 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
 
   // Image (a stored name or a path) and the kernel that boots it.
   const image = await resolveImage(f.image, ctx);
+  // The guest's architecture: --arch, else the stored image's own (built or pulled for it).
+  let arch: GuestArch = image.arch ?? "x86_64";
+  if (f.arch !== undefined) {
+    const a = parseArch(f.arch);
+    if (!a) throw new ConfigError(`--arch ${JSON.stringify(f.arch)} is not an architecture civm runs; give x86_64 (also amd64) or arm64 (also aarch64)`);
+    if (image.arch && image.arch !== a) throw new ConfigError(`--arch ${f.arch}: the stored image ${f.image} is an ${image.arch} image; drop --arch (it runs as ${image.arch}) or use an image built for ${a}`);
+    arch = a;
+  }
   const sniffed = await sniffImage(image.path, `--image ${f.image}:`);
   if (rootDiskBytes !== undefined) {
     const info = await imageInfo(image.path, `--image ${f.image}:`);
@@ -222,7 +230,7 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
     // A foreign disk with GRUB: its own kernel, read from the image once (docs/images.md).
     const { describeForeignBoot, foreignBoot } = await import("../images/foreign-boot.js");
     const r = await foreignBoot(image.path, { stateDir: paths.stateDir, ...(ctx.pullLog ? { log: ctx.pullLog } : {}) });
-    ctx.pullLog?.(describeForeignBoot(name, image.path, r));
+    ctx.pullLog?.(describeForeignBoot(name, image.path, r, arch === "arm64" ? "UEFI" : "SeaBIOS"));
     if (r.ok) {
       kernel = r.boot.kernel;
       initrd = r.boot.initrd;
@@ -279,14 +287,6 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
     user: "root",
     mounts: hostMounts.map((m) => ({ tag: m.tag, path: m.guestPath, ro: m.readOnly })),
   };
-  // The guest's architecture: --arch, else the stored image's own (built or pulled for it).
-  let arch: GuestArch = image.arch ?? "x86_64";
-  if (f.arch !== undefined) {
-    const a = parseArch(f.arch);
-    if (!a) throw new ConfigError(`--arch ${JSON.stringify(f.arch)} is not an architecture civm runs; give x86_64 (also amd64) or arm64 (also aarch64)`);
-    if (image.arch && image.arch !== a) throw new ConfigError(`--arch ${f.arch}: the stored image ${f.image} is an ${image.arch} image; drop --arch (it runs as ${image.arch}) or use an image built for ${a}`);
-    arch = a;
-  }
   await requireArch(arch, { firmware: !kernel, where: `civm run --image ${f.image}`, field: "--arch", dropHint: "drop --arch to run an x86_64 guest" });
   const spec: InstanceSpec = {
     name, image: image.path, imageRef: f.image, cpus, ramBytes, rootDiskBytes, timeoutSeconds, sshPort, config,

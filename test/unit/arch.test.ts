@@ -7,9 +7,11 @@ import { join } from "node:path";
 import { buildQemuArgs, type QemuPlan } from "../../src/vm/argv.js";
 import { ARCH_INFO, archProblems, cmdlineFor, hostArch, parseArch, requireArch } from "../../src/vm/arch.js";
 import { VmRun } from "../../src/vm/run.js";
+import { NoBootWatch } from "../../src/vm/console.js";
 import { loadInstances } from "../../src/config/index.js";
 import { ConfigError, HostError } from "../../src/errors/index.js";
 import { detectAccel } from "../../src/host/kvm.js";
+import { foreignArchChecks } from "../../src/host/doctor.js";
 import { archFlag, withArch } from "../../src/cli/commands/run.js";
 import { snapshotUnsupported } from "../../src/images/snapshot.js";
 import type { InstanceSpec } from "../../src/config/types.js";
@@ -179,4 +181,40 @@ test("the tiny guest's eject is an ELF for its architecture", () => {
   assert.equal(a.readUInt16LE(18), 0xb7);
   assert.equal(a.readUInt32LE(120), 0xf9400be1, "ldr x1, [sp, #16] first");
   assert.equal(a.length, 120 + 20 * 4);
+});
+
+test("civm doctor: what arm64 guests need on an x86_64 host, optional (warnings with fixes, never failures)", async () => {
+  const dir = tempDir();
+  const noPath = { PATH: dir };
+  const fail = await foreignArchChecks({ binfmtDir: join(dir, "binfmt"), fileExists: async () => false, hostNodeArch: "x64" }, noPath);
+  assert.deepEqual(fail.map((c) => c.name), ["arm64 guests: qemu-system-aarch64", "arm64 guests: UEFI firmware", "arm64 image builds: binfmt_misc"]);
+  assert.ok(fail.every((c) => c.severity === "optional" && c.status === "warn"), JSON.stringify(fail));
+  assert.equal(fail[0]!.fix, "apt-get install -y qemu-system-arm");
+  assert.equal(fail[1]!.fix, "apt-get install -y qemu-efi-aarch64");
+  assert.match(fail[2]!.detail, /binfmt_misc is not mounted/);
+  assert.match(fail[2]!.fix!, /mount -t binfmt_misc binfmt_misc .*update-binfmts --enable qemu-aarch64/);
+
+  // Present: a qemu-system-aarch64 on PATH, the firmware, an enabled F entry.
+  writeFileSync(join(dir, "qemu-system-aarch64"), "#!/bin/sh\necho 'QEMU emulator version 7.2.19'\n", { mode: 0o755 });
+  const binfmt = join(dir, "binfmt");
+  mkdirSync(binfmt);
+  writeFileSync(join(binfmt, "status"), "enabled\n");
+  writeFileSync(join(binfmt, "qemu-aarch64"), "enabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\nflags: PF\noffset 0\n");
+  const ok = await foreignArchChecks({ binfmtDir: binfmt, fileExists: async () => true, hostNodeArch: "x64" }, { PATH: `${dir}:/usr/bin:/bin` });
+  assert.ok(ok.every((c) => c.status === "pass"), JSON.stringify(ok));
+  assert.match(ok[0]!.detail, /7\.2\.19.*TCG on this x86_64 host/);
+  writeFileSync(join(binfmt, "qemu-aarch64"), "enabled\ninterpreter /usr/bin/qemu-aarch64\nflags: \n");
+  const noF = await foreignArchChecks({ binfmtDir: binfmt, fileExists: async () => true, hostNodeArch: "x64" }, { PATH: `${dir}:/usr/bin:/bin` });
+  assert.match(noF[2]!.detail, /lacks the F flag/);
+  // On an arm64 host arm64 guests are native: nothing extra to report.
+  assert.deepEqual(await foreignArchChecks({ hostNodeArch: "arm64" }, noPath), []);
+});
+
+test("no-boot: AAVMF (arm64's UEFI) giving up on the disks and starting its shell ends the VM like SeaBIOS's message", () => {
+  const w = new NoBootWatch();
+  assert.equal(w.push('BdsDxe: failed to load Boot0001 "UEFI Misc Device" from PciRoot(0x0)/Pci(0x1,0x0): Not Found\r\n'), undefined);
+  assert.equal(w.push('BdsDxe: starting Boot0002 "EFI Internal Shell" from Fv(64074AFE-340A-4BE6-94BA-91B5B4D0F71E)/FvFile(7C04A583-9E3E-4F1C-AD65-E05268D0B4D1)\r\n'),
+    'BdsDxe: starting Boot0002 "EFI Internal Shell" from Fv(64074AFE-340A-4BE6-94BA-91B5B4D0F71E)/FvFile(7C04A583-9E3E-4F1C-AD65-E05268D0B4D1)');
+  const booted = new NoBootWatch();
+  assert.equal(booted.push('EFI stub: Booting Linux Kernel...\r\nBdsDxe: starting Boot0002 "EFI Internal Shell"\r\n'), undefined);
 });
