@@ -6,7 +6,7 @@ set -euo pipefail
 PACKAGES=(
   qemu-system-x86 qemu-utils   # the VMM and qemu-img
   qemu-system-arm qemu-efi-aarch64   # arm64 guests: qemu-system-aarch64's virt machine, AAVMF (UEFI) for disks without a kernel
-  qemu-user-static binfmt-support    # arm64 images: mmdebstrap --arch arm64 runs the root tree's programs through binfmt_misc
+  qemu-user-static binfmt-support arch-test   # arm64 images: mmdebstrap --arch arm64 runs the root tree's programs through binfmt_misc (arch-test: its check)
   xorriso genisoimage          # config drive ISO (genisoimage starts faster)
   mmdebstrap e2fsprogs fdisk   # image builder: root tree, ext4 without mounting, partitions
   dpkg-repack                  # images with civm inside (civm-host): the host's Node.js package
