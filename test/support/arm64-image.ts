@@ -1,11 +1,10 @@
 // The arm64 root image of test/fixtures/images-arm64.yaml, built once per suite into its own
 // store (<testCacheDir>/store-arm64) under a lock, as lvh-image.ts does for lvh's base:
 // cached by the image's key across runs.
-import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { repoRoot, testCacheDir } from "./paths.js";
 import { buildStoredImage, oncePerProcess, type StoredBuild } from "./stored-build.js";
-import { civmEnv, type CivmEnv } from "./civm-cli.js";
+import { storeEnv, type CivmEnv } from "./civm-cli.js";
 
 export const arm64StoreDir = join(testCacheDir, "store-arm64");
 export const ARM64_IMAGES = join(repoRoot, "test", "fixtures", "images-arm64.yaml");
@@ -19,7 +18,5 @@ export const ensureArm64Image: () => Promise<StoredBuild> = oncePerProcess(() =>
 
 /** civmEnv() with the arm64 store as CIVM_STATE_DIR (own temp logs dir). */
 export function arm64Env(extra: NodeJS.ProcessEnv = {}): CivmEnv {
-  const e = civmEnv(extra);
-  mkdirSync(e.logsDir, { recursive: true });
-  return { ...e, stateDir: arm64StoreDir, env: { ...e.env, CIVM_STATE_DIR: arm64StoreDir } };
+  return storeEnv(arm64StoreDir, extra);
 }

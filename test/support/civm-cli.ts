@@ -109,3 +109,10 @@ export function consoleLogOf(stderr: string): string {
   if (!m) throw new Error(`no console log path in civm's output:\n${stderr}`);
   return readFileSync(m[1]!, "utf8");
 }
+
+/** civmEnv() on a shared store (a suite-wide image store under the test cache) as CIVM_STATE_DIR, with its own temp logs dir. */
+export function storeEnv(storeDir: string, extra: NodeJS.ProcessEnv = {}): CivmEnv {
+  const e = civmEnv(extra);
+  mkdirSync(e.logsDir, { recursive: true });
+  return { ...e, stateDir: storeDir, env: { ...e.env, CIVM_STATE_DIR: storeDir } };
+}
