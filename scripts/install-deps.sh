@@ -55,4 +55,16 @@ if ((${#missing[@]})); then
     done
   fi
 fi
+# arm64 image builds run the tree's programs through qemu-user: binfmt_misc mounted and
+# qemu-user-static's qemu-aarch64 entry enabled (a container without systemd gets neither when
+# the packages install). Only a warning when it cannot be done: civm doctor says what is missing.
+binfmt=/proc/sys/fs/binfmt_misc
+if [[ $(id -u) == 0 ]]; then
+  [[ -e $binfmt/status ]] || mount -t binfmt_misc binfmt_misc "$binfmt" 2>/dev/null ||
+    echo "install-deps: warning: cannot mount binfmt_misc at $binfmt; arm64 image builds will be refused" >&2
+  if [[ -e $binfmt/status && ! -e $binfmt/qemu-aarch64 ]]; then
+    update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 ||
+      echo "install-deps: warning: update-binfmts --enable qemu-aarch64 failed; arm64 image builds will be refused" >&2
+  fi
+fi
 echo "install-deps: all system packages present" >&2
