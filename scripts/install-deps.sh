@@ -5,6 +5,8 @@
 set -euo pipefail
 PACKAGES=(
   qemu-system-x86 qemu-utils   # the VMM and qemu-img
+  qemu-system-arm qemu-efi-aarch64   # arm64 guests: qemu-system-aarch64's virt machine, AAVMF (UEFI) for disks without a kernel
+  qemu-user-static binfmt-support arch-test   # arm64 images: mmdebstrap --arch arm64 runs the root tree's programs through binfmt_misc (arch-test: its check)
   xorriso genisoimage          # config drive ISO (genisoimage starts faster)
   mmdebstrap e2fsprogs fdisk   # image builder: root tree, ext4 without mounting, partitions
   dpkg-repack                  # images with civm inside (civm-host): the host's Node.js package
@@ -51,6 +53,18 @@ if ((${#missing[@]})); then
         systemctl disable --now "$s.service" >/dev/null 2>&1 || true
       fi
     done
+  fi
+fi
+# arm64 image builds run the tree's programs through qemu-user: binfmt_misc mounted and
+# qemu-user-static's qemu-aarch64 entry enabled (a container without systemd gets neither when
+# the packages install). Only a warning when it cannot be done: civm doctor says what is missing.
+binfmt=/proc/sys/fs/binfmt_misc
+if [[ $(id -u) == 0 ]]; then
+  [[ -e $binfmt/status ]] || mount -t binfmt_misc binfmt_misc "$binfmt" 2>/dev/null ||
+    echo "install-deps: warning: cannot mount binfmt_misc at $binfmt; arm64 image builds will be refused" >&2
+  if [[ -e $binfmt/status && ! -e $binfmt/qemu-aarch64 ]]; then
+    update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 ||
+      echo "install-deps: warning: update-binfmts --enable qemu-aarch64 failed; arm64 image builds will be refused" >&2
   fi
 fi
 echo "install-deps: all system packages present" >&2

@@ -14,6 +14,7 @@ import { SIZE_FORMS, parseSize } from "./sizes.js";
 import { durationProblem, durationRange } from "./durations.js";
 import { closestMatch } from "./suggest.js";
 import type { InstanceSpec, JsonValue, MachineType } from "./types.js";
+import { ARCH_FORMS, ARCH_INFO, parseArch, type GuestArch } from "../vm/arch.js";
 
 export interface LoadedInstances {
   /** The file as the caller named it; used in messages. */
@@ -34,7 +35,7 @@ const MIN_RAM = 16 * 1024 ** 2;
 /** The keys of an instance, in the order problems with them are reported. */
 export const INSTANCE_KEYS: readonly string[] = [
   "name", "image", "cpu-cores", "ram", "root-disk", "timeout-seconds", "ssh-port", "config",
-  "kernel", "initrd", "cmdline", "machine", "qemu-args", "firmware-boot", "network",
+  "kernel", "initrd", "cmdline", "machine", "qemu-args", "firmware-boot", "network", "arch",
 ];
 
 /** An instance as validated, defaults filled in. */
@@ -54,6 +55,7 @@ interface ParsedInstance {
   "qemu-args": string[];
   "firmware-boot": boolean;
   network: NetworkSpec;
+  arch: GuestArch;
 }
 
 /**
@@ -70,7 +72,7 @@ interface Issue {
   unknown?: boolean;
 }
 
-const MACHINES: readonly string[] = ["pc", "q35", "microvm"];
+const MACHINES: readonly string[] = ["pc", "q35", "microvm", "virt"];
 
 /**
  * Validates one instance object (hand-written rather than a schema library: this runs on
@@ -132,7 +134,9 @@ function parseInstance(entry: Record<string, unknown>): { value: ParsedInstance;
   const kernel = str("kernel", { optional: true, nonEmpty: true });
   const initrd = str("initrd", { optional: true, nonEmpty: true });
   const cmdline = str("cmdline", { optional: true });
-  const machine = entry.machine === undefined ? "pc" : entry.machine;
+  const arch = entry.arch === undefined ? "x86_64" : typeof entry.arch === "string" ? parseArch(entry.arch) : undefined;
+  if (arch === undefined) fail("arch", true);
+  const machine = entry.machine === undefined ? ARCH_INFO[arch ?? "x86_64"].defaultMachine : entry.machine;
   if (typeof machine !== "string" || !MACHINES.includes(machine)) fail("machine", true);
   const qemuArgs = entry["qemu-args"] === undefined ? [] : entry["qemu-args"];
   if (!Array.isArray(qemuArgs) || !qemuArgs.every((a) => typeof a === "string")) fail("qemu-args", true);
@@ -151,6 +155,12 @@ function parseInstance(entry: Record<string, unknown>): { value: ParsedInstance;
         fail(key, false, `"${key}" only applies to direct kernel boot: set "kernel" to the kernel image to boot, or remove "${key}"`);
       }
     }
+    if (!ARCH_INFO[arch!].machines.includes(machine as string)) {
+      const fits = ARCH_INFO[arch!].machines.map((m) => JSON.stringify(m)).join(" or ");
+      fail("machine", false, entry.arch === undefined
+        ? `"machine" "${machine as string}" is an arm64 machine, and the instance has no "arch" (x86_64 by default): add "arch": "arm64", or set "machine" to ${fits}`
+        : `"machine" "${machine as string}" cannot run an ${arch!} guest: remove "machine" (${arch!} uses "${ARCH_INFO[arch!].defaultMachine}") or set it to ${fits}`);
+    }
     if (ram! < MIN_RAM) {
       fail("ram", false, `"ram" is only ${ram} bytes, too little to boot; a size without a suffix is in bytes, so write e.g. "2G" or "512M"`);
     }
@@ -160,7 +170,7 @@ function parseInstance(entry: Record<string, unknown>): { value: ParsedInstance;
     value: {
       name: name!, image: image!, "cpu-cores": cpus!, ram: ram!, "root-disk": rootDisk, "timeout-seconds": timeout!, "ssh-port": sshPort,
       config: config as JsonValue, kernel, initrd, cmdline, machine: machine as MachineType, "qemu-args": qemuArgs as string[], "firmware-boot": firmwareBoot as boolean,
-      network: net.value!,
+      network: net.value!, arch: arch!,
     },
   };
 }
@@ -187,6 +197,8 @@ const KEY_ALIASES: Record<string, string> = {
   timeout: "timeout-seconds",
   args: "qemu-args",
   append: "cmdline",
+  architecture: "arch",
+  platform: "arch",
 };
 
 const HINTS: Record<string, string> = {
@@ -201,7 +213,8 @@ const HINTS: Record<string, string> = {
   kernel: "must be the path of a kernel image, as a string",
   initrd: "must be the path of an initrd, as a string",
   cmdline: "must be the kernel command line, as a string",
-  machine: 'must be one of "pc", "q35" or "microvm"',
+  machine: 'must be one of "pc", "q35" or "microvm" (x86_64), or "virt" (arm64)',
+  arch: `must be the guest's architecture: ${ARCH_FORMS}`,
   "qemu-args": 'must be a list of strings, e.g. ["-device", "virtio-rng-pci"]',
   "firmware-boot": "must be true or false: true boots a stored image through its bootloader instead of its kernel",
   network: `must be "restricted" (the default: the internet only), "none", "unrestricted", or {"allow": [...]} where ${ALLOW_FORMS}`,
@@ -213,7 +226,7 @@ const MISSING: Record<string, string> = {
 };
 
 /** Keys whose offending value may be quoted in messages (never secrets). */
-const QUOTABLE = new Set(["name", "ssh-port", "ram", "root-disk", "timeout-seconds"]);
+const QUOTABLE = new Set(["name", "ssh-port", "ram", "root-disk", "timeout-seconds", "arch"]);
 
 /** Reads, validates and resolves every instance in `file`; throws one ConfigError listing all problems. */
 export async function loadInstances(file: string, opts: LoadOptions = {}): Promise<LoadedInstances> {
@@ -301,6 +314,7 @@ function toSpec(v: ParsedInstance, index: number, file: string, dir: string): In
     machine: v.machine as MachineType,
     qemuArgs: v["qemu-args"],
     network: v.network,
+    ...(v.arch !== "x86_64" ? { arch: v.arch } : {}),
     source: { file, index, baseDir: dir },
   };
 }

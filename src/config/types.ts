@@ -2,8 +2,9 @@
 // Types only; loading and validation live in instances.ts.
 
 import type { NetworkSpec } from "../net/policy.js";
+import type { GuestArch } from "../vm/arch.js";
 
-export type MachineType = "pc" | "q35" | "microvm";
+export type MachineType = "pc" | "q35" | "microvm" | "virt";
 export type JsonValue = string | number | boolean | null | JsonValue[] | { [k: string]: JsonValue };
 
 export interface InstanceSpec {
@@ -31,6 +32,8 @@ export interface InstanceSpec {
   initrd: string | undefined;
   cmdline: string | undefined;
   machine: MachineType;
+  /** The guest's architecture (default x86_64): arm64 runs qemu-system-aarch64's virt machine. */
+  arch?: GuestArch;
   /** QEMU's -cpu model (default: host with KVM, max with TCG); lvh's --cpu-kind. */
   cpuModel?: string;
   /** Extra QEMU arguments, appended last. */

@@ -19,6 +19,7 @@ import { resolveImageRef, STORED_IMAGE_CMDLINE } from "../images/resolve.js";
 import { almostOciReference } from "../images/oci-ref.js";
 import type { OciProgress } from "../images/oci.js";
 import { formatBytes } from "../vm/format.js";
+import { ARCH_INFO, parseArch, requireArch, type GuestArch } from "../vm/arch.js";
 import { securityModelFor } from "../vm/ninep.js";
 import { checkForwardsDistinct, checkVmName, parsePortSpec, passthroughWarning, planHostMounts } from "./options.js";
 import { freePort, makeKeyPair, SSH_DIR, SSH_KEY_FILE } from "./ssh.js";
@@ -66,6 +67,8 @@ export interface DevFlags {
   sshUser?: string;
   /** --snapshot: restore a stored image's memory snapshot (made first when there is none). */
   snapshot?: boolean;
+  /** --arch: the guest's architecture (default a stored image's own, else x86_64). */
+  arch?: string;
 }
 
 export interface DevPlan {
@@ -138,7 +141,7 @@ export function cpuKindFlag(v: string): string {
   return v;
 }
 
-async function resolveImage(ref: string, ctx: PlanContext): Promise<{ path: string; kernel?: string; initrd?: string; stored: boolean }> {
+async function resolveImage(ref: string, ctx: PlanContext): Promise<{ path: string; kernel?: string; initrd?: string; stored: boolean; arch?: GuestArch }> {
   // A path, a stored name or an OCI reference (pulled on first use): resolveImageRef decides.
   const r = await resolveImageRef(ref, { stateDir: ctx.paths.stateDir, baseDir: ctx.cwd, ...(ctx.pullLog ? { log: ctx.pullLog } : {}), ...(ctx.onPullProgress ? { onProgress: ctx.onPullProgress } : {}), ...(ctx.pullSignal ? { signal: ctx.pullSignal } : {}) });
   if (r.kind === "path") {
@@ -151,7 +154,8 @@ async function resolveImage(ref: string, ctx: PlanContext): Promise<{ path: stri
     return { path: r.path, stored: false };
   }
   const img = r.stored!;
-  return { path: img.diskPath, ...(img.kernelPath && img.initrdPath ? { kernel: img.kernelPath, initrd: img.initrdPath } : {}), stored: true };
+  const arch = img.manifest.arch !== undefined ? parseArch(img.manifest.arch) : undefined;
+  return { path: img.diskPath, ...(img.kernelPath && img.initrdPath ? { kernel: img.kernelPath, initrd: img.initrdPath } : {}), stored: true, ...(arch ? { arch } : {}) };
 }
 
 /** Checks everything and picks the SSH port; throws ConfigError (exit 2) or HostError (exit 8, a port in use). */
@@ -171,6 +175,14 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
 
   // Image (a stored name or a path) and the kernel that boots it.
   const image = await resolveImage(f.image, ctx);
+  // The guest's architecture: --arch, else the stored image's own (built or pulled for it).
+  let arch: GuestArch = image.arch ?? "x86_64";
+  if (f.arch !== undefined) {
+    const a = parseArch(f.arch);
+    if (!a) throw new ConfigError(`--arch ${JSON.stringify(f.arch)} is not an architecture civm runs; give x86_64 (also amd64) or arm64 (also aarch64)`);
+    if (image.arch && image.arch !== a) throw new ConfigError(`--arch ${f.arch}: the stored image ${f.image} is an ${image.arch} image; drop --arch (it runs as ${image.arch}) or use an image built for ${a}`);
+    arch = a;
+  }
   const sniffed = await sniffImage(image.path, `--image ${f.image}:`);
   if (rootDiskBytes !== undefined) {
     const info = await imageInfo(image.path, `--image ${f.image}:`);
@@ -218,7 +230,7 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
     // A foreign disk with GRUB: its own kernel, read from the image once (docs/images.md).
     const { describeForeignBoot, foreignBoot } = await import("../images/foreign-boot.js");
     const r = await foreignBoot(image.path, { stateDir: paths.stateDir, ...(ctx.pullLog ? { log: ctx.pullLog } : {}) });
-    ctx.pullLog?.(describeForeignBoot(name, image.path, r));
+    ctx.pullLog?.(describeForeignBoot(name, image.path, r, arch === "arm64" ? "UEFI" : "SeaBIOS"));
     if (r.ok) {
       kernel = r.boot.kernel;
       initrd = r.boot.initrd;
@@ -275,9 +287,10 @@ export async function planDevVm(f: DevFlags, ctx: PlanContext): Promise<DevPlan>
     user: "root",
     mounts: hostMounts.map((m) => ({ tag: m.tag, path: m.guestPath, ro: m.readOnly })),
   };
+  await requireArch(arch, { firmware: !kernel, where: `civm run --image ${f.image}`, field: "--arch", dropHint: "drop --arch to run an x86_64 guest" });
   const spec: InstanceSpec = {
     name, image: image.path, imageRef: f.image, cpus, ramBytes, rootDiskBytes, timeoutSeconds, sshPort, config,
-    kernel, initrd, cmdline, machine: "pc", ...(f.cpuKind !== undefined ? { cpuModel: cpuKindFlag(f.cpuKind) } : {}), qemuArgs, network: devNetwork(f), source: { file: "(civm run --image)", index: 0, baseDir: cwd },
+    kernel, initrd, cmdline, machine: ARCH_INFO[arch].defaultMachine, ...(arch !== "x86_64" ? { arch } : {}), ...(f.cpuKind !== undefined ? { cpuModel: cpuKindFlag(f.cpuKind) } : {}), qemuArgs, network: devNetwork(f), source: { file: "(civm run --image)", index: 0, baseDir: cwd },
   };
   const workDir = join(paths.stateDir, STATE_LAYOUT.vms, `${name}-${id}`);
   const dev: DevMeta = {

@@ -6,6 +6,7 @@ import { CivmError, HostError, type ErrorCode } from "../errors/index.js";
 /** Debian package that provides each program civm calls; used in hints. */
 export const PACKAGE_OF: Record<string, string> = {
   "qemu-system-x86_64": "qemu-system-x86",
+  "qemu-system-aarch64": "qemu-system-arm",
   "qemu-img": "qemu-utils",
   xorriso: "xorriso",
   genisoimage: "genisoimage",

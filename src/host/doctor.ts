@@ -3,12 +3,13 @@
 // dir, state and logs dirs writable. Each check has a severity: a failed "required" check
 // makes the report not ok (exit 8); a failed "optional" one is only a warning.
 import { constants } from "node:fs";
-import { access, rm, statfs, stat, writeFile } from "node:fs/promises";
+import { access, readFile, rm, statfs, stat, writeFile } from "node:fs/promises";
 import { delimiter, dirname, join, resolve } from "node:path";
 import { messageOf } from "../errors/index.js";
 import { PACKAGE_OF, ToolError, run } from "../exec/index.js";
 import { detectAccel, parseQemuVersion, type AccelDecision } from "./kvm.js";
 import type { Paths } from "./paths.js";
+import { ARCH_INFO, GUEST_ARCHES, hostArch } from "../vm/arch.js";
 
 export type CheckSeverity = "required" | "optional";
 export type CheckStatus = "pass" | "warn" | "fail";
@@ -40,6 +41,11 @@ export interface DoctorOptions {
   kvmDevice?: string;
   /** For tests: KVM probe timeout (default 4000 ms). */
   probeTimeoutMs?: number;
+  /** For tests: binfmt_misc's folder (default /proc/sys/fs/binfmt_misc), a file to test existence (default fs). */
+  binfmtDir?: string;
+  fileExists?: (path: string) => Promise<boolean>;
+  /** For tests: the host's architecture as Node names it (default process.arch). */
+  hostNodeArch?: string;
 }
 
 export const MIN_QEMU = { major: 6, minor: 1 } as const;
@@ -285,9 +291,60 @@ export async function runDoctor(opts: DoctorOptions): Promise<DoctorReport> {
   checks.push(await writableCheck("state dir writable", opts.paths.stateDir));
   checks.push(await writableCheck("logs dir writable", opts.paths.logsDir));
 
+  checks.push(...(await foreignArchChecks(opts, env)));
+
   const report: DoctorReport = { ok: !checks.some((c) => c.status === "fail"), checks };
   if (kvm.accel) report.accel = kvm.accel;
   return report;
+}
+
+/**
+ * What guests of another architecture than the host's need (arm64 on an x86_64 host): QEMU's
+ * emulator, its UEFI firmware, and for image builds binfmt_misc running that architecture's
+ * programs through qemu-user. All optional: they are needed only for those guests.
+ */
+export async function foreignArchChecks(opts: Pick<DoctorOptions, "binfmtDir" | "fileExists" | "hostNodeArch">, env: NodeJS.ProcessEnv): Promise<DoctorCheck[]> {
+  const exists = opts.fileExists ?? (async (p: string) => stat(p).then(() => true, () => false));
+  const host = hostArch(opts.hostNodeArch);
+  const checks: DoctorCheck[] = [];
+  for (const arch of GUEST_ARCHES) {
+    if (arch === host || arch === "x86_64") continue;
+    const info = ARCH_INFO[arch];
+    const emu = host === undefined ? "" : `; TCG on this ${host} host (emulated, several times slower than KVM)`;
+    const t = await toolCheck({ name: `${arch} guests: ${info.qemuBinary}`, programs: [info.qemuBinary], versionArgs: { [info.qemuBinary]: ["--version"] }, severity: "optional", purpose: `needed only for arch: ${arch} guests` }, env);
+    if (t.check.ok) t.check.detail += emu;
+    checks.push(t.check);
+    if (info.firmware) {
+      const ok = await exists(info.firmware.path);
+      checks.push(check(`${arch} guests: UEFI firmware`, "optional", ok, ok ? `${info.firmware.path} (for ${arch} disks without a kernel civm boots directly)` : `${info.firmware.path} is missing; needed only for ${arch} disks that boot themselves (a kernel civm boots directly needs none)`, `apt-get install -y ${info.firmware.package}`));
+    }
+    if (info.binfmt) {
+      const dir = opts.binfmtDir ?? "/proc/sys/fs/binfmt_misc";
+      const entry = join(dir, info.binfmt.entry);
+      let detail: string;
+      let ok = false;
+      let fix = `apt-get install -y ${info.binfmt.package} binfmt-support`;
+      if (!(await exists(join(dir, "status")))) {
+        detail = `binfmt_misc is not mounted at ${dir}; needed only to build ${arch} images (mmdebstrap runs the root tree's ${arch} programs through qemu-user)`;
+        fix = `mount -t binfmt_misc binfmt_misc ${dir}, then update-binfmts --enable ${info.binfmt.entry} (${info.binfmt.package} and binfmt-support installed)`;
+      } else {
+        const text = await readFile(entry, "utf8").catch(() => undefined);
+        if (text === undefined) detail = `no ${info.binfmt.entry} entry in ${dir}; needed only to build ${arch} images`;
+        else if (!/^enabled$/m.test(text)) {
+          detail = `${entry} is disabled; needed only to build ${arch} images`;
+          fix = `update-binfmts --enable ${info.binfmt.entry}`;
+        } else if (!/^flags:.*F/m.test(text)) {
+          detail = `${entry} lacks the F flag (the interpreter must be loaded at registration to work inside the build's chroot); needed only to build ${arch} images`;
+          fix = `install ${info.binfmt.package} (its entries have the F flag) and update-binfmts --enable ${info.binfmt.entry}`;
+        } else {
+          ok = true;
+          detail = `${entry} enabled (${/^interpreter (.*)$/m.exec(text)?.[1] ?? "interpreter unknown"}): ${arch} images can be built`;
+        }
+      }
+      checks.push(check(`${arch} image builds: binfmt_misc`, "optional", ok, detail, fix));
+    }
+  }
+  return checks;
 }
 
 const MARK: Record<CheckStatus, string> = { pass: "ok  ", warn: "WARN", fail: "FAIL" };

@@ -12,6 +12,7 @@ import { dirname, join } from "node:path";
 import { ConfigError, HostError } from "../errors/index.js";
 import { missingProgram, which } from "../exec/index.js";
 import { STATE_LAYOUT } from "./paths.js";
+import { hostArch, type GuestArch } from "../vm/arch.js";
 
 export type Accel = "kvm" | "tcg";
 
@@ -27,6 +28,10 @@ export interface AccelDecision {
 
 export interface DetectAccelOptions {
   stateDir: string;
+  /** The guest's architecture (default x86_64): KVM runs only guests of the host's own. */
+  arch?: GuestArch;
+  /** For tests: the host's architecture as Node names it (default process.arch). */
+  hostNodeArch?: string;
   qemuBinary?: string;
   env?: NodeJS.ProcessEnv;
   /** Probe boot timeout (default 4000 ms). */
@@ -262,6 +267,14 @@ export async function detectAccel(opts: DetectAccelOptions): Promise<AccelDecisi
   const now = opts.now ?? Date.now;
 
   const forced = forcedAccel(env);
+  const arch = opts.arch ?? "x86_64";
+  const host = hostArch(opts.hostNodeArch);
+  if (host !== arch) {
+    // KVM runs only the host's own instruction set: another architecture's guest is emulated.
+    const hostName = host ?? opts.hostNodeArch ?? process.arch;
+    if (forced === "kvm") throw new ConfigError(`KVM cannot run an ${arch} guest on this ${hostName} host (KVM runs only the host's own architecture): drop --accel kvm / CIVM_ACCEL=kvm, the guest runs under TCG`);
+    return { accel: "tcg", reason: `an ${arch} guest on an ${hostName} host is emulated (KVM runs only the host's own architecture)`, cached: false };
+  }
   if (forced) return { accel: forced, reason: `forced by CIVM_ACCEL=${forced}`, cached: false };
 
   let kvmStat;
@@ -284,6 +297,11 @@ export async function detectAccel(opts: DetectAccelOptions): Promise<AccelDecisi
     };
   }
 
+  if (arch !== "x86_64") {
+    // The probe guest is an x86 boot sector: a same-architecture non-x86 host trusts a
+    // /dev/kvm it can open (no probe boot yet).
+    return { accel: "kvm", reason: `${device} is usable (no probe boot for ${arch} guests)`, cached: false };
+  }
   const qemuPath = qemu.includes("/") ? qemu : ((await which(qemu)) ?? qemu);
   // Keyed by the QEMU binary's identity (path, size, mtime: an upgrade changes them) rather
   // than `qemu --version`, whose extra process would cost every `civm run` ~15 ms.

@@ -2,6 +2,7 @@
 // stage 2 (a VM civm boots with its own executor, by direct kernel boot, that installs the
 // bootloader, applies a child's packages and actions, and runs provision scripts). The
 // result goes to the image store only when every step succeeded.
+import { hostArch, requireArch } from "../vm/arch.js";
 import { copyFile, cp, link, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { availableParallelism, tmpdir } from "node:os";
 import { basename, join } from "node:path";
@@ -110,6 +111,8 @@ async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey
     ev("download", got.downloaded ? `actions runner ${gr.version} fetched and verified (${got.bytes} bytes)` : `actions runner ${gr.version} from the download cache (sha256 verified)`);
     runnerArchive = got.path;
   }
+  // What the build VM of another architecture needs, before anything is built.
+  if (spec.arch && spec.arch !== "x86_64") await requireArch(spec.arch, { firmware: false, where: describeImage(spec), field: 'field "arch":', dropHint: 'remove "arch" to build an x86_64 image' });
   const pending = await o.store.begin(spec.name);
   // The root tree is removed while the build VM boots (on a loaded host its removal took 90 s
   // of the critical path); every way out of this function waits for it.
@@ -194,6 +197,7 @@ async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey
       kernel: "vmlinuz", initrd: "initrd.img",
       ...(spec.parent ? { parent: spec.parent, ...(parentKey ? { parentKey } : {}) } : {}),
       packages, buildSeconds: (Date.now() - started) / 1000, createdAt: new Date().toISOString(), source: "build",
+      ...(spec.arch && spec.arch !== "x86_64" ? { arch: spec.arch } : {}),
       ...(compressed ? { compressed } : {}),
     });
     ev("done", `${spec.name} built in ${((Date.now() - started) / 1000).toFixed(1)} s`);
@@ -279,7 +283,8 @@ function parsePackages(tsv: string): Record<string, string> {
  */
 async function stage2Script(spec: ImageSpec, share: string, isChild: boolean): Promise<string> {
   const lines = ["set -eu", "export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8", `echo "civm-build: stage 2 of ${spec.name}"`];
-  if (!isChild) {
+  if (!isChild && spec.arch !== "arm64") {
+    // arm64 images boot by their kernel (direct kernel boot); no BIOS GRUB there.
     lines.push(...STAGE2_BOOTLOADER);
     if (spec.uefi) lines.push(...STAGE2_UEFI);
   }
@@ -451,7 +456,8 @@ async function bootBuildVm(
     // civm.build: units that must run only in a build VM (the guest agent, in images such as
     // civm-host that are not runner VMs) check it; cloud-init has nothing to do in a build.
     cmdline: BUILD_VM_CMDLINE,
-    machine: "pc",
+    machine: spec.arch === "arm64" ? "virt" : "pc",
+    ...(spec.arch && spec.arch !== "x86_64" ? { arch: spec.arch } : {}),
     qemuArgs: [],
     network: buildNetwork(spec.mirror),
     source: { file: spec.source.file, index: spec.source.index },
@@ -466,7 +472,8 @@ async function bootBuildVm(
   ];
   let partial = "";
   const vm = new VmRun({
-    spec: instance, paths: o.paths, accel: o.accel, graceSeconds: 30, mounts,
+    // A guest of another architecture than the host's is emulated whatever KVM says.
+    spec: instance, paths: o.paths, accel: spec.arch && spec.arch !== hostArch() ? "tcg" : o.accel, graceSeconds: 30, mounts,
     directDisk: { path: b.disk, format: b.format },
     // The disk being built and the results share: QEMU's (its per-VM group) while it runs.
     qemuWritable: [b.disk, b.out],

@@ -66,6 +66,7 @@ export function computeCacheKey(inputs: CacheKeyInputs): string {
     sudo: spec.sudo,
     civm: spec.civm ? (inputs.civmRelease ?? missing("the civm release's identity")) : undefined,
     uefi: spec.uefi,
+    arch: spec.arch,
   };
   return createHash("sha256").update(canonicalJson(doc)).digest("hex");
 }

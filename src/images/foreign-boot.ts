@@ -397,8 +397,8 @@ async function pruneOthers(root: string, key: string, image: string): Promise<vo
 }
 
 /** The line civm logs for a VM named `name` on `image`: which kernel boots it, or why the firmware does. */
-export function describeForeignBoot(name: string, image: string, r: ForeignBoot): string {
-  if (!r.ok) return `${name}: booting through the firmware (SeaBIOS, then the image's own bootloader): civm cannot boot ${image}'s kernel directly: ${r.reason}`;
+export function describeForeignBoot(name: string, image: string, r: ForeignBoot, firmware = "SeaBIOS"): string {
+  if (!r.ok) return `${name}: booting through the firmware (${firmware}, then the image's own bootloader): civm cannot boot ${image}'s kernel directly: ${r.reason}`;
   const b = r.boot;
   return `${name}: booting the image's own kernel${b.release ? ` ${b.release}` : ""} directly (GRUB's default entry "${b.entry}", ${b.config}${r.cached ? "" : "; read now and cached"}); "firmware-boot": true or --firmware-boot boots through its bootloader`;
 }
@@ -411,7 +411,7 @@ export function describeForeignBoot(name: string, image: string, r: ForeignBoot)
 export async function withForeignKernel(spec: InstanceSpec, opts: ForeignBootOptions & { log: (line: string) => void }): Promise<InstanceSpec> {
   if (spec.kernel || spec.firmwareBoot) return spec;
   const r = await foreignBoot(spec.image, opts);
-  opts.log(describeForeignBoot(spec.name, spec.image, r));
+  opts.log(describeForeignBoot(spec.name, spec.image, r, spec.arch === "arm64" ? "UEFI" : "SeaBIOS"));
   if (!r.ok) return spec;
   return { ...spec, kernel: r.boot.kernel, initrd: r.boot.initrd, cmdline: spec.cmdline ?? r.boot.cmdline };
 }

@@ -7,6 +7,7 @@
 import { existsSync } from "node:fs";
 import { isAbsolute, resolve } from "node:path";
 import type { InstanceSpec } from "../config/types.js";
+import { ConfigError } from "../errors/index.js";
 import { classifyImageRef, type ImageRefKind } from "./oci-ref.js";
 import { lvhImageName } from "./lvh.js";
 import type { OciProgress, PullPolicy } from "./oci.js";
@@ -124,6 +125,14 @@ export async function resolveStoredImage(spec: InstanceSpec, stateDir: string, o
 
 /** `spec` booting `img` (its disk, and its kernel unless the spec brings one or asks for firmware boot). */
 export function withStoredImage(spec: InstanceSpec, img: StoredImage | undefined, diskPath: string): InstanceSpec {
+  const imageArch = img?.manifest.arch ?? "x86_64";
+  const arch = spec.arch ?? "x86_64";
+  if (img && imageArch !== arch) {
+    throw new ConfigError(
+      `${spec.source.file}: instance ${JSON.stringify(spec.name)} (#${spec.source.index + 1}): "image" ${spec.imageRef ?? img.manifest.name} is an ${imageArch} image and the instance is ${arch}` +
+        `${spec.arch ? "" : " (no \"arch\")"}: set "arch": "${imageArch}" (or civm run --arch ${imageArch}), or use an image built for ${arch}.`,
+    );
+  }
   const out: InstanceSpec = { ...spec, image: diskPath };
   if (img && !spec.kernel && !spec.firmwareBoot && img.kernelPath && img.initrdPath) {
     out.kernel = img.kernelPath;

@@ -12,6 +12,7 @@ import { basename, join } from "node:path";
 import { CivmError, ConfigError, ExternalError, HostError } from "../errors/index.js";
 import { ToolError, missingProgram, run, which } from "../exec/index.js";
 import { shq } from "./shell.js";
+import { ARCH_INFO, hostArch } from "../vm/arch.js";
 import { describeImage } from "./spec.js";
 import type { ImageAction, ImageSpec, ProvisionAction } from "./types.js";
 
@@ -102,7 +103,14 @@ export interface RootTree {
 
 /** The packages mmdebstrap installs for a root image: base, kernel, then the spec's. */
 export function includedPackages(spec: ImageSpec): string[] {
-  return [...new Set([...BASE_PACKAGES, spec.kernel ?? "linux-image-amd64", ...spec.packages])];
+  // arm64 images boot by their kernel only (no BIOS GRUB: grub-pc-bin is x86's).
+  const base = spec.arch === "arm64" ? BASE_PACKAGES.filter((p) => !p.startsWith("grub")) : BASE_PACKAGES;
+  return [...new Set([...base, spec.kernel ?? (spec.arch === "arm64" ? "linux-image-arm64" : "linux-image-amd64"), ...spec.packages])];
+}
+
+/** ata_piix is x86's (PIIX IDE); arm64's virt machine has virtio and SCSI only. */
+export function initramfsModules(spec: ImageSpec): readonly string[] {
+  return spec.arch === "arm64" ? INITRAMFS_MODULES.filter((m) => m !== "ata_piix") : INITRAMFS_MODULES;
 }
 
 interface HookFile {
@@ -146,6 +154,7 @@ export async function buildRootTree(opts: BuildRootTreeOptions): Promise<RootTre
   // of its own those mounts vanish with it, however it ends (SIGKILL, civm killed), so an
   // interrupted build never leaves mounts behind under the work dir.
   if (!(await which("mmdebstrap"))) throw missingProgram("mmdebstrap");
+  if (spec.arch && spec.arch !== hostArch()) await requireBinfmt(spec);
   try {
     await run("unshare", ["--mount", "--propagation", "private", "--", "mmdebstrap", ...args], {
       timeoutMs: opts.timeoutMs ?? 60 * 60 * 1000,
@@ -184,6 +193,9 @@ export function planHooks(spec: ImageSpec, hooksDir: string, aptCacheDir?: strin
     return `sh ${shq(join(hooksDir, name))} "$1"`;
   };
   const args = ["--mode=root", "--variant=minbase", "--format=directory", `--include=${includedPackages(spec).join(",")}`];
+  // Another architecture's tree: its programs (dpkg, maintainer scripts, hooks' chroot) run
+  // through qemu-user, registered with binfmt_misc (checked before mmdebstrap starts).
+  if (spec.arch && spec.arch !== "x86_64") args.push(`--architectures=${ARCH_INFO[spec.arch].debianArch}`);
   // No translations: a faster apt-get update, in the build and in the image.
   args.push(`--aptopt=Acquire::Languages "none"`);
   let cache = aptCacheDir;
@@ -198,7 +210,7 @@ export function planHooks(spec: ImageSpec, hooksDir: string, aptCacheDir?: strin
   }
   // dpkg without fsync for the build only (a third faster); removed at the end.
   args.push(`--setup-hook=${hook("00-setup.sh", SETUP_SCRIPT)}`);
-  args.push(`--essential-hook=${hook("10-initramfs.sh", initramfsScript())}`);
+  args.push(`--essential-hook=${hook("10-initramfs.sh", initramfsScript(initramfsModules(spec)))}`);
   args.push(`--customize-hook=${hook("20-base.sh", baseScript())}`);
   // Before the actions: a `run: apt-get clean` must not empty the cache first.
   if (cache !== undefined) args.push(`--customize-hook=sync-out /var/cache/apt/archives ${cache}`);
@@ -530,7 +542,7 @@ export async function listPackages(tree: string): Promise<Record<string, string>
   for (const line of stdout.split("\n")) {
     const [status, name, version] = line.split("\t");
     if (!status?.startsWith("ii") || !name || version === undefined) continue;
-    out[name.replace(/:amd64$/, "")] = version;
+    out[name.replace(/:(amd64|arm64)$/, "")] = version;
   }
   return out;
 }
@@ -573,4 +585,27 @@ export async function removeTree(tree: string): Promise<void> {
     throw new HostError(`${tree} still has mounts inside (${mounts.join(", ")}); unmount them (umount -R ${shq(tree)}) before it can be removed.`);
   }
   await run("rm", ["-rf", "--one-file-system", tree]);
+}
+
+/**
+ * A root tree of another architecture needs binfmt_misc to run its programs through
+ * qemu-user (with the F flag: the interpreter is opened at registration, so it works inside
+ * the chroot). Refused before mmdebstrap starts, naming the spec, the field and the fix.
+ */
+async function requireBinfmt(spec: ImageSpec, dir = "/proc/sys/fs/binfmt_misc"): Promise<void> {
+  const arch = spec.arch!;
+  const info = ARCH_INFO[arch];
+  if (!info.binfmt) return;
+  const entry = join(dir, info.binfmt.entry);
+  const text = await readFile(entry, "utf8").catch(() => undefined);
+  if (text !== undefined && /^enabled$/m.test(text) && /^flags:.*F/m.test(text)) return;
+  const why = !existsSync(join(dir, "status"))
+    ? `binfmt_misc is not mounted at ${dir}`
+    : text === undefined
+      ? `${entry} does not exist`
+      : !/^enabled$/m.test(text) ? `${entry} is disabled` : `${entry} lacks the F flag`;
+  throw new HostError(
+    `${describeImage(spec)}: field "arch": building an ${arch} root tree on this ${hostArch() ?? process.arch} host runs its programs through qemu-user, and ${why}. ` +
+      `Install ${info.binfmt.package} and binfmt-support (apt-get install ${info.binfmt.package} binfmt-support), then mount -t binfmt_misc binfmt_misc ${dir} if it is not mounted and run update-binfmts --enable ${info.binfmt.entry} (civm doctor checks it).`,
+  );
 }

@@ -107,6 +107,7 @@ export async function qemuIdentity(binary = "qemu-system-x86_64"): Promise<QemuI
 export function snapshotUnsupported(spec: InstanceSpec, opts: { mounts?: number } = {}): string | undefined {
   if (!spec.kernel) return "the VM boots through its firmware (snapshots need the image's kernel booted directly; remove firmware-boot)";
   if (spec.machine === "microvm") return "the microvm machine has no vmgenid device, so a restored VM could not reseed its random number generator";
+  if (spec.arch === "arm64") return "arm64 guests have no snapshots yet (QEMU 7.2's virt machine has no vmgenid device, so a restored VM could not reseed its random number generator)";
   if ((opts.mounts ?? 0) > 0) return "the VM has host mounts (9p shares cannot be part of a snapshot)";
   return undefined;
 }

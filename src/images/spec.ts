@@ -2,6 +2,7 @@
 // civm's form or lvh's images.json form, which is translated). Every problem is collected
 // and reported together in one ConfigError, one line each, naming the file, the image and
 // the field: `images.json: image "base" (#1): field "actions[2].copy.src": ...`.
+import { parseArch } from "../vm/arch.js";
 import { duplicateNameProblems } from "../config/duplicates.js";
 import { kindOf } from "../config/kind.js";
 import { readdirSync } from "node:fs";
@@ -105,6 +106,7 @@ const IMAGE_FIELDS = {
   civm: z.boolean({ error: "must be true (install civm itself, built from this checkout, into /opt/civm) or false" }),
   uefi: z.boolean({ error: "must be true (the disk also boots under UEFI: an EFI system partition with GRUB) or false (BIOS only)" }),
   snapshot: z.boolean({ error: "must be true (civm image build also makes the image's memory snapshot, docs/images.md \"Snapshots\") or false" }),
+  arch: z.string({ error: 'must be the guest\'s architecture, as a string: "x86_64" (default) or "arm64"' }).refine((v) => parseArch(v) !== undefined, 'must be "x86_64" (the default; also "amd64") or "arm64" (also "aarch64")'),
 };
 type ImageField = keyof typeof IMAGE_FIELDS;
 const IMAGE_KEYS = Object.keys(IMAGE_FIELDS) as ImageField[];
@@ -401,7 +403,7 @@ async function validateImage(entry: unknown, ctx: Ctx, problems: string[]): Prom
   }
   const isChild = typeof values.parent === "string";
   if (isChild) {
-    for (const key of ["suite", "mirror", "kernel", "civm", "uefi"] as const) {
+    for (const key of ["suite", "mirror", "kernel", "civm", "uefi", "arch"] as const) {
       if (entry[key] !== undefined) fieldProblem(key, `only root images (without "parent") take ${JSON.stringify(key)}; a child uses its parent's, so remove it`);
     }
     if (values.parent === values.name) fieldProblem("parent", `an image cannot be its own parent`);
@@ -424,7 +426,14 @@ async function validateImage(entry: unknown, ctx: Ctx, problems: string[]): Prom
   if (values.size !== undefined) spec.sizeBytes = values.size as number;
   if (values.compress !== undefined) spec.compress = "zstd";
   if (values.flatten !== undefined) spec.flatten = values.flatten as boolean;
-  if (!isChild) spec.kernel = (values.kernel as string | undefined) ?? DEFAULT_KERNEL;
+  const arch = values.arch !== undefined ? parseArch(values.arch as string) : undefined;
+  if (arch && arch !== "x86_64") spec.arch = arch;
+  if (!isChild) spec.kernel = (values.kernel as string | undefined) ?? (arch === "arm64" ? "linux-image-arm64" : DEFAULT_KERNEL);
+  if (arch === "arm64") {
+    for (const key of ["uefi", "civm", "githubRunner", "snapshot"] as const) {
+      if (entry[key] !== undefined && entry[key] !== false) fieldProblem(key, `is not supported yet for arch: arm64 images (they boot by their kernel, directly); remove it or build an x86_64 image`);
+    }
+  }
   if (values.sudo !== undefined) spec.sudo = values.sudo as boolean;
   if (values.civm === true) spec.civm = true;
   if (values.uefi === true) spec.uefi = true;
@@ -474,7 +483,7 @@ function finish(d: Draft, parent: ImageSpec | undefined, mirrorFor: () => string
       );
       return undefined;
     }
-    return { ...s, suite: parent.suite, mirror: parent.mirror, sizeBytes, flatten: s.flatten ?? false };
+    return { ...s, suite: parent.suite, mirror: parent.mirror, sizeBytes, flatten: s.flatten ?? false, ...(parent.arch ? { arch: parent.arch } : {}) };
   }
   const mirror = s.mirror ?? mirrorFor();
   if (mirror === undefined) {

@@ -60,6 +60,8 @@ export interface ImageManifest {
   backing?: string;
   /** Package name → version installed in the image. */
   packages: Record<string, string>;
+  /** The guest architecture the image is for ("arm64"); absent: x86_64. */
+  arch?: string;
   buildSeconds: number;
   /** ISO 8601. */
   createdAt: string;

@@ -1,4 +1,5 @@
 // The image spec after validation: what `civm image build` works from.
+import type { GuestArch } from "../vm/arch.js";
 
 export type ImageFormat = "qcow2" | "raw" | "vhd";
 export const IMAGE_FORMATS: readonly ImageFormat[] = ["qcow2", "raw", "vhd"];
@@ -179,6 +180,12 @@ export interface ImageSpec {
   civm?: boolean;
   /** Root images: true also makes the disk boot under UEFI (an EFI system partition with GRUB's removable-media loader). */
   uefi?: boolean;
+  /**
+   * The guest architecture (root images; a child takes its parent's): "arm64" builds the root
+   * tree with mmdebstrap --arch arm64 (qemu-user through binfmt_misc) and boots the build VM
+   * on qemu-system-aarch64's virt machine. Absent: x86_64.
+   */
+  arch?: GuestArch;
   /**
    * true: `civm image build` also makes the image's memory snapshot for the default VM
    * settings (2 cpus, 2 GiB, pc). Not part of the image's key: the disk does not change.

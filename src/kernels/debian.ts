@@ -14,8 +14,8 @@ export const DEB_PACKAGE_RE = /^[a-z0-9][a-z0-9+.-]+$/;
  * linux-image-cloud-amd64) depends on; undefined when apt names none. A versioned package
  * name is returned as it is.
  */
-export async function dependsOnKernelPackage(meta: string): Promise<string | undefined> {
-  const { stdout } = await run("apt-cache", ["depends", meta]).catch(() => ({ stdout: "" }));
+export async function dependsOnKernelPackage(meta: string, aptOptions: readonly string[] = []): Promise<string | undefined> {
+  const { stdout } = await run("apt-cache", [...aptOptions, "depends", meta]).catch(() => ({ stdout: "" }));
   for (const line of stdout.split("\n")) {
     const m = /^\s*Depends:\s*(linux-image-[^\s<>]+)/.exec(line);
     if (m?.[1]) return m[1];
@@ -24,10 +24,10 @@ export async function dependsOnKernelPackage(meta: string): Promise<string | und
 }
 
 /** Candidate version of a package (apt-cache show); throws a ConfigError when apt does not know it. */
-export async function packageVersion(pkg: string): Promise<string> {
+export async function packageVersion(pkg: string, aptOptions: readonly string[] = []): Promise<string> {
   let stdout = "";
   try {
-    ({ stdout } = await run("apt-cache", ["show", "--no-all-versions", pkg]));
+    ({ stdout } = await run("apt-cache", [...aptOptions, "show", "--no-all-versions", pkg]));
   } catch {
     /* unknown package: apt-cache exits 100 */
   }
@@ -38,11 +38,14 @@ export async function packageVersion(pkg: string): Promise<string> {
   return m[1];
 }
 
-/** apt-get download PKG into dir; returns the .deb's path. */
-export async function aptDownload(pkg: string, dir: string): Promise<string> {
+/**
+ * apt-get download PKG into dir; returns the .deb's path. aptOptions: `-o` settings, e.g.
+ * another architecture's own package lists (see foreignAptOptions).
+ */
+export async function aptDownload(pkg: string, dir: string, aptOptions: readonly string[] = []): Promise<string> {
   // _apt must be able to write into the download dir or apt warns and downloads as root.
   await chmod(dir, 0o777);
-  await run("apt-get", ["download", pkg], { cwd: dir, timeoutMs: 600_000, failCode: "host" });
+  await run("apt-get", [...aptOptions, "download", pkg], { cwd: dir, timeoutMs: 600_000, failCode: "host" });
   const deb = (await readdir(dir)).find((f) => f.startsWith(`${pkg}_`) && f.endsWith(".deb"));
   if (!deb) throw new Error(`apt-get download ${pkg} left no .deb in ${dir}`);
   return join(dir, deb);
@@ -62,4 +65,32 @@ export async function debFields(deb: string): Promise<Record<string, string>> {
     if (m?.[1]) out[m[1]] = m[2] ?? "";
   }
   return out;
+}
+
+/**
+ * apt settings for another architecture's packages (e.g. arm64 on an amd64 host) without
+ * touching the host's dpkg (no `dpkg --add-architecture`): the host's sources, but package
+ * lists, cache and an empty dpkg status of their own under `dir`. Run `apt-get update` with
+ * them once (foreignAptUpdate) before asking apt-cache or downloading.
+ */
+export function foreignAptOptions(dir: string, debianArch: string): string[] {
+  return [
+    "-o", `Dir::State::Lists=${join(dir, "lists")}`,
+    "-o", `Dir::Cache=${join(dir, "cache")}`,
+    "-o", `Dir::State::status=${join(dir, "status")}`,
+    "-o", `APT::Architecture=${debianArch}`,
+    "-o", `APT::Architectures::=${debianArch}`,
+    "-o", "APT::Sandbox::User=root",
+  ];
+}
+
+/** apt-get update for foreignAptOptions(dir, arch): makes the folders, fetches that architecture's lists. */
+export async function foreignAptUpdate(dir: string, debianArch: string): Promise<string[]> {
+  const { mkdir, writeFile } = await import("node:fs/promises");
+  await mkdir(join(dir, "lists", "partial"), { recursive: true });
+  await mkdir(join(dir, "cache", "archives", "partial"), { recursive: true });
+  await writeFile(join(dir, "status"), "");
+  const opts = foreignAptOptions(dir, debianArch);
+  await run("apt-get", [...opts, "update"], { timeoutMs: 600_000, failCode: "host" });
+  return opts;
 }

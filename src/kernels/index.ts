@@ -5,5 +5,5 @@ export { MODULES_LABEL, INITRD_INIT } from "./init-script.js";
 export { resolveModules, moduleName } from "./modules.js";
 export { parseBzImage, readBzImage, type BzImageInfo } from "./bzimage.js";
 export { parseLvhKernels, findLvhKernels, type LvhKernels, type LvhKernel } from "./lvh.js";
-export { aptDownload, dependsOnKernelPackage, packageVersion, extractDeb, debFields } from "./debian.js";
+export { aptDownload, dependsOnKernelPackage, packageVersion, extractDeb, debFields, foreignAptOptions, foreignAptUpdate } from "./debian.js";
 export { gzipFile, installedBusybox, staticBusybox, busyboxTree, copyModules, packInitramfs, readModuleIndex } from "./initramfs.js";

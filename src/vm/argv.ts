@@ -1,5 +1,6 @@
 // Builds QEMU's command line as data, section by section. Pure: no I/O, table-tested.
 import type { MachineType } from "../config/types.js";
+import { ARCH_INFO, type GuestArch } from "./arch.js";
 
 /** Names of the devices civm refers to over QMP. */
 export const DEVICE_IDS = {
@@ -40,9 +41,11 @@ export const MAPPED_DIR_MODE = "0755";
 export interface QemuPlan {
   binary: string;
   name: string;
+  /** The guest's architecture (default x86_64); arm64 runs on the virt machine. */
+  arch?: GuestArch;
   accel: "kvm" | "tcg";
   machine: MachineType;
-  /** -cpu model; default host (KVM) or max (TCG). */
+  /** -cpu model; default host (KVM), else the architecture's TCG model (max; cortex-a57 on arm64). */
   cpuModel?: string;
   cpus: number;
   ramBytes: number;
@@ -74,6 +77,8 @@ export interface QemuPlan {
   vmgenid?: string;
   /** `-incoming` URI: restore a snapshot's migration stream (fd:3) instead of booting. */
   incoming?: string;
+  /** `-bios` image: UEFI firmware (arm64 disks booted without -kernel). */
+  firmware?: string;
 }
 
 /** QEMU's seccomp filter: no obsolete syscalls, no set*id, no fork/exec, no scheduler/affinity changes. */
@@ -92,8 +97,9 @@ function bus(machine: MachineType): { pci: boolean; suffix: string } {
 }
 
 export function machineSection(p: QemuPlan): string[] {
-  const machineOpts = p.machine === "microvm" ? "microvm,rtc=on" : p.machine;
-  const args = ["-machine", `${machineOpts},accel=${p.accel}`, "-cpu", p.cpuModel ?? (p.accel === "kvm" ? "host" : "max")];
+  // virt under KVM: the host's own interrupt controller version (TCG emulates the default GICv2).
+  const machineOpts = p.machine === "microvm" ? "microvm,rtc=on" : p.machine === "virt" && p.accel === "kvm" ? "virt,gic-version=host" : p.machine;
+  const args = ["-machine", `${machineOpts},accel=${p.accel}`, "-cpu", p.cpuModel ?? (p.accel === "kvm" ? "host" : ARCH_INFO[p.arch ?? "x86_64"].tcgCpu)];
   args.push("-smp", String(p.cpus), "-m", `${Math.max(1, Math.floor(p.ramBytes / (1024 * 1024)))}M`);
   return args;
 }
@@ -119,6 +125,7 @@ export function controlSection(p: QemuPlan): string[] {
     "-serial", "chardev:console0",
   ];
   if (!p.kernel && p.serconPortFile) args.push("-fw_cfg", `name=${SERCON_FW_CFG},file=${qemuOptValue(p.serconPortFile)}`);
+  if (!p.kernel && p.firmware) args.push("-bios", p.firmware);
   return args;
 }
 
@@ -134,9 +141,9 @@ export function diskSection(p: QemuPlan): string[] {
     args.push("-drive", p.configIso
       ? `file=${qemuOptValue(p.configIso)},if=none,id=${DEVICE_IDS.configDrive},media=cdrom,readonly=on,format=raw`
       : `if=none,id=${DEVICE_IDS.configDrive},media=cdrom,readonly=on`);
-    if (p.machine === "microvm") {
-      // microvm has no IDE/AHCI; a SCSI CD-ROM also has a tray the guest can open.
-      args.push("-device", "virtio-scsi-device,id=scsi0", "-device", `scsi-cd,drive=${DEVICE_IDS.configDrive},id=${DEVICE_IDS.configCd}`);
+    if (p.machine === "microvm" || p.machine === "virt") {
+      // microvm and virt have no IDE; a SCSI CD-ROM also has a tray the guest can open.
+      args.push("-device", `virtio-scsi-${b.suffix},id=scsi0`, "-device", `scsi-cd,drive=${DEVICE_IDS.configDrive},id=${DEVICE_IDS.configCd}`);
     } else {
       args.push("-device", `ide-cd,drive=${DEVICE_IDS.configDrive},id=${DEVICE_IDS.configCd},bus=ide.1`);
     }

@@ -101,8 +101,11 @@ export class LineRedactor {
   }
 }
 
-/** Firmware messages meaning nothing on the VM's disks could be booted. */
-const NO_BOOT_RE = /No bootable device\.|No bootable option or device was found/;
+/**
+ * Firmware messages meaning nothing on the VM's disks could be booted: SeaBIOS's, OVMF's,
+ * and EDK2's boot manager falling back to its built-in shell (AAVMF on arm64 does).
+ */
+const NO_BOOT_RE = /No bootable device\.|No bootable option or device was found|BdsDxe: starting Boot[0-9A-Fa-f]+ "EFI Internal Shell"/;
 /** Once one of these is seen a bootloader or kernel runs: its own output is not firmware's. */
 const OS_STARTED_RE = /GRUB|Loading Linux|Linux version|EFI stub|Booting `/;
 /** Firmware says what it is looking for within its first few KiB; later text is the guest's. */

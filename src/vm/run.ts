@@ -13,6 +13,7 @@ import { CivmError, ConfigError, HostError } from "../errors/index.js";
 import { trace } from "../errors/trace.js";
 import { buildQemuArgs, DEFAULT_CMDLINE, DEVICE_IDS, SERCON_PORT_BYTES, type HostMount, type PortForward, type QemuPlan } from "./argv.js";
 import { createOverlay } from "./disk.js";
+import { ARCH_INFO, cmdlineFor } from "./arch.js";
 import { renderConfigDrive, writeConfigDrive, type ConfigDriveEntry } from "./config-drive.js";
 import { checkPortFree } from "./ports.js";
 import { Registry, procIdentity, type ProcIdentity, type RegistryEntry } from "./registry.js";
@@ -266,9 +267,15 @@ export class VmRun {
 
   plan(): QemuPlan {
     const { spec } = this.req;
+    const arch = spec.arch ?? "x86_64";
+    // Disks that boot themselves: SeaBIOS on x86_64 (its screen mirrored to the serial
+    // port), UEFI on arm64 (virt has no BIOS).
+    const firmware = spec.kernel ? undefined : ARCH_INFO[arch].firmware?.path;
     return {
-      binary: this.req.qemuBinary ?? "qemu-system-x86_64",
+      binary: this.req.qemuBinary ?? ARCH_INFO[arch].qemuBinary,
       name: spec.name,
+      ...(arch !== "x86_64" ? { arch } : {}),
+      ...(firmware ? { firmware } : {}),
       accel: this.req.accel,
       machine: spec.machine,
       cpus: spec.cpus,
@@ -279,10 +286,10 @@ export class VmRun {
       configIso: join(this.workDir, WORKDIR_LAYOUT.configIso),
       qmpSocket: join(this.workDir, WORKDIR_LAYOUT.qmpSocket),
       consoleSocket: join(this.workDir, WORKDIR_LAYOUT.consoleSocket),
-      ...(spec.kernel ? {} : { serconPortFile: join(this.workDir, WORKDIR_LAYOUT.serconPort) }),
+      ...(spec.kernel || arch !== "x86_64" ? {} : { serconPortFile: join(this.workDir, WORKDIR_LAYOUT.serconPort) }),
       forwards: this.forwards(),
       mounts: this.req.mounts ?? [],
-      kernel: spec.kernel ? { path: spec.kernel, initrd: spec.initrd, cmdline: spec.cmdline ?? DEFAULT_CMDLINE } : undefined,
+      kernel: spec.kernel ? { path: spec.kernel, initrd: spec.initrd, cmdline: cmdlineFor(arch, spec.cmdline ?? DEFAULT_CMDLINE) } : undefined,
       extraArgs: spec.qemuArgs,
       network: this.network().mode === "none" ? "none" : "user",
     };

@@ -8,7 +8,7 @@ export interface CivmEnv {
   root: string;
   stateDir: string;
   logsDir: string;
-  /** A PATH entry holding a qemu-system-x86_64 wrapper that records each start. */
+  /** A PATH entry holding qemu-system-x86_64 (and -aarch64) wrappers that record each start. */
   shimDir: string;
   qemuStartsFile: string;
   env: NodeJS.ProcessEnv;
@@ -25,8 +25,12 @@ export function civmEnv(extra: NodeJS.ProcessEnv = {}): CivmEnv {
   writeFileSync(qemuStartsFile, "", { mode: 0o666 });
   chmodSync(qemuStartsFile, 0o666);
   // Records that QEMU was started, then becomes the real QEMU (same pid).
-  writeFileSync(join(shimDir, "qemu-system-x86_64"), `#!/bin/sh\necho "$*" >> ${qemuStartsFile}\nexec /usr/bin/qemu-system-x86_64 "$@"\n`);
-  chmodSync(join(shimDir, "qemu-system-x86_64"), 0o755);
+  // arm64 guests' QEMU too, when installed (a shim for a missing one would hide its absence).
+  for (const qemu of ["qemu-system-x86_64", "qemu-system-aarch64"]) {
+    if (qemu !== "qemu-system-x86_64" && !existsSync(`/usr/bin/${qemu}`)) continue;
+    writeFileSync(join(shimDir, qemu), `#!/bin/sh\necho "$*" >> ${qemuStartsFile}\nexec /usr/bin/${qemu} "$@"\n`);
+    chmodSync(join(shimDir, qemu), 0o755);
+  }
   return {
     root, stateDir, logsDir, shimDir, qemuStartsFile,
     env: { ...process.env, CIVM_STATE_DIR: stateDir, CIVM_LOGS_DIR: logsDir, CIVM_ACCEL: "tcg", PATH: `${shimDir}:${process.env.PATH}`, ...extra },
@@ -104,4 +108,11 @@ export function consoleLogOf(stderr: string): string {
   const m = /console(?: log)?: (\S+\.log)/.exec(stderr);
   if (!m) throw new Error(`no console log path in civm's output:\n${stderr}`);
   return readFileSync(m[1]!, "utf8");
+}
+
+/** civmEnv() on a shared store (a suite-wide image store under the test cache) as CIVM_STATE_DIR, with its own temp logs dir. */
+export function storeEnv(storeDir: string, extra: NodeJS.ProcessEnv = {}): CivmEnv {
+  const e = civmEnv(extra);
+  mkdirSync(e.logsDir, { recursive: true });
+  return { ...e, stateDir: storeDir, env: { ...e.env, CIVM_STATE_DIR: storeDir } };
 }

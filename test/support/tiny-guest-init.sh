@@ -32,7 +32,8 @@
 #                       ({tag, path, ro}, as civm run --host-mount writes them), run
 #                       PATH/tiny-script.sh of each share that has one (its output prefixed
 #                       "tiny-guest: script: "), print "tiny-guest: scripts done", power off.
-# Every line goes to /dev/console (console=ttyS0 on the kernel command line).
+# Every line goes to /dev/console (console=ttyS0 on the kernel command line; ttyAMA0 on arm64).
+# On arm64 (qemu-system-aarch64's virt machine) the "ACPI power button" is virt's GPIO key.
 
 /bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
 # The initramfs has no /dev/console node (built without root), so the kernel could not give
@@ -139,13 +140,13 @@ arm_power_button() {
   for d in /sys/class/input/event*; do
     [ -e "$d/device/name" ] || continue
     case "$(cat "$d/device/name")" in
-      "Power Button")
+      "Power Button" | gpio-keys)
         found="$found /dev/input/${d##*/}"
         ;;
     esac
   done
   if [ -z "$found" ]; then
-    say "no power button input device (button.ko, evdev.ko loaded?)"
+    say "no power button input device (button.ko or gpio_keys.ko, evdev.ko loaded?)"
     sleep 2147483647
   fi
   rm -f /tmp/pressed

@@ -16,9 +16,10 @@ import { basename, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { run } from "../../src/exec/index.js";
 import {
-  aptDownload, busyboxTree, copyModules, dependsOnKernelPackage, extractDeb, installedBusybox, moduleName,
+  aptDownload, busyboxTree, copyModules, dependsOnKernelPackage, extractDeb, foreignAptOptions, foreignAptUpdate, installedBusybox, moduleName,
   packInitramfs, packageVersion, readModuleIndex, resolveModules, staticBusybox,
 } from "../../src/kernels/index.js";
+import { ARCH_INFO, type GuestArch } from "../../src/vm/arch.js";
 import { repoRoot, testCacheDir } from "./paths.js";
 
 // The module resolution, apt and initramfs helpers live in src/kernels/ (civm kernel add
@@ -34,6 +35,8 @@ export interface TinyGuest {
   disk: string;
   /** uname -r of the kernel, e.g. 6.1.0-56-amd64. */
   kernelVersion: string;
+  /** The guest's architecture (x86_64 unless built with arch: "arm64"). */
+  arch: GuestArch;
   /** The cache folder holding the files above (and manifest.json). */
   dir: string;
 }
@@ -43,6 +46,12 @@ export interface BuildTinyGuestOptions {
   cacheDir?: string;
   /** Progress lines (default: stderr). */
   log?: (line: string) => void;
+  /**
+   * arm64: Debian's linux-image-arm64 and busybox-static:arm64 (from arm64 package lists of
+   * the test cache's own, the host's dpkg untouched), an AArch64 eject, cached in
+   * <cacheDir>/tiny-guest-arm64/. Boots on qemu-system-aarch64's virt machine.
+   */
+  arch?: GuestArch;
 }
 
 /** Kernel modules the init loads (with their dependencies, resolved from modules.dep). */
@@ -68,6 +77,16 @@ export const TINY_GUEST_MODULES = [
   "evdev",
 ] as const;
 
+/**
+ * The arm64 guest's modules: no IDE/AHCI (the config CD is a SCSI CD on virtio-scsi), and the
+ * virt machine's power button is a GPIO key (gpio_keys) rather than ACPI's.
+ */
+export const TINY_GUEST_MODULES_ARM64 = [
+  "cdrom", "sr_mod", "isofs", "scsi_mod", "sd_mod",
+  "virtio_pci", "virtio_blk", "virtio_net", "virtio_scsi", "9p", "9pnet_virtio",
+  "gpio_keys", "evdev",
+] as const;
+
 /** Bump when the recipe changes in a way the other inputs don't capture. */
 const RECIPE = 1;
 
@@ -88,16 +107,43 @@ esac
 exit 0
 `;
 
+/** The AArch64 twin of the x86-64 eject below (openat, ioctl, exit; little-endian words). */
+// prettier-ignore
+const EJECT_ARM64 = [
+  0xf9400be1, //  0: ldr  x1, [sp, #16]      ; argv[1]
+  0xb4000201, //  4: cbz  x1, usage (0x44)
+  0x92800c60, //  8: mov  x0, #-100          ; AT_FDCWD
+  0xd2810002, //  c: mov  x2, #0x800         ; O_RDONLY|O_NONBLOCK
+  0xd2800003, // 10: mov  x3, #0
+  0xd2800708, // 14: mov  x8, #56            ; openat
+  0xd4000001, // 18: svc  #0
+  0xb7f80100, // 1c: tbnz x0, #63, fail (0x3c)
+  0xd28a6121, // 20: mov  x1, #0x5309        ; CDROMEJECT (x0: the fd)
+  0xd2800002, // 24: mov  x2, #0
+  0xd28003a8, // 28: mov  x8, #29            ; ioctl
+  0xd4000001, // 2c: svc  #0
+  0xb7f80060, // 30: tbnz x0, #63, fail (0x3c)
+  0xd2800000, // 34: mov  x0, #0
+  0x14000004, // 38: b    exit (0x48)
+  0xcb0003e0, // 3c: fail: neg x0, x0
+  0x14000002, // 40: b    exit (0x48)
+  0xd2801fe0, // 44: usage: mov x0, #255
+  0xd2800ba8, // 48: exit: mov x8, #93       ; exit
+  0xd4000001, // 4c: svc  #0
+];
+
 /**
- * A static x86-64 ELF (Debian's busybox has no eject applet): `eject DEVICE` opens DEVICE
- * with O_RDONLY|O_NONBLOCK and issues ioctl(CDROMEJECT). Exit status: 0 ejected, errno on
- * failure, 255 without an argument.
+ * A static ELF (Debian's busybox has no eject applet) for x86-64 or AArch64: `eject DEVICE`
+ * opens DEVICE with O_RDONLY|O_NONBLOCK and issues ioctl(CDROMEJECT). Exit status: 0
+ * ejected, errno on failure, 255 without an argument.
  */
-export function ejectProgram(): Buffer {
+export function ejectProgram(arch: GuestArch = "x86_64"): Buffer {
   const base = 0x400000;
   const codeOffset = 64 + 56;
+  const arm = Buffer.alloc(EJECT_ARM64.length * 4);
+  EJECT_ARM64.forEach((w, i) => arm.writeUInt32LE(w, i * 4));
   // prettier-ignore
-  const code = Buffer.from([
+  const code = arch === "arm64" ? arm : Buffer.from([
     0x48, 0x8b, 0x7c, 0x24, 0x10, //  0: mov rdi, [rsp+16]   ; argv[1]
     0x48, 0x85, 0xff,             //  5: test rdi, rdi
     0x74, 0x2e,                   //  8: jz usage (56)
@@ -127,7 +173,7 @@ export function ejectProgram(): Buffer {
   // ELF header
   Buffer.from([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1, 0]).copy(elf, 0);
   elf.writeUInt16LE(2, 16); // ET_EXEC
-  elf.writeUInt16LE(0x3e, 18); // x86-64
+  elf.writeUInt16LE(arch === "arm64" ? 0xb7 : 0x3e, 18); // EM_AARCH64 or EM_X86_64
   elf.writeUInt32LE(1, 20);
   elf.writeBigUInt64LE(BigInt(base + codeOffset), 24); // entry
   elf.writeBigUInt64LE(64n, 32); // phoff
@@ -165,16 +211,43 @@ function defaultLog(line: string): void {
 }
 
 /** Name of the package linux-image-amd64 currently depends on, e.g. linux-image-6.1.0-56-amd64. */
-async function kernelPackage(log: (l: string) => void): Promise<string> {
-  const find = (): Promise<string | undefined> => dependsOnKernelPackage("linux-image-amd64");
+async function kernelPackage(log: (l: string) => void, foreign?: ForeignApt): Promise<string> {
+  const meta = `linux-image-${foreign?.debianArch ?? "amd64"}`;
+  const find = (): Promise<string | undefined> => dependsOnKernelPackage(meta, foreign?.options);
   let pkg = await find();
   if (!pkg) {
-    log("apt-cache knows no linux-image-amd64; running apt-get update");
-    await run("apt-get", ["update"], { timeoutMs: 300_000, failCode: "host" });
+    log(`apt-cache knows no ${meta}; running apt-get update`);
+    if (foreign) await foreignAptUpdate(foreign.dir, foreign.debianArch);
+    else await run("apt-get", ["update"], { timeoutMs: 300_000, failCode: "host" });
     pkg = await find();
   }
-  if (!pkg) throw new Error("apt-cache depends linux-image-amd64 names no kernel package (is this Debian/amd64?)");
+  if (!pkg) throw new Error(`apt-cache depends ${meta} names no kernel package (is this Debian?)`);
   return pkg;
+}
+
+/** Another architecture's apt (its own lists under the guest cache; the host's dpkg untouched). */
+interface ForeignApt {
+  dir: string;
+  debianArch: string;
+  options: string[];
+}
+
+/**
+ * The arm64 guest's apt: its lists are fetched again whenever the host's change (apt-get
+ * update here), so both see the same archive state.
+ */
+async function foreignApt(root: string, arch: GuestArch, log: (l: string) => void): Promise<ForeignApt> {
+  const debianArch = ARCH_INFO[arch].debianArch;
+  const dir = join(root, `apt-${debianArch}`);
+  const stamp = join(dir, "host-apt-state");
+  const key = await aptStateKey();
+  const have = await readFile(stamp, "utf8").catch(() => "");
+  if (have !== key) {
+    log(`apt-get update for ${debianArch} (lists in ${dir})`);
+    await foreignAptUpdate(dir, debianArch);
+    await writeFile(stamp, key);
+  }
+  return { dir, debianArch, options: foreignAptOptions(dir, debianArch) };
 }
 
 interface Resolution {
@@ -209,7 +282,7 @@ async function aptStateKey(): Promise<string> {
  * apt-cache takes ~0.5 s a call here, so the answer is memoised next to the guests, keyed
  * by the state of apt's lists and of /bin/busybox.
  */
-async function resolvePackages(root: string, log: (l: string) => void): Promise<Resolution> {
+async function resolvePackages(root: string, log: (l: string) => void, foreign?: ForeignApt): Promise<Resolution> {
   const memoFile = join(root, "apt-resolution.json");
   const key = await aptStateKey();
   try {
@@ -218,12 +291,13 @@ async function resolvePackages(root: string, log: (l: string) => void): Promise<
   } catch {
     /* absent or corrupt: resolve again */
   }
-  const kernelPkg = await kernelPackage(log);
-  const [kernelPackageVersion, bbInstalled] = await Promise.all([packageVersion(kernelPkg), installedBusybox()]);
+  const kernelPkg = await kernelPackage(log, foreign);
+  // Another architecture's guest always takes that architecture's busybox from apt.
+  const [kernelPackageVersion, bbInstalled] = await Promise.all([packageVersion(kernelPkg, foreign?.options), foreign ? undefined : installedBusybox()]);
   const resolution: Resolution = {
     kernelPackage: kernelPkg,
     kernelPackageVersion,
-    busyboxVersion: bbInstalled ?? (await packageVersion("busybox-static")),
+    busyboxVersion: bbInstalled ?? (await packageVersion("busybox-static", foreign?.options)),
     busyboxInstalled: bbInstalled !== undefined,
   };
   // apt-get update may have run meanwhile (kernelPackage does so when needed): key afresh.
@@ -243,36 +317,43 @@ async function readManifest(dir: string): Promise<Manifest | undefined> {
   }
 }
 
-function result(dir: string, m: Manifest): TinyGuest {
+function result(dir: string, m: Manifest, arch: GuestArch): TinyGuest {
   return {
     kernel: join(dir, "vmlinuz"),
     initrd: join(dir, "initrd.img"),
     disk: join(dir, "disk.qcow2"),
     kernelVersion: m.kernelVersion,
+    arch,
     dir,
   };
 }
 
 export async function buildTinyGuest(opts: BuildTinyGuestOptions = {}): Promise<TinyGuest> {
   const log = opts.log ?? defaultLog;
-  const root = join(opts.cacheDir ?? testCacheDir, "tiny-guest");
+  const arch = opts.arch ?? "x86_64";
+  const foreignArch = arch !== "x86_64";
+  const root = join(opts.cacheDir ?? testCacheDir, foreignArch ? `tiny-guest-${arch}` : "tiny-guest");
   const initScript = await readFile(TINY_GUEST_INIT, "utf8");
+  await mkdir(root, { recursive: true });
+  const foreign = foreignArch ? await foreignApt(root, arch, log) : undefined;
   const { kernelPackage: kpkg, kernelPackageVersion: kver, busyboxVersion: bbVersion, busyboxInstalled: bbInstalled } =
-    await resolvePackages(root, log);
+    await resolvePackages(root, log, foreign);
+  const wanted = foreignArch ? TINY_GUEST_MODULES_ARM64 : TINY_GUEST_MODULES;
   const inputs = {
     recipe: RECIPE,
     kernelPackage: kpkg,
     kernelPackageVersion: kver,
     busyboxVersion: bbVersion,
     init: initScript,
-    modules: TINY_GUEST_MODULES,
+    modules: wanted,
     udhcpc: UDHCPC_SCRIPT,
-    eject: ejectProgram().toString("hex"),
+    eject: ejectProgram(arch).toString("hex"),
+    ...(foreignArch ? { arch } : {}),
   };
   const hash = createHash("sha256").update(JSON.stringify(inputs)).digest("hex").slice(0, 16);
   const final = join(root, hash);
   const cached = await readManifest(final);
-  if (cached) return result(final, cached);
+  if (cached) return result(final, cached, arch);
 
   const t0 = Date.now();
   log(`building ${final} (${kpkg} ${kver}, busybox-static ${bbVersion})`);
@@ -284,7 +365,7 @@ export async function buildTinyGuest(opts: BuildTinyGuestOptions = {}): Promise<
     const dl = join(scratch, "dl");
     await mkdir(dl);
     log(`apt-get download ${kpkg}`);
-    const deb = await aptDownload(kpkg, dl);
+    const deb = await aptDownload(kpkg, dl, foreign?.options);
     const kroot = join(scratch, "kernel");
     log(`dpkg-deb -x ${basename(deb)}`);
     await extractDeb(deb, kroot);
@@ -293,20 +374,30 @@ export async function buildTinyGuest(opts: BuildTinyGuestOptions = {}): Promise<
     if (modVersions.length !== 1 || !kernelVersion) throw new Error(`expected one lib/modules/* in ${kpkg}, got ${modVersions.join(", ")}`);
     const modDir = join(kroot, "lib", "modules", kernelVersion);
 
-    const busybox = bbInstalled ? "/bin/busybox" : await staticBusybox(scratch, log);
+    // The host's busybox runs depmod; the guest's is its own architecture's.
+    const hostBusybox = bbInstalled ? "/bin/busybox" : await staticBusybox(scratch, log);
+    let busybox = hostBusybox;
+    if (foreign) {
+      const bdl = join(scratch, "bbdl");
+      await mkdir(bdl);
+      log(`apt-get download busybox-static:${foreign.debianArch}`);
+      const bdeb = await aptDownload("busybox-static", bdl, foreign.options);
+      await extractDeb(bdeb, join(bdl, "root"));
+      busybox = join(bdl, "root", "bin", "busybox");
+    }
 
     // Debian ships no modules.dep (postinst runs depmod): make one with busybox depmod.
     if (!existsSync(join(modDir, "modules.dep"))) {
       log("busybox depmod");
-      await run(busybox, ["depmod", "-b", kroot, kernelVersion]);
+      await run(hostBusybox, ["depmod", "-b", kroot, kernelVersion]);
     }
     const { dep, builtin } = await readModuleIndex(modDir);
-    const modules = resolveModules(dep, builtin, TINY_GUEST_MODULES);
+    const modules = resolveModules(dep, builtin, wanted);
 
     // initramfs tree
     const tree = join(scratch, "initramfs");
     await busyboxTree(tree, busybox, ["etc/tiny-guest"]);
-    await writeFile(join(tree, "bin", "eject"), ejectProgram(), { mode: 0o755 });
+    await writeFile(join(tree, "bin", "eject"), ejectProgram(arch), { mode: 0o755 });
     await writeFile(join(tree, "init"), initScript, { mode: 0o755 });
     await writeFile(join(tree, "etc", "udhcpc.script"), UDHCPC_SCRIPT, { mode: 0o755 });
     const inGuest = await copyModules(tree, modDir, kernelVersion, modules);
@@ -338,12 +429,12 @@ export async function buildTinyGuest(opts: BuildTinyGuestOptions = {}): Promise<
       if ((code === "ENOTEMPTY" || code === "EEXIST") && theirs) {
         log("another process built the same guest first; using theirs");
         await rm(build, { recursive: true, force: true });
-        return result(final, theirs);
+        return result(final, theirs, arch);
       }
       throw e;
     }
     log(`built in ${manifest.buildSeconds.toFixed(1)} s`);
-    return result(final, manifest);
+    return result(final, manifest, arch);
   } catch (e) {
     await rm(build, { recursive: true, force: true });
     throw e;
@@ -354,7 +445,7 @@ export async function buildTinyGuest(opts: BuildTinyGuestOptions = {}): Promise<
 
 /** For ad-hoc use: `node dist/test/support/tiny-guest.js` prints the built guest as JSON. */
 if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
-  const g = await buildTinyGuest();
+  const g = await buildTinyGuest(process.argv[2] === "arm64" ? { arch: "arm64" } : {});
   const s = await stat(g.initrd);
   process.stdout.write(JSON.stringify({ ...g, initrdBytes: s.size }, null, 2) + "\n");
 }

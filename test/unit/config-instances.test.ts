@@ -173,7 +173,7 @@ test("unknown keys get a suggestion", async () => {
     `${file}: instance "vm-2" (#2): unknown key "cpu-core"; did you mean "cpu-cores"?`,
     `${file}: instance "vm-2" (#2): unknown key "timeout"; did you mean "timeout-seconds"?`,
     `${file}: instance "vm-2" (#2): unknown key "sshport"; did you mean "ssh-port"?`,
-    `${file}: instance "vm-2" (#2): unknown key "frobnicate"; the known keys are name, image, cpu-cores, ram, root-disk, timeout-seconds, ssh-port, config, kernel, initrd, cmdline, machine, qemu-args, firmware-boot, network.`,
+    `${file}: instance "vm-2" (#2): unknown key "frobnicate"; the known keys are name, image, cpu-cores, ram, root-disk, timeout-seconds, ssh-port, config, kernel, initrd, cmdline, machine, qemu-args, firmware-boot, network, arch.`,
   ]);
 });
 
@@ -254,14 +254,14 @@ test("names, missing keys, machine, qemu-args, entries that are not objects", as
     { image: IMAGE_REL },
     base({ name: "my vm" }),
     "vm-3",
-    base({ name: "vm-4", machine: "virt", "qemu-args": "-nographic" }),
+    base({ name: "vm-4", machine: "virtio", "qemu-args": "-nographic" }),
     { name: "vm-5" },
   ]);
   assert.deepEqual((await configError(file)).split("\n"), [
     `${file}: instance #1: missing key "name": add a unique "name", e.g. "vm-1"; "civm run NAME" picks the instance by it.`,
     `${file}: instance "my vm" (#2): "name" must be a name made only of letters, digits, ".", "_" and "-", e.g. "vm-1" (got "my vm").`,
     `${file}: instance #3: must be an object with "name", "image" and other keys, but it is a string.`,
-    `${file}: instance "vm-4" (#4): "machine" must be one of "pc", "q35" or "microvm" (got a string).`,
+    `${file}: instance "vm-4" (#4): "machine" must be one of "pc", "q35" or "microvm" (x86_64), or "virt" (arm64) (got a string).`,
     `${file}: instance "vm-4" (#4): "qemu-args" must be a list of strings, e.g. ["-device", "virtio-rng-pci"] (got a string).`,
     `${file}: instance "vm-5" (#5): missing key "image": add "image" with the path of the base disk image (relative paths start from the instances file's folder).`,
   ]);

@@ -22,10 +22,13 @@ const FAKES: Record<string, { args: string; out: string; toStderr?: boolean }> =
   "ssh-keygen": { args: "", out: "" },
   ssh: { args: "-V", out: "OpenSSH_9.2p1 Debian-2, OpenSSL 3.0.11 19 Sep 2023", toStderr: true },
   "dpkg-query": { args: "", out: "1:9.2p1-2+fake" },
+  "qemu-system-aarch64": { args: "--version", out: "QEMU emulator version 8.2.2 (fake)" },
 };
 
 interface Host {
   bin: string;
+  /** A binfmt_misc folder with an enabled qemu-aarch64 entry (arm64 image builds). */
+  binfmt: string;
   env: NodeJS.ProcessEnv;
   kvm: string;
   paths: { stateDir: string; logsDir: string };
@@ -47,8 +50,13 @@ case "$mode" in ok) exit 33 ;; hang) exec /bin/sleep 60 ;; *) echo "qemu: kvm br
   );
   const kvm = join(root, "kvm");
   writeFileSync(kvm, "");
+  const binfmt = join(root, "binfmt");
+  mkdirSync(binfmt);
+  writeFileSync(join(binfmt, "status"), "enabled\n");
+  writeFileSync(join(binfmt, "qemu-aarch64"), "enabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\nflags: PF\n");
   return {
     bin,
+    binfmt,
     env: { PATH: bin },
     kvm,
     paths: { stateDir: join(root, "state"), logsDir: join(root, "logs") },
@@ -63,7 +71,8 @@ function byName(r: DoctorReport, name: string) {
 }
 
 async function doctor(h: Host, env: NodeJS.ProcessEnv = {}): Promise<DoctorReport> {
-  return runDoctor({ paths: h.paths, env: { ...h.env, ...env }, kvmDevice: h.kvm, probeTimeoutMs: 2000 });
+  // An x86_64 host with what arm64 guests need (the firmware "exists"): foreignArchChecks has tests of its own.
+  return runDoctor({ paths: h.paths, env: { ...h.env, ...env }, kvmDevice: h.kvm, probeTimeoutMs: 2000, hostNodeArch: "x64", binfmtDir: h.binfmt, fileExists: async () => true });
 }
 
 test("everything present, KVM probe ok: ready; versions shown; second run uses the KVM cache", async () => {

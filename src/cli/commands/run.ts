@@ -16,6 +16,7 @@ import { formatBytes, formatSeconds } from "../../vm/format.js";
 import { trace } from "../../errors/trace.js";
 import { isOciImageRef, looksLikeImageName, resolveStoredImage } from "../../images/resolve.js";
 import { buildQemuArgs } from "../../vm/argv.js";
+import { ARCH_INFO, parseArch, requireArch, type GuestArch } from "../../vm/arch.js";
 import { sniffImage } from "../../vm/disk.js";
 import { describeCommand } from "../../exec/index.js";
 import { ensureLogsDir } from "../../host/paths.js";
@@ -35,6 +36,7 @@ interface RunFlags {
   json?: boolean;
   snapshot?: boolean;
   firmwareBoot?: boolean;
+  arch?: string;
 }
 
 /**
@@ -109,6 +111,7 @@ export function registerRun(program: Command): void {
     .option("--snapshot", "instances and ad-hoc VMs: start a stored image's VM from its memory snapshot instead of booting (made first when there is none; any problem boots cold, with the reason); see docs/images.md \"Snapshots\"")
     .addOption(new Option("--logs-keep-days <days>", `delete civm's console and supervisor logs in the logs dir not written for this many days; 0 = keep (default ${LOG_RETENTION_DEFAULTS.keepDays})`).env("CIVM_LOGS_KEEP_DAYS"))
     .addOption(new Option("--logs-max-bytes <size>", `then delete the oldest of them until they total at most this, e.g. 500M; 0 = no limit (default ${LOG_RETENTION_DEFAULTS.maxBytes / 1024 ** 3}G)`).env("CIVM_LOGS_MAX_BYTES"))
+    .option("--arch <arch>", "the guest's architecture: x86_64 (default) or arm64 (aarch64: qemu-system-aarch64's virt machine, TCG on an x86_64 host); instances: overrides \"arch\"; ad-hoc: default a stored image's own")
     .option("--firmware-boot", "boot through the firmware and the image's own bootloader (SeaBIOS, GRUB), not its kernel directly: the instance's \"firmware-boot\": true")
     .option("--image <image>", "ad-hoc VM: a stored image (civm image ls), a disk image path, or an OCI reference REGISTRY/REPO:TAG (pulled on first use); no instances file")
     .option("--kernel <kernel>", "ad-hoc: boot a stored kernel (civm kernel ls; its modules are mounted in the guest) or a bzImage file")
@@ -196,6 +199,7 @@ Exit code 0 only when the guest powered itself off; see "civm --help" for the ot
       const loaded = await loadInstances(file, { checkFiles: false });
       let spec = selectInstance(loaded, name);
       if (flags.firmwareBoot) spec = { ...spec, firmwareBoot: true };
+      if (flags.arch !== undefined) spec = withArch(spec, archFlag(flags.arch));
       if (looksLikeImageName(spec.imageRef) || isOciImageRef(spec.imageRef)) {
         // A pull (OCI reference not stored yet) ends at the first Ctrl-C, leaving nothing stored.
         const interrupt = abortOnSignals(`the pull of ${spec.imageRef} was interrupted; nothing was stored`);
@@ -305,11 +309,14 @@ export async function bootInstance(b: BootRequest): Promise<number> {
     spec = await withForeignKernel(spec, { stateDir: paths.stateDir, log: say });
     trace("cli: foreign image's kernel looked up");
   }
+  if (spec.arch && spec.arch !== "x86_64") {
+    await requireArch(spec.arch, { firmware: !spec.kernel, where: `${b.file}: instance "${spec.name}" (#${spec.source.index + 1})`, field: '"arch":', dropHint: 'remove "arch" to run an x86_64 guest' });
+  }
   if (b.stop.count()) {
     say(`${spec.name}: interrupted before boot; nothing was started`);
     return EXIT_CODES.signal;
   }
-  const accel = await detectAccel({ stateDir: paths.stateDir, ...(flags.accel ? { env: { ...process.env, CIVM_ACCEL: flags.accel } } : {}) });
+  const accel = await detectAccel({ stateDir: paths.stateDir, ...(spec.arch ? { arch: spec.arch } : {}), ...(flags.accel ? { env: { ...process.env, CIVM_ACCEL: flags.accel } } : {}) });
   if (accel.accel === "tcg" && !flags.accel && !process.env.CIVM_ACCEL) warn(`KVM is not usable (${accel.reason}); using TCG software emulation, guests run several times slower.`);
 
   trace("cli: accelerator chosen");
@@ -369,7 +376,7 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
       interrupt.release();
       clearProgress();
     });
-  const accel = await detectAccel({ stateDir: paths.stateDir, ...(flags.accel ? { env: { ...process.env, CIVM_ACCEL: flags.accel } } : {}) });
+  const accel = await detectAccel({ stateDir: paths.stateDir, ...(plan.spec.arch ? { arch: plan.spec.arch } : {}), ...(flags.accel ? { env: { ...process.env, CIVM_ACCEL: flags.accel } } : {}) });
   if (accel.accel === "tcg" && !flags.accel && !process.env.CIVM_ACCEL && !flags.printCmd) warn(`KVM is not usable (${accel.reason}); using TCG software emulation, guests run several times slower.`);
   plan.accel = accel.accel;
   const name = plan.spec.name;
@@ -426,6 +433,20 @@ async function runAdHoc(flags: AdHocFlags, cmd: Command): Promise<number> {
 function printResult(r: VmResult): void {
   const o = { name: r.name, id: r.id, reason: r.reason, exitCode: r.exitCode, start: r.start, durationMs: Math.round(r.durationMs), ...(r.start !== "none" ? { consoleLog: r.consoleLog } : {}), ...(r.workDirKept ? { workDir: r.workDir } : {}) };
   printJson(o);
+}
+
+/** --arch: a guest architecture, or a ConfigError naming the flag and the choices. */
+export function archFlag(v: string): GuestArch {
+  const a = parseArch(v);
+  if (!a) throw new ConfigError(`--arch ${JSON.stringify(v)} is not an architecture civm runs; give x86_64 (also amd64) or arm64 (also aarch64)`);
+  return a;
+}
+
+/** An instance run with --arch: the architecture, and its default machine when the instance's does not fit it. */
+export function withArch(spec: InstanceSpec, arch: GuestArch): InstanceSpec {
+  const machine = ARCH_INFO[arch].machines.includes(spec.machine) ? spec.machine : ARCH_INFO[arch].defaultMachine;
+  const { arch: _old, ...rest } = spec;
+  return { ...rest, machine, ...(arch !== "x86_64" ? { arch } : {}) };
 }
 
 /** The hidden command a detached VM's supervisor runs as (see src/dev/supervise.ts). */
