@@ -74,6 +74,9 @@ test("civm serve: kill -9 with runners up, restart: no orphan QEMU or work dir, 
 
   // Their registrations go offline (no heartbeat), are marked, then deleted on a later poll.
   await s.poll(() => oldNames.every((n) => gh.runner(n) === undefined), 90_000, "the stale registrations to be removed");
+  // The fake GitHub has answered the DELETE before the daemon logs it: wait for the log lines.
+  const deletedLogged = () => oldNames.every((n) => logLines(s.stdout()).some((l) => l.msg === "stale runner deregistered" && l.runner === n));
+  await s.poll(deletedLogged, 30_000, "the daemon's log of the stale registrations' removal").catch(() => undefined);
   const logs = logLines(s.stdout());
   for (const n of oldNames) {
     const marked = logs.findIndex((l) => l.msg?.toString().startsWith("stale runner registration") && l.runner === n);
