@@ -25,6 +25,13 @@ export const SUPERVISOR_COMMAND = "__dev-supervisor";
 export const PLAN_ENV = "CIVM_DEV_PLAN";
 /** How long the foreground waits for QEMU to run before giving up. */
 const START_TIMEOUT_MS = 180_000;
+/** --snapshot: on first use the image's snapshot is made before the VM starts (a cold boot of the image, under TCG minutes). */
+const SNAPSHOT_START_TIMEOUT_MS = 20 * 60_000;
+
+/** How long `civm run --detach` waits for the VM to run. */
+export function startTimeoutFor(plan: Pick<DevPlan, "snapshot">, asked?: number): number {
+  return asked ?? (plan.snapshot ? SNAPSHOT_START_TIMEOUT_MS : START_TIMEOUT_MS);
+}
 
 interface SupervisorInput {
   plan: DevPlan;
@@ -83,7 +90,8 @@ export async function startDetached(plan: DevPlan, paths: Paths, o: DetachOption
   process.on("SIGINT", onSignal);
   process.on("SIGTERM", onSignal);
   const entryFile = join(paths.stateDir, STATE_LAYOUT.registry, `${plan.id}.json`);
-  const deadline = Date.now() + (o.startTimeoutMs ?? START_TIMEOUT_MS);
+  const limitMs = startTimeoutFor(plan, o.startTimeoutMs);
+  const deadline = Date.now() + limitMs;
   try {
     for (;;) {
       if (!interrupted) {
@@ -107,7 +115,7 @@ export async function startDetached(plan: DevPlan, paths: Paths, o: DetachOption
       }
       if (Date.now() > deadline) {
         child.kill("SIGTERM");
-        throw new CivmError("qemu", `${plan.spec.name}: QEMU was not running after ${formatSeconds(o.startTimeoutMs ?? START_TIMEOUT_MS)}; the supervisor was asked to stop. Its log: ${logPath}`);
+        throw new CivmError("qemu", `${plan.spec.name}: QEMU was not running after ${formatSeconds(limitMs)}; the supervisor was asked to stop. Its log: ${logPath}`);
       }
       await sleep(50);
     }

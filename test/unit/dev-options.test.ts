@@ -1,5 +1,6 @@
 // Parsing of civm run's ad-hoc flags: host mounts, port forwards, VM names; SSH command lines.
 import { test } from "node:test";
+import { startTimeoutFor } from "../../src/dev/supervise.js";
 import assert from "node:assert/strict";
 import { parseHostMount, passthroughWarning, planHostMounts, parsePortSpec, checkForwardsDistinct, checkVmName } from "../../src/dev/options.js";
 import { lacksUserXattrs, securityModelFor } from "../../src/vm/ninep.js";
@@ -154,4 +155,10 @@ test("devMetaOf: only well-formed dev meta is trusted", () => {
   assert.equal(devMetaOf({ ...base, meta: { dev: { kind: "dev" } } }), undefined);
   assert.equal(devMetaOf({ ...base, meta: { dev: { kind: "dev", ssh: { ...ssh, port: "5" } } } }), undefined);
   assert.deepEqual(devMetaOf({ ...base, meta: { dev: { kind: "dev", ssh } } })?.ssh, ssh);
+});
+
+test("civm run --detach waits 3 min for the VM, 20 with --snapshot (a first use makes the snapshot first); an explicit limit wins", () => {
+  assert.equal(startTimeoutFor({}), 180_000);
+  assert.equal(startTimeoutFor({ snapshot: true }), 20 * 60_000);
+  assert.equal(startTimeoutFor({ snapshot: true }, 5_000), 5_000);
 });
