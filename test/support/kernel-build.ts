@@ -35,7 +35,7 @@ async function build(): Promise<BuiltKernel> {
       ...process.env, CIVM_STATE_DIR: kernelStoreDir, CIVM_LOGS_DIR: join(kernelStoreDir, "logs"),
     });
     if (r.code !== 0) throw new Error(`civm kernel build ${TINY_KERNEL} failed (exit ${r.code}):\n${r.stderr}\n${r.stdout}`);
-    return JSON.parse(r.stdout.trim().split("\n").pop()!) as BuiltKernel;
+    return JSON.parse(r.stdout) as BuiltKernel; // one JSON document (pretty-printed: many lines)
   } finally {
     release();
   }
