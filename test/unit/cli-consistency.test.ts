@@ -167,3 +167,18 @@ test("civm --version and civm_build_info use CIVM_VERSION, which is package.json
   assert.equal(CIVM_VERSION, (JSON.parse(readFileSync(join(repoRoot, "package.json"), "utf8")) as { version: string }).version);
   assert.equal((await runCivm(["--version"], civmEnv())).stdout.trim(), CIVM_VERSION);
 });
+
+test("civm --help | head -1: the reader leaving early is no crash (no EPIPE stack trace), exit 0", async () => {
+  const { spawn } = await import("node:child_process");
+  const { civmBin } = await import("../support/paths.js");
+  const r = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
+    const p = spawn(process.execPath, [civmBin, "--help"], { stdio: ["ignore", "pipe", "pipe"] });
+    let stderr = "";
+    p.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+    // Like head -1: read the first chunk, then close the pipe before civm has written the rest.
+    p.stdout.once("data", () => p.stdout.destroy());
+    p.on("close", (code) => resolve({ code, stderr }));
+  });
+  assert.doesNotMatch(r.stderr, /EPIPE|Unhandled 'error' event|at \S+\.js:\d+/);
+  assert.equal(r.code, 0, r.stderr);
+});
