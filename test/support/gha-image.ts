@@ -11,8 +11,8 @@ import { join } from "node:path";
 import { parse } from "yaml";
 import { repoRoot, testCacheDir } from "./paths.js";
 import { makeFakeRunnerArchive, type FakeRunnerArchive } from "./fake-runner.js";
-import { acquireLock, oncePerProcess, runImageBuild, type StoredBuild } from "./stored-build.js";
-import { civmEnv, type CivmEnv } from "./civm-cli.js";
+import { oncePerProcess, runImageBuild, withLock, type StoredBuild } from "./stored-build.js";
+import { storeEnv, type CivmEnv } from "./civm-cli.js";
 
 export const ghaStoreDir = join(testCacheDir, "store-gha");
 export const GHA_IMAGE = "civm-gha";
@@ -64,23 +64,21 @@ async function build(): Promise<GhaImage> {
   mkdirSync(ghaStoreDir, { recursive: true });
   mkdirSync(fixtureDir, { recursive: true, mode: 0o755 });
   // The archive and its server are made under the lock too: another process may be writing them.
-  const release = await acquireLock(lockDir, GHA_IMAGE);
-  const archive = makeFakeRunnerArchive(fixtureDir);
-  const server = await serveArchive(archive.path, "actions-runner-linux-x64.tar.gz");
-  try {
-    const specFile = join(fixtureDir, "images.json");
-    writeGhaSpec(specFile, { version: archive.version, sha256: archive.sha256, url: server.url });
-    const b = await runImageBuild({ image: GHA_IMAGE, storeDir: ghaStoreDir, specFile });
-    return { ...b, archive, downloads: server.requests(), specFile };
-  } finally {
-    await server.close();
-    release();
-  }
+  return withLock(lockDir, GHA_IMAGE, async () => {
+    const archive = makeFakeRunnerArchive(fixtureDir);
+    const server = await serveArchive(archive.path, "actions-runner-linux-x64.tar.gz");
+    try {
+      const specFile = join(fixtureDir, "images.json");
+      writeGhaSpec(specFile, { version: archive.version, sha256: archive.sha256, url: server.url });
+      const b = await runImageBuild({ image: GHA_IMAGE, storeDir: ghaStoreDir, specFile });
+      return { ...b, archive, downloads: server.requests(), specFile };
+    } finally {
+      await server.close();
+    }
+  });
 }
 
 /** civmEnv() with the gha store as CIVM_STATE_DIR (own temp root and logs dir). */
 export function ghaEnv(extra: NodeJS.ProcessEnv = {}): CivmEnv {
-  const e = civmEnv(extra);
-  mkdirSync(e.logsDir, { recursive: true });
-  return { ...e, stateDir: ghaStoreDir, env: { ...e.env, CIVM_STATE_DIR: ghaStoreDir } };
+  return storeEnv(ghaStoreDir, extra);
 }

@@ -5,8 +5,8 @@
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { civmBin, repoRoot, testCacheDir } from "./paths.js";
-import { acquireLock, oncePerProcess, runNode } from "./stored-build.js";
-import { civmEnv, type CivmEnv } from "./civm-cli.js";
+import { oncePerProcess, runNode, withLock } from "./stored-build.js";
+import { storeEnv, type CivmEnv } from "./civm-cli.js";
 
 export const kernelStoreDir = join(testCacheDir, "store-kernels");
 export const TEST_KERNELS_JSON = join(repoRoot, "test", "fixtures", "kernels", "kernels.json");
@@ -29,21 +29,16 @@ export const ensureTinyKernel: () => Promise<BuiltKernel> = oncePerProcess(build
 
 async function build(): Promise<BuiltKernel> {
   mkdirSync(kernelStoreDir, { recursive: true });
-  const release = await acquireLock(lockDir, TINY_KERNEL);
-  try {
+  return withLock(lockDir, TINY_KERNEL, async () => {
     const r = await runNode([civmBin, "kernel", "build", TINY_KERNEL, "--kernels-file", TEST_KERNELS_JSON, "--json"], {
       ...process.env, CIVM_STATE_DIR: kernelStoreDir, CIVM_LOGS_DIR: join(kernelStoreDir, "logs"),
     });
     if (r.code !== 0) throw new Error(`civm kernel build ${TINY_KERNEL} failed (exit ${r.code}):\n${r.stderr}\n${r.stdout}`);
     return JSON.parse(r.stdout) as BuiltKernel; // one JSON document (pretty-printed: many lines)
-  } finally {
-    release();
-  }
+  });
 }
 
 /** civmEnv() with the kernels store as CIVM_STATE_DIR (own temp logs dir). */
 export function kernelEnv(extra: NodeJS.ProcessEnv = {}): CivmEnv {
-  const e = civmEnv(extra);
-  mkdirSync(e.logsDir, { recursive: true });
-  return { ...e, stateDir: kernelStoreDir, env: { ...e.env, CIVM_STATE_DIR: kernelStoreDir } };
+  return storeEnv(kernelStoreDir, extra);
 }

@@ -2,11 +2,10 @@
 // (test/fixtures/lvh-images/_data, unchanged), once for the whole suite into its own store
 // (<testCacheDir>/store-lvh) under a lock, like runner-image.ts does for civm-runner: cached
 // by the image's key across runs, so a warm store costs well under a second.
-import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { repoRoot, testCacheDir } from "./paths.js";
 import { buildStoredImage, oncePerProcess, type StoredBuild } from "./stored-build.js";
-import { civmEnv, type CivmEnv } from "./civm-cli.js";
+import { storeEnv, type CivmEnv } from "./civm-cli.js";
 
 export const lvhStoreDir = join(testCacheDir, "store-lvh");
 export const LVH_IMAGES_JSON = join(repoRoot, "test", "fixtures", "lvh-images", "_data", "images.json");
@@ -23,7 +22,5 @@ export const ensureLvhBaseImage: () => Promise<LvhBaseImage> = oncePerProcess(()
 
 /** civmEnv() with the lvh store as CIVM_STATE_DIR (own temp logs dir). */
 export function lvhEnv(extra: NodeJS.ProcessEnv = {}): CivmEnv {
-  const e = civmEnv(extra);
-  mkdirSync(e.logsDir, { recursive: true });
-  return { ...e, stateDir: lvhStoreDir, env: { ...e.env, CIVM_STATE_DIR: lvhStoreDir } };
+  return storeEnv(lvhStoreDir, extra);
 }

@@ -11,10 +11,10 @@
 // qemuProcessesNamed(), which look only at VMs whose instance name starts with a prefix the
 // test owns (give every instance a unique name per run, see uniqueName()).
 import { randomBytes } from "node:crypto";
-import { existsSync, mkdirSync, readdirSync, readFileSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { testCacheDir } from "./paths.js";
-import { civmEnv, type CivmEnv } from "./civm-cli.js";
+import { storeEnv, type CivmEnv } from "./civm-cli.js";
 import { buildStoredImage, oncePerProcess, type StoredBuild } from "./stored-build.js";
 
 // Where the lock and runNode used to live: test files import them from here too.
@@ -46,9 +46,7 @@ export function uniqueName(prefix: string): string {
  * store as CIVM_STATE_DIR.
  */
 export function runnerEnv(extra: NodeJS.ProcessEnv = {}): CivmEnv {
-  const e = civmEnv(extra);
-  mkdirSync(e.logsDir, { recursive: true });
-  return { ...e, stateDir: runnerStoreDir, env: { ...e.env, CIVM_STATE_DIR: runnerStoreDir } };
+  return storeEnv(runnerStoreDir, extra);
 }
 
 /** Work dirs and registry entries in e's state dir that belong to VMs named `prefix…`. */

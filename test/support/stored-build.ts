@@ -34,15 +34,20 @@ export interface StoredBuild {
   output: string;
 }
 
-/** `civm image build IMAGE --json [-f specFile]` into `storeDir` under `lockDir`'s lock. */
-export async function buildStoredImage(o: { image: string; storeDir: string; lockDir: string; specFile?: string }): Promise<StoredBuild> {
-  mkdirSync(o.storeDir, { recursive: true });
-  const release = await acquireLock(o.lockDir, o.image);
+/** Runs `f` holding `lockDir`'s lock (taken for `what`), released however `f` ends. */
+export async function withLock<T>(lockDir: string, what: string, f: () => Promise<T>): Promise<T> {
+  const release = await acquireLock(lockDir, what);
   try {
-    return await runImageBuild(o);
+    return await f();
   } finally {
     release();
   }
+}
+
+/** `civm image build IMAGE --json [-f specFile]` into `storeDir` under `lockDir`'s lock. */
+export async function buildStoredImage(o: { image: string; storeDir: string; lockDir: string; specFile?: string }): Promise<StoredBuild> {
+  mkdirSync(o.storeDir, { recursive: true });
+  return withLock(o.lockDir, o.image, () => runImageBuild(o));
 }
 
 /**
