@@ -71,7 +71,8 @@ function yaml(): typeof import("yaml") {
 }
 
 function parseYaml(text: string): Parsed {
-  const doc = yaml().parseDocument(text, { prettyErrors: true });
+  // merge: YAML's `<<: *anchor` (one entry built on another, as images/civm-runner.yaml does).
+  const doc = yaml().parseDocument(text, { prettyErrors: true, merge: true });
   // Later errors are mostly fallout of the first; report that one.
   const e = doc.errors[0];
   if (!e) {

@@ -297,8 +297,9 @@ test("BIOS boot with seed 003's user-data: civm serve runs with the App and pool
       upgrades: "apt-config dump APT::Periodic::Unattended-Upgrade; systemctl is-enabled unattended-upgrades apt-daily-upgrade.timer",
       data: "findmnt -no SOURCE,FSTYPE,OPTIONS /var/lib/civm; blkid -s LABEL -o value \"$(findmnt -no SOURCE /var/lib/civm)\"; lsblk -bno SIZE \"$(findmnt -no SOURCE /)\"",
       // The check is a oneshot that may still be probing KVM (QEMU under TCG inside TCG) when the
-      // runner registers: wait for it to finish (ActiveState leaves "activating") before reading.
-      doctor: "while [ \"$(systemctl show -p ActiveState --value civm-host-check)\" = activating ]; do sleep 2; done; journalctl -b -u civm-host-check --no-pager -o cat",
+      // runner registers, and journald can store its last lines after the unit has already left
+      // "activating" (CI saw the verdict missing): wait for doctor's closing line itself.
+      doctor: "timeout 240 sh -c 'until journalctl -b -u civm-host-check --no-pager -o cat | grep -q \"^civm doctor: \"; do sleep 2; done'; journalctl -b -u civm-host-check --no-pager -o cat",
       agentUnits: "systemctl is-active civm-growfs civm-agent || true",
       initrd: "lsinitramfs /boot/initrd.img-$(uname -r) | grep -oE '(hv_vmbus|hv_storvsc|nvme|xen-blkfront)\\.ko' | sort -u",
     });
@@ -340,10 +341,12 @@ test("BIOS boot with seed 003's user-data: civm serve runs with the App and pool
       assert.equal(label, "civm-data");
       assert.ok(Number(rootSize) > 7 * GiB, `root partition grown to the disk: ${rootSize} bytes`);
     });
-    await t.test("the boot check: /dev/kvm and civm doctor in the journal; the guest agent's units idle", () => {
-      // QEMU's TCG offers no usable KVM inside; civm doctor says so.
+    await t.test("the boot check: /dev/kvm and civm doctor in the journal; the guest agent's units idle", (t) => {
+      // QEMU's TCG (-cpu max has SVM) lets kvm_amd load inside, so /dev/kvm may be there; whether
+      // a probe boot on it finishes in time depends on the machine. civm doctor must decide.
       assert.match(probe.doctor, /civm-host: KVM: |civm-host: warning: no \/dev\/kvm/, probe.doctor);
-      assert.match(probe.doctor, /KVM usable\s+no/, probe.doctor);
+      assert.match(probe.doctor, /KVM usable\s+(no|yes):/, probe.doctor);
+      t.diagnostic(/KVM usable.*/.exec(probe.doctor)?.[0] ?? "");
       assert.match(probe.doctor, /civm doctor: /, probe.doctor);
       assert.doesNotMatch(probe.agentUnits, /^active/m, "the guest agent's units do not run on a host");
     });
