@@ -1,5 +1,6 @@
 // The production VmLauncher: one VmRun per runner VM, from the pool's spec. A stored image
-// brings its kernel and initrd (resolveStoredImage); an OCI reference is pulled into the
+// brings its kernel and initrd, and its architecture (an arm64 image runs on virt, under
+// TCG on an x86_64 host; pools have no "arch" of their own); an OCI reference is pulled into the
 // store per imagePullPolicy (ociImage); a disk path with `vmlinuz` and `initrd.img` next to
 // it boots those too (the layout of a stored image's folder).
 import { existsSync } from "node:fs";
@@ -8,7 +9,8 @@ import { dirname, join } from "node:path";
 import type { InstanceSpec } from "../config/types.js";
 import { ConfigError } from "../errors/index.js";
 import type { Paths } from "../host/paths.js";
-import { resolveStoredImage, STORED_IMAGE_CMDLINE, withStoredImage } from "../images/resolve.js";
+import { STORED_IMAGE_CMDLINE, withStoredImage } from "../images/resolve.js";
+import { accelFor, parseArch, withArch } from "../vm/arch.js";
 import type { StoredImage } from "../images/store.js";
 import { Registry } from "../vm/registry.js";
 import { reconcile } from "../vm/reconcile.js";
@@ -61,10 +63,12 @@ export class VmRunLauncher implements VmLauncher {
     };
     if (img.kind === "oci") {
       const stored = await this.ociImage(pool);
-      spec = withStoredImage(spec, stored, stored.diskPath);
+      spec = withStoredImage(withImageArch(spec, stored), stored, stored.diskPath);
     } else if (img.kind === "stored") {
-      spec = await resolveStoredImage(spec, this.opts.paths.stateDir);
-      if (!existsSync(spec.image)) throw new ConfigError(`pool ${pool.name}: image ${JSON.stringify(img.ref)} is not in the image store (civm image ls)`);
+      const { ImageStore } = await import("../images/store.js");
+      const stored = await new ImageStore(this.opts.paths.stateDir).get(img.ref);
+      if (!stored || !existsSync(stored.diskPath)) throw new ConfigError(`pool ${pool.name}: image ${JSON.stringify(img.ref)} is not in the image store (civm image ls)`);
+      spec = withStoredImage(withImageArch(spec, stored), stored, stored.diskPath);
     } else {
       const dir = dirname(spec.image);
       if (pool.vm.firmwareBoot) {
@@ -161,7 +165,7 @@ export class VmRunLauncher implements VmLauncher {
     if (!stored && mode === "auto") return undefined;
     const { planSnapshotStart } = await import("../images/snapshot.js");
     return planSnapshotStart({
-      mode, img: stored, spec, paths: this.opts.paths, accel: this.opts.accel, network: pool.vm.network, log, signal,
+      mode, img: stored, spec, paths: this.opts.paths, accel: accelFor(spec.arch, this.opts.accel), network: pool.vm.network, log, signal,
       ...(this.opts.qemuUser ? { qemuUser: this.opts.qemuUser } : {}),
     });
   }
@@ -182,7 +186,7 @@ export class VmRunLauncher implements VmLauncher {
         id: req.id,
         spec: { ...spec, config: req.config },
         paths: this.opts.paths,
-        accel: this.opts.accel,
+        accel: accelFor(spec.arch, this.opts.accel),
         graceSeconds: this.opts.graceSeconds,
         qemuUser: this.opts.qemuUser,
         secrets: req.secrets,
@@ -212,4 +216,10 @@ export async function findConsoleLog(logsDir: string, id: string): Promise<strin
   const files = await readdir(logsDir).catch(() => [] as string[]);
   const f = files.find((x) => re.test(x));
   return f === undefined ? undefined : join(logsDir, f);
+}
+
+/** A pool's VM of a stored image takes the image's architecture (and that architecture's machine). */
+function withImageArch(spec: InstanceSpec, img: StoredImage): InstanceSpec {
+  const arch = img.manifest.arch !== undefined ? parseArch(img.manifest.arch) : undefined;
+  return arch && arch !== "x86_64" ? withArch(spec, arch) : spec;
 }

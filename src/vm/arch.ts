@@ -4,6 +4,7 @@
 import { existsSync } from "node:fs";
 import { which } from "../exec/index.js";
 import { HostError } from "../errors/index.js";
+import type { InstanceSpec } from "../config/types.js";
 
 export type GuestArch = "x86_64" | "arm64";
 export const GUEST_ARCHES: readonly GuestArch[] = ["x86_64", "arm64"];
@@ -79,6 +80,18 @@ export function hostArch(nodeArch: string = process.arch): GuestArch | undefined
 /** The machine type of an instance of `arch` that names `machine` (or none). */
 export function machineFor(arch: GuestArch, machine: string | undefined): string {
   return machine ?? ARCH_INFO[arch].defaultMachine;
+}
+
+/** `spec` as a guest of `arch` (civm run --arch, a pool's arm64 image): its default machine when the spec's does not fit it. */
+export function withArch(spec: InstanceSpec, arch: GuestArch): InstanceSpec {
+  const machine = ARCH_INFO[arch].machines.includes(spec.machine) ? spec.machine : ARCH_INFO[arch].defaultMachine;
+  const { arch: _old, ...rest } = spec;
+  return { ...rest, machine, ...(arch !== "x86_64" ? { arch } : {}) };
+}
+
+/** The accelerator for a guest of `arch` on a host that chose `hostAccel`: KVM runs only the host's own architecture. */
+export function accelFor(arch: GuestArch | undefined, hostAccel: "kvm" | "tcg", nodeArch: string = process.arch): "kvm" | "tcg" {
+  return hostAccel === "kvm" && hostArch(nodeArch) === (arch ?? "x86_64") ? "kvm" : "tcg";
 }
 
 /** x86-only kernel parameters civm's own command lines carry; dropped for other guests. */

@@ -76,3 +76,11 @@ test("unreadable files name the file and the OS reason", async () => {
   mkdirSync(join(dir, "d.json"));
   await assert.rejects(loadStructuredFile(join(dir, "d.json")), /d\.json: cannot read the file: it is a directory, not a file$/);
 });
+
+test("YAML merge keys: an entry built on another (<<: *anchor), its own fields winning", () => {
+  const text = "- &base\n  name: a\n  size: 4G\n  packages: [x]\n- <<: *base\n  name: b\n  arch: arm64\n";
+  assert.deepEqual(parseStructuredText(text, "images.yaml"), [
+    { name: "a", size: "4G", packages: ["x"] },
+    { name: "b", size: "4G", packages: ["x"], arch: "arm64" },
+  ]);
+});

@@ -1,4 +1,5 @@
 import { withGuestAgent } from "../../src/images/build.js";
+import { cacheKeyFor } from "../../src/images/cache-key.js";
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { mkdirSync, writeFileSync } from "node:fs";
@@ -280,6 +281,22 @@ test("the built-in civm-runner spec loads", async () => {
   assert.ok(agent.actions[1]?.kind === "run" && /install\.sh \//.test(agent.actions[1].command));
   assert.deepEqual(agent.actions.slice(2), runner.actions);
   for (const p of ["jq", "eject", "cloud-guest-utils"]) assert.ok(agent.packages.includes(p), p);
+});
+
+test("the built-in civm-runner-arm64 is civm-runner for arm64 (YAML's merge key): same packages and actions, Debian's arm64 kernel, its own key", async () => {
+  const loaded = await loadImageSpecs(join(repoRoot, "images", "civm-runner.yaml"), OPTS);
+  const x86 = byName(loaded.images, "civm-runner");
+  const arm = byName(loaded.images, "civm-runner-arm64");
+  assert.equal(x86.arch, undefined);
+  assert.equal(arm.arch, "arm64");
+  assert.equal(arm.kernel, "linux-image-arm64");
+  assert.equal(arm.parent, undefined);
+  assert.deepEqual(arm.packages, x86.packages);
+  assert.deepEqual(arm.actions, x86.actions);
+  assert.equal(arm.sizeBytes, x86.sizeBytes);
+  assert.equal(arm.format, x86.format);
+  const keys = [await cacheKeyFor(x86, { agentVersion: "9" }), await cacheKeyFor(arm, { agentVersion: "9" })];
+  assert.notEqual(keys[0], keys[1]);
 });
 
 test("the examples load: the Rust-CI-like runner (child of civm-gha, seed 000's files/ and scripts/ as copy and provision)", async () => {

@@ -3,12 +3,13 @@
 import { DEFAULT_NETWORK } from "../../src/net/policy.js";
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdirSync, utimesSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, utimesSync, writeFileSync } from "node:fs";
 import { execFileSync } from "node:child_process";
 import { join } from "node:path";
 import { VmRunLauncher, findConsoleLog } from "../../src/pool/launcher.js";
 import type { PoolSpec } from "../../src/pool/types.js";
 import { resolvePaths } from "../../src/host/paths.js";
+import { accelFor, cmdlineFor } from "../../src/vm/arch.js";
 import { tempDir } from "../support/paths.js";
 
 function pool(image: PoolSpec["runner"]["image"]): PoolSpec {
@@ -106,4 +107,34 @@ test("a pool on a foreign GRUB disk boots its own kernel directly (GRUB's argume
   const blankSpec = await launcher.spec(pool({ ref: blank, kind: "path", path: blank }), "00000003", (l) => lines.push(l));
   assert.equal(blankSpec.kernel, undefined);
   assert.ok(lines.some((l) => /cannot boot .* directly/.test(l)), lines.join("\n"));
+});
+
+test("a pool on a stored arm64 image runs arm64 guests: virt, its kernel, TCG on an x86_64 host even when the host has KVM", async () => {
+  const root = tempDir();
+  const paths = resolvePaths({ stateDir: join(root, "state"), logsDir: join(root, "logs") });
+  const launcher = new VmRunLauncher({ paths, accel: "kvm", graceSeconds: 1, log: () => {} });
+  for (const [name, arch] of [["runner-a64", "arm64"], ["runner", undefined]] as const) {
+    storeImage(paths.stateDir, name, "c".repeat(64), "4".repeat(64));
+    const dir = join(paths.stateDir, "images", name);
+    writeFileSync(join(dir, "vmlinuz"), "kernel");
+    writeFileSync(join(dir, "initrd.img"), "initrd");
+    const m = JSON.parse(readFileSync(join(dir, "manifest.json"), "utf8")) as Record<string, unknown>;
+    writeFileSync(join(dir, "manifest.json"), JSON.stringify({ ...m, kernel: "vmlinuz", initrd: "initrd.img", ...(arch ? { arch } : {}) }));
+  }
+  const arm = await launcher.spec(pool({ ref: "runner-a64", kind: "stored" }), "00000001");
+  assert.equal(arm.arch, "arm64");
+  assert.equal(arm.machine, "virt");
+  assert.equal(arm.kernel, join(paths.stateDir, "images", "runner-a64", "vmlinuz"));
+  // QEMU's argv makes console=ttyS0 the virt machine's ttyAMA0 (cmdlineFor), as for instances.
+  assert.match(cmdlineFor("arm64", arm.cmdline!), /console=ttyAMA0/);
+  const x86 = await launcher.spec(pool({ ref: "runner", kind: "stored" }), "00000002");
+  assert.equal(x86.arch, undefined);
+  assert.equal(x86.machine, "pc");
+  assert.match(x86.cmdline!, /console=ttyS0/);
+  // KVM only for the host's own architecture.
+  assert.equal(accelFor("arm64", "kvm", "x64"), "tcg");
+  assert.equal(accelFor(undefined, "kvm", "x64"), "kvm");
+  assert.equal(accelFor("arm64", "kvm", "arm64"), "kvm");
+  assert.equal(accelFor(undefined, "kvm", "arm64"), "tcg");
+  assert.equal(accelFor(undefined, "tcg", "x64"), "tcg");
 });

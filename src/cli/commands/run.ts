@@ -16,7 +16,7 @@ import { formatBytes, formatSeconds } from "../../vm/format.js";
 import { trace } from "../../errors/trace.js";
 import { isOciImageRef, looksLikeImageName, resolveStoredImage } from "../../images/resolve.js";
 import { buildQemuArgs } from "../../vm/argv.js";
-import { ARCH_INFO, parseArch, requireArch, type GuestArch } from "../../vm/arch.js";
+import { ARCH_INFO, parseArch, requireArch, withArch, type GuestArch } from "../../vm/arch.js";
 import { sniffImage } from "../../vm/disk.js";
 import { describeCommand } from "../../exec/index.js";
 import { ensureLogsDir } from "../../host/paths.js";
@@ -442,12 +442,6 @@ export function archFlag(v: string): GuestArch {
   return a;
 }
 
-/** An instance run with --arch: the architecture, and its default machine when the instance's does not fit it. */
-export function withArch(spec: InstanceSpec, arch: GuestArch): InstanceSpec {
-  const machine = ARCH_INFO[arch].machines.includes(spec.machine) ? spec.machine : ARCH_INFO[arch].defaultMachine;
-  const { arch: _old, ...rest } = spec;
-  return { ...rest, machine, ...(arch !== "x86_64" ? { arch } : {}) };
-}
 
 /** The hidden command a detached VM's supervisor runs as (see src/dev/supervise.ts). */
 export function registerSupervisor(program: Command): void {
