@@ -202,12 +202,26 @@ async function bootHost(o: { name: string; firmware: "bios" | "uefi"; userData: 
   const done = vm.run().finally(() => (ended = true));
   return {
     name: o.name, sshPort: sshAt, servePort: serveAt, vm, done, alive: () => !ended, console: () => text,
-    run: (cmd, timeoutMs) => ssh(sshAt, sshKey, cmd, timeoutMs),
+    run: (cmd, timeoutMs) => sshRetrying(sshAt, cmd, timeoutMs, () => !ended),
     stop: async () => {
       vm.stop("signal");
       return done;
     },
   };
+}
+
+/**
+ * ssh, tried again while the connection itself fails (exit 255, nothing printed): cloud-init's
+ * first boot restarts sshd with new host keys after the first login can already answer (a
+ * local run saw the next command's connection refused right after SSH first answered).
+ */
+async function sshRetrying(port: number, cmd: string, timeoutMs: number | undefined, alive: () => boolean): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  for (let attempt = 1; ; attempt++) {
+    const r = await ssh(port, sshKey, cmd, timeoutMs);
+    if (r.code !== 255 || r.stdout !== "" || attempt >= 6 || !alive()) return r;
+    process.stderr.write(`# ssh to 127.0.0.1:${port} failed (${r.stderr.trim() || "exit 255"}); again in 10 s\n`);
+    await new Promise((res) => setTimeout(res, 10_000));
+  }
 }
 
 /**
@@ -371,7 +385,7 @@ test("UEFI boot from a ConfigDrive (config-2): the SSH key from its metadata; a 
     t.diagnostic(`SSH answered ${sshSeconds.toFixed(0)} s after start (TCG, OVMF + GRUB, ConfigDrive)`);
     assert.match((await host.run("test -d /sys/firmware/efi && echo uefi")).stdout, /uefi/, "booted through UEFI");
     const ds = await host.run(`${CLOUD_INIT_DONE} >/dev/null; cat /run/cloud-init/result.json`, 30 * 60_000);
-    assert.match(ds.stdout, /"datasource": "DataSourceConfigDrive \[net,ver=2\]\[source=\/dev\/vd[a-z]\]"/, ds.stdout);
+    assert.match(ds.stdout, /"datasource": "DataSourceConfigDrive \[net,ver=2\]\[source=\/dev\/vd[a-z]\]"/, `ssh exit ${ds.code}: ${ds.stdout}${ds.stderr}`);
     const ci = await host.run(`${CLOUD_INIT_DONE}; sudo cat /var/log/cloud-init-output.log`, 30 * 60_000);
     assert.match(ci.stdout, /status: error/, ci.stdout);
     assert.match(ci.stdout, /\/etc\/fireactions\/pools\.json/);
