@@ -5,6 +5,8 @@
 // config disc, the network comes up (systemd-networkd's DHCP), the command runs on aarch64 as
 // the runner user, its status comes back and the VM powers off; nothing is left behind.
 // Cached by the image's key in <test cache>/store-arm64 (docs/benchmarks.md "arm64 guests").
+// Named to sort first among the e2e files: its cold build (~15 min, one core under qemu-user)
+// then overlaps the rest of the suite instead of ending it.
 import { test, before } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync, writeFileSync } from "node:fs";
