@@ -42,7 +42,8 @@ export function registerImage(program: Command): void {
       const { ImageStore, sweepStale } = await import("../../images/store.js");
       const { detectAccel } = await import("../../host/kvm.js");
       const file = specFile(flags.file);
-      const specs = file ? await loadImageSpecs(file) : await loadBuiltinImageSpecs();
+      // A parent the file does not define may be a built-in image or one stored in the state dir.
+      const specs = file ? await loadImageSpecs(file, { stateDir: paths.stateDir }) : await loadBuiltinImageSpecs();
       // lvh's names carry the file's extension: "base.qcow2" builds the image base.
       const all = Array.isArray(specs) ? specs : specs.images;
       const name = all.some((i) => i.name === asked) ? asked : lvhImageName(asked);
