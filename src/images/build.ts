@@ -112,7 +112,7 @@ function usedAsStored(o: BuildOptions, spec: ImageSpec, existing: StoredImage | 
     throw new ConfigError(`${spec.name} is a stored image that ${file} does not define, so it cannot be rebuilt from it; rebuild it from the spec file that defines it: civm image build ${spec.name} -f FILE --force.`);
   }
   if (!existing || existing.manifest.key !== ref.key) {
-    throw new ConfigError(`the stored image ${spec.name} ${existing ? "was replaced" : "was removed"} while the build started (${ref.manifest}); run the build again.`);
+    throw new ConfigError(`the stored image ${spec.name} ${existing ? "was replaced" : "was removed"} since the spec was loaded (${ref.manifest}); run the build again.`);
   }
   o.onEvent?.({ image: spec.name, step: "cached", message: `${spec.name} is a stored image, used as it is (key ${ref.key.slice(0, 12)})`, elapsedMs: Date.now() - started });
   return { image: spec.name, status: "cached", key: ref.key, seconds: (Date.now() - started) / 1000, stored: existing };
