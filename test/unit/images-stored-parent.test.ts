@@ -13,8 +13,8 @@ import { buildImage, type BuildEvent } from "../../src/images/build.js";
 import { cacheKeyFor, cacheKeysFor } from "../../src/images/cache-key.js";
 import { loadImageSpecs, resolveBuildOrder, type LoadImageOptions } from "../../src/images/spec.js";
 import { ImageStore, type ManifestInput } from "../../src/images/store.js";
-import type { ImageSpec } from "../../src/images/types.js";
 import { tempDir } from "../support/paths.js";
+import { imageByName, specLoadError } from "../support/image-specs.js";
 
 const MIRROR = "http://mirror.test.invalid/debian";
 const PARENT_MIRROR = "http://parent-mirror.test.invalid/debian";
@@ -58,21 +58,8 @@ function spec(f: Fixture, entries: unknown[]): string {
 
 const CHILD = { name: "kernel-on-base", parent: "base", packages: ["git"], actions: [{ run: "true" }] };
 
-async function configError(file: string, opts: LoadImageOptions): Promise<string> {
-  try {
-    await loadImageSpecs(file, opts);
-  } catch (e) {
-    assert.ok(e instanceof ConfigError, `a ConfigError, got ${String(e)}`);
-    return e.message;
-  }
-  assert.fail("expected loadImageSpecs to fail");
-}
-
-function byName(images: readonly ImageSpec[], name: string): ImageSpec {
-  const found = images.find((i) => i.name === name);
-  assert.ok(found, `image ${name}`);
-  return found;
-}
+const configError = specLoadError;
+const byName = imageByName;
 
 test("a stored parent: the child inherits suite, mirror, size and arch from its manifest; its key builds on the parent's key", async () => {
   const f = fixture();
