@@ -29,7 +29,7 @@ export function registerImage(program: Command): void {
 
   image
     .command("build")
-    .description("Build an image (and its parents) from a spec: mmdebstrap root tree, ext4 partition without mounts, then a VM boot for the bootloader and provision scripts. Unchanged images are cached by key. A spec with snapshot: true also gets its memory snapshot (docs/images.md \"Snapshots\").")
+    .description("Build an image (and its parents) from a spec: mmdebstrap root tree, ext4 partition without mounts, then a VM boot for the bootloader and provision scripts. Unchanged images are cached by key. A parent the file does not define may be a built-in image or one already in the store (used as it is). A spec with snapshot: true also gets its memory snapshot (docs/images.md \"Snapshots\").")
     .argument("<name>", "image name (civm-runner is built in)")
     .option("-f, --file <file>", "images spec, JSON or YAML, civm or lvh form (default: ./images.json or ./images.yaml, plus the built-in images)")
     .option("--force", "rebuild the image even if its key is unchanged (parents stay cached)")
