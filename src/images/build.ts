@@ -85,9 +85,13 @@ async function buildChain(o: BuildOptions, chain: ImageSpec[]): Promise<BuildOut
     const key = keys.get(spec.name)!;
     const existing = await o.store.get(spec.name);
     const forced = o.force && spec.name === o.name;
+    if (spec.stored) {
+      outcomes.push(usedAsStored(o, spec, existing, forced, started));
+      continue;
+    }
     if (existing && existing.manifest.key === key && !forced) {
       o.onEvent?.({ image: spec.name, step: "cached", message: `${spec.name} is up to date (key ${key.slice(0, 12)})`, elapsedMs: Date.now() - started });
-      outcomes.push({ image: spec.name, status: "cached", key, seconds: (Date.now() - started) / 1000, stored: existing });
+      outcomes.push({ image: spec.name, status: "cached", key, seconds: (Date.now() - started) / 1000, stored: await withSpecFields(o, spec, key, existing) });
       continue;
     }
     const parentKey = spec.parent ? keys.get(spec.parent) : undefined;
@@ -95,6 +99,37 @@ async function buildChain(o: BuildOptions, chain: ImageSpec[]): Promise<BuildOut
     outcomes.push({ image: spec.name, status: "built", key, seconds: (Date.now() - started) / 1000, stored });
   }
   return outcomes;
+}
+
+/**
+ * A parent that is only a stored image (no spec in this file: src/images/stored-parent.ts) is
+ * used as it is. It must still be the image the spec was loaded with: its key is in the child's.
+ */
+function usedAsStored(o: BuildOptions, spec: ImageSpec, existing: StoredImage | undefined, forced: boolean | undefined, started: number): BuildOutcome {
+  const ref = spec.stored as NonNullable<ImageSpec["stored"]>;
+  const file = Array.isArray(o.specs) ? "the spec file" : (o.specs as LoadedImageSpecs).file;
+  if (forced) {
+    throw new ConfigError(`${spec.name} is a stored image that ${file} does not define, so it cannot be rebuilt from it; rebuild it from the spec file that defines it: civm image build ${spec.name} -f FILE --force.`);
+  }
+  if (!existing || existing.manifest.key !== ref.key) {
+    throw new ConfigError(`the stored image ${spec.name} ${existing ? "was replaced" : "was removed"} since the spec was loaded (${ref.manifest}); run the build again.`);
+  }
+  o.onEvent?.({ image: spec.name, step: "cached", message: `${spec.name} is a stored image, used as it is (key ${ref.key.slice(0, 12)})`, elapsedMs: Date.now() - started });
+  return { image: spec.name, status: "cached", key: ref.key, seconds: (Date.now() - started) / 1000, stored: existing };
+}
+
+/**
+ * A cached image whose manifest (from an older civm) lacks the spec's suite and mirror gets
+ * them: its key covers them, and a spec in another file may name it as a parent.
+ */
+async function withSpecFields(o: BuildOptions, spec: ImageSpec, key: string, existing: StoredImage): Promise<StoredImage> {
+  if (existing.manifest.suite !== undefined && existing.manifest.mirror !== undefined) return existing;
+  try {
+    if (await o.store.addSpecFields(spec.name, key, { suite: spec.suite, mirror: spec.mirror })) return (await o.store.get(spec.name)) ?? existing;
+  } catch (e) {
+    o.log(`${spec.name}: could not record its suite and mirror in its manifest: ${(e as Error).message}`);
+  }
+  return existing;
 }
 
 async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey: string | undefined, started: number): Promise<StoredImage> {
@@ -196,6 +231,8 @@ async function buildOne(o: BuildOptions, spec: ImageSpec, key: string, parentKey
       name: spec.name, key, format: spec.format, disk: basename(finalDisk),
       kernel: "vmlinuz", initrd: "initrd.img",
       ...(spec.parent ? { parent: spec.parent, ...(parentKey ? { parentKey } : {}) } : {}),
+      // What a child in another file inherits when it names this image as its parent.
+      suite: spec.suite, mirror: spec.mirror,
       packages, buildSeconds: (Date.now() - started) / 1000, createdAt: new Date().toISOString(), source: "build",
       ...(spec.arch && spec.arch !== "x86_64" ? { arch: spec.arch } : {}),
       ...(compressed ? { compressed } : {}),

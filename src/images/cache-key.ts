@@ -198,6 +198,11 @@ export async function cacheKeysFor(chain: readonly ImageSpec[], opts: { agentVer
   const keys = new Map<string, string>();
   const agentVersion = opts.agentVersion ?? (await readAgentVersion());
   for (const spec of chain) {
+    // A stored image standing in as a parent (no spec here): its key is the one it was built with.
+    if (spec.stored) {
+      keys.set(spec.name, spec.stored.key);
+      continue;
+    }
     const parentKey = spec.parent !== undefined ? keys.get(spec.parent) : undefined;
     keys.set(spec.name, await cacheKeyFor(spec, { agentVersion, ...(parentKey !== undefined ? { parentKey } : {}) }));
   }

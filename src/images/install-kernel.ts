@@ -2,7 +2,8 @@
 // the image. Before anything is built (and before the cache key is computed), each such action
 // becomes two ordinary ones:
 //   copy  <staged>/civm-kernel-<release>  ->  /tmp/   (boot/vmlinuz-<release>, lib/modules/<release>/)
-//   run   put them in place, depmod, update-initramfs -c, echo <release> > /boot/civm-kernel
+//   run   put them in place, depmod, update-initramfs -c (with a temporary /boot/config-<release>
+//         naming gzip when the kernel brings none), echo <release> > /boot/civm-kernel
 // The staged folder is the stored kernel's vmlinuz and its modules (read out of modules.img
 // with debugfs, no mount), so the image's key covers the kernel's bytes like any copied file.
 // The build's epilogue exports /boot/civm-kernel's kernel (not the newest version) as the
@@ -28,7 +29,14 @@ function installScript(release: string): string {
     `rm -rf "$d"`,
     `depmod "$r"`,
     `rm -f "/boot/initrd.img-$r"`,
+    // Debian's mkinitramfs picks the initramfs compression from /boot/config-<release> and
+    // fails without it; civm's stored kernels bring no config. A temporary one naming gzip
+    // (CONFIG_RD_GZIP: on by default in every kernel that takes an initrd) is removed after,
+    // so nothing else (libbpf, DKMS) mistakes it for the kernel's real config.
+    `cfg="/boot/config-$r" stub=`,
+    `if [ ! -e "$cfg" ]; then printf '%s\\n' '# civm install-kernel: for update-initramfs only, removed after' CONFIG_BLK_DEV_INITRD=y CONFIG_RD_GZIP=y > "$cfg"; stub=1; fi`,
     `update-initramfs -c -k "$r"`,
+    `if [ -n "$stub" ]; then rm -f "$cfg"; fi`,
     `echo "$r" > ${INSTALLED_KERNEL_MARKER}`,
   ].join("\n");
 }

@@ -51,6 +51,12 @@ export interface LoadImageOptions {
   builtins?: boolean;
   /** Folder of the built-in specs (default: images/ at the repo root). */
   builtinDir?: string;
+  /**
+   * civm's state dir: a parent that neither the file nor the built-in images define is looked
+   * up among its stored images, and used as it is (src/images/stored-parent.ts). Unset: no
+   * stored parents.
+   */
+  stateDir?: string;
 }
 
 // ---------------------------------------------------------------- field schemas (zod)
@@ -312,14 +318,35 @@ async function loadImageSpecsInternal(file: string, opts: LoadImageOptions, buil
   let builtins: ImageSpec[] = [...builtinPool];
   if (missing.length > 0 && opts.builtins !== false && !builtin) builtins = await loadBuiltinImageSpecs(opts);
   const builtinByName = new Map(builtins.map((b) => [b.name, b]));
-  for (const n of missing) {
+  // Then among the stored images: one built earlier (from another file) is used as it is.
+  const storedByName = new Map<string, ImageSpec>();
+  const storeDir = builtin ? undefined : opts.stateDir;
+  const unresolved = missing.filter((n) => !builtinByName.has(n.parent as string));
+  const notStored: RawNode[] = [];
+  if (unresolved.length > 0 && storeDir !== undefined) {
+    const { storedParentSpec } = await import("./stored-parent.js");
+    const looked = new Map<string, Awaited<ReturnType<typeof storedParentSpec>>>();
+    for (const n of unresolved) {
+      const parent = n.parent as string;
+      if (!looked.has(parent)) looked.set(parent, await storedParentSpec(parent, storeDir));
+      const r = looked.get(parent);
+      if (!r) notStored.push(n);
+      else if ("spec" in r) storedByName.set(parent, r.spec);
+      else problems.push(`${n.where}: field "parent": ${r.problem}`);
+    }
+  } else notStored.push(...unresolved);
+  const stored = notStored.length > 0 && storeDir !== undefined ? await (await import("./stored-parent.js")).storedImageNames(storeDir) : undefined;
+  for (const n of notStored) {
     const parent = n.parent as string;
-    if (builtinByName.has(parent)) continue;
-    const hint = closestMatch(parent, [...rawNames, ...builtinByName.keys()]);
-    const builtinList = builtins.length ? ` or among the built-in images (${builtins.map((b) => b.name).join(", ")})` : "";
+    const hint = closestMatch(parent, [...rawNames, ...builtinByName.keys(), ...(stored?.names ?? [])]);
+    const builtinList = builtins.length ? `among the built-in images (${builtins.map((b) => b.name).join(", ")})` : "";
+    const storedList = stored ? `among the images stored in ${stored.dir} (${stored.names.length ? stored.names.join(", ") : "none"})` : "";
+    const where = [builtinList, storedList].filter((w) => w !== "");
     problems.push(
-      `${n.where}: field "parent": no image named ${JSON.stringify(parent)} in ${file}${builtinList}` +
-        (hint ? `; did you mean ${JSON.stringify(hint)}?` : '; define it in the file or remove "parent" to build a root image.'),
+      `${n.where}: field "parent": no image named ${JSON.stringify(parent)} in ${file}${where.length === 2 ? `, ${where.join(" or ")}` : where.length === 1 ? ` or ${where[0]}` : ""}` +
+        (hint
+          ? `; did you mean ${JSON.stringify(hint)}?`
+          : `; define it in the file${stored ? `, build it first from the file that defines it (civm image build ${parent} -f FILE)` : ""} or remove "parent" to build a root image.`),
     );
   }
   problems.push(...parentCycles(nodes, file));
@@ -339,6 +366,13 @@ async function loadImageSpecsInternal(file: string, opts: LoadImageOptions, buil
     ordered.push(b);
     return b;
   };
+  const addStored = (name: string): ImageSpec | undefined => {
+    const p = storedByName.get(name);
+    if (!p || done.has(name)) return done.get(name);
+    done.set(name, p);
+    ordered.push(p);
+    return p;
+  };
   const visit = (d: Draft): void => {
     if (done.has(d.spec.name)) return;
     let parent: ImageSpec | undefined;
@@ -347,7 +381,7 @@ async function loadImageSpecsInternal(file: string, opts: LoadImageOptions, buil
       if (p) {
         visit(p);
         parent = done.get(p.spec.name);
-      } else parent = addBuiltin(d.spec.parent);
+      } else parent = addBuiltin(d.spec.parent) ?? addStored(d.spec.parent);
       if (!parent) return; // the parent itself was invalid; its problem is reported
     }
     const spec = finish(d, parent, mirrorFor, problems);

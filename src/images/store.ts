@@ -62,6 +62,13 @@ export interface ImageManifest {
   packages: Record<string, string>;
   /** The guest architecture the image is for ("arm64"); absent: x86_64. */
   arch?: string;
+  /**
+   * Built images: the spec's Debian suite and mirror (a child's inherited ones), so a spec
+   * in another file can name this image as its parent (src/images/stored-parent.ts).
+   * Absent in manifests of older civm versions; a cached build adds them (addSpecFields).
+   */
+  suite?: string;
+  mirror?: string;
   buildSeconds: number;
   /** ISO 8601. */
   createdAt: string;
@@ -297,25 +304,72 @@ export class ImageStore {
 
   /** The stored image, or undefined (also for names that are not valid image names). */
   async get(name: string): Promise<StoredImage | undefined> {
+    const found = await this.examine(name);
+    return found && "image" in found ? found.image : undefined;
+  }
+
+  /**
+   * What <images>/<name> holds: the image; `damaged`, why the folder is no image (no or a
+   * broken manifest.json, its disk gone); undefined when there is no such folder (or the name
+   * is not a valid image name).
+   */
+  async examine(name: string): Promise<{ image: StoredImage } | { damaged: string } | undefined> {
     if (!isValidImageName(name)) return undefined;
     const dir = this.pathOf(name);
+    if (!(await stat(dir).catch(() => undefined))?.isDirectory()) return undefined;
+    const manifestPath = join(dir, MANIFEST);
+    let text: string;
+    try {
+      text = await readFile(manifestPath, "utf8");
+    } catch (e) {
+      return { damaged: errno(e) === "ENOENT" ? `${dir} has no ${MANIFEST} (a build or removal that was cut short)` : `${manifestPath} cannot be read: ${(e as Error).message}` };
+    }
     let manifest: ImageManifest;
     try {
-      manifest = JSON.parse(await readFile(join(dir, MANIFEST), "utf8")) as ImageManifest;
-    } catch {
-      return undefined;
+      manifest = JSON.parse(text) as ImageManifest;
+    } catch (e) {
+      return { damaged: `${manifestPath} is not valid JSON (${(e as Error).message})` };
     }
-    if (!looksLikeManifest(manifest) || manifest.name !== name) return undefined;
+    if (!looksLikeManifest(manifest)) return { damaged: `${manifestPath} lacks what a stored image's manifest has (name, key, format, disk, sha256, diskBytes, virtualSize)` };
+    if (manifest.name !== name) return { damaged: `${manifestPath} names the image ${JSON.stringify(manifest.name)}, not ${JSON.stringify(name)}` };
     const diskPath = join(dir, manifest.disk);
-    try {
-      if (!(await stat(diskPath)).isFile()) return undefined;
-    } catch {
-      return undefined;
-    }
+    if (!(await stat(diskPath).catch(() => undefined))?.isFile()) return { damaged: `its disk ${diskPath} is missing` };
     const image: StoredImage = { name, dir, diskPath, manifest };
     if (manifest.kernel) image.kernelPath = join(dir, manifest.kernel);
     if (manifest.initrd) image.initrdPath = join(dir, manifest.initrd);
-    return image;
+    return { image };
+  }
+
+  /**
+   * Adds fields that a manifest written by an older civm lacks (never changes one it has) to
+   * the stored image `name`, if its key is still `key` (a build found it up to date: the key
+   * covers these fields, so they are the ones it was built with). The new manifest.json is
+   * renamed over the old one, and only when the old one is still the one read. True when written.
+   */
+  async addSpecFields(name: string, key: string, fields: Pick<ImageManifest, "suite" | "mirror">): Promise<boolean> {
+    if (!isValidImageName(name)) return false;
+    const path = join(this.pathOf(name), MANIFEST);
+    const before = await readFile(path, "utf8").catch(() => undefined);
+    let m: unknown;
+    try {
+      m = before === undefined ? undefined : JSON.parse(before);
+    } catch {
+      return false;
+    }
+    if (!looksLikeManifest(m) || m.name !== name || m.key !== key) return false;
+    const add = Object.fromEntries(Object.entries(fields).filter(([k, v]) => v !== undefined && (m as unknown as Record<string, unknown>)[k] === undefined));
+    if (Object.keys(add).length === 0) return false;
+    const tmp = join(this.pathOf(name), `.manifest-${rand()}.json`);
+    try {
+      await writeFile(tmp, JSON.stringify({ ...m, ...add }, null, 2) + "\n", { mode: 0o644 });
+      await fsyncPath(tmp);
+      if ((await readFile(path, "utf8").catch(() => undefined)) !== before) return false; // replaced meanwhile
+      await rename(tmp, path);
+    } finally {
+      await unlink(tmp).catch(() => {});
+    }
+    await fsyncPath(this.pathOf(name)).catch(() => {});
+    return true;
   }
 
   /** The stored image, or a ConfigError naming the stored ones and how to get it. */

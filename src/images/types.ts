@@ -191,7 +191,22 @@ export interface ImageSpec {
    * settings (2 cpus, 2 GiB, pc). Not part of the image's key: the disk does not change.
    */
   snapshot?: boolean;
+  /**
+   * Set on an image that is only a stored image (a parent named by a spec file that neither
+   * defines it nor finds it among the built-in images): its key and inherited fields come
+   * from its manifest, and the builder uses its stored disk as it is, never rebuilding it
+   * (src/images/stored-parent.ts).
+   */
+  stored?: StoredParentRef;
   source: ImageSource;
+}
+
+/** A stored image standing in as a parent (ImageSpec.stored). */
+export interface StoredParentRef {
+  /** The stored image's key (manifest.json's `key`): the child's key covers it. */
+  key: string;
+  /** Its manifest.json, for messages. */
+  manifest: string;
 }
 
 export interface LoadedImageSpecs {
@@ -199,6 +214,9 @@ export interface LoadedImageSpecs {
   file: string;
   /** Absolute folder of the spec file. */
   baseDir: string;
-  /** Every image of the file plus the built-in images they descend from; parents first. */
+  /**
+   * Every image of the file plus the built-in images they descend from and the stored images
+   * standing in as parents (`stored` set); parents first.
+   */
   images: ImageSpec[];
 }

@@ -13,6 +13,7 @@ import { runnerInstallScript, sudoScript } from "../../src/images/build.js";
 import { cachedPath, ensureVerifiedFile } from "../../src/images/download.js";
 import { githubRunnerReleaseUrl, loadBuiltinImageSpecs, loadImageSpecs } from "../../src/images/spec.js";
 import { tempDir } from "../support/paths.js";
+import { specLoadError } from "../support/image-specs.js";
 
 const OPTS = { defaultMirror: "http://mirror.test.invalid/debian" };
 const SHA = "ab".repeat(32);
@@ -24,14 +25,8 @@ function specFile(images: unknown[]): { file: string; dir: string } {
   return { file, dir };
 }
 
-async function configError(file: string): Promise<string> {
-  try {
-    await loadImageSpecs(file, OPTS);
-  } catch (e) {
-    assert.ok(e instanceof ConfigError, String(e));
-    return e.message;
-  }
-  return assert.fail("expected a ConfigError");
+function configError(file: string): Promise<string> {
+  return specLoadError(file, OPTS);
 }
 
 test("githubRunner: url defaults to GitHub's release asset; sha256 is lowercased; a host path is resolved and must exist", async () => {

@@ -2,22 +2,16 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { copyFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { ConfigError } from "../../src/errors/index.js";
 import { loadImageSpecs } from "../../src/images/spec.js";
 import { isLvhForm, translateLvhImage } from "../../src/images/lvh.js";
 import { repoRoot, tempDir } from "../support/paths.js";
+import { specLoadError } from "../support/image-specs.js";
 
 const OPTS = { defaultMirror: "http://mirror.test.invalid/debian" };
 const fixtures = join(repoRoot, "test", "fixtures", "images");
 
-async function configError(file: string): Promise<string> {
-  try {
-    await loadImageSpecs(file, OPTS);
-  } catch (e) {
-    assert.ok(e instanceof ConfigError, `a ConfigError, got ${String(e)}`);
-    return e.message;
-  }
-  assert.fail("expected loadImageSpecs to fail");
+function configError(file: string): Promise<string> {
+  return specLoadError(file, OPTS);
 }
 
 test("the lvh base image example (as lvh writes it) loads and translates", async () => {

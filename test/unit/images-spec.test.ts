@@ -7,9 +7,9 @@ import { join } from "node:path";
 import YAML from "yaml";
 import { ConfigError } from "../../src/errors/index.js";
 import { loadImageSpecs, resolveBuildOrder, type LoadImageOptions } from "../../src/images/spec.js";
-import type { ImageSpec } from "../../src/images/types.js";
 import { hostDebianMirror, parseDeb822, parseOneLine } from "../../src/images/mirror.js";
 import { repoRoot, tempDir } from "../support/paths.js";
+import { imageByName, specLoadError } from "../support/image-specs.js";
 
 // Never contacted: spec loading only records the mirror.
 const MIRROR = "http://mirror.test.invalid/debian";
@@ -28,22 +28,11 @@ function setup(name: string, content: unknown): { file: string; dir: string } {
   return { file, dir };
 }
 
-async function configError(file: string, opts: LoadImageOptions = OPTS): Promise<string> {
-  try {
-    await loadImageSpecs(file, opts);
-  } catch (e) {
-    assert.ok(e instanceof ConfigError, `a ConfigError, got ${String(e)}`);
-    assert.equal(e.exitCode, 2);
-    return e.message;
-  }
-  assert.fail("expected loadImageSpecs to fail");
+function configError(file: string, opts: LoadImageOptions = OPTS): Promise<string> {
+  return specLoadError(file, opts);
 }
 
-function byName(images: readonly ImageSpec[], name: string): ImageSpec {
-  const found = images.find((i) => i.name === name);
-  assert.ok(found, `image ${name}`);
-  return found;
-}
+const byName = imageByName;
 
 test("a valid spec loads with defaults, parents first, and every action form", async () => {
   const { file, dir } = setup("images.yaml", [

@@ -29,7 +29,7 @@ export function registerImage(program: Command): void {
 
   image
     .command("build")
-    .description("Build an image (and its parents) from a spec: mmdebstrap root tree, ext4 partition without mounts, then a VM boot for the bootloader and provision scripts. Unchanged images are cached by key. A spec with snapshot: true also gets its memory snapshot (docs/images.md \"Snapshots\").")
+    .description("Build an image (and its parents) from a spec: mmdebstrap root tree, ext4 partition without mounts, then a VM boot for the bootloader and provision scripts. Unchanged images are cached by key. A parent the file does not define may be a built-in image or one already in the store (used as it is). A spec with snapshot: true also gets its memory snapshot (docs/images.md \"Snapshots\").")
     .argument("<name>", "image name (built in: civm-runner, civm-runner-arm64, civm-gha, civm-host)")
     .option("-f, --file <file>", "images spec, JSON or YAML, civm or lvh form (default: ./images.json or ./images.yaml, plus the built-in images)")
     .option("--force", "rebuild the image even if its key is unchanged (parents stay cached)")
@@ -42,7 +42,8 @@ export function registerImage(program: Command): void {
       const { ImageStore, sweepStale } = await import("../../images/store.js");
       const { detectAccel } = await import("../../host/kvm.js");
       const file = specFile(flags.file);
-      const specs = file ? await loadImageSpecs(file) : await loadBuiltinImageSpecs();
+      // A parent the file does not define may be a built-in image or one stored in the state dir.
+      const specs = file ? await loadImageSpecs(file, { stateDir: paths.stateDir }) : await loadBuiltinImageSpecs();
       // lvh's names carry the file's extension: "base.qcow2" builds the image base.
       const all = Array.isArray(specs) ? specs : specs.images;
       const name = all.some((i) => i.name === asked) ? asked : lvhImageName(asked);
