@@ -25,7 +25,7 @@ import { DEFAULT_NETWORK, describeNetwork, type NetworkSpec } from "../net/polic
 import { hostResolvers, installTable, deleteTable, policyUnavailable, resolveAllow, sweepTables, reserveVmGid } from "../net/nft.js";
 import { accessProblem, qemuUser, setprivArgs, type QemuUser } from "../net/identity.js";
 import { processIdentity } from "../host/proc.js";
-import { SNAPSHOT_FLAG, SNAPSHOT_POINT } from "./snapshot-point.js";
+import { SNAPSHOT_FLAG, SNAPSHOT_POINT, unsettledBoot } from "./snapshot-point.js";
 
 /** Names inside a VM's work dir. */
 export const WORKDIR_LAYOUT = {
@@ -519,6 +519,9 @@ export class VmRun {
             snapshotSeen = (snapshotSeen + t).slice(-4096);
             if (snapshotSeen.includes(SNAPSHOT_POINT) && this.supervisor) {
               const sup = this.supervisor;
+              // The agent says when the boot had not settled (a loaded host): every restore redoes that work.
+              const unsettled = unsettledBoot(snapshotSeen);
+              if (unsettled) log(`${spec.name}: warning: ${unsettled}; to make it again when the host is quieter, delete the image's snapshots/ folder (docs/images.md, Snapshots)`);
               saving = this.saveSnapshot(sup, snap.memoryPath, reserved?.gid, log, savedInfo).then(
                 () => {
                   saved = true;

@@ -5,3 +5,8 @@ export const SNAPSHOT_FLAG = "civm.snapshot";
 
 /** The console line (after the agent's prefix) at which civm saves the VM. */
 export const SNAPSHOT_POINT = "snapshot point: waiting for the configuration disc";
+
+/** The agent's warning that the boot had not settled when it announced the snapshot point, if the console text has it. */
+export function unsettledBoot(consoleText: string): string | undefined {
+  return /snapshot: the boot had not settled after [^\r\n]*/.exec(consoleText)?.[0];
+}
