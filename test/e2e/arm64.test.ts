@@ -2,13 +2,17 @@
 // arm64 tiny guest (Debian's arm64 kernel and busybox). The guest agent's contract as on
 // x86_64: the config disc (a SCSI CD on virtio-scsi) is read and ejected, civm removes the
 // medium, the guest runs its command and powers off, civm's exit code says how it ended,
-// and nothing is left behind. Three boots (~15 s each under TCG).
+// and nothing is left behind. Three boots (~15 s each under TCG), then a civm serve pool on
+// the arm64 guest stored as an image (the pool takes the image's architecture).
 import { test, before } from "node:test";
 import assert from "node:assert/strict";
 import { mkdirSync, readFileSync, writeFileSync, chmodSync } from "node:fs";
 import { join } from "node:path";
 import { buildTinyGuest, type TinyGuest } from "../support/tiny-guest.js";
 import { civmEnv, runCivm, leftovers, qemuProcessesOf, consoleLogOf, type CivmEnv } from "../support/civm-cli.js";
+import { storeTinyGuest } from "../support/tiny-store.js";
+import { REPO, SECRET, startServeWithHub } from "../support/serve-harness.js";
+import { sendWebhook, workflowJobPayload } from "../support/fake-github.js";
 
 let guest: TinyGuest;
 before(async () => {
@@ -107,4 +111,26 @@ test("arch is checked before anything starts: an x86 machine for arm64, an unkno
   }
   assert.equal(qemuArgv(e).length, 0, "QEMU was started for an instance that fails its checks");
   assertClean(e);
+});
+
+test("a pool on a stored arm64 image serves a job: its runner VM boots on virt under TCG, registers, runs the job, powers off and is deregistered", { timeout: 600_000 }, async (t) => {
+  const pe = civmEnv();
+  await storeTinyGuest(pe.stateDir, "tiny-a64", { arch: "arm64" });
+  // Pools have no "arch": the stored image's manifest says arm64 (docs/serve.md, runner.image).
+  const { gh, s } = await startServeWithHub(t, { e: pe, image: "tiny-a64", pollInterval: 5, shutdownTimeout: 60, pools: [{ minRunners: 0, maxRunners: 1 }] });
+  await s.listening();
+  const job = gh.addJob({ repository: REPO, labels: ["self-hosted", "tiny"] });
+  const q = await sendWebhook(`${s.base}/webhook`, { secret: SECRET, payload: await workflowJobPayload("queued", { id: job.id, runId: job.runId, labels: job.labels, repository: REPO }) });
+  assert.equal(q.status, 202);
+  await s.poll(async () => gh.state.jobs[0]?.status === "completed", 300_000, "the job to complete");
+  await s.poll(async () => (await s.liveVms()).length === 0, 60_000, "the job's VM to finish");
+  const finished = (await s.allVms()).filter((v) => v.state === "finished");
+  assert.equal(finished.length, 1);
+  assert.equal(finished[0]!.exitReason, "poweroff");
+  await s.poll(async () => gh.state.runners.size === 0, 10_000, "the runner to be deregistered");
+  const argv = qemuArgv(pe);
+  assert.equal(argv.length, 1);
+  assert.match(argv[0]!, /-machine virt,accel=tcg -cpu cortex-a57/);
+  assert.match(argv[0]!, /-append root=LABEL=civm-root rw console=ttyAMA0 panic=-1 quiet tiny\.hub=/);
+  await s.stopClean();
 });

@@ -12,9 +12,9 @@ async function place(from: string, to: string): Promise<void> {
   await link(from, to).catch(() => copyFile(from, to));
 }
 
-/** Stores the tiny guest as image `name` in stateDir's store (once per state dir). */
-export async function storeTinyGuest(stateDir: string, name = TINY_IMAGE): Promise<{ guest: TinyGuest; dir: string }> {
-  const guest = await buildTinyGuest();
+/** Stores the tiny guest (x86_64, or the arm64 one) as image `name` in stateDir's store (once per state dir). */
+export async function storeTinyGuest(stateDir: string, name = TINY_IMAGE, o: { arch?: "arm64" } = {}): Promise<{ guest: TinyGuest; dir: string }> {
+  const guest = await buildTinyGuest(o.arch ? { arch: o.arch } : {});
   const dir = join(stateDir, "images", name);
   await mkdir(dir, { recursive: true, mode: 0o755 });
   await place(guest.disk, join(dir, "disk.qcow2"));
@@ -25,7 +25,7 @@ export async function storeTinyGuest(stateDir: string, name = TINY_IMAGE): Promi
   const manifest = {
     name, key, format: "qcow2", disk: "disk.qcow2", kernel: "vmlinuz", initrd: "initrd.img",
     sha256: key, diskBytes: disk.size, virtualSize: 64 * 1024 ** 2, packages: {}, buildSeconds: 0,
-    createdAt: new Date().toISOString(), source: "build",
+    createdAt: new Date().toISOString(), source: "build", ...(o.arch ? { arch: o.arch } : {}),
   };
   await writeFile(join(dir, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n");
   return { guest, dir };
