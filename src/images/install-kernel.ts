@@ -1,7 +1,8 @@
 // The images spec's `install-kernel: NAME` action: a kernel from civm's kernel store goes into
 // the image. Before anything is built (and before the cache key is computed), each such action
 // becomes two ordinary ones:
-//   copy  <staged>/civm-kernel-<release>  ->  /tmp/   (boot/vmlinuz-<release>, lib/modules/<release>/)
+//   copy  <staged>/civm-kernel-<release>  ->  /tmp/   (boot/vmlinuz-<release>, boot/config-<release>
+//         when the stored kernel has its config, lib/modules/<release>/)
 //   run   put them in place, depmod, update-initramfs -c (with a temporary /boot/config-<release>
 //         naming gzip when the kernel brings none), echo <release> > /boot/civm-kernel
 // The staged folder is the stored kernel's vmlinuz and its modules (read out of modules.img
@@ -30,7 +31,7 @@ function installScript(release: string): string {
     `depmod "$r"`,
     `rm -f "/boot/initrd.img-$r"`,
     // Debian's mkinitramfs picks the initramfs compression from /boot/config-<release> and
-    // fails without it; civm's stored kernels bring no config. A temporary one naming gzip
+    // fails without it; a stored kernel whose source had none brings none. A temporary one naming gzip
     // (CONFIG_RD_GZIP: on by default in every kernel that takes an initrd) is removed after,
     // so nothing else (libbpf, DKMS) mistakes it for the kernel's real config.
     `cfg="/boot/config-$r" stub=`,
@@ -67,6 +68,7 @@ export async function expandInstallKernels(chain: readonly ImageSpec[], stateDir
       const staged = join(stageDir, `${spec.name}-${i}`, `civm-kernel-${release}`);
       await mkdir(join(staged, "boot"), { recursive: true });
       await copyFile(k.kernelPath, join(staged, "boot", `vmlinuz-${release}`));
+      if (k.configPath) await copyFile(k.configPath, join(staged, "boot", `config-${release}`));
       if (k.modulesDisk) {
         const mods = join(staged, "lib", "modules", release);
         await mkdir(mods, { recursive: true });

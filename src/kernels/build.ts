@@ -215,6 +215,8 @@ export async function buildKernel(o: BuildKernelOptions): Promise<BuildKernelRes
     const install = join(work, "install");
     await mkdir(join(install, "boot"), { recursive: true });
     await run("cp", [join(obj, "arch", "x86", "boot", "bzImage"), join(install, "boot", `vmlinuz-${release}`)], { failCode: "internal" });
+    // As Debian's kernels have it: /boot/config-<release> (libbpf's __kconfig, mkinitramfs's compression).
+    await run("cp", [join(obj, ".config"), join(install, "boot", `config-${release}`)], { failCode: "internal" });
     if (modules) await make("modules_install", [`INSTALL_MOD_PATH=${install}`, "modules_install"]);
     const buildSeconds = (Date.now() - started) / 1000;
     log(`built ${release} in ${formatSeconds(buildSeconds * 1000)} (${progress.compiled} files compiled)`);

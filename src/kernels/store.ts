@@ -9,6 +9,8 @@
 //                              /lib/modules/<release>. A disk, not a 9p share: every kernel that
 //                              can mount its root (virtio_blk, ext4) can read it, and some have
 //                              no 9p (Debian's cloud kernels).
+//     config                   the kernel's build configuration, when its source has
+//                              boot/config-<release> beside the kernel (optional)
 //     manifest.json            written last: a folder without it is not a kernel
 //   <state>/kernels/.tmp-<name>-<rand>/   a kernel being added
 //
@@ -19,7 +21,7 @@
 import { existsSync } from "node:fs";
 import { cp, mkdir, readdir, readFile, rename, rm, stat, writeFile, copyFile, chmod } from "node:fs/promises";
 import { randomBytes } from "node:crypto";
-import { basename, join, resolve } from "node:path";
+import { basename, dirname, join, resolve } from "node:path";
 import { ConfigError, CivmError } from "../errors/index.js";
 import { run } from "../exec/index.js";
 import { didYouMean } from "../config/suggest.js";
@@ -33,6 +35,8 @@ import type { KernelBuildInfo } from "./build.js";
 
 export const KERNELS_DIR = "kernels";
 export const MODULES_DISK = "modules.img";
+/** The kernel's build configuration in its store folder (optional). */
+export const KERNEL_CONFIG = "config";
 const MANIFEST = "manifest.json";
 export const KERNEL_NAME_RE = /^[a-z0-9][a-z0-9._-]*$/;
 
@@ -81,6 +85,8 @@ export interface StoredKernel {
   initrdPath: string;
   /** modules.img when the kernel has modules. */
   modulesDisk: string | undefined;
+  /** The kernel's build configuration (`config`), when its source brought one. */
+  configPath: string | undefined;
   manifest: KernelManifest;
 }
 
@@ -132,7 +138,8 @@ export class KernelStore {
     }
     if (manifest?.name !== name || typeof manifest.release !== "string") return undefined;
     const modulesDisk = manifest.hasModules ? join(dir, MODULES_DISK) : undefined;
-    return { name, dir, kernelPath: join(dir, "vmlinuz"), initrdPath: join(dir, "initrd.img"), modulesDisk, manifest };
+    const configPath = existsSync(join(dir, KERNEL_CONFIG)) ? join(dir, KERNEL_CONFIG) : undefined;
+    return { name, dir, kernelPath: join(dir, "vmlinuz"), initrdPath: join(dir, "initrd.img"), modulesDisk, configPath, manifest };
   }
 
   async list(): Promise<StoredKernel[]> {
@@ -183,6 +190,14 @@ export class KernelStore {
       const source: KernelSource = o.build ? { kind: "build", path: o.build.source } : fetched.source;
       await copyFile(vmlinuz, join(tmp, "vmlinuz"));
       await chmod(join(tmp, "vmlinuz"), 0o644);
+      // The kernel's build configuration when its source has one beside the kernel
+      // (boot/config-<release>: Debian's packages, lvh's and civm's builds); install-kernel puts it in /boot.
+      const config = join(dirname(vmlinuz), `config-${release}`);
+      const hasConfig = existsSync(config);
+      if (hasConfig) {
+        await copyFile(config, join(tmp, KERNEL_CONFIG));
+        await chmod(join(tmp, KERNEL_CONFIG), 0o644);
+      }
       let hasModules = false;
       const modRoot = join(scratch, "modroot");
       if (modulesDir) {

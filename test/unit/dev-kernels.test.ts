@@ -2,7 +2,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { writeFileSync, mkdirSync } from "node:fs";
+import { existsSync, readFileSync, writeFileSync, mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { resolveModules, moduleName } from "../../src/kernels/modules.js";
 import { parseBzImage } from "../../src/kernels/bzimage.js";
@@ -97,6 +97,7 @@ test("kernel add: lvh's build layout (boot/, lib/modules/) is stored with a gene
   const release = "6.9.9-test";
   mkdirSync(join(dir, "build", "boot"), { recursive: true });
   writeFileSync(join(dir, "build", "boot", `vmlinuz-${release}`), bzImage(`${release} (test) #1`));
+  writeFileSync(join(dir, "build", "boot", `config-${release}`), "CONFIG_BPF=y\nCONFIG_RD_ZSTD=y\n");
   const mods = join(dir, "build", "lib", "modules", release);
   mkdirSync(join(mods, "kernel"), { recursive: true });
   writeFileSync(join(mods, "modules.order"), "");
@@ -118,6 +119,19 @@ test("kernel add: lvh's build layout (boot/, lib/modules/) is stored with a gene
   const cpio = spawnSync("sh", ["-c", `gzip -dc ${k.initrdPath} | cpio -it --quiet`], { encoding: "utf8" });
   for (const f of ["init", "bin/busybox", "etc/civm/modules", "etc/civm/has-modules"]) assert.ok(cpio.stdout.split("\n").includes(f), `${f} not in the initrd:\n${cpio.stdout}`);
   assert.deepEqual((await store.list()).map((x) => x.name), ["lvh-6.9"]);
+  // The build's configuration comes along, and install-kernel stages it as /boot/config-<release>
+  // (so the image's update-initramfs and libbpf read the kernel's real one).
+  assert.equal(readFileSync(k.configPath!, "utf8"), "CONFIG_BPF=y\nCONFIG_RD_ZSTD=y\n");
+  const { expandInstallKernels } = await import("../../src/images/install-kernel.js");
+  const spec = {
+    name: "img", parent: "base", actions: [{ kind: "install-kernel", kernel: "lvh-6.9" }],
+    source: { file: "images.yaml", baseDir: dir, index: 0, lvh: false, builtin: false },
+  } as unknown as import("../../src/images/types.js").ImageSpec;
+  const [expanded] = await expandInstallKernels([spec], join(dir, "state"), join(dir, "stage"));
+  const copy = expanded!.actions[0];
+  assert.ok(copy?.kind === "copy", JSON.stringify(expanded!.actions));
+  assert.equal(readFileSync(join(copy.srcPath!, "boot", `config-${release}`), "utf8"), "CONFIG_BPF=y\nCONFIG_RD_ZSTD=y\n");
+  assert.ok(existsSync(join(copy.srcPath!, "boot", `vmlinuz-${release}`)));
   await assert.rejects(store.add({ name: "lvh-6.9", source: join(dir, "build"), cwd: dir }), /already stored/);
   await store.remove("lvh-6.9");
   assert.deepEqual(await store.list(), []);
