@@ -1,14 +1,6 @@
 // civm's command line: thin commands over the modules; no logic of their own.
 import { Command, CommanderError, Option } from "commander";
 import { reportError } from "./output.js";
-
-// `civm ... | head`: once the reader is gone, output is dropped instead of an unhandled EPIPE
-// ending civm with a stack trace (and, for `civm run`, before it cleaned its VM up).
-for (const stream of [process.stdout, process.stderr]) {
-  stream.on("error", (e: NodeJS.ErrnoException) => {
-    if (e.code !== "EPIPE" && e.code !== "ERR_STREAM_DESTROYED") throw e;
-  });
-}
 import { EXIT_CODES } from "../errors/index.js";
 import { CIVM_VERSION } from "../version.js";
 import { registerRun, registerSupervisor } from "./commands/run.js";
@@ -26,6 +18,14 @@ import { registerServe } from "./commands/serve.js";
 import { registerPools } from "./commands/pools.js";
 import { registerCaches } from "./commands/caches.js";
 import { registerCompletion } from "./commands/completion.js";
+
+// `civm ... | head`: once the reader is gone, output is dropped instead of an unhandled EPIPE
+// ending civm with a stack trace (and, for `civm run`, before it cleaned its VM up).
+for (const stream of [process.stdout, process.stderr]) {
+  stream.on("error", (e: NodeJS.ErrnoException) => {
+    if (e.code !== "EPIPE" && e.code !== "ERR_STREAM_DESTROYED") throw e;
+  });
+}
 
 const program = new Command();
 program

@@ -19,7 +19,7 @@ import { resolveImageRef, STORED_IMAGE_CMDLINE } from "../images/resolve.js";
 import { almostOciReference } from "../images/oci-ref.js";
 import type { OciProgress } from "../images/oci.js";
 import { formatBytes } from "../vm/format.js";
-import { ARCH_INFO, parseArch, requireArch, type GuestArch } from "../vm/arch.js";
+import { ARCH_INFO, archOfImage, parseArch, requireArch, type GuestArch } from "../vm/arch.js";
 import { securityModelFor } from "../vm/ninep.js";
 import { checkForwardsDistinct, checkVmName, parsePortSpec, passthroughWarning, planHostMounts } from "./options.js";
 import { freePort, makeKeyPair, SSH_DIR, SSH_KEY_FILE } from "./ssh.js";
@@ -154,7 +154,7 @@ async function resolveImage(ref: string, ctx: PlanContext): Promise<{ path: stri
     return { path: r.path, stored: false };
   }
   const img = r.stored!;
-  const arch = img.manifest.arch !== undefined ? parseArch(img.manifest.arch) : undefined;
+  const arch = archOfImage(img.manifest);
   return { path: img.diskPath, ...(img.kernelPath && img.initrdPath ? { kernel: img.kernelPath, initrd: img.initrdPath } : {}), stored: true, ...(arch ? { arch } : {}) };
 }
 

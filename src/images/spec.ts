@@ -323,8 +323,9 @@ async function loadImageSpecsInternal(file: string, opts: LoadImageOptions, buil
   const storeDir = builtin ? undefined : opts.stateDir;
   const unresolved = missing.filter((n) => !builtinByName.has(n.parent as string));
   const notStored: RawNode[] = [];
-  if (unresolved.length > 0 && storeDir !== undefined) {
-    const { storedParentSpec } = await import("./stored-parent.js");
+  const storedParents = unresolved.length > 0 && storeDir !== undefined ? await import("./stored-parent.js") : undefined;
+  if (storedParents && storeDir !== undefined) {
+    const { storedParentSpec } = storedParents;
     const looked = new Map<string, Awaited<ReturnType<typeof storedParentSpec>>>();
     for (const n of unresolved) {
       const parent = n.parent as string;
@@ -335,7 +336,7 @@ async function loadImageSpecsInternal(file: string, opts: LoadImageOptions, buil
       else problems.push(`${n.where}: field "parent": ${r.problem}`);
     }
   } else notStored.push(...unresolved);
-  const stored = notStored.length > 0 && storeDir !== undefined ? await (await import("./stored-parent.js")).storedImageNames(storeDir) : undefined;
+  const stored = notStored.length > 0 && storedParents && storeDir !== undefined ? await storedParents.storedImageNames(storeDir) : undefined;
   for (const n of notStored) {
     const parent = n.parent as string;
     const hint = closestMatch(parent, [...rawNames, ...builtinByName.keys(), ...(stored?.names ?? [])]);
@@ -358,20 +359,15 @@ async function loadImageSpecsInternal(file: string, opts: LoadImageOptions, buil
   const done = new Map<string, ImageSpec>();
   let defaultMirror = opts.defaultMirror;
   const mirrorFor = (): string | undefined => (defaultMirror ??= hostDebianMirror());
-  const addBuiltin = (name: string): ImageSpec | undefined => {
-    const b = builtinByName.get(name);
+  // A parent from outside the file: a built-in image (with its own built-in parents), else a
+  // stored one (which has none here).
+  const addOutside = (name: string): ImageSpec | undefined => {
+    const b = builtinByName.get(name) ?? storedByName.get(name);
     if (!b || done.has(name)) return done.get(name);
-    if (b.parent) addBuiltin(b.parent);
+    if (b.parent) addOutside(b.parent);
     done.set(name, b);
     ordered.push(b);
     return b;
-  };
-  const addStored = (name: string): ImageSpec | undefined => {
-    const p = storedByName.get(name);
-    if (!p || done.has(name)) return done.get(name);
-    done.set(name, p);
-    ordered.push(p);
-    return p;
   };
   const visit = (d: Draft): void => {
     if (done.has(d.spec.name)) return;
@@ -381,7 +377,7 @@ async function loadImageSpecsInternal(file: string, opts: LoadImageOptions, buil
       if (p) {
         visit(p);
         parent = done.get(p.spec.name);
-      } else parent = addBuiltin(d.spec.parent) ?? addStored(d.spec.parent);
+      } else parent = addOutside(d.spec.parent);
       if (!parent) return; // the parent itself was invalid; its problem is reported
     }
     const spec = finish(d, parent, mirrorFor, problems);

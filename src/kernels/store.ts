@@ -193,8 +193,7 @@ export class KernelStore {
       // The kernel's build configuration when its source has one beside the kernel
       // (boot/config-<release>: Debian's packages, lvh's and civm's builds); install-kernel puts it in /boot.
       const config = join(dirname(vmlinuz), `config-${release}`);
-      const hasConfig = existsSync(config);
-      if (hasConfig) {
+      if (existsSync(config)) {
         await copyFile(config, join(tmp, KERNEL_CONFIG));
         await chmod(join(tmp, KERNEL_CONFIG), 0o644);
       }

@@ -10,7 +10,7 @@ import type { InstanceSpec } from "../config/types.js";
 import { ConfigError } from "../errors/index.js";
 import type { Paths } from "../host/paths.js";
 import { STORED_IMAGE_CMDLINE, withStoredImage } from "../images/resolve.js";
-import { accelFor, parseArch, withArch } from "../vm/arch.js";
+import { accelFor, archOfImage, withArch } from "../vm/arch.js";
 import type { StoredImage } from "../images/store.js";
 import { Registry } from "../vm/registry.js";
 import { reconcile } from "../vm/reconcile.js";
@@ -65,9 +65,7 @@ export class VmRunLauncher implements VmLauncher {
       const stored = await this.ociImage(pool);
       spec = withStoredImage(withImageArch(spec, stored), stored, stored.diskPath);
     } else if (img.kind === "stored") {
-      const { ImageStore } = await import("../images/store.js");
-      const stored = await new ImageStore(this.opts.paths.stateDir).get(img.ref);
-      if (!stored || !existsSync(stored.diskPath)) throw new ConfigError(`pool ${pool.name}: image ${JSON.stringify(img.ref)} is not in the image store (civm image ls)`);
+      const stored = await this.storedImage(pool, img.ref);
       spec = withStoredImage(withImageArch(spec, stored), stored, stored.diskPath);
     } else {
       const dir = dirname(spec.image);
@@ -100,14 +98,20 @@ export class VmRunLauncher implements VmLauncher {
       return `oci:${img.ref}:${stored.manifest.oci?.digest ?? stored.manifest.key}:${stored.manifest.sha256.slice(0, 16)}`;
     }
     if (img.kind === "stored") {
-      const { ImageStore } = await import("../images/store.js");
-      const stored = await new ImageStore(this.opts.paths.stateDir).get(img.ref);
-      if (!stored) throw new ConfigError(`pool ${pool.name}: image ${JSON.stringify(img.ref)} is not in the image store (civm image ls)`);
+      const stored = await this.storedImage(pool, img.ref);
       return `stored:${img.ref}:${stored.manifest.key}:${stored.manifest.sha256.slice(0, 16)}`;
     }
     const path = img.kind === "path" && img.path ? img.path : img.ref;
     const s = await stat(path);
     return `${path}:${s.size}:${Math.floor(s.mtimeMs)}`;
+  }
+
+  /** The pool's stored image (its disk there: ImageStore.get checks), or a ConfigError. */
+  private async storedImage(pool: PoolSpec, ref: string): Promise<StoredImage> {
+    const { ImageStore } = await import("../images/store.js");
+    const stored = await new ImageStore(this.opts.paths.stateDir).get(ref);
+    if (!stored) throw new ConfigError(`pool ${pool.name}: image ${JSON.stringify(ref)} is not in the image store (civm image ls)`);
+    return stored;
   }
 
   /** OCI pulls in flight, and when a reference was last asked of the registry (Always). */
@@ -220,6 +224,6 @@ export async function findConsoleLog(logsDir: string, id: string): Promise<strin
 
 /** A pool's VM of a stored image takes the image's architecture (and that architecture's machine). */
 function withImageArch(spec: InstanceSpec, img: StoredImage): InstanceSpec {
-  const arch = img.manifest.arch !== undefined ? parseArch(img.manifest.arch) : undefined;
+  const arch = archOfImage(img.manifest);
   return arch && arch !== "x86_64" ? withArch(spec, arch) : spec;
 }

@@ -82,6 +82,11 @@ export function machineFor(arch: GuestArch, machine: string | undefined): string
   return machine ?? ARCH_INFO[arch].defaultMachine;
 }
 
+/** The architecture a stored image's manifest names (absent: undefined, i.e. x86_64; an unknown name: undefined). */
+export function archOfImage(manifest: { arch?: string }): GuestArch | undefined {
+  return manifest.arch !== undefined ? parseArch(manifest.arch) : undefined;
+}
+
 /** `spec` as a guest of `arch` (civm run --arch, a pool's arm64 image): its default machine when the spec's does not fit it. */
 export function withArch(spec: InstanceSpec, arch: GuestArch): InstanceSpec {
   const machine = ARCH_INFO[arch].machines.includes(spec.machine) ? spec.machine : ARCH_INFO[arch].defaultMachine;

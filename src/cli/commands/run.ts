@@ -442,7 +442,6 @@ export function archFlag(v: string): GuestArch {
   return a;
 }
 
-
 /** The hidden command a detached VM's supervisor runs as (see src/dev/supervise.ts). */
 export function registerSupervisor(program: Command): void {
   program
